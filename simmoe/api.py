@@ -1,0 +1,66 @@
+"""The Python front door: ``simmoe.run(scenario) -> Result``."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from simulator.profile import Profile
+from simulator.runner import RunResult, run_scenario
+from simulator.scenario import Scenario, load_scenario, parse_scenario
+
+
+@dataclass
+class Result:
+    """A finished run: the scenario, per-step records and the per-(policy, batch) summary."""
+
+    raw: RunResult
+
+    @property
+    def scenario(self) -> Scenario:
+        return self.raw.scenario
+
+    @property
+    def steps(self) -> pd.DataFrame:
+        return self.raw.steps
+
+    @property
+    def summary(self) -> list[dict]:
+        return self.raw.summary
+
+    @property
+    def summary_df(self) -> pd.DataFrame:
+        rows = []
+        for r in self.raw.summary:
+            flat = {k: v for k, v in r.items() if k != "step_latency_ms"}
+            for k, v in r["step_latency_ms"].items():
+                if k == "ci95":
+                    flat["latency_ci95_lo"], flat["latency_ci95_hi"] = v
+                elif k != "replication_means" and k != "ci95_method":
+                    flat[f"latency_{k}_ms"] = v
+            rows.append(flat)
+        return pd.DataFrame(rows)
+
+    def save(self, out_dir: str | Path, fmt: str = "parquet"):
+        from simulator.output import write_results
+
+        return write_results(self.raw, out_dir, fmt)
+
+
+def load(scenario: str | Path | dict | Scenario, **overrides: Any) -> tuple[Scenario, Path | None]:
+    """A Scenario from a YAML path, a dict, or a Scenario; keyword overrides replace top-level keys."""
+    if isinstance(scenario, Scenario):
+        if overrides:
+            return parse_scenario({**scenario.effective(), **overrides}), None
+        return scenario, None
+    if isinstance(scenario, dict):
+        return parse_scenario({**scenario, **overrides}), None
+    return load_scenario(scenario, overrides or None)
+
+
+def run(scenario: str | Path | dict | Scenario, profile: str | Profile | None = None, **overrides: Any) -> Result:
+    """Simulate a scenario: ``simmoe.run("scenarios/locality_high.yaml", batch_sizes=[1, 8])``."""
+    sc, base = load(scenario, **overrides)
+    return Result(run_scenario(sc, profile=profile, base_dir=base))

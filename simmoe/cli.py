@@ -1,0 +1,225 @@
+"""The ``simmoe`` command line.
+
+Every command turns bad input into one line ``error: <file>: <field>: <message>`` on stderr and
+exit status 2 (never a traceback). Commands of other parts of simmoe (calibration, real
+traces, sweeps) live in their own modules and register here.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+from simulator import __version__
+from simulator.errors import InputError
+
+EXIT_BAD_INPUT = 2
+
+
+class SimmoeGroup(click.Group):
+    """A click group that reports InputError on one line with exit status 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except InputError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
+        except KeyboardInterrupt:
+            click.echo("interrupted: nothing was written", err=True)
+            ctx.exit(130)
+
+
+def parse_int_list(value: str | None, flag: str) -> list[int] | None:
+    if value is None:
+        return None
+    try:
+        out = [int(x) for x in value.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise InputError("command line", flag, f"{value!r} is not a comma-separated list of integers") from None
+    if not out or any(x <= 0 for x in out):
+        raise InputError("command line", flag, "needs positive integers, e.g. 1,4,16")
+    return out
+
+
+@click.group(cls=SimmoeGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="simmoe")
+def main():
+    """Project MoE inference speed with experts offloaded to host memory.
+
+    \b
+    Typical use:
+      simmoe run scenarios/locality_high.yaml          project policies x batch sizes
+      simmoe trace gen --model mixtral-8x7b -b 16 -o t.npz
+      simmoe profile list                              hardware profiles shipped
+      simmoe models                                    model presets and expert sizes
+
+    Runs need no GPU: durations come from a hardware profile (default: h100-pcie5).
+    """
+
+
+# --------------------------------------------------------------------------------- run
+@main.command("run")
+@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--profile", "-p", help="Built-in profile name or profile JSON path (overrides the scenario's).")
+@click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+              help="Results folder [default: results/<scenario name>].")
+@click.option("--seed", type=int, help="Override the scenario's seed.")
+@click.option("--replications", "-r", type=click.IntRange(1, 1000), help="Override the number of replications.")
+@click.option("--batch-sizes", "-b", help="Override batch sizes, e.g. 1,4,16.")
+@click.option("--format", "fmt", type=click.Choice(["parquet", "csv"]), default="parquet", show_default=True,
+              help="Format of the per-step table.")
+@click.option("--timeline", is_flag=True, help="Also write a Perfetto/Chrome trace (timeline.json) of the "
+              "first replication of each policy at the smallest batch size.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet):
+    """Simulate SCENARIO (YAML) for every policy and batch size.
+
+    Prints a table (step latency with 95% CI, throughput, hit rate, dedup savings, bytes
+    moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
+    and the profile used. Same scenario and seed give the same numbers, bit for bit.
+    """
+    from simulator.output import write_results
+    from simulator.runner import run_scenario
+    from simulator.scenario import load_scenario
+
+    from .display import progress_bar, print_summary
+
+    overrides = {}
+    if seed is not None:
+        overrides["seed"] = seed
+    if replications is not None:
+        overrides["replications"] = replications
+    bs = parse_int_list(batch_sizes, "--batch-sizes")
+    if bs:
+        overrides["batch_sizes"] = bs
+    sc, base = load_scenario(scenario, overrides)
+    with progress_bar(quiet, "simulating") as cb:
+        result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)
+    out = out or Path("results") / sc.name
+    written = write_results(result, out, fmt)
+    if timeline:
+        from simulator.timeline import write_timeline
+
+        written.append(write_timeline(sc, result.profile, base, out / "timeline.json"))
+    if not quiet:
+        print_summary(result)
+        click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+# ------------------------------------------------------------------------------- trace
+@main.group("trace", cls=SimmoeGroup)
+def trace_group():
+    """Routing traces: generate, inspect, import real ones."""
+
+
+@trace_group.command("gen")
+@click.option("--model", "-m", "model_name", default="published-study", show_default=True, help="Model preset.")
+@click.option("--batch", "-b", type=click.IntRange(1), default=8, show_default=True, help="Sequences per step.")
+@click.option("--steps", "-s", type=click.IntRange(1), default=64, show_default=True, help="Decode steps.")
+@click.option("--generator", "-g", default="mixed", show_default=True,
+              help="uniform, zipf, temporal, batch_locality, cross_layer or mixed.")
+@click.option("--zipf", type=click.FloatRange(0), default=0.0, help="Popularity skew exponent.")
+@click.option("--temporal", type=click.FloatRange(0, 1), default=0.0, help="P(re-use previous step's expert).")
+@click.option("--batch-locality", type=click.FloatRange(0, 1), default=0.0, help="P(draw from the batch's hot set).")
+@click.option("--batch-pool", type=click.IntRange(1), default=None, help="Size of the batch's hot set [top_k].")
+@click.option("--cross-layer", type=click.FloatRange(0, 1), default=0.0, help="P(follow the layer-to-layer map).")
+@click.option("--prefill-tokens", type=click.IntRange(0), default=0, help="Prompt tokens per sequence (a prefill step).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .npz.")
+def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_locality, batch_pool, cross_layer,
+              prefill_tokens, seed, out):
+    """Write a seeded synthetic routing trace (.npz, see docs/traces.md)."""
+    from simulator.scenario import TraceSpec
+    from simulator.traces import generate
+    from simulator.models import PRESETS
+
+    if model_name not in PRESETS:
+        raise InputError("command line", "--model", f"unknown preset {model_name!r}; known: {', '.join(PRESETS)}")
+    m = PRESETS[model_name]
+    try:
+        spec = TraceSpec(generator=generator, steps=steps, zipf=zipf, temporal=temporal,
+                         batch_locality=batch_locality, batch_pool=batch_pool, cross_layer=cross_layer,
+                         prefill_tokens=prefill_tokens)
+    except Exception as e:  # pydantic ValidationError: first message
+        msg = getattr(e, "errors", lambda: [{"msg": str(e)}])()[0]["msg"].removeprefix("Value error, ")
+        raise InputError("command line", "--generator", msg) from None
+    tr = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, batch_size=batch,
+                  steps=steps, seed=seed, generator=generator, prefill_tokens=prefill_tokens, **spec.knobs)
+    tr.meta["model"] = m.name
+    try:
+        tr.save(out)
+    except OSError as e:
+        raise InputError(str(out), "--out", f"cannot write: {e.strerror or e}") from None
+    click.echo(f"wrote {out}: {tr.num_steps} steps, {tr.num_tokens} tokens, {tr.num_requests} routed requests")
+
+
+@trace_group.command("show")
+@click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
+def trace_show(trace):
+    """Print a trace file's shape and metadata."""
+    import json
+
+    from simulator.traces import load_trace
+
+    tr = load_trace(trace)
+    click.echo(f"{trace}: {tr.num_steps} steps ({int(tr.phase.sum())} prefill), {tr.num_tokens} tokens, "
+               f"{tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}")
+    click.echo(json.dumps(tr.meta, indent=1, sort_keys=True))
+
+
+# ---------------------------------------------------------------------- profiles/models
+@main.group("profile", cls=SimmoeGroup)
+def profile_group():
+    """Hardware profiles: the measured costs the simulator runs on."""
+
+
+@profile_group.command("list")
+def profile_list():
+    """List built-in profiles with their provenance."""
+    from simulator.profile import DEFAULT_PROFILE, builtin_profiles, load_profile
+
+    for name in builtin_profiles():
+        p = load_profile(name)
+        mark = " (default)" if name == DEFAULT_PROFILE else ""
+        click.echo(f"{name}{mark}: {p.provenance.get('kind')}, {p.provenance.get('gpu', '?')}, "
+                   f"shapes: {', '.join(sorted(p.compute.gpu))}")
+
+
+@profile_group.command("show")
+@click.argument("profile")
+def profile_show(profile):
+    """Print a profile (built-in name or path) as JSON."""
+    import json
+
+    from simulator.profile import load_profile
+
+    click.echo(json.dumps(load_profile(profile).to_json(), indent=1))
+
+
+@main.command("models")
+def models_cmd():
+    """List model presets and their expert sizes."""
+    from simulator.models import PRESETS
+
+    for m in PRESETS.values():
+        click.echo(f"{m.name:18s} {m.num_layers:3d} layers  {m.num_experts:4d} experts  top-{m.top_k}  "
+                   f"{m.hidden}x{m.ffn} {m.dtype} {'gated' if m.gated else 'plain'}  "
+                   f"{m.expert_bytes / 2**20:7.2f} MiB/expert  key {m.shape_key}")
+
+
+# -------------------------------------------------------- commands from other modules
+# Each module exposes register(main) and adds its commands; a module not yet present is
+# skipped so the core CLI works on its own.
+for _mod in ("simmoe.calibrate_cli", "simmoe.validate_cli", "simmoe.trace_cli", "simmoe.sweep_cli"):
+    try:
+        importlib.import_module(_mod).register(main)
+    except ModuleNotFoundError as _e:
+        if _e.name != _mod:
+            raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

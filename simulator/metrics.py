@@ -1,0 +1,73 @@
+"""Summary statistics per (policy, batch size), with 95% confidence intervals.
+
+Counts are totals over the measured steps (after ``engine.warmup_steps``) of all
+replications. Times are per step. The confidence interval of the mean step latency is a
+Student-t interval over the replication means (each replication has its own trace seed);
+with one replication it falls back to the steps' standard error, which ignores their
+autocorrelation (``ci95_method`` says which).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+COUNTS = ["tokens", "requests", "unique_requests", "served", "hits", "misses", "transfers", "copies",
+          "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes"]
+
+
+def mean_ci95(values: np.ndarray) -> tuple[float, float, float]:
+    """Mean and the half-width-based (lo, hi) 95% Student-t interval."""
+    v = np.asarray(values, dtype=float)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, m, m
+    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
+    warm = sc.engine.warmup_steps
+    df = steps[steps["step"] >= warm]
+    out = []
+    order = {p.name: i for i, p in enumerate(sc.policies)}
+    for (pol, b), g in sorted(df.groupby(["policy", "batch_size"], sort=False), key=lambda x: (x[0][1], order[x[0][0]])):
+        row: dict = {"policy": pol, "batch_size": int(b), "replications": int(g["replication"].nunique()),
+                     "steps": int(len(g))}
+        for c in COUNTS:
+            row[c] = int(g[c].sum())
+        req = row["requests"]
+        row["dedup_savings"] = (req - row["unique_requests"]) / req if req else 0.0
+        served = row["hits"] + row["misses"]
+        row["hit_rate"] = row["hits"] / served if served else 0.0
+        lat = g["latency_ms"].to_numpy()
+        rep_means = g.groupby("replication")["latency_ms"].mean().to_numpy()
+        if len(rep_means) >= 2:
+            m, lo, hi = mean_ci95(rep_means)
+            method = "t over replication means"
+        else:
+            m, lo, hi = mean_ci95(lat)
+            method = "t over steps (one replication)"
+        row["step_latency_ms"] = {
+            "mean": float(lat.mean()), "std": float(lat.std(ddof=1)) if len(lat) > 1 else 0.0,
+            "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
+            "ci95": [lo, hi], "ci95_method": method,
+            "replication_means": [float(x) for x in rep_means],
+        }
+        for c in ("compute_ms", "transfer_ms", "stall_ms", "cpu_ms"):
+            row[c] = float(g[c].mean())
+        total_ms = float(lat.sum())
+        row["tokens_per_s"] = row["tokens"] / total_ms * 1e3 if total_ms > 0 else 0.0
+        row["bytes_per_token"] = row["bytes_h2d"] / row["tokens"] if row["tokens"] else 0.0
+        row["transfer_GBps"] = (row["bytes_h2d"] / (g["transfer_ms"].sum() * 1e-3) / 1e9
+                                if g["transfer_ms"].sum() > 0 else 0.0)
+        out.append(row)
+    # speed-up over the scenario's first policy at the same batch size
+    first = sc.policies[0].name
+    base = {r["batch_size"]: r["step_latency_ms"]["mean"] for r in out if r["policy"] == first}
+    for r in out:
+        b = base.get(r["batch_size"])
+        r["speedup_vs_first"] = b / r["step_latency_ms"]["mean"] if b and r["step_latency_ms"]["mean"] > 0 else None
+    return out

@@ -1,0 +1,13 @@
+"""Policies, picked by name from the scenario. Importing this package registers them all."""
+from . import cache, load, miss, prefetch  # noqa: F401  (registration)
+from .base import (
+    EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, EvictionPolicy, LoadMode,
+    MissPolicy, PlanContext, PrefetchPolicy, PrefetchRequest, register_eviction,
+    register_load_mode, register_miss, register_prefetch,
+)
+
+__all__ = [
+    "EVICTION_POLICIES", "LOAD_MODES", "MISS_POLICIES", "PREFETCH_POLICIES", "EvictionPolicy",
+    "LoadMode", "MissPolicy", "PlanContext", "PrefetchPolicy", "PrefetchRequest",
+    "register_eviction", "register_load_mode", "register_miss", "register_prefetch",
+]

@@ -1,0 +1,138 @@
+"""The policy interfaces. Policies decide *what* (load, keep, evict, prefetch, where a miss
+runs); they never decide *when*: the engine (SimPy) or the live GPU executor does that.
+
+Four families, each a small base class with a registry keyed by the name a scenario uses:
+
+- :class:`LoadMode`: turns one layer-step's routing into the ordered list of expert requests.
+- :class:`EvictionPolicy`: which resident expert leaves the GPU cache when a slot is needed.
+- :class:`PrefetchPolicy`: which experts of the next layer to copy ahead of time.
+- :class:`MissPolicy`: whether a missed expert is copied to the GPU or run on the host CPU.
+
+Keys are ints ``layer * num_experts + expert``; ``t`` is the index of the current request in
+the run's request stream (a logical clock, not time).
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Iterable, Sequence
+
+import numpy as np
+
+from ..models import ModelSpec
+from ..traces import Trace
+
+
+def _registry(kind: str):
+    table: dict[str, type] = {}
+
+    def register(name: str) -> Callable[[type], type]:
+        def deco(cls: type) -> type:
+            if name in table:
+                raise ValueError(f"{kind} policy {name!r} registered twice")
+            cls.name = name
+            table[name] = cls
+            return cls
+        return deco
+    return table, register
+
+
+LOAD_MODES, register_load_mode = _registry("load")
+EVICTION_POLICIES, register_eviction = _registry("cache")
+PREFETCH_POLICIES, register_prefetch = _registry("prefetch")
+MISS_POLICIES, register_miss = _registry("miss")
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What policies may look at before the run starts (popularity, the future)."""
+
+    trace: Trace
+    model: ModelSpec
+    batch_size: int
+    seed: int
+    request_keys: np.ndarray  # int64: the run's whole request stream, in order (oracle use only)
+
+
+class LoadMode(ABC):
+    """How a layer-step's routing becomes expert requests."""
+
+    name: ClassVar[str]
+    #: all misses of a layer go in one copy
+    coalesce: ClassVar[bool] = False
+
+    @abstractmethod
+    def requests(self, routed: list[int], top_k: int) -> list[tuple[int, int]]:
+        """``routed``: the layer-step's expert ids, token-major (token 0's k ids, token 1's, ...).
+        Returns ``(expert, tokens)`` requests in the order they are served."""
+
+
+class EvictionPolicy(ABC):
+    """Bookkeeping for one cache's residents; picks victims. Never sees time."""
+
+    name: ClassVar[str]
+
+    def __init__(self, capacity: int, **options) -> None:
+        self.capacity = capacity
+
+    def prepare(self, ctx: PlanContext, layers: Sequence[int]) -> None:
+        """Called once before the run with the layers this cache serves."""
+
+    def preload(self) -> list[int]:
+        """Keys resident before the first step (static-hot); default none."""
+        return []
+
+    @abstractmethod
+    def on_hit(self, key: int, t: int) -> None: ...
+
+    @abstractmethod
+    def on_insert(self, key: int, t: int) -> None: ...
+
+    @abstractmethod
+    def on_remove(self, key: int) -> None: ...
+
+    @abstractmethod
+    def victim(self, protected: set[int] | frozenset[int], t: int) -> int:
+        """A resident key not in ``protected`` (one always exists when this is called)."""
+
+
+@dataclass(frozen=True)
+class PrefetchRequest:
+    """What a prefetch policy knows when the current layer's demand has been issued."""
+
+    step: int
+    layer: int
+    target_step: int
+    target_layer: int
+    current: np.ndarray  # (tokens, top_k) routing of the current layer-step
+    #: the target layer-step's true experts, most-routed first. ORACLE KNOWLEDGE: only the
+    #: oracle and accuracy-controlled predictors may read it.
+    future: list[int]
+
+
+class PrefetchPolicy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, budget: int | None = None, **options) -> None:
+        self.budget = budget
+
+    def prepare(self, ctx: PlanContext) -> None:
+        """Called once before the run (training data, seeds)."""
+
+    def observe(self, step: int, layer: int, routing: np.ndarray) -> None:
+        """The routing ``(tokens, top_k)`` of a layer-step once it has been served."""
+
+    @abstractmethod
+    def predict(self, req: PrefetchRequest) -> Iterable[int]:
+        """Experts of the target layer to prefetch, most wanted first."""
+
+
+class MissPolicy(ABC):
+    name: ClassVar[str]
+
+    def __init__(self, **options) -> None:
+        pass
+
+    @abstractmethod
+    def on_cpu(self, expert: int, tokens: int) -> bool:
+        """True: run this missed expert on the host CPU; False: copy it to the GPU."""

@@ -1,0 +1,300 @@
+"""Hardware profiles and the cost model the engine reads its durations from.
+
+A profile is a versioned JSON document (format ``simmoe-profile``, version 1)::
+
+    {
+      "format": "simmoe-profile", "version": 1, "name": "h100-pcie5-calibrated",
+      "provenance": {"kind": "calibrated" | "probe" | "published measurements",
+                     "gpu": ..., "pcie": ..., "driver": ..., "cuda": ..., "torch": ...,
+                     "host_cpu": ..., "date": ..., "simmoe_version": ..., "notes": ...},
+      "copy": {
+        "h2d": {"pinned":   {"latency_us": 11.0, "bandwidth_GBps": 55.0,
+                             "table": [[bytes, ms], ...]},
+                "pageable": {...}},
+        "d2h": {"pinned": {...}}                       # optional
+      },
+      "compute": {
+        "gpu": {"768x3072-fp32-gated": [[tokens, ms], ...], ...},
+        "cpu": {"768x3072-fp32-gated": [[tokens, ms], ...], ...}   # optional
+      },
+      "host": {"launch_us": {"copy": 6.0, "expert": 30.0, "dense": 5.0},
+               "sync_us": 10.0, "pageable_blocks_host": true}
+    }
+
+Copy time for ``n`` bytes: log-log interpolation in ``table`` inside its range, and
+``latency + bytes / bandwidth`` outside it. Expert compute time for ``t`` tokens: monotone
+(PCHIP) interpolation over ``log(tokens)``, linear extrapolation in tokens past the table.
+The engine never evaluates these per event: :class:`CostModel` freezes them into per-size
+and per-token lookup tables before the event loop starts.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError
+
+PROFILE_FORMAT = "simmoe-profile"
+PROFILE_VERSION = 1
+DEFAULT_PROFILE = "h100-pcie5"
+MemoryKind = Literal["pinned", "pageable"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CopyCurve(_Strict):
+    latency_us: float = Field(ge=0)
+    bandwidth_GBps: float = Field(gt=0)
+    latency_ci95_us: list[float] | None = None
+    bandwidth_ci95_GBps: list[float] | None = None
+    table: list[tuple[int, float]] = Field(default_factory=list, description="[bytes, ms] points")
+
+    @field_validator("table")
+    @classmethod
+    def _table_ok(cls, v):
+        for b, ms in v:
+            if b <= 0 or not (ms > 0) or not math.isfinite(ms):
+                raise ValueError(f"table point [{b}, {ms}]: bytes and ms must be positive")
+        if [b for b, _ in v] != sorted({b for b, _ in v}):
+            raise ValueError("table bytes must be strictly increasing")
+        return v
+
+
+class CopyDirection(_Strict):
+    pinned: CopyCurve
+    pageable: CopyCurve | None = None
+
+
+class CopySection(_Strict):
+    h2d: CopyDirection
+    d2h: CopyDirection | None = None
+    copy_engines: int = Field(1, ge=1)
+
+
+class ComputeSection(_Strict):
+    gpu: dict[str, list[tuple[int, float]]]
+    cpu: dict[str, list[tuple[int, float]]] = Field(default_factory=dict)
+
+    @field_validator("gpu", "cpu")
+    @classmethod
+    def _tables_ok(cls, v):
+        for key, pts in v.items():
+            if not pts:
+                raise ValueError(f"{key}: empty table")
+            toks = [t for t, _ in pts]
+            if toks != sorted(set(toks)) or toks[0] < 1:
+                raise ValueError(f"{key}: tokens must be >= 1 and strictly increasing")
+            if any(not (ms > 0) or not math.isfinite(ms) for _, ms in pts):
+                raise ValueError(f"{key}: times must be positive and finite")
+        return v
+
+
+class HostLaunch(_Strict):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    copy_: float = Field(5.0, ge=0, alias="copy", description="host time to issue one copy, us")
+    expert: float = Field(20.0, ge=0, description="host time to issue one expert FFN, us")
+    dense: float = Field(5.0, ge=0, description="host time to issue a layer's dense work, us")
+
+
+class HostSection(_Strict):
+    launch_us: HostLaunch = Field(default_factory=HostLaunch)
+    sync_us: float = Field(10.0, ge=0, description="host time of the end-of-step synchronise")
+    pageable_blocks_host: bool = Field(
+        True, description="a copy from pageable memory returns to the host only when done"
+    )
+
+
+class Profile(_Strict):
+    format: Literal["simmoe-profile"]
+    version: int
+    name: str
+    provenance: dict[str, Any]
+    copy_: CopySection = Field(alias="copy")
+    compute: ComputeSection
+    host: HostSection = Field(default_factory=HostSection)
+    fit: dict[str, Any] = Field(default_factory=dict, description="per-point fit errors")
+    measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @field_validator("version")
+    @classmethod
+    def _version_ok(cls, v):
+        if v != PROFILE_VERSION:
+            raise ValueError(f"unsupported profile version {v} (this simmoe reads {PROFILE_VERSION})")
+        return v
+
+    def to_json(self) -> dict:
+        return self.model_dump(by_alias=True, mode="json", exclude_none=True)
+
+
+def builtin_profiles() -> list[str]:
+    d = resources.files("simulator") / "profiles"
+    return sorted(p.name[:-5] for p in d.iterdir() if p.name.endswith(".json"))
+
+
+def _validation_message(err: ValidationError) -> tuple[str, str]:
+    e = err.errors()[0]
+    field = ".".join(str(x) for x in e["loc"]) or "(document)"
+    msg = e["msg"].removeprefix("Value error, ")
+    more = len(err.errors()) - 1
+    return field, msg + (f" (+{more} more)" if more else "")
+
+
+def parse_profile(doc: Any, source: str) -> Profile:
+    if not isinstance(doc, dict):
+        raise InputError(source, "(document)", "a profile must be a JSON object")
+    if doc.get("format") != PROFILE_FORMAT:
+        raise InputError(source, "format", f"not a simmoe profile (expected format {PROFILE_FORMAT!r})")
+    try:
+        return Profile.model_validate(doc)
+    except ValidationError as err:
+        field, msg = _validation_message(err)
+        raise InputError(source, field, msg) from None
+
+
+def load_profile(name_or_path: str | Path | None = None) -> Profile:
+    """A built-in profile by name, or a profile JSON file by path."""
+    ref = str(name_or_path or DEFAULT_PROFILE)
+    if ref in builtin_profiles():
+        text = (resources.files("simulator") / "profiles" / f"{ref}.json").read_text()
+        return parse_profile(json.loads(text), f"profile {ref}")
+    p = Path(ref)
+    if not p.exists():
+        if p.suffix == "" and "/" not in ref:
+            raise InputError(
+                "--profile", "profile",
+                f"unknown profile {ref!r}; built in: {', '.join(builtin_profiles())}, or give a path",
+            )
+        raise InputError(str(p), "profile", "file not found")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(str(p), "profile", f"cannot read: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(str(p), f"line {e.lineno}", f"malformed JSON: {e.msg}") from None
+    return parse_profile(doc, str(p))
+
+
+# --------------------------------------------------------------------------- cost model
+
+
+def copy_ms_from_curve(curve: CopyCurve, nbytes: int) -> float:
+    """Copy time of ``nbytes`` from one fitted/measured curve."""
+    if nbytes <= 0:
+        return 0.0
+    tbl = curve.table
+    if len(tbl) >= 2 and tbl[0][0] <= nbytes <= tbl[-1][0]:
+        xs = np.log([b for b, _ in tbl])
+        ys = np.log([ms for _, ms in tbl])
+        return float(np.exp(np.interp(math.log(nbytes), xs, ys)))
+    return curve.latency_us * 1e-3 + nbytes / (curve.bandwidth_GBps * 1e9) * 1e3
+
+
+def isotonic(y: np.ndarray) -> np.ndarray:
+    """Least-squares non-decreasing fit (pool adjacent violators): more tokens never cost less."""
+    blocks: list[list[float]] = []  # [mean, weight]
+    for v in y:
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, w2 = blocks.pop()
+            m1, w1 = blocks.pop()
+            blocks.append([(m1 * w1 + m2 * w2) / (w1 + w2), w1 + w2])
+    return np.concatenate([np.full(int(w), m) for m, w in blocks])
+
+
+def compute_table_ms(points: list[tuple[int, float]], max_tokens: int) -> np.ndarray:
+    """``out[t]`` = time for ``t`` tokens, ``t`` in 0..max_tokens (``out[0] = 0``)."""
+    from scipy.interpolate import PchipInterpolator
+
+    toks = np.array([t for t, _ in points], dtype=float)
+    ms = isotonic(np.array([m for _, m in points], dtype=float))
+    out = np.zeros(max_tokens + 1)
+    t = np.arange(1, max_tokens + 1, dtype=float)
+    if len(toks) == 1:
+        out[1:] = ms[0] * np.maximum(1.0, t / toks[0])
+        return out
+    inside = t <= toks[-1]
+    f = PchipInterpolator(np.log(toks), ms, extrapolate=False)
+    vals = np.empty_like(t)
+    vals[inside] = f(np.log(np.clip(t[inside], toks[0], toks[-1])))
+    # past the table: linear in tokens through the last two points (never below the last)
+    slope = max(0.0, (ms[-1] - ms[-2]) / (toks[-1] - toks[-2]))
+    vals[~inside] = ms[-1] + slope * (t[~inside] - toks[-1])
+    out[1:] = vals
+    return out
+
+
+@dataclass
+class CostModel:
+    """Durations (ms) the engine uses, frozen into lookups before the event loop.
+
+    Built for one model shape and one profile; every query is a dict or array lookup.
+    """
+
+    profile: Profile
+    shape_key: str
+    expert_bytes: int
+    activation_bytes_per_token: int
+    max_tokens: int
+
+    def __post_init__(self) -> None:
+        gpu = self.profile.compute.gpu
+        if self.shape_key not in gpu:
+            raise InputError(
+                f"profile {self.profile.name}", f"compute.gpu.{self.shape_key}",
+                f"no expert compute table for this model's expert shape "
+                f"(profile has: {', '.join(sorted(gpu)) or 'none'}); "
+                f"calibrate it with: simmoe calibrate --model <preset>",
+            )
+        self.gpu_expert = compute_table_ms(gpu[self.shape_key], self.max_tokens)
+        cpu = self.profile.compute.cpu.get(self.shape_key)
+        self.cpu_expert = compute_table_ms(cpu, self.max_tokens) if cpu else None
+        self._copy_cache: dict[tuple[int, str, str], float] = {}
+        h = self.profile.host
+        self.launch_copy = h.launch_us.copy_ * 1e-3
+        self.launch_expert = h.launch_us.expert * 1e-3
+        self.launch_dense = h.launch_us.dense * 1e-3
+        self.sync = h.sync_us * 1e-3
+        self.pageable_blocks_host = h.pageable_blocks_host
+
+    def copy_ms(self, nbytes: int, memory: str = "pinned", direction: str = "h2d") -> float:
+        key = (nbytes, memory, direction)
+        v = self._copy_cache.get(key)
+        if v is None:
+            sec = self.profile.copy_.h2d if direction == "h2d" else (self.profile.copy_.d2h or self.profile.copy_.h2d)
+            curve = sec.pageable if (memory == "pageable" and sec.pageable is not None) else sec.pinned
+            v = self._copy_cache[key] = copy_ms_from_curve(curve, nbytes)
+        return v
+
+    def expert_ms(self, tokens: int) -> float:
+        if tokens <= self.max_tokens:
+            return float(self.gpu_expert[tokens])
+        return float(compute_table_ms(self.profile.compute.gpu[self.shape_key], tokens)[tokens])
+
+    def cpu_expert_ms(self, tokens: int) -> float:
+        if self.cpu_expert is None:
+            raise InputError(
+                f"profile {self.profile.name}", f"compute.cpu.{self.shape_key}",
+                "the cpu miss policy needs CPU expert timings for this shape; "
+                "calibrate with: simmoe calibrate --device cpu",
+            )
+        if tokens <= self.max_tokens:
+            return float(self.cpu_expert[tokens])
+        return float(compute_table_ms(self.profile.compute.cpu[self.shape_key], tokens)[tokens])
+
+
+@lru_cache(maxsize=32)
+def _cached_profile(ref: str) -> Profile:
+    return load_profile(ref)

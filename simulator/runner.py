@@ -1,0 +1,128 @@
+"""From a scenario to results: for every batch size and replication, one trace; for every
+policy, one planner and one engine over that trace (policies are compared on the same
+routing). Per-step records become a DataFrame; :mod:`simulator.metrics` summarises them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+
+from .engine import Engine
+from .errors import InputError
+from .metrics import summarise
+from .planner import Planner
+from .profile import CostModel, Profile, load_profile
+from .scenario import PolicySpec, Scenario
+from .traces import Trace, generate, load_trace
+
+
+def derive_seed(*parts: int) -> int:
+    """A 63-bit seed from the scenario seed and the run's coordinates (stable across runs)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def build_trace(sc: Scenario, batch_size: int, replication: int, base_dir: Path | None) -> Trace:
+    t, m = sc.trace, sc.model
+    seed = derive_seed(sc.seed, replication, batch_size)
+    if t.generator:
+        return generate(
+            num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
+            batch_size=batch_size, steps=t.steps, seed=seed, generator=t.generator,
+            prefill_tokens=t.prefill_tokens, **t.knobs,
+        )
+    if t.path:
+        p = Path(t.path)
+        if base_dir is not None and not p.is_absolute():
+            p = base_dir / p
+        tr = load_trace(p)
+        b = int(np.diff(tr.step_offsets).max())
+        if batch_size != b:
+            raise InputError(str(p), "batch_sizes", f"this trace was saved with batch {b}; set batch_sizes: [{b}]")
+        _check_trace_fits(tr, sc, str(p))
+        return tr
+    from .traces.real import batch_sequences  # real recorded sequences (issue: real traces)
+
+    tr = batch_sequences(t.sequences, model=m, batch_size=batch_size, steps=t.steps,
+                         seed=seed, replication=replication, base_dir=base_dir)
+    _check_trace_fits(tr, sc, t.sequences.path)
+    return tr
+
+
+def _check_trace_fits(tr: Trace, sc: Scenario, src: str) -> None:
+    m = sc.model
+    if (tr.num_layers, tr.num_experts, tr.top_k) != (m.num_layers, m.num_experts, m.top_k):
+        raise InputError(src, "model", (
+            f"trace has {tr.num_layers} layers, {tr.num_experts} experts, top-{tr.top_k}; "
+            f"model {m.name} has {m.num_layers}, {m.num_experts}, top-{m.top_k}"))
+
+
+def cost_model(sc: Scenario, profile: Profile, max_tokens: int) -> CostModel:
+    m = sc.model
+    return CostModel(profile, m.shape_key, m.expert_bytes, m.activation_bytes_per_token, max(1, max_tokens))
+
+
+def simulate(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, seed: int,
+             timeline: list | None = None) -> pd.DataFrame:
+    """One policy over one trace: a DataFrame of per-step records."""
+    planner = Planner(sc.model, policy, trace, seed=seed)
+    engine = Engine(cost, policy.memory, sc.dense_ms, timeline=timeline)
+    recs = engine.run(planner)
+    rows = []
+    for r in recs:
+        row = {"step": r.step, "phase": r.phase, "start_ms": r.start_ms, "latency_ms": r.latency_ms,
+               "compute_ms": r.compute_ms, "transfer_ms": r.transfer_ms, "stall_ms": r.stall_ms,
+               "cpu_ms": r.cpu_ms, "host_ms": r.host_ms}
+        row.update(r.decisions.as_dict())
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["preloaded_experts"] = len(planner.preloaded)
+    df.attrs["slots"] = planner.total_slots
+    return df
+
+
+@dataclass
+class RunResult:
+    scenario: Scenario
+    profile: Profile
+    steps: pd.DataFrame
+    summary: list[dict]
+    meta: dict = field(default_factory=dict)
+
+
+def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir: Path | None = None,
+                 progress: Callable[[int, int, str], None] | None = None) -> RunResult:
+    """Run every (batch size, replication, policy) of a scenario."""
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile or sc.profile)
+    frames = []
+    total = len(sc.batch_sizes) * sc.replications * len(sc.policies)
+    done = 0
+    slots: dict[tuple[str, int], int] = {}
+    for b in sc.batch_sizes:
+        for rep in range(sc.replications):
+            trace = build_trace(sc, b, rep, base_dir)
+            cost = cost_model(sc, profile, trace.max_step_tokens)
+            for pol in sc.policies:
+                if progress:
+                    progress(done, total, f"{pol.name} B={b} rep {rep + 1}/{sc.replications}")
+                try:
+                    df = simulate(sc, pol, trace, cost, seed=derive_seed(sc.seed, rep, b, 7))
+                except ValueError as e:
+                    raise InputError(f"scenario {sc.name}", f"policies[{pol.name}]", str(e)) from None
+                slots[(pol.name, b)] = df.attrs["slots"]
+                df.insert(0, "replication", rep)
+                df.insert(0, "batch_size", b)
+                df.insert(0, "policy", pol.name)
+                frames.append(df)
+                done += 1
+    if progress:
+        progress(done, total, "done")
+    steps = pd.concat(frames, ignore_index=True)
+    summary = summarise(steps, sc, expert_bytes=sc.model.expert_bytes)
+    for row in summary:
+        row["gpu_slots"] = slots[(row["policy"], row["batch_size"])]
+    return RunResult(scenario=sc, profile=profile, steps=steps, summary=summary,
+                     meta={"profile": profile.name, "profile_kind": profile.provenance.get("kind")})

@@ -1,0 +1,294 @@
+"""The scenario: one immutable object from the YAML file to the results.
+
+A scenario names a model, a hardware profile, a routing trace (synthetic, a saved trace, or
+real recorded sequences), the batch sizes and the policies to compare. Every key is checked:
+unknown keys, wrong types, out-of-range numbers and unknown policy names raise
+:class:`~simulator.errors.InputError` with the file and the dotted field. The *effective*
+scenario (defaults filled in, model preset expanded) is written next to every result.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
+
+from .errors import InputError
+from .models import PRESETS, ModelSpec
+from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
+from .traces.synthetic import GENERATORS
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
+
+
+def parse_bytes(v: str) -> int:
+    m = _SIZE.match(v)
+    if not m:
+        raise ValueError(f"{v!r} is not a size (write e.g. 64, '4 GiB' or '500MB')")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _known(kind: str, table: dict, name: str) -> str:
+    if name not in table:
+        raise ValueError(f"unknown {kind} policy {name!r}; known: {', '.join(table)}")
+    return name
+
+
+class SequencesSpec(_Strict):
+    """Real recorded sequences, batched B side by side (see ``simulator.traces.real``)."""
+
+    path: str
+    format: str = "auto"
+    max_sequences: int | None = Field(None, gt=0)
+    prefill: bool = False
+    split: Literal["all", "train", "test"] = "all"
+
+
+class TraceSpec(_Strict):
+    generator: str | None = Field(None, description="synthetic generator name")
+    path: str | None = Field(None, description="a saved .npz trace, used as is")
+    sequences: SequencesSpec | None = None
+    steps: int = Field(64, gt=0, description="decode steps per run")
+    prefill_tokens: int = Field(0, ge=0)
+    zipf: float = Field(0.0, ge=0)
+    temporal: float = Field(0.0, ge=0, le=1)
+    batch_locality: float = Field(0.0, ge=0, le=1)
+    batch_pool: int | None = Field(None, gt=0)
+    cross_layer: float = Field(0.0, ge=0, le=1)
+
+    @field_validator("generator")
+    @classmethod
+    def _gen_known(cls, v):
+        if v is not None and v not in GENERATORS:
+            raise ValueError(f"unknown generator {v!r}; known: {', '.join(GENERATORS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        given = [k for k in ("generator", "path", "sequences") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of generator, path, sequences")
+        if self.generator:
+            allowed = GENERATORS[self.generator]
+            for knob in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"):
+                val = getattr(self, knob)
+                if val and knob not in allowed:
+                    raise ValueError(f"generator {self.generator!r} has no knob {knob!r} "
+                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all)")
+        return self
+
+    @property
+    def knobs(self) -> dict:
+        return {k: getattr(self, k) for k in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer")}
+
+
+class CacheSpec(_Strict):
+    kind: str = "none"
+    capacity: int | str | None = Field(None, description="experts (int) or bytes ('4 GiB')")
+    scope: Literal["global", "per-layer"] = "global"
+    staging: int | None = Field(None, gt=0, description="static-hot: slots left for non-hot experts")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        return _known("cache", EVICTION_POLICIES, v)
+
+    @field_validator("capacity")
+    @classmethod
+    def _cap(cls, v):
+        if isinstance(v, str):
+            v = parse_bytes(v)
+            if v <= 0:
+                raise ValueError("capacity must be positive")
+            return f"{v}B"
+        if v is not None and v <= 0:
+            raise ValueError("capacity must be a positive number of experts")
+        return v
+
+    @model_validator(mode="after")
+    def _needs_capacity(self):
+        if self.kind != "none" and self.capacity is None:
+            raise ValueError(f"cache kind {self.kind!r} needs a capacity")
+        return self
+
+    def slots(self, expert_bytes: int) -> int | None:
+        if self.capacity is None:
+            return None
+        if isinstance(self.capacity, str):
+            return int(self.capacity[:-1]) // expert_bytes
+        return int(self.capacity)
+
+
+class PrefetchSpec(_Strict):
+    kind: str = "none"
+    budget: int | None = Field(None, gt=0, description="most experts prefetched per layer")
+    accuracy: float = Field(0.8, ge=0, le=1, description="'predicted': chance each expert is right")
+    options: dict[str, Any] = Field(default_factory=dict, description="extra options of the policy")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        return _known("prefetch", PREFETCH_POLICIES, v)
+
+
+class MissSpec(_Strict):
+    kind: str = "copy"
+    max_tokens: int | None = Field(None, gt=0, description="cpu: only misses with this many tokens or fewer")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        return _known("miss", MISS_POLICIES, v)
+
+
+class PolicySpec(_Strict):
+    name: str
+    load: str = "dedup"
+    cache: CacheSpec = Field(default_factory=CacheSpec)
+    prefetch: PrefetchSpec = Field(default_factory=PrefetchSpec)
+    miss: MissSpec = Field(default_factory=MissSpec)
+    memory: Literal["pinned", "pageable"] = "pinned"
+
+    @field_validator("load")
+    @classmethod
+    def _load(cls, v):
+        return _known("load", LOAD_MODES, v)
+
+    @field_validator("miss", mode="before")
+    @classmethod
+    def _miss_str(cls, v):
+        return {"kind": v} if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _prefetch_needs_cache(self):
+        if self.prefetch.kind != "none" and self.cache.kind == "none":
+            raise ValueError("prefetch needs a cache to hold what it fetches (cache.kind is 'none')")
+        return self
+
+
+class EngineSpec(_Strict):
+    dense_ms_per_layer: float | None = Field(None, ge=0, description="overrides the model's")
+    warmup_steps: int = Field(0, ge=0, description="first steps left out of the statistics")
+
+
+class Scenario(_Strict):
+    name: str
+    description: str = ""
+    model: ModelSpec
+    profile: str | None = Field(None, description="built-in profile name or path; default h100-pcie5")
+    seed: int = Field(0, ge=0)
+    replications: int = Field(3, ge=1, le=1000)
+    batch_sizes: list[int] = Field(min_length=1)
+    trace: TraceSpec
+    policies: list[PolicySpec] = Field(min_length=1)
+    engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _resolve_model(cls, v):
+        if isinstance(v, str):
+            if v not in PRESETS:
+                raise ValueError(f"unknown model preset {v!r}; known: {', '.join(PRESETS)}")
+            return PRESETS[v]
+        if isinstance(v, dict) and "preset" in v:
+            v = dict(v)
+            name = v.pop("preset")
+            if name not in PRESETS:
+                raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+            base = PRESETS[name].model_dump()
+            unknown = set(v) - set(base)
+            if unknown:
+                raise ValueError(f"unknown model key {sorted(unknown)[0]!r}")
+            base.update(v)
+            if "name" not in v:
+                base["name"] = name + ("+custom" if v else "")
+            return base
+        return v
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _bs(cls, v):
+        for b in v:
+            if b <= 0:
+                raise ValueError(f"batch size {b} must be positive")
+        if len(set(v)) != len(v):
+            raise ValueError("batch sizes repeat")
+        return v
+
+    @field_validator("policies")
+    @classmethod
+    def _names(cls, v):
+        names = [p.name for p in v]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"policy name {sorted(dup)[0]!r} used twice")
+        return v
+
+    @property
+    def dense_ms(self) -> float:
+        d = self.engine.dense_ms_per_layer
+        return self.model.dense_ms_per_layer if d is None else d
+
+    def effective(self) -> dict:
+        """The scenario with every default filled in (written next to results)."""
+        return self.model_dump(mode="json")
+
+
+def _error_from_pydantic(err: ValidationError, source: str) -> InputError:
+    e = err.errors()[0]
+    loc = [str(x) for x in e["loc"]]
+    # policies.0.cache -> policies[0].cache; drop pydantic's union-branch tags
+    parts: list[str] = []
+    for x in loc:
+        if x.isdigit() and parts:
+            parts[-1] += f"[{x}]"
+        elif x in ("str", "int", "function-after[_cap(), union[int,str]]") or x.startswith(("function-", "union[", "int", "str")) and parts:
+            continue
+        else:
+            parts.append(x)
+    field = ".".join(parts) or "(document)"
+    msg = e["msg"].removeprefix("Value error, ")
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key missing"
+    return InputError(source, field, msg)
+
+
+def parse_scenario(doc: Any, source: str = "scenario") -> Scenario:
+    if not isinstance(doc, dict):
+        raise InputError(source, "(document)", "a scenario must be a YAML mapping")
+    try:
+        return Scenario.model_validate(doc)
+    except ValidationError as err:
+        raise _error_from_pydantic(err, source) from None
+
+
+def load_scenario(path: str | Path, overrides: dict | None = None) -> tuple[Scenario, Path]:
+    """Read a scenario YAML (safely). Relative paths inside it are taken from its folder.
+    Returns the scenario and the folder its relative paths are resolved against."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(str(p), "scenario", "file not found")
+    try:
+        doc = yaml.safe_load(p.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(str(p), "scenario", f"cannot read: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else "(document)"
+        raise InputError(str(p), where, f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    if isinstance(doc, dict) and overrides:
+        doc = {**doc, **overrides}
+    return parse_scenario(doc, str(p)), p.resolve().parent
