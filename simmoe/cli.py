@@ -178,7 +178,13 @@ def profile_group():
 
 @profile_group.command("list")
 def profile_list():
-    """List built-in profiles with their provenance."""
+    """List the hardware profiles shipped inside simmoe.
+
+    Each line: the name to pass to --profile (or `profile:` in a scenario), where its numbers
+    come from (calibrated on a real GPU, a one-off probe, or published measurements), the GPU,
+    and the expert shapes it has compute timings for. A scenario whose model has another
+    expert shape needs a profile calibrated for it: simmoe calibrate --model PRESET.
+    """
     from simulator.profile import DEFAULT_PROFILE, builtin_profiles, load_profile
 
     for name in builtin_profiles():
@@ -201,7 +207,13 @@ def profile_show(profile):
 
 @main.command("models")
 def models_cmd():
-    """List model presets and their expert sizes."""
+    """List the model presets a scenario can name under `model:`.
+
+    Each line: MoE layers, routed experts per layer, top-k, the expert's shape and dtype,
+    its size in bytes (a gated FFN has 3 matrices: gate, up, down) and the key of its shape in
+    profile compute tables. Any field can be overridden in a scenario
+    (model: {preset: mixtral-8x7b, num_layers: 8}) or a model written out in full.
+    """
     from simulator.models import PRESETS
 
     for m in PRESETS.values():

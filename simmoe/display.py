@@ -7,7 +7,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-console = Console(stderr=False)
+
+
+def _console() -> Console:
+    """Wide enough for the results table when output is not a terminal (files, CI logs)."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
 
 
 @contextlib.contextmanager
@@ -53,4 +58,4 @@ def print_summary(result) -> None:
             f"{r['dedup_savings']:.1%}", fmt_bytes(r["bytes_h2d"] / steps),
             f"{r['stall_ms'] / lat['mean']:.0%}" if lat["mean"] else "-",
         )
-    console.print(t)
+    _console().print(t)

@@ -18,14 +18,12 @@ COUNTS = ["tokens", "requests", "unique_requests", "served", "hits", "misses", "
           "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes"]
 
 
-def mean_ci95(values: np.ndarray) -> tuple[float, float, float]:
-    """Mean and the half-width-based (lo, hi) 95% Student-t interval."""
+def ci95_half_width(values: np.ndarray) -> float:
+    """Half-width of the 95% Student-t interval of the mean of ``values``."""
     v = np.asarray(values, dtype=float)
-    m = float(v.mean())
     if len(v) < 2:
-        return m, m, m
-    half = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return m, m - half, m + half
+        return 0.0
+    return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
 def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
@@ -44,14 +42,15 @@ def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
         row["hit_rate"] = row["hits"] / served if served else 0.0
         lat = g["latency_ms"].to_numpy()
         rep_means = g.groupby("replication")["latency_ms"].mean().to_numpy()
+        # replications have equal step counts, so the pooled mean is the mean of their means
+        mean = float(lat.mean())
         if len(rep_means) >= 2:
-            m, lo, hi = mean_ci95(rep_means)
-            method = "t over replication means"
+            half, method = ci95_half_width(rep_means), "t over replication means"
         else:
-            m, lo, hi = mean_ci95(lat)
-            method = "t over steps (one replication)"
+            half, method = ci95_half_width(lat), "t over steps (one replication)"
+        lo, hi = mean - half, mean + half
         row["step_latency_ms"] = {
-            "mean": float(lat.mean()), "std": float(lat.std(ddof=1)) if len(lat) > 1 else 0.0,
+            "mean": mean, "std": float(lat.std(ddof=1)) if len(lat) > 1 else 0.0,
             "p50": float(np.percentile(lat, 50)), "p99": float(np.percentile(lat, 99)),
             "ci95": [lo, hi], "ci95_method": method,
             "replication_means": [float(x) for x in rep_means],

@@ -16,9 +16,11 @@ Operations (tuples, first item the opcode):
   waits for the last load into ``slot``.
 - ``(CPU, key, tokens)``: an expert FFN on the host CPU (needs the layer's activations).
 
-Issue order within a layer: dense; computes of experts resident before the layer (hits);
-then each miss's load and compute (coalesced: one load per group, then the group's
-computes); CPU misses; last, the prefetch loads for the next layer. Every operation waits
+Issue order within a layer: dense; computes of experts resident before the layer (hits),
+then of prefetched experts (in the order their copies were issued); then each miss's load
+and compute (coalesced: one load per group, then the group's
+computes); CPU misses; last, the prefetch loads for the next layer (layers 1..L-1; nothing
+is prefetched across a step boundary). Every operation waits
 only on operations issued before it, and each stream runs in issue order, so no plan can
 deadlock, whatever the cache size.
 """
@@ -116,7 +118,11 @@ class Planner:
         self.prefetch = PREFETCH_POLICIES[pf.kind](budget=pf.budget, accuracy=pf.accuracy, **pf.options)
         self.prefetch.prepare(ctx)
         self.prefetch_on = pf.kind != "none"
-        self.pending: dict[int, tuple[int, int]] = {}    # prefetched key -> (step, layer) it is for
+        # experts held for a coming layer-step -> (step, layer, seq): prefetched ones (seq =
+        # the copy's issue number) and predicted ones already resident (seq = -1). Neither is
+        # evicted before that layer-step has been served.
+        self.pending: dict[int, tuple[int, int, int]] = {}
+        self._prefetch_seq = 0
         self.t = -1                                     # index of the last request served
         self.preloaded = [kv for c in self.caches for kv in c.preload(c.policy.preload())]
 
@@ -167,6 +173,7 @@ class Planner:
         d.served += len(reqs)
         pending = self.pending
         hit_ops: list[tuple] = []
+        prefetched_hits: list[tuple[int, tuple]] = []
         miss_ops: list[tuple] = []
         cpu_ops: list[tuple] = []
         group_slots: list[int] = []
@@ -189,11 +196,12 @@ class Planner:
             slot = cache.lookup(key, t)
             if slot is not None:
                 d.hits += 1
-                if key in pending:
-                    del pending[key]
-                    d.prefetches_used += 1
                 op = (COMPUTE, slot, key, tok)
-                if key in loaded_here:          # loaded earlier in this layer: compute after that load
+                held = pending.pop(key, None)
+                if held is not None and held[2] >= 0:   # arrives by a prefetch copy
+                    d.prefetches_used += 1
+                    prefetched_hits.append((held[2], op))
+                elif key in loaded_here:          # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
                 else:
                     hit_ops.append(op)
@@ -221,19 +229,23 @@ class Planner:
 
         # prefetches meant for this layer-step that it did not use are wasted
         if pending:
-            for key in [kk for kk, tgt in pending.items() if tgt == (s, l)]:
-                del pending[key]
-                d.prefetches_wasted += 1
+            for key in [kk for kk, tgt in pending.items() if tgt[:2] == (s, l)]:
+                if pending.pop(key)[2] >= 0:
+                    d.prefetches_wasted += 1
 
-        ops = [(DENSE,)] + hit_ops + miss_ops + cpu_ops
+        # experts already there first, then prefetched ones in the order their copies went
+        prefetched_hits.sort(key=lambda x: x[0])
+        ops = [(DENSE,)] + hit_ops + [op for _, op in prefetched_hits] + miss_ops + cpu_ops
         if self.prefetch_on:
             ops.extend(self._plan_prefetch(s, l, cur, d))
         return ops
 
     def _plan_prefetch(self, s: int, l: int, cur: np.ndarray, d: Decisions) -> list[tuple]:
-        ts, tl = (s, l + 1) if l + 1 < self.L else (s + 1, 0)
-        if ts >= self.trace.num_steps:
+        # next layer of the same forward pass: the next step's routing depends on the token
+        # sampled at this step's synchronise, so no prefetch crosses a step boundary
+        if l + 1 >= self.L:
             return []
+        ts, tl = s, l + 1
         E, eb = self.E, self.expert_bytes
         nxt = self.trace.step(ts)[:, tl, :].ravel()
         ids, counts = np.unique(nxt, return_counts=True)
@@ -252,11 +264,17 @@ class Planner:
             if (budget is not None and issued >= budget) or room <= 0:
                 break
             key = tl * E + int(e)
-            if key in seen or key in cache:
+            if key in seen:
                 continue
             seen.add(key)
+            if key in cache:                      # already there: hold it for its layer
+                if key not in self.pending:
+                    self.pending[key] = (ts, tl, -1)
+                    room -= 1
+                continue
             slot, victim = cache.insert(key, self.t, self.pending.keys() | {key})
-            self.pending[key] = (ts, tl)
+            self.pending[key] = (ts, tl, self._prefetch_seq)
+            self._prefetch_seq += 1
             issued += 1
             room -= 1
             if self.load.coalesce:

@@ -283,13 +283,16 @@ class CostModel:
             return float(self.gpu_expert[tokens])
         return float(compute_table_ms(self.profile.compute.gpu[self.shape_key], tokens)[tokens])
 
-    def cpu_expert_ms(self, tokens: int) -> float:
+    def require_cpu(self) -> None:
         if self.cpu_expert is None:
             raise InputError(
                 f"profile {self.profile.name}", f"compute.cpu.{self.shape_key}",
                 "the cpu miss policy needs CPU expert timings for this shape; "
                 "calibrate with: simmoe calibrate --device cpu",
             )
+
+    def cpu_expert_ms(self, tokens: int) -> float:
+        self.require_cpu()
         if tokens <= self.max_tokens:
             return float(self.cpu_expert[tokens])
         return float(compute_table_ms(self.profile.compute.cpu[self.shape_key], tokens)[tokens])

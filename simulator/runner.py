@@ -105,6 +105,8 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
         for rep in range(sc.replications):
             trace = build_trace(sc, b, rep, base_dir)
             cost = cost_model(sc, profile, trace.max_step_tokens)
+            if any(p.miss.kind == "cpu" for p in sc.policies):
+                cost.require_cpu()
             for pol in sc.policies:
                 if progress:
                     progress(done, total, f"{pol.name} B={b} rep {rep + 1}/{sc.replications}")

@@ -1,0 +1,107 @@
+"""Timing a callable on the calibrated device: CUDA events on a stream, or the host clock.
+
+Every trial starts on an idle device: the timer waits for the previous trial to finish, then
+records a start event, calls ``fn(i)``, records an end event. So a trial's time includes the
+gaps while the host issues the work (as the live executor would see it), never work queued
+by an earlier trial. ``fn`` receives a running index (warm-ups included) so it can rotate
+through several buffers and keep caches from flattering the result.
+
+On the CPU device the work is synchronous and the device time is the host time.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MIN_TRIALS = 3
+ROTATE_BYTES = 256 << 20  # rotate through at least this much memory: well past any L2/LLC
+MAX_ROTATE = 8
+
+
+@dataclass
+class Samples:
+    """Per-trial times in ms: ``ms`` on the device (CUDA events), ``host_ms`` of the issuing call."""
+
+    ms: list[float]
+    host_ms: list[float]
+
+
+def rotation_count(item_bytes: int, pool_bytes: int | None = None, lo: int = 1, hi: int = MAX_ROTATE) -> int:
+    """How many distinct buffers of ``item_bytes`` to cycle through (at most ``pool_bytes`` in all)."""
+    n = max(lo, min(hi, -(-ROTATE_BYTES // item_bytes)))
+    if pool_bytes is not None:
+        n = min(n, max(1, pool_bytes // item_bytes))
+    return n
+
+
+class Timer:
+    """Times work on one device (``cuda:N`` or ``cpu``)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.is_cuda = device.type == "cuda"
+
+    def new_stream(self):
+        """A fresh CUDA stream on the device (None on the CPU)."""
+        return torch.cuda.Stream(self.device) if self.is_cuda else None
+
+    def synchronize(self) -> None:
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def time(self, fn: Callable[[int], object], trials: int, warmup: int, stream=None,
+             budget_s: float | None = None) -> Samples:
+        """Time ``trials`` calls of ``fn`` after ``warmup`` untimed ones, on ``stream``.
+
+        With ``budget_s``, stop early once that much wall time is spent (after at least
+        ``MIN_TRIALS`` trials): for slow CPU points.
+        """
+        ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+        with ctx:
+            for i in range(warmup):
+                fn(i)
+            self.synchronize()
+            return self._trials(fn, trials, warmup, budget_s)
+
+    def _trials(self, fn, trials: int, first: int, budget_s: float | None) -> Samples:
+        out = Samples([], [])
+        if self.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        began = time.perf_counter()
+        for i in range(trials):
+            if self.is_cuda:
+                start.record()
+            t0 = time.perf_counter()
+            fn(first + i)
+            t1 = time.perf_counter()
+            if self.is_cuda:
+                end.record()
+                end.synchronize()
+                out.ms.append(start.elapsed_time(end))
+            else:
+                out.ms.append((t1 - t0) * 1e3)
+            out.host_ms.append((t1 - t0) * 1e3)
+            if budget_s is not None and i + 1 >= MIN_TRIALS and time.perf_counter() - began > budget_s:
+                break
+        return out
+
+
+def time_host(fn: Callable[[int], object], trials: int, warmup: int,
+              before: Callable[[], object] | None = None) -> list[float]:
+    """Host time (ms) of each of ``trials`` calls of ``fn``; ``before()`` runs untimed ahead of each."""
+    for i in range(warmup):
+        if before:
+            before()
+        fn(i)
+    out = []
+    for i in range(trials):
+        if before:
+            before()
+        t0 = time.perf_counter()
+        fn(warmup + i)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out

@@ -1,0 +1,129 @@
+"""A run's timeline as a Chrome/Perfetto trace (JSON trace-event format).
+
+For the first replication at the smallest batch size, every policy is simulated again with the
+engine recording each operation (same trace, same seeds as :func:`~simulator.runner.run_scenario`,
+so the timeline is the run's own). The file holds one process per policy, and in each one
+track (thread) per resource:
+
+- ``steps``: each decode/prefill step, from the host starting it to the synchronise returning;
+- ``compute stream``: dense work (``dense``) and expert FFNs (``expert L3.E17``);
+- ``copy engine``: host-to-device copies (``copy L3.E17``), prefetches (``prefetch L4.E9``,
+  category ``prefetch``, ``args.prefetch = true``);
+- ``cpu``: experts run on the host CPU (``cpu expert L3.E17``);
+- ``stall``: the compute stream idle between two of its operations (waiting for a copy, the
+  host or the end of the step), ``args.next`` naming what it waited for.
+
+Events are complete events (``ph: "X"``) with ``ts``/``dur`` in microseconds; metadata events
+(``ph: "M"``) name the processes and threads. Open the file in https://ui.perfetto.dev or
+chrome://tracing.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import InputError
+from .planner import COMPUTE, CPU, DENSE, LOAD
+from .profile import Profile
+from .runner import build_trace, cost_model, derive_seed, simulate
+from .scenario import Scenario
+
+TRACKS = {"steps": 1, "compute": 2, "copy": 3, "cpu": 4, "stall": 5}
+TRACK_NAMES = {"steps": "steps", "compute": "compute stream", "copy": "copy engine", "cpu": "cpu",
+               "stall": "stall (compute idle)"}
+MIN_STALL_MS = 1e-6
+
+
+def _expert(key: int, num_experts: int) -> str:
+    return f"L{key // num_experts}.E{key % num_experts}"
+
+
+def _op_event(rec: tuple, num_experts: int) -> dict:
+    """A complete event (without pid/tid) for one engine timeline record."""
+    stream, start, end, kind, label, prefetch = rec
+    args: dict = {}
+    if kind == DENSE:
+        name, cat = "dense", "dense"
+    elif kind == COMPUTE:
+        name, cat = f"expert {_expert(label, num_experts)}", "expert"
+        args = {"key": label}
+    elif kind == CPU:
+        name, cat = f"cpu expert {_expert(label, num_experts)}", "cpu"
+        args = {"key": label}
+    elif kind == LOAD:
+        keys = list(label)
+        what = _expert(keys[0], num_experts) if len(keys) == 1 else f"{len(keys)} experts"
+        name, cat = f"{'prefetch' if prefetch else 'copy'} {what}", "prefetch" if prefetch else "copy"
+        args = {"keys": keys, "prefetch": bool(prefetch)}
+    else:
+        raise ValueError(f"unknown opcode {kind} on stream {stream}")
+    return {"name": name, "cat": cat, "ph": "X", "ts": start * 1e3, "dur": (end - start) * 1e3, "args": args}
+
+
+def _stalls(compute: list[dict]) -> list[dict]:
+    """Gaps between consecutive operations of the compute stream."""
+    out = []
+    for prev, nxt in zip(compute, compute[1:]):
+        gap_us = nxt["ts"] - (prev["ts"] + prev["dur"])
+        if gap_us > MIN_STALL_MS * 1e3:
+            out.append({"name": "stall", "cat": "stall", "ph": "X", "ts": prev["ts"] + prev["dur"], "dur": gap_us,
+                        "args": {"next": nxt["name"]}})
+    return out
+
+
+def policy_events(pid: int, policy_name: str, batch_size: int, records: list[tuple], steps, num_experts: int) -> list[dict]:
+    """All events of one policy's run: metadata, steps, streams and stalls."""
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+                           "args": {"name": f"{policy_name} (batch {batch_size})"}},
+                          {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+    for track, tid in TRACKS.items():
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": TRACK_NAMES[track]}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+    by_track: dict[str, list[dict]] = {t: [] for t in TRACKS}
+    for s in steps.itertuples():
+        by_track["steps"].append({"name": f"step {s.step}", "cat": "step", "ph": "X", "ts": s.start_ms * 1e3,
+                                  "dur": s.latency_ms * 1e3, "args": {"step": int(s.step), "phase": int(s.phase)}})
+    for rec in sorted(records, key=lambda r: (r[1], r[2])):
+        by_track[rec[0]].append(_op_event(rec, num_experts))
+    by_track["stall"] = _stalls(by_track["compute"])
+    for track, evs in by_track.items():
+        for e in evs:
+            e["pid"], e["tid"] = pid, TRACKS[track]
+        events.extend(evs)
+    return events
+
+
+def timeline_events(sc: Scenario, profile: Profile, base_dir: Path | None) -> list[dict]:
+    """Trace events of every policy at the smallest batch size, replication 0."""
+    b, rep = min(sc.batch_sizes), 0
+    trace = build_trace(sc, b, rep, base_dir)
+    cost = cost_model(sc, profile, trace.max_step_tokens)
+    events: list[dict] = []
+    for pid, pol in enumerate(sc.policies, start=1):
+        records: list[tuple] = []
+        # the seed run_scenario gives this (replication, batch size)
+        steps = simulate(sc, pol, trace, cost, seed=derive_seed(sc.seed, rep, b, 7), timeline=records)
+        events += policy_events(pid, pol.name, b, records, steps, sc.model.num_experts)
+    return events
+
+
+def write_timeline(sc: Scenario, profile: Profile, base_dir: Path | None, path: str | Path) -> Path:
+    """Write ``path`` (Chrome trace-event JSON), atomically; returns the path."""
+    path = Path(path)
+    doc = {"traceEvents": timeline_events(sc, profile, base_dir), "displayTimeUnit": "ms",
+           "otherData": {"scenario": sc.name, "profile": profile.name, "model": sc.model.name,
+                         "batch_size": min(sc.batch_sizes), "replication": 0}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".timeline-", suffix=".json")
+    except OSError as e:
+        raise InputError(str(path), "--timeline", f"cannot write here: {e.strerror or e}") from None
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
