@@ -60,6 +60,7 @@ class Timer:
         With ``budget_s``, stop early once that much wall time is spent (after at least
         ``MIN_TRIALS`` trials): for slow CPU points.
         """
+        self.synchronize()  # buffers made on other streams are ready
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
         with ctx:
             for i in range(warmup):

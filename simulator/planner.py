@@ -211,8 +211,8 @@ class Planner:
                 d.cpu_computes += 1
                 cpu_ops.append((CPU, key, tok))
                 continue
-            protected = pending.keys() | {key} if pending else {key}
-            slot, victim = cache.insert(key, t, protected)
+            # a missed key is not resident, so the held experts are all there is to protect
+            slot, victim = cache.insert(key, t, pending)
             loaded_here.add(key)
             d.transfers += 1
             d.bytes_h2d += eb
@@ -247,9 +247,10 @@ class Planner:
             return []
         ts, tl = s, l + 1
         E, eb = self.E, self.expert_bytes
-        nxt = self.trace.step(ts)[:, tl, :].ravel()
-        ids, counts = np.unique(nxt, return_counts=True)
-        future = [int(x) for x in ids[np.lexsort((ids, -counts))]]
+        counts: dict[int, int] = {}
+        for e in self.trace.step(ts)[:, tl, :].ravel().tolist():
+            counts[e] = counts.get(e, 0) + 1
+        future = sorted(counts, key=lambda e: (-counts[e], e))      # most routed first
         req = PrefetchRequest(step=s, layer=l, target_step=ts, target_layer=tl, current=cur, future=future)
         cache = self.cache_of_layer[tl]
         budget = self.prefetch.budget
@@ -272,7 +273,7 @@ class Planner:
                     self.pending[key] = (ts, tl, -1)
                     room -= 1
                 continue
-            slot, victim = cache.insert(key, self.t, self.pending.keys() | {key})
+            slot, victim = cache.insert(key, self.t, self.pending)
             self.pending[key] = (ts, tl, self._prefetch_seq)
             self._prefetch_seq += 1
             issued += 1

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 from .errors import InputError
@@ -115,15 +115,14 @@ def write_timeline(sc: Scenario, profile: Profile, base_dir: Path | None, path: 
     doc = {"traceEvents": timeline_events(sc, profile, base_dir), "displayTimeUnit": "ms",
            "otherData": {"scenario": sc.name, "profile": profile.name, "model": sc.model.name,
                          "batch_size": min(sc.batch_sizes), "replication": 0}}
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".timeline-", suffix=".json")
-    except OSError as e:
-        raise InputError(str(path), "--timeline", f"cannot write here: {e.strerror or e}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
+        with open(tmp, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
         os.replace(tmp, path)
+    except OSError as e:
+        raise InputError(str(path), "--timeline", f"cannot write: {e.strerror or e}") from None
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     return path

@@ -1,0 +1,111 @@
+"""Assemble a calibrated profile from the measurements, validate it, write it atomically.
+
+The sections the cost model reads (``copy``, ``compute``, ``host``) hold fitted or median
+values; ``fit`` holds every point's fit error; ``measurements`` holds the per-point
+statistics and the side measurements (streams, coalescing, overheads, study table).
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from pathlib import Path
+
+from simulator.errors import InputError
+from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
+
+from .fit import compute_fit, copy_curve
+
+TWO_ENGINES_SPEEDUP = 1.25   # two copy streams this much faster than one: two copy engines
+BLOCKING_HOST_SHARE = 0.5    # pageable copies block the host if the call takes this share of the copy
+BLOCKING_MIN_BYTES = 1 << 20
+
+
+def _medians(points: list[dict], key: str, field: str = "ms") -> list[tuple[int, float]]:
+    return [(p[key], p[field]["median"]) for p in points]
+
+
+def _copy_section(copies: dict, streams: dict | None) -> tuple[dict, dict]:
+    """Profile ``copy`` section and its fit records from the copy sweep."""
+    section: dict = {}
+    fits: dict = {}
+    for direction, kinds in copies.items():
+        for kind, points in kinds.items():
+            # on the CPU device the only kind is host-to-host pageable: it is the profile's pinned curve
+            name = kind if "pinned" in kinds else "pinned"
+            curve, record = copy_curve(_medians(points, "bytes"))
+            section.setdefault(direction, {})[name] = curve
+            fits[f"{direction}.{name}"] = record
+    if streams:
+        speedup = streams["one_stream_ms"]["median"] / streams["two_streams_ms"]["median"]
+        section["copy_engines"] = 2 if speedup >= TWO_ENGINES_SPEEDUP else 1
+    return section, fits
+
+
+def _pageable_blocks_host(copies: dict) -> bool:
+    """Whether the host call of a pageable host-to-device copy lasts about as long as the copy."""
+    points = [p for p in copies["h2d"].get("pageable", []) if p["bytes"] >= BLOCKING_MIN_BYTES]
+    if "pinned" not in copies["h2d"] or not points:
+        return True  # CPU device: every copy is synchronous
+    share = statistics.median(p["host_ms"]["median"] / p["ms"]["median"] for p in points)
+    return share >= BLOCKING_HOST_SHARE
+
+
+def _host_section(results: dict) -> dict:
+    h2d = results["copies"]["h2d"]
+    first_kind = "pinned" if "pinned" in h2d else "pageable"
+    expert_us = statistics.median(rows[0]["host_ms"]["median"] * 1e3 for rows in results["compute_device"].values())
+    over = results["overheads"]
+    return {
+        "launch_us": {"copy": h2d[first_kind][0]["host_ms"]["median"] * 1e3, "expert": expert_us,
+                      "dense": over["dense_launch_ms"]["median"] * 1e3},
+        "sync_us": over["sync_ms"]["median"] * 1e3,
+        "pageable_blocks_host": _pageable_blocks_host(results["copies"]),
+    }
+
+
+def build_profile(name: str, provenance: dict, results: dict) -> dict:
+    """The profile document (validated with :func:`simulator.profile.parse_profile`)."""
+    copy, copy_fits = _copy_section(results["copies"], results.get("copy_streams"))
+    compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in results[f"compute_{src}"].items()}
+               for side, src in (("gpu", "device"), ("cpu", "cpu"))}
+    fit = {"copy": copy_fits,
+           "compute": {side: {key: compute_fit([tuple(p) for p in pts]) for key, pts in tables.items()}
+                       for side, tables in compute.items()}}
+    measurements = dict(results)
+    if "sleep" in results:
+        measurements["sleep_cycles_per_ms"] = results["sleep"]["cycles_per_ms"]
+    doc = {
+        "format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": name, "provenance": provenance,
+        "copy": copy, "compute": compute, "host": _host_section(results), "fit": fit, "measurements": measurements,
+    }
+    return parse_profile(doc, f"calibrated profile {name}").to_json()
+
+
+def check_writable(path: Path) -> None:
+    """Fail now, before measuring, if the profile could not be written to ``path``."""
+    if path.is_dir():
+        raise InputError(str(path), "--out", "is a directory; give a file path such as profiles/my-gpu.json")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise InputError(str(path), "--out", f"cannot write here: {e.strerror or e}") from None
+
+
+def write_atomic(doc: dict, path: Path) -> Path:
+    """Write ``doc`` as JSON via a temporary file and ``os.replace``: all of it or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1, allow_nan=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
