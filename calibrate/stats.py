@@ -14,7 +14,7 @@ import math
 import numpy as np
 from scipy import stats as sps
 
-from simulator.metrics import mean_ci95
+from simulator.metrics import ci95_half_width
 
 
 def _finite(x: float) -> float | None:
@@ -25,10 +25,10 @@ def _finite(x: float) -> float | None:
 def summary(values: list[float]) -> dict:
     """Trials, mean, std, median, min, max and 95% CI of the mean of ``values`` (ms)."""
     v = np.asarray(values, dtype=float)
-    mean, lo, hi = mean_ci95(v)
+    mean, half = float(v.mean()), ci95_half_width(v)
     return {
         "trials": int(len(v)), "mean": mean, "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
-        "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "ci95": [lo, hi],
+        "median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "ci95": [mean - half, mean + half],
     }
 
 

@@ -25,22 +25,45 @@ MAX_BARS = 80
 _SAVE = {"png": {"dpi": 110}, "svg": {"metadata": {"Date": None}}}
 
 
-def varying_axes(df: pd.DataFrame, axes: list[str], exclude: tuple[str, ...] = ()) -> list[str]:
-    """The sweep axes among ``axes`` that take more than one value in ``df``."""
-    return [a for a in axes if a in df.columns and a not in exclude and df[a].nunique(dropna=False) > 1]
+def distinct_axes(df: pd.DataFrame, axes: list[str], keys: list[str] = (), exclude: tuple[str, ...] = ()) -> list[str]:
+    """The sweep axes that take several values in ``df``, leaving out any that ``keys`` and the
+    axes kept before it already determine (the partners of a zip group)."""
+    kept: list[str] = []
+    for a in axes:
+        if a not in df.columns or a in exclude or df[a].nunique(dropna=False) < 2:
+            continue
+        by = list(keys) + kept
+        if not by or df.groupby(by, dropna=False)[a].nunique(dropna=False).max() > 1:
+            kept.append(a)
+    return kept
+
+
+def short_names(cols: list[str]) -> dict[str, str]:
+    """``trace.batch_locality`` -> ``batch_locality``, unless two columns would share a name."""
+    last = {c: c.rsplit(".", 1)[-1] for c in cols}
+    return {c: s if list(last.values()).count(s) == 1 else c for c, s in last.items()}
 
 
 def series_labels(df: pd.DataFrame, axes: list[str], exclude: tuple[str, ...] = (), policy: bool = True) -> pd.Series:
-    """A label per row: the policy and the varying axes (``trace.zipf=0.6``)."""
-    cols = varying_axes(df, axes, exclude)
+    """A label per row: the policy and the varying axes (``dedup-lru, zipf=0.6``)."""
+    cols = distinct_axes(df, axes, ["policy"] if policy else [], exclude)
+    names = short_names(cols)
     parts = [df["policy"].astype(str)] if policy else []
-    parts += [f"{c}=" + df[c].astype(str) for c in cols]
+    parts += [f"{names[c]}=" + df[c].astype(str) for c in cols]
     if not parts:
         return pd.Series("all", index=df.index)
     out = parts[0]
     for p in parts[1:]:
         out = out + ", " + p
     return out
+
+
+def _legend(ax) -> None:
+    """Inside the plot for a few lines, to its right for many."""
+    if len(ax.get_legend_handles_labels()[1]) > 8:
+        ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize="small")
 
 
 def uniform_dedup_savings(num_experts: int, top_k: int, batch: np.ndarray) -> np.ndarray:
@@ -78,7 +101,7 @@ def plot_latency(df: pd.DataFrame, axes: list[str], out_dir: Path) -> list[Path]
     ax.set_yscale("log")
     ax.set_ylabel("step latency (ms, mean, 95% CI band)")
     ax.set_title("Latency per decode step vs batch size")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, out_dir, "latency")
 
 
@@ -100,7 +123,7 @@ def plot_dedup(df: pd.DataFrame, axes: list[str], out_dir: Path) -> list[Path]:
     ax.set_ylabel("dedup savings (% of routed expert loads)")
     ax.set_ylim(0, 100)
     ax.set_title("Deduplication savings vs batch size")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, out_dir, "dedup")
 
 
@@ -123,7 +146,7 @@ def plot_hit_rate(df: pd.DataFrame, axes: list[str], out_dir: Path) -> list[Path
     ax.set_ylim(0, 100)
     ax.grid(True, alpha=0.3)
     ax.set_title("Cache hit rate vs cache capacity")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, out_dir, "hit_rate")
 
 
@@ -146,7 +169,7 @@ def plot_time_split(df: pd.DataFrame, axes: list[str], out_dir: Path) -> list[Pa
     ax.set_xlabel("ms per step (stream busy time; they overlap in time)")
     more = f" (first {MAX_BARS} of {len(rows)})" if len(rows) > MAX_BARS else ""
     ax.set_title(f"Computation vs transfer per configuration{more}")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, out_dir, "time_split")
 
 
@@ -161,7 +184,7 @@ def plot_bytes_per_token(df: pd.DataFrame, axes: list[str], out_dir: Path) -> li
         ax.set_yscale("log")
     ax.set_ylabel("MB copied host-to-device per token")
     ax.set_title("Bytes moved per token vs batch size")
-    ax.legend(fontsize="small")
+    _legend(ax)
     return _save(fig, out_dir, "bytes_per_token")
 
 

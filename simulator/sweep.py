@@ -277,6 +277,8 @@ def _base(doc: dict, source: str, folder: Path | None) -> tuple[dict, Path | Non
     if not isinstance(base, str):
         raise InputError(source, "base", "required: a scenario file path or an inline scenario mapping")
     path = Path(base) if folder is None or Path(base).is_absolute() else folder / base
+    if not path.is_file():
+        raise InputError(source, "base", f"scenario file {path} not found")
     base_doc = _read_yaml(path, "base")
     if not isinstance(base_doc, dict):
         raise InputError(str(path), "(document)", "a scenario must be a YAML mapping")
@@ -350,8 +352,10 @@ def expand(doc: Any, source: str, folder: Path | None) -> Sweep:
     return Sweep(name=name, source=source, base_dir=base_dir, axes=axes, points=points)
 
 
-def load_sweep(sweep: str | Path | dict) -> Sweep:
+def load_sweep(sweep: str | Path | dict | Sweep) -> Sweep:
     """A sweep from a YAML path or a dict (relative paths in a dict are taken from the CWD)."""
+    if isinstance(sweep, Sweep):
+        return sweep
     if isinstance(sweep, dict):
         return expand(sweep, "sweep", None)
     p = Path(sweep)
@@ -545,10 +549,10 @@ def read_results(out: str | Path) -> tuple[pd.DataFrame, dict]:
 
 
 # -------------------------------------------------------------------------- entry
-def sweep(sweep_file: str | Path | dict, *, backend: str = "local", workers: int = 1, address: str | None = None,
+def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", workers: int = 1, address: str | None = None,
           out: str | Path | None = None, progress: Callable[[int, int, int], None] | None = None,
           retry_failed: bool = False, chunk: int | None = None) -> pd.DataFrame:
-    """Run a sweep (file path or dict) and return its rows, one per (point, policy, batch size).
+    """Run a sweep (file path, dict or loaded :class:`Sweep`) and return its rows, one per (point, policy, batch size).
 
     ``backend``: "local" (``workers`` processes; 1 runs in this process) or "ray" (a Ray
     cluster at ``address``, or a local Ray with ``workers`` CPUs). ``out``: the results folder

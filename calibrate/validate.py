@@ -1,0 +1,188 @@
+"""Projection vs measurement: run a scenario live (calibrate.live) and simulated, side by side.
+
+For every (policy, batch size) of the scenario, replication 0's trace is run by the live
+executor and by the simulator with the same planner. Decisions must agree exactly (hits,
+misses, transfers, bytes, CPU experts: checked step by step, and the executor's own count of
+what it executed); latency is compared as the median step latency over the measured steps
+(after ``engine.warmup_steps``): error % = (simulated - live) / live.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from simulator.errors import InputError
+from simulator.profile import Profile, load_profile
+from simulator.runner import build_trace, cost_model, derive_seed, simulate
+from simulator.scenario import Scenario
+
+DECISION_FIELDS = ("requests", "unique_requests", "hits", "misses", "transfers", "copies", "bytes_h2d",
+                   "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes")
+
+
+class DecisionMismatch(AssertionError):
+    pass
+
+
+def check_device(device: str):
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("command line", "--device", f"{device} requested but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Row:
+    policy: str
+    batch_size: int
+    steps: int
+    live_median_ms: float
+    sim_median_ms: float
+    error_pct: float
+    live_mean_ms: float
+    sim_mean_ms: float
+    live_gpu_median_ms: float | None
+    copy_GBps: float | None          # achieved on the copy stream in copy-bound steps
+    copy_bound_steps: int
+    decisions_equal: bool
+    transfers: int
+    bytes_h2d: int
+    hits: int
+    misses: int
+
+
+def _compare_decisions(sim_df, live_steps, policy, b):
+    for (st, dec), (_, srow) in zip(live_steps, sim_df.iterrows()):
+        d = dec.as_dict()
+        for f in DECISION_FIELDS:
+            if d[f] != srow[f]:
+                raise DecisionMismatch(f"{policy} B={b} step {st.step}: {f} live {d[f]} != simulated {srow[f]}")
+        ex = st.executed
+        for f in ("transfers", "copies", "bytes_h2d", "cpu_computes"):
+            if ex[f] != srow[f]:
+                raise DecisionMismatch(f"{policy} B={b} step {st.step}: executed {f} {ex[f]} != simulated {srow[f]}")
+        if ex["computed_tokens"] != srow["requests"]:
+            raise DecisionMismatch(f"{policy} B={b} step {st.step}: computed tokens {ex['computed_tokens']}")
+
+
+def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda", base_dir: Path | None = None,
+             progress: Callable[[int, int, str], None] | None = None) -> dict:
+    import torch
+
+    from .live import LiveExecutor, host_experts
+
+    dev = check_device(device)
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile or sc.profile)
+    rows: list[Row] = []
+    warm = sc.engine.warmup_steps
+    total = len(sc.batch_sizes) * len(sc.policies)
+    hosts: dict[bool, list] = {}
+    done = 0
+    for b in sc.batch_sizes:
+        trace = build_trace(sc, b, 0, base_dir)
+        cost = cost_model(sc, profile, trace.max_step_tokens)   # raises if the shape is not in the profile
+        if any(p.miss.kind == "cpu" for p in sc.policies):
+            cost.require_cpu()
+        for pol in sc.policies:
+            if progress:
+                progress(done, total, f"{pol.name} B={b}")
+            seed = derive_seed(sc.seed, 0, b, 7)
+            sim = simulate(sc, pol, trace, cost, seed=seed)
+            pinned = pol.memory == "pinned" and dev.type == "cuda"
+            if pinned not in hosts:
+                hosts[pinned] = host_experts(sc.model, pinned, seed=sc.seed)
+            ex = LiveExecutor(sc.model, pol, trace, device=device, dense_ms=sc.dense_ms, seed=seed,
+                              host=hosts[pinned])
+            ex.warm_up()
+            live = ex.run()
+            del ex
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            _compare_decisions(sim, live, pol.name, b)
+            meas = [(st, dec) for st, dec in live if st.step >= warm]
+            sim_meas = sim[sim["step"] >= warm]
+            live_lat = [st.latency_ms for st, _ in meas]
+            lm, sm = statistics.median(live_lat), float(sim_meas["latency_ms"].median())
+            # copy-bound steps: the copy stream busy for most of the step
+            cb = [(st.copied_bytes, st.copy_ms) for st, _ in meas
+                  if st.copy_ms and st.gpu_ms and st.copy_ms >= 0.8 * st.gpu_ms and st.copied_bytes]
+            gbps = (sum(x for x, _ in cb) / (sum(y for _, y in cb) * 1e-3) / 1e9) if cb else None
+            gpu = [st.gpu_ms for st, _ in meas if st.gpu_ms is not None]
+            rows.append(Row(
+                policy=pol.name, batch_size=b, steps=len(meas), live_median_ms=lm, sim_median_ms=sm,
+                error_pct=(sm - lm) / lm * 100, live_mean_ms=float(np.mean(live_lat)),
+                sim_mean_ms=float(sim_meas["latency_ms"].mean()),
+                live_gpu_median_ms=statistics.median(gpu) if gpu else None, copy_GBps=gbps,
+                copy_bound_steps=len(cb), decisions_equal=True,
+                transfers=int(sim_meas["transfers"].sum()), bytes_h2d=int(sim_meas["bytes_h2d"].sum()),
+                hits=int(sim_meas["hits"].sum()), misses=int(sim_meas["misses"].sum()),
+            ))
+            done += 1
+    if progress:
+        progress(done, total, "done")
+    errs = [abs(r.error_pct) for r in rows]
+    env = {"device": str(dev)}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    env["torch"] = torch.__version__
+    return {
+        "format": "simmoe-validation", "version": 1, "scenario": sc.name, "profile": profile.name,
+        "profile_kind": profile.provenance.get("kind"), "environment": env,
+        "median_abs_error_pct": float(np.median(errs)), "worst_abs_error_pct": float(np.max(errs)),
+        "decisions_identical": all(r.decisions_equal for r in rows),
+        "rows": [r.__dict__ for r in rows],
+    }
+
+
+def write_validation(report: dict, out_dir: Path) -> list[Path]:
+    """validation.json and validation.png (live vs simulated), written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(str(out_dir), "--out", f"cannot write here: {e.strerror or e}") from None
+    rows = report["rows"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    pols = sorted({r["policy"] for r in rows}, key=[r["policy"] for r in rows].index)
+    for p in pols:
+        rr = [r for r in rows if r["policy"] == p]
+        a.scatter([r["live_median_ms"] for r in rr], [r["sim_median_ms"] for r in rr], label=p, s=22)
+        b.plot([r["batch_size"] for r in rr], [r["error_pct"] for r in rr], marker="o", label=p)
+    lim = [min(min(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 0.8,
+           max(max(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 1.2]
+    a.plot(lim, lim, "k--", lw=0.8)
+    a.set(xscale="log", yscale="log", xlabel="live median step latency (ms)", ylabel="simulated (ms)",
+          title=f"{report['scenario']}: projection vs measurement")
+    b.axhspan(-5, 5, color="g", alpha=0.1)
+    b.axhline(0, color="k", lw=0.6)
+    b.set(xscale="log", xlabel="batch size", ylabel="error % (sim - live) / live",
+          title=f"median |err| {report['median_abs_error_pct']:.1f}%, worst {report['worst_abs_error_pct']:.1f}%")
+    a.legend(fontsize=7)
+    fig.tight_layout()
+    written = []
+    for name, writer in (("validation.json", lambda p: p.write_text(json.dumps(report, indent=1) + "\n")),
+                         ("validation.png", lambda p: fig.savefig(p, dpi=120))):
+        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=Path(name).suffix)
+        os.close(fd)
+        try:
+            writer(Path(tmp))
+            os.replace(tmp, out_dir / name)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        written.append(out_dir / name)
+    plt.close(fig)
+    return written

@@ -1,0 +1,368 @@
+"""``simmoe report DIR``: the published study's tables, regenerated from a run or sweep folder.
+
+Sections (Markdown ``report.md`` and self-contained ``report.html`` with the plots embedded):
+
+1. **Computation vs memory transfer** of the per-item baseline (every batch item loads its own
+   experts), per MoE layer and step, by batch size and experts per token (the model's top-k),
+   with the dominant side and the ratio transfer / computation; the published RTX 3090 figures
+   beside them where the profile carries them (``rtx3090-published``) and the expert is the
+   study's. The study's grid is batch 1, 2, 4 x experts 1, 10; missing cells are listed.
+2. **Deduplication savings** by batch size (1 to 64): memory savings (share of routed expert
+   loads that are repeats, ``dedup_savings``), bandwidth savings (1 - bytes copied / bytes a
+   per-item load of every routed expert would copy), the maximum reuse factor (largest routed
+   requests / distinct experts of a step) and the uniform-routing expectation.
+3. **Policy comparison**: step latency (mean, 95% CI), throughput, hit rate, bytes per token
+   and the speed-up over the per-item baseline at the same batch size and configuration.
+4. The plots of :mod:`simmoe.plots`, and for a sweep, its failed points.
+
+A *configuration* is a combination of the sweep axes that vary (other than batch size); each
+table has a column per such axis unless the table's own columns already determine it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from simulator.errors import InputError
+from simulator.profile import builtin_profiles, load_profile, parse_profile
+from simulator.scenario import parse_scenario
+from simulator.sweep import (
+    flatten_summary, max_reuse_factors, policy_context, read_results, scenario_context,
+)
+
+from .plots import distinct_axes, make_plots, uniform_dedup_savings
+
+STUDY_GRID = [(1, 1), (1, 10), (2, 1), (2, 10), (4, 1), (4, 10)]
+STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
+DEDUP_BATCHES = [1, 2, 4, 8, 16, 32, 64]
+
+
+@dataclass
+class Results:
+    """The flat rows of a run or sweep folder and what is known about them."""
+
+    kind: str                       # "run" or "sweep"
+    folder: Path
+    rows: pd.DataFrame              # every row, failed points included (status column)
+    axes: list[str]
+    published: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> pd.DataFrame:
+        return self.rows[self.rows["status"] == "ok"]
+
+
+def _published(profile) -> dict[tuple[int, int], tuple[float, float]]:
+    rows = profile.measurements.get("published_rows", [])
+    return {(int(r["batch"]), int(r["experts"])): (float(r["computation_ms"]), float(r["transfer_ms"])) for r in rows}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(str(path), path.name, f"cannot read: {e}") from None
+
+
+def _load_run(folder: Path) -> Results:
+    summary = _read_json(folder / "summary.json")
+    try:
+        sc = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder / "scenario.yaml"))
+    except (OSError, yaml.YAMLError) as e:
+        raise InputError(str(folder / "scenario.yaml"), "scenario.yaml", f"cannot read: {e}") from None
+    profile = parse_profile(_read_json(folder / "profile.json"), str(folder / "profile.json"))
+    notes = []
+    steps_file = next((folder / f for f in ("steps.parquet", "steps.csv") if (folder / f).is_file()), None)
+    if steps_file is None:
+        notes.append("No steps.parquet/steps.csv in the folder: the maximum reuse factor is not available.")
+        reuse = {}
+    else:
+        steps = pd.read_parquet(steps_file) if steps_file.suffix == ".parquet" else pd.read_csv(steps_file)
+        reuse = max_reuse_factors(steps, sc.engine.warmup_steps)
+    rows = []
+    for r in summary["results"]:
+        rows.append({"status": "ok", **scenario_context(sc, profile), **policy_context(sc, r["policy"]),
+                     **flatten_summary(r), "max_reuse_factor": reuse.get((r["policy"], r["batch_size"]))})
+    return Results("run", folder, pd.DataFrame(rows), [], _published(profile), notes)
+
+
+def _load_sweep(folder: Path) -> Results:
+    rows, manifest = read_results(folder)
+    if rows.empty:
+        raise InputError(str(folder), "parts", "this sweep has no finished point yet")
+    notes = []
+    done, total = rows["point"].nunique(), len(manifest["points"])
+    if done < total:
+        notes.append(f"Partial sweep: {done} of {total} points finished (run the sweep again to finish it).")
+    published: dict = {}
+    for name in rows["profile_name"].dropna().unique() if "profile_name" in rows.columns else []:
+        if name in builtin_profiles():
+            published.update(_published(load_profile(name)))
+    return Results("sweep", folder, rows, [a["path"] for a in manifest["axes"]], published, notes)
+
+
+def load_results(folder: str | Path) -> Results:
+    """A run folder (summary.json, scenario.yaml, profile.json) or a sweep folder (sweep.json)."""
+    folder = Path(folder)
+    if (folder / "sweep.json").is_file():
+        return _load_sweep(folder)
+    if (folder / "summary.json").is_file():
+        return _load_run(folder)
+    raise InputError(str(folder), "DIR", "not a run or sweep folder (no summary.json or sweep.json)")
+
+
+# --------------------------------------------------------------------------- tables
+def fmt_ms(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def fmt_pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "-" if x is None or pd.isna(x) else f"{x:.2f}x"
+
+
+def config_columns(df: pd.DataFrame, axes: list[str], keys: list[str], metrics: list[str]) -> list[str]:
+    """The varying axes (not batch size) that a table needs beside its ``keys``: those the keys
+    do not determine and that change at least one of the table's ``metrics``."""
+    cols = distinct_axes(df, axes, keys, ("batch_sizes",))
+    for c in list(cols):
+        others = keys + [k for k in cols if k != c]
+        if df.groupby(others, dropna=False)[metrics].nunique(dropna=False).max().max() <= 1:
+            cols.remove(c)
+    return cols
+
+
+@dataclass
+class Table:
+    title: str
+    intro: str
+    headers: list[str]
+    rows: list[list[str]]
+    notes: list[str]
+
+
+def computation_vs_transfer(res: Results) -> Table:
+    df = res.ok[res.ok["load"] == "per-item"] if not res.ok.empty else res.ok
+    title = "Computation vs memory transfer (per-item baseline)"
+    intro = ("Every batch item loads its own experts (the published baseline). Times are per MoE layer "
+             "and decode step: stream busy time / layers. Experts = experts per token (top-k).")
+    if df.empty:
+        return Table(title, intro, [], [], ["No per-item policy in these results: add one "
+                                            "(load: per-item, memory: pageable) to regenerate this table."])
+    keys = ["batch_size", "top_k"]
+    cfg = config_columns(df, res.axes, keys, ["compute_ms", "transfer_ms"])
+    cfg += ["policy"] if df["policy"].nunique() > 1 else []
+    df = df.drop_duplicates(keys + cfg)
+    show_pub = bool(res.published) and (df["expert_bytes"] == STUDY_EXPERT_BYTES).any()
+    headers = cfg + ["Batch", "Experts", "Computation (ms)", "Memory transfer (ms)", "Dominant",
+                     "Ratio (transfer / computation)"]
+    headers += ["Published computation (ms)", "Published transfer (ms)"] if show_pub else []
+    rows = []
+    for _, r in df.sort_values(["top_k", "batch_size"], kind="stable").iterrows():
+        comp, xfer = r["compute_ms"] / r["num_layers"], r["transfer_ms"] / r["num_layers"]
+        row = [str(r[c]) for c in cfg] + [str(r["batch_size"]), str(r["top_k"]), fmt_ms(comp), fmt_ms(xfer),
+                                          "memory transfer" if xfer > comp else "computation",
+                                          fmt_ratio(xfer / comp if comp > 0 else None)]
+        if show_pub:
+            pub = res.published.get((int(r["batch_size"]), int(r["top_k"])))
+            row += [fmt_ms(pub[0]), fmt_ms(pub[1])] if pub and r["expert_bytes"] == STUDY_EXPERT_BYTES else ["", ""]
+        rows.append(row)
+    present = {(int(b), int(k)) for b, k in zip(df["batch_size"], df["top_k"])}
+    missing = [f"batch {b} x {k} expert{'s' if k > 1 else ''}" for b, k in STUDY_GRID if (b, k) not in present]
+    notes = [f"Study configurations not in these results: {', '.join(missing)} "
+             "(the 'published study' sweep in docs/sweeps.md runs them all)."] if missing else []
+    return Table(title, intro, headers, rows, notes)
+
+
+def _dedup_policy(df: pd.DataFrame) -> str:
+    """The policy whose bytes show what deduplication alone saves."""
+    for cond in ((df["load"] != "per-item") & (df["cache"] == "none") & (df["prefetch"] == "none"),
+                 df["load"] != "per-item"):
+        if cond.any():
+            return str(df.loc[cond, "policy"].iloc[0])
+    return str(df["policy"].iloc[0])
+
+
+def dedup_savings(res: Results) -> Table:
+    title = "Deduplication savings by batch size (1 to 64)"
+    df = res.ok[res.ok["batch_size"] <= 64] if not res.ok.empty else res.ok
+    if df.empty:
+        return Table(title, "", [], [], ["No results with batch size 64 or less."])
+    pol = _dedup_policy(df)
+    df = df[df["policy"] == pol]
+    intro = (f"Policy `{pol}`. Memory savings: share of routed expert loads that repeat an expert already "
+             "requested in the same layer-step. Bandwidth savings: 1 - bytes copied / bytes per-item loading "
+             "would copy. Max reuse factor: the largest requests / distinct experts of any step. "
+             "Uniform: the expectation 1 - E(1-(1-k/E)^B)/(kB) for uniform routing.")
+    cfg = config_columns(df, res.axes, ["batch_size"], ["dedup_savings", "bytes_h2d", "max_reuse_factor"])
+    df = df.drop_duplicates(["batch_size"] + cfg)
+    headers = cfg + ["Batch", "Memory savings", "Bandwidth savings", "Max reuse factor", "Uniform routing"]
+    rows = []
+    for _, r in df.sort_values("batch_size", kind="stable").iterrows():
+        per_item_bytes = r["requests"] * r["expert_bytes"]
+        bw = 1 - r["bytes_h2d"] / per_item_bytes if per_item_bytes else 0.0
+        uni = float(uniform_dedup_savings(int(r["num_experts"]), int(r["top_k"]), [r["batch_size"]])[0])
+        rows.append([str(r[c]) for c in cfg] + [str(r["batch_size"]), fmt_pct(r["dedup_savings"]), fmt_pct(bw),
+                                                fmt_ratio(r["max_reuse_factor"]), fmt_pct(uni)])
+    missing = sorted(set(DEDUP_BATCHES) - set(int(b) for b in df["batch_size"]))
+    notes = [f"Batch sizes not in these results: {', '.join(map(str, missing))}."] if missing else []
+    return Table(title, intro, headers, rows, notes)
+
+
+def policy_comparison(res: Results) -> Table:
+    title = "Policy comparison"
+    df = res.ok
+    if df.empty:
+        return Table(title, "", [], [], ["No finished points."])
+    cfg = config_columns(df, res.axes, ["batch_size", "policy"], ["latency_mean_ms", "bytes_h2d"])
+    group = cfg + ["batch_size"]
+    base = df[df["load"] == "per-item"].drop_duplicates(group)
+    notes = []
+    if base.empty:
+        first = str(df["policy"].iloc[0])
+        base = df[df["policy"] == first].drop_duplicates(group)
+        notes.append(f"No per-item policy in these results: speed-up is over `{first}`.")
+    base_lat = {tuple(r[group]): r["latency_mean_ms"] for _, r in base.iterrows()}
+    headers = cfg + ["Batch", "Policy", "Step latency (ms, mean ± 95% CI)", "Tokens/s", "Hit rate",
+                     "MB moved / token", "Speed-up vs per-item"]
+    rows = []
+    for _, r in df.sort_values(group, kind="stable").iterrows():
+        half = (r["latency_ci95_hi"] - r["latency_ci95_lo"]) / 2
+        b = base_lat.get(tuple(r[group]))
+        rows.append([str(r[c]) for c in cfg] + [
+            str(r["batch_size"]), str(r["policy"]), f"{fmt_ms(r['latency_mean_ms'])} ± {fmt_ms(half)}",
+            f"{r['tokens_per_s']:.1f}", fmt_pct(r["hit_rate"]), f"{r['bytes_per_token'] / 1e6:.1f}",
+            fmt_ratio(b / r["latency_mean_ms"] if b and r["latency_mean_ms"] > 0 else None)])
+    intro = "Speed-up = per-item baseline latency / policy latency, same batch size and configuration."
+    return Table(title, intro, headers, rows, notes)
+
+
+def failures(res: Results) -> Table | None:
+    bad = res.rows[res.rows["status"] != "ok"]
+    if bad.empty:
+        return None
+    rows = [[str(r["point"]), ", ".join(f"{a}={r[a]}" for a in res.axes if a in bad.columns), str(r["error"])]
+            for _, r in bad.iterrows()]
+    return Table("Failed points", "These points raised; the rest of the sweep ran.", ["Point", "Axes", "Error"], rows, [])
+
+
+# ------------------------------------------------------------------------- rendering
+PLOT_CAPTIONS = {
+    "latency": "Latency per step vs batch size (95% CI bands)",
+    "dedup": "Dedup savings vs batch size, with the uniform-routing formula",
+    "hit_rate": "Hit rate vs cache capacity",
+    "time_split": "Computation vs transfer time per configuration",
+    "bytes_per_token": "Bytes moved per token",
+}
+
+
+def _header(res: Results) -> list[str]:
+    ok = res.ok
+    lines = [f"Source: `{res.folder}` ({res.kind})."]
+    for col, what in (("scenario", "Scenario"), ("model", "Model"), ("profile_name", "Profile")):
+        if col in ok.columns and not ok.empty:
+            lines.append(f"{what}: {', '.join(sorted(map(str, ok[col].unique())))}.")
+    if res.kind == "sweep":
+        n_fail = res.rows.loc[res.rows["status"] != "ok", "point"].nunique()
+        lines.append(f"Points: {res.rows['point'].nunique()} ({n_fail} failed); axes: "
+                     f"{', '.join(f'`{a}`' for a in res.axes) or 'none'}.")
+    return lines + res.notes
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(title: str, header: list[str], tables: list[Table], plots: dict[str, list[Path]], base: Path) -> str:
+    out = [f"# {title}", ""] + [f"{line}  " for line in header] + [""]
+    for t in tables:
+        out += [f"## {t.title}", ""]
+        if t.intro:
+            out += [t.intro, ""]
+        if t.headers:
+            out.append("| " + " | ".join(map(_md_cell, t.headers)) + " |")
+            out.append("|" + "|".join("---" for _ in t.headers) + "|")
+            out += ["| " + " | ".join(map(_md_cell, r)) + " |" for r in t.rows]
+            out.append("")
+        out += [f"_{n}_" for n in t.notes] + ([""] if t.notes else [])
+    if plots:
+        out += ["## Plots", ""]
+        for name, paths in plots.items():
+            png, svg = paths
+            out += [f"![{PLOT_CAPTIONS[name]}]({png.relative_to(base).as_posix()})",
+                    f"_{PLOT_CAPTIONS[name]}_ ([SVG]({svg.relative_to(base).as_posix()}))", ""]
+    return "\n".join(out)
+
+
+_CSS = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}th{background:#f3f3f3}"
+        "td:first-child,th:first-child{text-align:left}.note{color:#555;font-style:italic}img{max-width:100%}")
+
+
+def to_html(title: str, header: list[str], tables: list[Table], plots: dict[str, list[Path]]) -> str:
+    e = html.escape
+    out = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title><style>{_CSS}</style></head><body>",
+           f"<h1>{e(title)}</h1>"] + [f"<p>{e(line)}</p>" for line in header]
+    for t in tables:
+        out.append(f"<h2>{e(t.title)}</h2>")
+        if t.intro:
+            out.append(f"<p>{e(t.intro)}</p>")
+        if t.headers:
+            out.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers) + "</tr>")
+            out += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in t.rows]
+            out.append("</table>")
+        out += [f"<p class='note'>{e(n)}</p>" for n in t.notes]
+    if plots:
+        out.append("<h2>Plots</h2>")
+        for name, (png, _svg) in plots.items():
+            data = base64.b64encode(png.read_bytes()).decode()
+            out.append(f"<figure><img alt='{e(PLOT_CAPTIONS[name])}' src='data:image/png;base64,{data}'>"
+                       f"<figcaption>{e(PLOT_CAPTIONS[name])}</figcaption></figure>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def build_tables(res: Results) -> list[Table]:
+    tables = [computation_vs_transfer(res), dedup_savings(res), policy_comparison(res)]
+    fail = failures(res)
+    return tables + ([fail] if fail else [])
+
+
+def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and ``plots/`` into ``out`` (default: the folder)."""
+    res = load_results(folder)
+    out = Path(out) if out else res.folder
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(str(out), "--out", f"cannot write here: {e.strerror or e}") from None
+    plots = make_plots(res.rows, res.axes, out / "plots")
+    tables = build_tables(res)
+    title = f"simmoe report: {res.folder.name}"
+    header = _header(res)
+    md, page = out / "report.md", out / "report.html"
+    _write_atomic(md, to_markdown(title, header, tables, plots, out))
+    _write_atomic(page, to_html(title, header, tables, plots))
+    return [md, page] + [p for paths in plots.values() for p in paths]
