@@ -9,7 +9,9 @@ it) before the next:
 2. expert compute on the device, per expert shape (:mod:`calibrate.compute`);
 3. expert compute on the host CPU (reused from 2 on the CPU device);
 4. host overheads: sync, dense launch, slot allocation, the sleep kernel (:mod:`calibrate.overheads`);
-5. the published study's table (:mod:`calibrate.study`).
+5. (CUDA) the live executor's costs: expert-sized copy trains from cache-cold host pools, and
+   the host time of its own issue calls (:mod:`calibrate.executor_costs`);
+6. the published study's table (:mod:`calibrate.study`).
 
 Nothing is written until every stage has finished; the profile is then written atomically.
 """
@@ -29,6 +31,7 @@ from simulator.models import PRESETS, ModelSpec
 from . import provenance as prov_mod
 from .compute import expert_sweep
 from .copies import alloc_pools, coalescing, copy_sweep, stream_comparison
+from .executor_costs import copy_trains, issue_costs
 from .expert import torch_dtype
 from .overheads import host_overheads, sleep_rate, slot_allocation
 from .profile_writer import build_profile, check_writable, write_atomic
@@ -160,6 +163,11 @@ def _stage_overheads(plan: Plan, timer: Timer, tick) -> dict:
     return out
 
 
+def _stage_executor(plan: Plan, timer: Timer, tick) -> dict:
+    return {"copy_trains": copy_trains(plan.device, plan.models, max(3, plan.trials // 5), plan.quick, tick),
+            "executor_issue": issue_costs(plan.device, plan.models, plan.trials, tick)}
+
+
 def _stage_study(plan: Plan, timer: Timer, tick) -> dict:
     return {"study_table": study_table(timer, plan.max_bytes, plan.trials, plan.warmup, tick)}
 
@@ -168,7 +176,10 @@ def stages(plan: Plan) -> list[tuple[str, Callable]]:
     out = [("copies", _stage_copies), ("expert compute, device", _stage_compute_device)]
     if plan.device.type == "cuda":
         out.append(("expert compute, host CPU", _stage_compute_cpu))
-    return out + [("host overheads", _stage_overheads), ("published-study table", _stage_study)]
+    out.append(("host overheads", _stage_overheads))
+    if plan.device.type == "cuda":
+        out.append(("live executor costs", _stage_executor))
+    return out + [("published-study table", _stage_study)]
 
 
 def _release(timer: Timer) -> None:
@@ -183,23 +194,33 @@ def measure(plan: Plan, progress: Progress | None = None) -> dict:
     timer = Timer(plan.device)
     if timer.is_cuda:
         torch.cuda.set_device(plan.device)
-    results: dict = {}
+    results: dict = {"stage_seconds": {}}
     todo = stages(plan)
     for i, (label, stage) in enumerate(todo):
         def tick(what: str, i=i, label=label) -> None:
             if progress:
                 progress(i, len(todo), f"{label}: {what}")
+        began = time.perf_counter()
         try:
             results.update(stage(plan, timer, tick))
             _release(timer)
         except torch.OutOfMemoryError as e:
             raise InputError("calibrate", label, f"out of memory ({str(e).splitlines()[0]}); "
                              "free the device or use --quick") from None
-    if "compute_cpu" not in results:  # CPU device: the device tables are the CPU tables
-        results["compute_cpu"] = results["compute_device"]
+        results["stage_seconds"][label] = round(time.perf_counter() - began, 2)
     if progress:
         progress(len(todo), len(todo), "done")
     return results
+
+
+@dataclass
+class Job:
+    """A plan with its destination, checked before anything is measured."""
+
+    plan: Plan
+    path: Path
+    name: str
+    provenance: dict
 
 
 @dataclass
@@ -209,18 +230,23 @@ class Outcome:
     elapsed_s: float
 
 
-def run_calibration(plan: Plan, out: Path | None, name: str | None, command_line: str,
-                    progress: Progress | None = None) -> Outcome:
-    """Measure, fit, and write the profile to ``out`` (default ``profiles/<device slug>.json``)."""
+def prepare(plan: Plan, out: Path | None, name: str | None) -> Job:
+    """Provenance, and the profile path (default ``profiles/<device slug>.json``), checked writable."""
     prov = prov_mod.collect(plan.device)
     slug = prov_mod.default_slug(prov)
     path = Path(out) if out else Path("profiles") / f"{slug}.json"
     check_writable(path)
+    return Job(plan, path, name or slug, prov)
+
+
+def run(job: Job, command_line: str, progress: Progress | None = None) -> Outcome:
+    """Measure, fit, and write the profile atomically."""
+    plan = job.plan
     began = time.perf_counter()
     results = measure(plan, progress)
     elapsed = time.perf_counter() - began
-    prov.update({"models": [m.name for m in plan.models], "trials": plan.trials, "warmup": plan.warmup,
-                 "quick": plan.quick, "command_line": command_line, "elapsed_s": round(elapsed, 1)})
-    doc = build_profile(name or slug, prov, results)
-    write_atomic(doc, path)
-    return Outcome(path, doc, elapsed)
+    prov = dict(job.provenance, models=[m.name for m in plan.models], trials=plan.trials, warmup=plan.warmup,
+                quick=plan.quick, command_line=command_line, elapsed_s=round(elapsed, 1))
+    doc = build_profile(job.name, prov, results)
+    write_atomic(doc, job.path)
+    return Outcome(job.path, doc, elapsed)

@@ -16,13 +16,15 @@ from typing import Callable
 
 import torch
 
-from simulator.models import ModelSpec
+from simulator.models import PRESETS, ModelSpec
 
 from .stats import summary
 from .timing import Timer, rotation_count
 
 STREAM_COPIES = 8
-STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
+COALESCE_MAX_EXPERTS = 8
+COALESCE_MAX_BYTES = 256 << 20
+STUDY_EXPERT_BYTES = PRESETS["published-study"].expert_bytes  # 27.0 MiB
 
 
 @dataclass
@@ -52,6 +54,14 @@ def alloc_pools(timer: Timer, nbytes: int) -> CopyPools:
     return CopyPools(torch.empty(nbytes, dtype=torch.uint8, device=timer.device).fill_(1), host)
 
 
+def fmt_bytes(n: int) -> str:
+    """``4096`` -> ``4 KiB``, ``28311552`` -> ``27 MiB``."""
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.3g} {unit}"
+    return f"{n} B"
+
+
 def _slices(buf: torch.Tensor, nbytes: int, n: int) -> list[torch.Tensor]:
     return [buf[k * nbytes:(k + 1) * nbytes] for k in range(n)]
 
@@ -73,7 +83,7 @@ def copy_sweep(timer: Timer, pools: CopyPools, sizes: list[int], trials: int, wa
     stream = timer.new_stream()
     out: dict = {d: {k: [] for k in memory_kinds(timer)} for d in directions(timer)}
     for size in sizes:
-        tick(f"copy {size / 2**20:.3g} MiB")
+        tick(f"copy {fmt_bytes(size)}")
         for d in directions(timer):
             for k in memory_kinds(timer):
                 issue, n = copy_issuer(pools, d, k, size)
@@ -107,11 +117,16 @@ def stream_comparison(timer: Timer, pools: CopyPools, trials: int, warmup: int) 
 
 
 def coalescing(timer: Timer, pools: CopyPools, spec: ModelSpec, trials: int, warmup: int) -> dict:
-    """n experts host-to-device as n separate copies vs one coalesced copy, per host memory kind."""
+    """n experts host-to-device as n separate copies vs one coalesced copy, per host memory kind.
+
+    n is up to 8 experts and 256 MiB in all (coalescing matters for small experts; large ones
+    are bandwidth-bound either way).
+    """
     eb = spec.expert_bytes
-    n = min(STREAM_COPIES, pools.nbytes // eb)
+    limit = min(pools.nbytes, COALESCE_MAX_BYTES)
+    n = min(COALESCE_MAX_EXPERTS, limit // eb)
     if n < 2:
-        return {"expert_bytes": eb, "skipped": f"two {eb / 2**20:.1f} MiB experts exceed the {pools.nbytes >> 20} MiB copy pool"}
+        return {"expert_bytes": eb, "skipped": f"two {eb / 2**20:.1f} MiB experts exceed {limit >> 20} MiB"}
     out: dict = {"expert_bytes": eb, "experts": n}
     stream = timer.new_stream()
     dst = _slices(pools.device, eb, n)

@@ -52,7 +52,6 @@ def slot_allocation(timer: Timer, spec: ModelSpec, trials: int, warmup: int) -> 
                                       trials, warmup)),
     }
     if timer.is_cuda:
-        del pool
         out["fresh_uncached_ms"] = summary(time_host(
             lambda i: torch.empty(eb, dtype=torch.uint8, device=timer.device), trials, warmup,
             before=torch.cuda.empty_cache))

@@ -15,6 +15,7 @@ from pathlib import Path
 from simulator.errors import InputError
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
+from .executor_costs import launch_us
 from .fit import compute_fit, copy_curve
 
 TWO_ENGINES_SPEEDUP = 1.25   # two copy streams this much faster than one: two copy engines
@@ -22,8 +23,9 @@ BLOCKING_HOST_SHARE = 0.5    # pageable copies block the host if the call takes 
 BLOCKING_MIN_BYTES = 1 << 20
 
 
-def _medians(points: list[dict], key: str, field: str = "ms") -> list[tuple[int, float]]:
-    return [(p[key], p[field]["median"]) for p in points]
+def _medians(points: list[dict], key: str) -> list[tuple[int, float]]:
+    """``(point[key], median ms)`` of measured points."""
+    return [(p[key], p["ms"]["median"]) for p in points]
 
 
 def _copy_section(copies: dict, streams: dict | None) -> tuple[dict, dict]:
@@ -57,19 +59,39 @@ def _host_section(results: dict) -> dict:
     first_kind = "pinned" if "pinned" in h2d else "pageable"
     expert_us = statistics.median(rows[0]["host_ms"]["median"] * 1e3 for rows in results["compute_device"].values())
     over = results["overheads"]
+    launch = {"copy": h2d[first_kind][0]["host_ms"]["median"] * 1e3, "expert": expert_us,
+              "dense": over["dense_launch_ms"]["median"] * 1e3}
+    if "executor_issue" in results:     # CUDA: the live executor's own issue calls
+        launch = launch_us(results["executor_issue"])
     return {
-        "launch_us": {"copy": h2d[first_kind][0]["host_ms"]["median"] * 1e3, "expert": expert_us,
-                      "dense": over["dense_launch_ms"]["median"] * 1e3},
+        "launch_us": launch,
         "sync_us": over["sync_ms"]["median"] * 1e3,
         "pageable_blocks_host": _pageable_blocks_host(results["copies"]),
     }
 
 
+def _with_trains(copy: dict, trains: dict) -> None:
+    """Expert-sized copies as the executor issues them (back to back, cache-cold host memory)
+    replace the lone-copy points of the same size in the host-to-device tables."""
+    for kind, rows in trains.items():
+        curve = copy["h2d"].get(kind)
+        if curve is None:
+            continue
+        table = {b: ms for b, ms in curve["table"]}
+        for r in rows:
+            table[r["bytes"]] = r["ms"]["median"]
+        curve["table"] = sorted([b, ms] for b, ms in table.items())
+
+
 def build_profile(name: str, provenance: dict, results: dict) -> dict:
     """The profile document (validated with :func:`simulator.profile.parse_profile`)."""
     copy, copy_fits = _copy_section(results["copies"], results.get("copy_streams"))
-    compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in results[f"compute_{src}"].items()}
-               for side, src in (("gpu", "device"), ("cpu", "cpu"))}
+    if "copy_trains" in results:
+        _with_trains(copy, results["copy_trains"])
+    # on the CPU device the device tables are the CPU tables (measured once)
+    sources = {"gpu": results["compute_device"], "cpu": results.get("compute_cpu", results["compute_device"])}
+    compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in tables.items()}
+               for side, tables in sources.items()}
     fit = {"copy": copy_fits,
            "compute": {side: {key: compute_fit([tuple(p) for p in pts]) for key, pts in tables.items()}
                        for side, tables in compute.items()}}
@@ -95,6 +117,12 @@ def check_writable(path: Path) -> None:
         raise InputError(str(path), "--out", f"cannot write here: {e.strerror or e}") from None
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(doc: dict, path: Path) -> Path:
     """Write ``doc`` as JSON via a temporary file and ``os.replace``: all of it or nothing."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
@@ -104,6 +132,7 @@ def write_atomic(doc: dict, path: Path) -> Path:
             f.write("\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

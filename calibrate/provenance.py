@@ -45,10 +45,11 @@ def _pci_address(props) -> tuple[str, str] | None:
     return f"{dom:08X}:{bus:02X}:{dev:02X}.0", f"{dom:04x}:{bus:02x}:{dev:02x}.0"
 
 
-def _nvidia_smi(bus_id: str) -> dict:
+def _nvidia_smi(gpu_id: str) -> dict:
+    """Driver and PCIe link of the GPU with this PCI bus id or UUID, from nvidia-smi."""
     fields = "driver_version,pcie.link.gen.max,pcie.link.width.max,pcie.link.gen.current,pcie.link.width.current"
     try:
-        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", bus_id],
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits", "-i", gpu_id],
                              capture_output=True, text=True, timeout=20, check=True).stdout
         driver, gmax, wmax, gcur, wcur = [v.strip() for v in out.strip().splitlines()[0].split(",")]
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
@@ -86,7 +87,9 @@ def gpu_info(device: torch.device) -> dict:
     if addr:
         info["pci_bus_id"] = addr[0]
         info.update(_sysfs_pcie(addr[1]))
-        info.update(_nvidia_smi(addr[0]))
+    ident = addr[0] if addr else (f"GPU-{props.uuid}" if getattr(props, "uuid", None) else None)
+    if ident:
+        info.update(_nvidia_smi(ident))
     if info["driver"] == UNKNOWN:
         info["driver"] = _driver_from_proc()
     return info
@@ -103,7 +106,7 @@ def collect(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         prov.update(gpu_info(device))
-        prov["tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        prov["float32_matmul_precision"] = torch.get_float32_matmul_precision()  # "highest": no TF32
     else:
         prov["gpu"] = "none (device cpu)"
         prov["notes"] = ("device cpu: compute.gpu holds expert timings on the host CPU and the copy curve is "

@@ -32,16 +32,10 @@ class Result:
 
     @property
     def summary_df(self) -> pd.DataFrame:
-        rows = []
-        for r in self.raw.summary:
-            flat = {k: v for k, v in r.items() if k != "step_latency_ms"}
-            for k, v in r["step_latency_ms"].items():
-                if k == "ci95":
-                    flat["latency_ci95_lo"], flat["latency_ci95_hi"] = v
-                elif k != "replication_means" and k != "ci95_method":
-                    flat[f"latency_{k}_ms"] = v
-            rows.append(flat)
-        return pd.DataFrame(rows)
+        """One row per (policy, batch size); the same columns as a sweep's results."""
+        from simulator.sweep import flatten_summary
+
+        return pd.DataFrame([flatten_summary(r) for r in self.raw.summary])
 
     def save(self, out_dir: str | Path, fmt: str = "parquet"):
         from simulator.output import write_results

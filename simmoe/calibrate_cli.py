@@ -54,7 +54,7 @@ def calibrate_cmd(device, models, trials, quick, out, name):
     run writes nothing. Without a GPU, use --device cpu (a CPU stand-in profile).
     """
     try:
-        from calibrate.calibrate import make_plan, run_calibration
+        from calibrate.calibrate import make_plan, prepare, run
     except ImportError as e:
         if e.name != "torch":
             raise
@@ -68,9 +68,12 @@ def calibrate_cmd(device, models, trials, quick, out, name):
         argv += ["--model", m]
     argv += (["--trials", str(trials)] if trials else []) + (["--quick"] if quick else [])
     argv += (["--out", str(out)] if out else []) + (["--name", name] if name else [])
+    job = prepare(plan, out, name)
     with progress_bar(False, "calibrating") as cb:
-        outcome = run_calibration(plan, out, name, shlex.join(argv), progress=cb)
+        outcome = run(job, shlex.join(argv), progress=cb)
     console = Console()
+    if not console.is_terminal:  # files, CI logs: wide enough for the table
+        console = Console(width=160)
     print_study_table(console, outcome.profile)
     print_fits(console, outcome.profile)
     minutes, seconds = divmod(outcome.elapsed_s, 60)
@@ -81,8 +84,9 @@ def calibrate_cmd(device, models, trials, quick, out, name):
 def print_study_table(console: Console, profile: dict) -> None:
     """The published study's table, re-measured on this machine."""
     prov = profile["provenance"]
-    t = Table(title=f"Published-study configurations on {prov.get('gpu')} ({prov['device']}), "
-                    f"27.0 MiB fp32 expert, pageable copies, {prov['trials']} trials")
+    where = prov["gpu"] if prov["device"].startswith("cuda") else "the host CPU (device cpu)"
+    t = Table(title=f"Published-study configurations on {where}: 27.0 MiB fp32 expert, "
+                    f"pageable copies, {prov['trials']} trials")
     for col in ("Configuration", "Computation", "Memory transfer", "Dominates", "Ratio", "Welch p", "Cohen's d"):
         t.add_column(col, justify="left" if col in ("Configuration", "Dominates") else "right")
     for r in profile["measurements"]["study_table"]:
@@ -101,13 +105,13 @@ def print_fits(console: Console, profile: dict) -> None:
     """One line per copy curve and per compute table."""
     for direction in ("h2d", "d2h"):
         for kind, c in (profile["copy"].get(direction) or {}).items():
-            if not isinstance(c, dict):
-                continue
             ci = c.get("bandwidth_ci95_GBps")
             ci_txt = f" (95% CI {ci[0]:.2f}-{ci[1]:.2f})" if ci else ""
             console.print(f"copy {direction} {kind}: {c['latency_us']:.1f} us + bytes / {c['bandwidth_GBps']:.2f} GB/s"
-                          f"{ci_txt}, table of {len(c['table'])} point(s) where the line misses")
+                          f"{ci_txt}; {len(c['table'])} table point(s) where the line misses")
     for side, tables in profile["compute"].items():
         for key, pts in tables.items():
             console.print(f"expert {side} {key}: {pts[0][1]:.3f} ms at {pts[0][0]} token(s), "
                           f"{pts[-1][1]:.3f} ms at {pts[-1][0]}")
+    stages = profile["measurements"]["stage_seconds"]
+    console.print("seconds per stage: " + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()))

@@ -21,8 +21,9 @@ A profile is a versioned JSON document (format ``simmoe-profile``, version 1)::
                "sync_us": 10.0, "pageable_blocks_host": true}
     }
 
-Copy time for ``n`` bytes: log-log interpolation in ``table`` inside its range, and
-``latency + bytes / bandwidth`` outside it. Expert compute time for ``t`` tokens: monotone
+Copy time for ``n`` bytes: the table's value at exactly ``n`` bytes if it has one (calibration
+stores expert-sized copies measured back to back, as the executor issues them), else log-log
+interpolation in ``table`` inside its range, else ``latency + bytes / bandwidth``. Expert compute time for ``t`` tokens: monotone
 (PCHIP) interpolation over ``log(tokens)``, linear extrapolation in tokens past the table.
 The engine never evaluates these per event: :class:`CostModel` freezes them into per-size
 and per-token lookup tables before the event loop starts.
@@ -195,6 +196,9 @@ def copy_ms_from_curve(curve: CopyCurve, nbytes: int) -> float:
     if nbytes <= 0:
         return 0.0
     tbl = curve.table
+    for b, ms in tbl:          # a size measured as such (e.g. an expert-sized copy train)
+        if b == nbytes:
+            return ms
     if len(tbl) >= 2 and tbl[0][0] <= nbytes <= tbl[-1][0]:
         xs = np.log([b for b, _ in tbl])
         ys = np.log([ms for _, ms in tbl])

@@ -398,8 +398,16 @@ def chunk_size(n: int, parallel: int) -> int:
     return max(1, min(MAX_CHUNK, math.ceil(n / (parallel * 8))))
 
 
+def work_estimate(sc: Scenario) -> int:
+    """Rough relative cost of a point (routed requests simulated), to start the longest first."""
+    return (sc.replications * sc.trace.steps * sum(sc.batch_sizes) * len(sc.policies)
+            * sc.model.num_layers * sc.model.top_k)
+
+
 def _chunks(points: list[Point], size: int) -> list[list[Point]]:
-    return [points[i:i + size] for i in range(0, len(points), size)]
+    """Tasks of ``size`` points, the most expensive first (the last tasks are then short)."""
+    ordered = sorted(points, key=lambda p: -work_estimate(p.scenario))
+    return [ordered[i:i + size] for i in range(0, len(ordered), size)]
 
 
 OnChunk = Callable[[list[tuple[list[dict], float]]], None]
