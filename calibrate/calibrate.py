@@ -46,6 +46,7 @@ MAX_TOKENS, QUICK_MAX_TOKENS = 4096, 256
 QUICK_MODEL = "published-study"
 CPU_POINT_BUDGET_S = 0.5   # a CPU compute point stops adding trials after this long (3 trials at least)
 CPU_STOP_MS = 200.0        # and the CPU token sweep stops after the first point slower than this
+CPU_ROTATE_BYTES = 4 << 30  # CPU expert weights rotate over this much memory (cold, as in the live executor)
 
 Progress = Callable[[int, int, str], None]
 
@@ -136,10 +137,14 @@ def _stage_copies(plan: Plan, timer: Timer, tick) -> dict:
 
 def _compute_tables(plan: Plan, timer: Timer, tick) -> dict:
     cpu = not timer.is_cuda
-    return {m.shape_key: expert_sweep(timer, m, list(plan.tokens), plan.trials, plan.warmup, tick,
-                                      budget_s=CPU_POINT_BUDGET_S if cpu else None,
-                                      stop_ms=CPU_STOP_MS if cpu else None)
-            for m in plan.models}
+    rotate = CPU_ROTATE_BYTES if cpu and not plan.quick else None
+    out = {}
+    for m in plan.models:
+        out[m.shape_key] = expert_sweep(timer, m, list(plan.tokens), plan.trials, plan.warmup, tick,
+                                        budget_s=CPU_POINT_BUDGET_S if cpu else None,
+                                        stop_ms=CPU_STOP_MS if cpu else None, rotate_bytes=rotate)
+        gc.collect()
+    return out
 
 
 def _stage_compute_device(plan: Plan, timer: Timer, tick) -> dict:

@@ -24,7 +24,10 @@ from .expert import torch_dtype
 from .stats import summary
 
 TRAIN = 12
-HOST_POOL_BYTES = {"pinned": 2 << 30, "pageable": 4 << 30}
+# as large as the live executor's default host pool: pageable copies slow down with the
+# footprint (page-table walks on the host side of the staging copy)
+HOST_POOL_BYTES = {"pinned": 4 << 30, "pageable": 8 << 30}
+MAX_HOST_EXPERTS = 512
 QUICK_HOST_POOL_BYTES = 256 << 20
 
 
@@ -37,7 +40,7 @@ def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int
         for m in models:
             eb = m.expert_bytes
             budget = QUICK_HOST_POOL_BYTES if quick else HOST_POOL_BYTES[kind]
-            n_host = max(2, min(64, budget // eb))
+            n_host = max(2, min(MAX_HOST_EXPERTS, budget // eb))
             tick(f"copy train {kind}, {m.name}")
             host = torch.empty((n_host, eb), dtype=torch.uint8, pin_memory=(kind == "pinned")).fill_(1)
             dev = torch.empty((2, eb), dtype=torch.uint8, device=device)

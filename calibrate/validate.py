@@ -57,6 +57,8 @@ class Row:
     bytes_h2d: int
     hits: int
     misses: int
+    live_steps_ms: list
+    sim_steps_ms: list
 
 
 def _compare_decisions(sim_df, live_steps, policy, b):
@@ -125,6 +127,8 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                 copy_bound_steps=len(cb), decisions_equal=True,
                 transfers=int(sim_meas["transfers"].sum()), bytes_h2d=int(sim_meas["bytes_h2d"].sum()),
                 hits=int(sim_meas["hits"].sum()), misses=int(sim_meas["misses"].sum()),
+                live_steps_ms=[round(x, 4) for x in live_lat],
+                sim_steps_ms=[round(float(x), 4) for x in sim_meas["latency_ms"]],
             ))
             done += 1
     if progress:

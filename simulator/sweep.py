@@ -574,6 +574,8 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
         raise InputError("command line", "--backend", f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
     if not isinstance(workers, int) or workers < 1:
         raise InputError("command line", "--workers", "needs a positive number of workers")
+    if backend == "ray":
+        import_ray()
     sw = load_sweep(sweep_file)
     store = ResultStore(Path(out) if out else Path("results") / sw.name)
     store.write_manifest(sw)

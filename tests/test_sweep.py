@@ -213,6 +213,7 @@ def test_missing_ray_is_a_clear_error(monkeypatch, tmp_path):
     with pytest.raises(InputError, match="ray is not installed") as e:
         sweep(SMALL, backend="ray", out=tmp_path / "s")
     assert e.value.field == "--backend"
+    assert not (tmp_path / "s").exists()
 
 
 # ----------------------------------------------------------------------- bad input

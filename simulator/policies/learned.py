@@ -6,13 +6,14 @@ sequences) and applied to other sequences (the scenario's test split).
   (stickiness). A token whose sequence used expert e at the target layer on its previous
   token needs e again with P(e | e before); otherwise with P(e | not before).
 - ``affinity``: a cross-layer predictor, P(e' at l+1 | e at l) counted on the train split.
-  A token needs e' at l+1 with the noisy-OR of its k experts at l. The next step's layer 0
-  (no previous layer in the step) falls back to the history predictor.
+  A token's k experts at l are correlated evidence, so they are averaged, not multiplied:
+  P(token skips e') = geometric mean over its experts e of (1 - P(e' | e)) (one certain
+  cause still makes e' certain). The next step's layer 0 (no previous layer in the step)
+  falls back to the history predictor.
 
 Both rank the target layer's experts by the probability that at least one token of the step
-needs them (tokens independent) and prefetch as many as the layer is expected to need (the
-expected number of distinct experts for that many tokens under the training popularity),
-``top_n`` if given, never more than ``budget``. They never read ``PrefetchRequest.future``;
+needs them (tokens independent) and prefetch as many as they expect the layer to need (the
+sum of those probabilities), or ``top_n``; never more than ``budget``. They never read ``PrefetchRequest.future``;
 they read the trace's ``seq`` ids (which sequence sits in which batch row, known to a server)
 but not its routing. Training counts are cached per process.
 
@@ -128,9 +129,10 @@ class LearnedPrefetch(PrefetchPolicy):
         return (used * self.log1m_stick[layer] + fresh_rows * self.log1m_fresh[layer]
                 + (len(seqs) - len(prev)) * self.log1m_pop[layer])
 
-    def select(self, log1m_none: np.ndarray, layer: int, tokens: int) -> list[int]:
-        """The likeliest experts (lowest log P(unused)), as many as expected to be needed."""
-        n = self.top_n or max(1, int(round(float((1 - np.exp(tokens * self.log1m_pop[layer])).sum()))))
+    def select(self, log1m_none: np.ndarray) -> list[int]:
+        """The likeliest experts (lowest log P(unused)), as many as the model expects to be
+        needed (the sum of their probabilities), or ``top_n``."""
+        n = self.top_n or max(1, int(round(float((-np.expm1(log1m_none)).sum()))))
         order = np.lexsort((np.arange(self.E), log1m_none))
         return [int(e) for e in order[:n]]
 
@@ -139,8 +141,7 @@ class LearnedPrefetch(PrefetchPolicy):
         return self.history_log1m(req.target_step, req.target_layer)
 
     def predict(self, req):
-        tokens = len(self._seqs(req.target_step))
-        return self.select(self.score(req), req.target_layer, tokens)
+        return self.select(self.score(req))
 
 
 @register_prefetch("history")
@@ -155,7 +156,7 @@ class AffinityPrefetch(LearnedPrefetch):
     def score(self, req):
         if req.target_step == req.step and req.target_layer == req.layer + 1:
             used = np.bincount(req.current.ravel(), minlength=self.E)
-            return used @ self.log1m_cond[req.layer]
+            return used @ self.log1m_cond[req.layer] / req.current.shape[1]
         return super().score(req)
 
 

@@ -52,7 +52,7 @@ SEQUENCES_VERSION = 1
 FORMATS = ("auto", "layer-csv", "long-csv", "parquet", "jsonl", "simmoe")
 #: sequence ``i`` (in corpus order) is in the test split when ``i % TEST_EVERY == TEST_EVERY - 1``
 TEST_EVERY = 5
-_CHUNK_BYTES = 1 << 22
+_CHUNK_BYTES = 1 << 18
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -200,8 +200,9 @@ class SequenceWriter:
                 with z.open("experts.npy", "w", force_zip64=True) as f, open(self._raw_path, "rb") as raw:
                     header = {"descr": "<i2", "fortran_order": False, "shape": (total, *self.shape)}
                     np.lib.format.write_array_header_1_0(f, header)
-                    while chunk := raw.read(_CHUNK_BYTES):
-                        f.write(chunk)
+                    buf = bytearray(_CHUNK_BYTES)
+                    while n := raw.readinto(buf):
+                        f.write(memoryview(buf)[:n])
                 small = {
                     "format": np.array(SEQUENCES_FORMAT), "version": np.array(SEQUENCES_VERSION),
                     "offsets": np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]),
@@ -275,8 +276,9 @@ def _memmap_member(path: Path, z: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
-def load_sequences(path: str | Path, mmap: bool = True) -> SequenceSet:
-    """Read and check a ``simmoe-sequences`` .npz; ``mmap`` leaves the routing on disk."""
+def load_sequences(path: str | Path, mmap: bool = True, check: bool = True) -> SequenceSet:
+    """Read a ``simmoe-sequences`` .npz; ``mmap`` leaves the routing on disk; ``check`` scans
+    every expert id (skip it only for a file :class:`SequenceWriter` has just checked)."""
     src = str(path)
     p = Path(path)
     if not p.exists():
@@ -309,7 +311,7 @@ def load_sequences(path: str | Path, mmap: bool = True) -> SequenceSet:
     ss = SequenceSet(experts=experts, offsets=small["offsets"].astype(np.int64), num_experts=int(small["num_experts"]),
                      names=small["names"].astype(str), prompt_lengths=small["prompt_lengths"].astype(np.int64),
                      meta=meta)
-    return ss.validate(src)
+    return ss.validate(src) if check else ss
 
 
 def sequences_from_trace(trace: Trace) -> SequenceSet:
@@ -706,7 +708,7 @@ def import_sequences(src: str | Path, out: str | Path, fmt: str = "auto", num_ex
     with SequenceWriter(out, num_experts=num_experts, meta=info) as w:
         for name, experts, prompt in iter_records(src, fmt, num_experts):
             w.add(experts, name, prompt)
-    return load_sequences(out)
+    return load_sequences(out, check=False)       # the writer checked every sequence
 
 
 def read_sequences(src: str | Path, fmt: str = "auto", num_experts: int | None = None) -> SequenceSet:
