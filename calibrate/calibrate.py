@@ -31,7 +31,7 @@ from simulator.models import PRESETS, ModelSpec
 from . import provenance as prov_mod
 from .compute import expert_sweep
 from .copies import alloc_pools, coalescing, copy_sweep, stream_comparison
-from .executor_costs import copy_trains, issue_costs
+from .executor_costs import copy_trains, cpu_path, issue_costs
 from .expert import torch_dtype
 from .overheads import host_overheads, sleep_rate, slot_allocation
 from .profile_writer import build_profile, check_writable, write_atomic
@@ -137,7 +137,8 @@ def _stage_copies(plan: Plan, timer: Timer, tick) -> dict:
 
 def _compute_tables(plan: Plan, timer: Timer, tick) -> dict:
     cpu = not timer.is_cuda
-    rotate = CPU_ROTATE_BYTES if cpu and not plan.quick else None
+    # cold weights on the CPU device; with CUDA the live-executor stage times the cold CPU path
+    rotate = CPU_ROTATE_BYTES if cpu and not plan.quick and plan.device.type == "cpu" else None
     out = {}
     for m in plan.models:
         out[m.shape_key] = expert_sweep(timer, m, list(plan.tokens), plan.trials, plan.warmup, tick,
@@ -170,7 +171,8 @@ def _stage_overheads(plan: Plan, timer: Timer, tick) -> dict:
 
 def _stage_executor(plan: Plan, timer: Timer, tick) -> dict:
     return {"copy_trains": copy_trains(plan.device, plan.models, max(3, plan.trials // 5), plan.quick, tick),
-            "executor_issue": issue_costs(plan.device, plan.models, plan.trials, tick)}
+            "executor_issue": issue_costs(plan.device, plan.models, plan.trials, tick),
+            "executor_cpu": cpu_path(plan.device, plan.models, list(plan.tokens), plan.trials, plan.quick, tick)}
 
 
 def _stage_study(plan: Plan, timer: Timer, tick) -> dict:

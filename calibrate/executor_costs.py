@@ -5,12 +5,16 @@
   as one train (CUDA events), rotating over a host pool far larger than any CPU cache, and
   the per-copy time is the train's time / ``TRAIN``. A lone copy on an idle stream also pays a
   start-up cost, which a train hides; the simulator's copies are almost always in trains.
+- **The CPU-miss path**: the executor's ``_cpu`` (activations down, FFN on cold host weights,
+  result up) after the host idled on the GPU; this is the profile's ``compute.cpu``, with
+  ``host.cpu_path_includes_transfers`` set.
 - **Issue costs**: host time (perf_counter, no synchronise) of the executor's own
   ``_load`` / ``_compute`` / ``_dense`` calls: stream switch, ``wait_event``, the FFN's
   kernel launches, ``record``. These become the profile's ``host.launch_us``.
 """
 from __future__ import annotations
 
+import gc
 import time
 
 import numpy as np
@@ -24,26 +28,28 @@ from .expert import torch_dtype
 from .stats import summary
 
 TRAIN = 12
-# as large as the live executor's default host pool: pageable copies slow down with the
-# footprint (page-table walks on the host side of the staging copy)
-HOST_POOL_BYTES = {"pinned": 4 << 30, "pageable": 8 << 30}
-MAX_HOST_EXPERTS = 512
 QUICK_HOST_POOL_BYTES = 256 << 20
+CPU_POINT_BUDGET_S = 1.0
+CPU_STOP_MS = 200.0
 
 
 def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int, quick: bool, tick) -> dict:
-    """``{kind: [{"bytes": expert bytes, "ms": per-copy summary, "train": TRAIN}, ...]}``."""
+    """``{kind: [{"bytes": expert bytes, "ms": per-copy summary, "train": TRAIN}, ...]}``.
+
+    The host experts are allocated exactly as the live executor allocates them
+    (:func:`calibrate.live.host_experts`: one tensor per expert, up to its default budget):
+    a pageable copy's speed depends on how its source memory was laid out."""
+    from .live import DEFAULT_HOST_BUDGET, host_experts
+
     stream = torch.cuda.Stream(device)
     out: dict = {}
     for kind in ("pinned", "pageable"):
         rows = []
         for m in models:
             eb = m.expert_bytes
-            budget = QUICK_HOST_POOL_BYTES if quick else HOST_POOL_BYTES[kind]
-            n_host = max(2, min(MAX_HOST_EXPERTS, budget // eb))
             tick(f"copy train {kind}, {m.name}")
-            host = torch.empty((n_host, eb), dtype=torch.uint8, pin_memory=(kind == "pinned")).fill_(1)
-            dev = torch.empty((2, eb), dtype=torch.uint8, device=device)
+            host = host_experts(m, kind == "pinned", QUICK_HOST_POOL_BYTES if quick else DEFAULT_HOST_BUDGET)
+            dev = torch.empty((2, host[0].numel()), dtype=host[0].dtype, device=device)
             per_copy = []
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             for trial in range(trials + 1):               # the first train is a warm-up
@@ -51,16 +57,56 @@ def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int
                 with torch.cuda.stream(stream):
                     start.record(stream)
                     for j in range(TRAIN):
-                        dev[j % 2].copy_(host[(trial * TRAIN + j) % n_host], non_blocking=True)
+                        dev[j % 2].copy_(host[(trial * TRAIN + j) % len(host)], non_blocking=True)
                     end.record(stream)
                 end.synchronize()
                 if trial:
                     per_copy.append(start.elapsed_time(end) / TRAIN)
-            rows.append({"bytes": eb, "model": m.name, "train": TRAIN, "host_pool_bytes": n_host * eb,
+            rows.append({"bytes": eb, "model": m.name, "train": TRAIN, "host_pool_bytes": len(host) * eb,
                          "ms": summary(per_copy)})
             del host, dev
+            gc.collect()
             torch.cuda.empty_cache()
         out[kind] = rows
+    return out
+
+
+def cpu_path(device: torch.device, models: tuple[ModelSpec, ...], tokens: list[int], trials: int, quick: bool,
+             tick) -> dict:
+    """``{shape_key: [[tokens, ms], ...]}``: the live executor's CPU-miss path (activations to
+    the host, the FFN on cold host weights with torch, the result back), timed on the host
+    clock after the host has idled waiting for the GPU, as it does between layers."""
+    from .live import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
+
+    out = {}
+    for m in models:
+        host = host_experts(m, True, QUICK_HOST_POOL_BYTES if quick else DEFAULT_HOST_BUDGET // 2)
+        trace = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
+                         batch_size=max(tokens), steps=1, seed=0, generator="uniform")
+        ex = LiveExecutor(m, PolicySpec(name="probe", miss="cpu"), trace, device=str(device), dense_ms=0.2,
+                          host=host, measure_copies=False)
+        rows = []
+        k = 0
+        for t in tokens:
+            tick(f"CPU-miss path {m.name}, {t} tokens")
+            times = []
+            began = time.perf_counter()
+            for i in range(trials):
+                ev = ex._dense()
+                ev.synchronize()                      # the host idles on the GPU, as between layers
+                t0 = time.perf_counter()
+                ex._cpu(k, t, None)
+                times.append((time.perf_counter() - t0) * 1e3)
+                k += 1
+                if i >= 2 and time.perf_counter() - began > CPU_POINT_BUDGET_S:
+                    break
+            rows.append([t, summary(times)["median"]])
+            if rows[-1][1] > CPU_STOP_MS:
+                break
+        out[m.shape_key] = rows
+        del ex, host
+        gc.collect()
+        torch.cuda.empty_cache()
     return out
 
 

@@ -67,6 +67,7 @@ def _host_section(results: dict) -> dict:
         "launch_us": launch,
         "sync_us": over["sync_ms"]["median"] * 1e3,
         "pageable_blocks_host": _pageable_blocks_host(results["copies"]),
+        "cpu_path_includes_transfers": "executor_cpu" in results,
     }
 
 
@@ -92,6 +93,8 @@ def build_profile(name: str, provenance: dict, results: dict) -> dict:
     sources = {"gpu": results["compute_device"], "cpu": results.get("compute_cpu", results["compute_device"])}
     compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in tables.items()}
                for side, tables in sources.items()}
+    if "executor_cpu" in results:   # CUDA: the executor's whole CPU-miss path (transfers included)
+        compute["cpu"] = results["executor_cpu"]
     fit = {"copy": copy_fits,
            "compute": {side: {key: compute_fit([tuple(p) for p in pts]) for key, pts in tables.items()}
                        for side, tables in compute.items()}}

@@ -165,8 +165,10 @@ class Engine:
                             yield env.timeout(host - env.now)
                         if dense_op.end is None:
                             yield wait_for(env, dense_op)
-                        nb = act_bytes * op[2]
-                        dur = cost.copy_ms(nb, "pinned", "d2h") + cost.cpu_expert_ms(op[2]) + cost.copy_ms(nb, "pinned")
+                        dur = cost.cpu_expert_ms(op[2])
+                        if not cost.cpu_path_includes_transfers:
+                            nb = act_bytes * op[2]
+                            dur += cost.copy_ms(nb, "pinned", "d2h") + cost.copy_ms(nb, "pinned")
                         start = env.now
                         yield env.timeout(dur)
                         cpu_ms += dur

@@ -114,6 +114,9 @@ class HostSection(_Strict):
     pageable_blocks_host: bool = Field(
         True, description="a copy from pageable memory returns to the host only when done"
     )
+    cpu_path_includes_transfers: bool = Field(
+        False, description="compute.cpu times include moving activations to the host and back"
+    )
 
 
 class Profile(_Strict):
@@ -272,6 +275,7 @@ class CostModel:
         self.launch_dense = h.launch_us.dense * 1e-3
         self.sync = h.sync_us * 1e-3
         self.pageable_blocks_host = h.pageable_blocks_host
+        self.cpu_path_includes_transfers = h.cpu_path_includes_transfers
 
     def copy_ms(self, nbytes: int, memory: str = "pinned", direction: str = "h2d") -> float:
         key = (nbytes, memory, direction)

@@ -15,7 +15,7 @@ from simulator.scenario import PolicySpec
 from simulator.traces import expected_unique_uniform, generate
 from simulator.traces.real import SequenceSet, batch_set, open_sequences, sequences_from_trace
 from simulator.traces.stats import (
-    batch_dedup, cross_layer, lru_curve, reuse_distance, routing_counts, skew, split_sets, stack_distances,
+    batch_dedup, cross_layer, lru_curve, reuse_distance, routing_counts, skew, split_sets, stack_distance_histogram,
     temporal_reuse,
 )
 
@@ -113,11 +113,11 @@ def test_lru_curve_matches_the_simulators_lru_cache(batch):
 
 
 def test_stack_distances_by_hand():
-    # one layer, top-1, B=1: requests a b a c b -> distances -, -, 1, -, 2
+    # one layer, top-1, B=1: requests a b a c b -> first, first, 1, first, 2
     tr = batch_set(make_set([[[[0]], [[1]], [[0]], [[2]], [[1]]]], num_experts=3), np.arange(1),
                    batch_size=1, steps=5, seed=0)
-    d, M = stack_distances(tr)
-    assert d.tolist() == [-1, -1, 1, -1, 2] and M == 3
+    hist, first = stack_distance_histogram(tr)
+    assert hist.tolist() == [0, 1, 1] and first == 3
 
 
 def test_stats_cli_writes_json_and_plots(tmp_path):

@@ -116,13 +116,12 @@ def routing_counts(ss: SequenceSet, max_tokens: int | None = None) -> RoutingCou
             keys = x[:, l, :, None] * E + x[:, l + 1, None, :]
             pair[l] += np.bincount(keys.ravel(), minlength=E * E).reshape(E, E)
         m = _pair_mask(ss, a, b)
-        prev, nxt = x[:-1][m], x[1:][m]
+        prev, nxt = x[:-1][m] + lay, x[1:][m] + lay
         pairs += len(prev)
-        hot_prev = _one_hot(prev, E)
-        hot_next = _one_hot(nxt, E)
-        stay += (hot_prev & hot_next).sum(0)
-        before += hot_prev.sum(0)
-        after += hot_next.sum(0)
+        kept = (prev[:, :, :, None] == nxt[:, :, None, :]).any(axis=3)      # prev's expert used again
+        stay += np.bincount(prev[kept], minlength=L * E).reshape(L, E)
+        before += np.bincount(prev.ravel(), minlength=L * E).reshape(L, E)
+        after += np.bincount(nxt.ravel(), minlength=L * E).reshape(L, E)
     return RoutingCounts(tokens=tokens, single=single, pair=pair, pairs=pairs, stay=stay, before=before, after=after)
 
 
@@ -213,18 +212,19 @@ def cross_layer(train: RoutingCounts, test: SequenceSet, max_tokens: int | None 
     """Precision of the affinity model (trained on ``train``) on the tokens of ``test``."""
     L, E, k = test.num_layers, test.num_experts, test.top_k
     n = test.num_tokens if max_tokens is None else min(test.num_tokens, max_tokens)
-    x = np.asarray(test.experts[:n]).astype(np.int64)
     log1m = np.log1p(-np.minimum(train.conditional(), 1 - 1e-9))
-    pop = train.popularity()
-    per = []
-    for l in range(L - 1):
-        scores = affinity_scores(log1m[l], x[:, l])
-        pred = np.argpartition(scores, k - 1, axis=1)[:, :k]
-        actual = _one_hot(x[:, l + 1][:, None, :], E)[:, 0]
-        hit = np.take_along_axis(actual, pred, axis=1).sum() / (n * k) if n else 0.0
-        pop_pred = np.argsort(-pop[l + 1], kind="stable")[:k]
-        pop_hit = actual[:, pop_pred].sum() / (n * k) if n else 0.0
-        per.append({"layer": l, "to": l + 1, "precision": float(hit), "popularity_precision": float(pop_hit)})
+    pop_pred = np.argsort(-train.popularity()[1:], axis=1, kind="stable")[:, :k]      # (L-1, k)
+    hits = np.zeros(max(0, L - 1))
+    pop_hits = np.zeros(max(0, L - 1))
+    for a in range(0, n, _CHUNK_ROWS):
+        x = np.asarray(test.experts[a:min(n, a + _CHUNK_ROWS)]).astype(np.int64)
+        for l in range(L - 1):
+            pred = np.argpartition(affinity_scores(log1m[l], x[:, l]), k - 1, axis=1)[:, :k]
+            actual = _one_hot(x[:, l + 1][:, None, :], E)[:, 0]
+            hits[l] += np.take_along_axis(actual, pred, axis=1).sum()
+            pop_hits[l] += actual[:, pop_pred[l]].sum()
+    per = [{"layer": l, "to": l + 1, "precision": float(hits[l] / (n * k)) if n else 0.0,
+            "popularity_precision": float(pop_hits[l] / (n * k)) if n else 0.0} for l in range(L - 1)]
     mean = _mean(per, ("precision", "popularity_precision"))
     return {"per_layer": per, "precision": mean["precision"], "popularity_precision": mean["popularity_precision"],
             "uniform": k / E, "train_tokens": train.tokens, "test_tokens": n}
@@ -256,43 +256,42 @@ def batch_dedup(ss: SequenceSet, counts: RoutingCounts, batch_sizes=BATCH_SIZES,
     return out
 
 
-def stack_distances(trace) -> tuple[np.ndarray, int]:
-    """LRU stack distance of every deduplicated request of a trace (-1 = first access) and the
-    number of distinct keys. Requests: per step, each layer's distinct experts in (layer,
-    expert) order. A request hits an LRU cache of C slots iff 0 <= distance < C."""
+def stack_distance_histogram(trace) -> tuple[np.ndarray, int]:
+    """LRU stack distances of a trace's deduplicated requests: ``hist[d]`` = requests that
+    found d other distinct keys used since their key's previous use, and the number of first
+    uses. Requests: per step, each layer's distinct experts in (layer, expert) order. A request
+    hits an LRU cache of C slots iff its distance is below C."""
     L, E = trace.num_layers, trace.num_experts
     M = L * E
-    last = np.full(M, -1, np.int64)
-    out = []
+    last = np.full(M, -1, np.int64)       # request index of each key's latest use
+    hist = np.zeros(M, np.int64)
+    first = 0
     t = 0
     lay = np.arange(L, dtype=np.int64)[None, :, None] * E
     for s in range(trace.num_steps):
         keys = np.unique(trace.step(s).astype(np.int64) + lay)
         old = last[keys]
-        srt = np.sort(last)
-        newer = M - np.searchsorted(srt, old, side="right")         # keys used since old (before this step)
-        n = len(keys)
-        earlier = np.tril(old[None, :] <= old[:, None], k=-1).sum(1)  # this step's earlier keys not counted yet
-        d = newer + earlier
-        d[old < 0] = -1
-        out.append(d)
-        last[keys] = t + np.arange(n)
-        t += n
-    return (np.concatenate(out) if out else np.zeros(0, np.int64)), M
+        newer = M - np.searchsorted(np.sort(last), old, side="right")    # keys used since, before this step
+        earlier = np.tril(old[None, :] <= old[:, None], k=-1).sum(1)      # this step's earlier keys not in newer
+        d = (newer + earlier)[old >= 0]
+        hist += np.bincount(d, minlength=M)
+        first += len(keys) - len(d)
+        last[keys] = t + np.arange(len(keys))
+        t += len(keys)
+    return hist, first
 
 
 def lru_curve(ss: SequenceSet, batch_size: int = 1, seed: int = 0, fractions=CAPACITY_FRACTIONS) -> dict:
     """LRU hit rate at every capacity, for ``batch_size`` sequences decoded side by side."""
     steps = max(1, ss.num_tokens // batch_size)
     tr = batch_set(ss, np.arange(ss.num_sequences), batch_size=batch_size, steps=steps, seed=seed)
-    d, M = stack_distances(tr)
-    hist = np.bincount(d[d >= 0], minlength=M)
-    hits = np.concatenate([[0], np.cumsum(hist)])          # hits[C] = requests with 0 <= d < C
-    n = max(1, len(d))
+    hist, first = stack_distance_histogram(tr)
+    M = len(hist)
+    hits = np.concatenate([[0], np.cumsum(hist)])          # hits[C] = requests with distance < C
+    n = max(1, int(hist.sum()) + first)
     caps = sorted({max(1, int(round(f * M))) for f in fractions})
     grid = sorted({int(c) for c in np.unique(np.round(np.geomspace(1, M, 40)))} | set(caps))
-    return {"batch_size": batch_size, "requests": int(len(d)), "distinct_keys": M,
-            "compulsory_miss_rate": float((d < 0).sum() / n),
+    return {"batch_size": batch_size, "requests": n, "distinct_keys": M, "compulsory_miss_rate": first / n,
             "table": [{"capacity": c, "fraction": c / M, "hit_rate": float(hits[c] / n)} for c in caps],
             "curve": [{"capacity": c, "hit_rate": float(hits[c] / n)} for c in grid]}
 
