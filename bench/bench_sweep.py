@@ -4,11 +4,11 @@ Each point is a small scenario (2 MoE layers of 16 experts, 2 policies, 1 replic
 decode steps); the grid is 250 seeds x 4 batch sizes. Every run starts from an empty results
 folder and includes expanding and validating the 1,000 points, starting the workers, writing
 the Parquet parts and the consolidated results. For each backend the median of ``--repeats``
-runs is reported with:
+accepted runs is reported with:
 
 - wall time and speed-up over 1 local worker;
 - compute: the sum over points of the time spent inside the point (its simulation); above the
-  1-worker figure when the workers slow each other down (or other jobs share the CPUs);
+  1-worker figure when the workers slow each other down;
 - overhead per point = (workers x wall - compute) / points: worker time not spent inside
   points (validation, scheduling, pickling, Parquet writes, idle workers at the end);
 - overhead per point vs serial = (workers x wall - 1-worker compute) / points: also counts the
@@ -16,10 +16,13 @@ runs is reported with:
 
 Ray runs on a local Ray instance started with ``num_cpus=2`` and warmed up by an untimed
 8-point sweep (its workers import simmoe) before the timed runs; both are reported apart.
-Every run's ``results.parquet`` is checked to be byte-identical to the first one. On a shared
-machine each run waits (``--quiet-wait``) until the CPUs are quiet, and a run after which the
-CPU pressure (Linux PSI: % of the last 10 s in which a runnable task waited for a CPU) exceeds
-``--max-pressure`` is rejected and done again; accepted and rejected runs are reported.
+Every run's ``results.parquet`` is checked to be byte-identical to the first one.
+
+The machine may be shared. From ``/proc`` (Linux), the benchmark measures *foreign* CPU: the
+CPU time of all processes minus that of this process and its descendants (workers, Ray's
+processes). Before each run it waits (``--quiet-wait``) until foreign CPU stays below 0.1 CPU;
+a run during which foreign CPU averaged more than ``--max-foreign`` CPUs is rejected and done
+again (at most 3 x repeats runs). Accepted and rejected runs are reported.
 
     python bench/bench_sweep.py [--points 1000] [--repeats 3] [--out bench/RESULTS-sweep.md]
 """
@@ -46,122 +49,158 @@ BASE = {
     "trace": {"generator": "mixed", "steps": 8, "zipf": 0.5, "batch_locality": 0.5, "batch_pool": 4},
     "policies": [{"name": "dedup", "load": "dedup"}, {"name": "lru", "cache": {"kind": "lru", "capacity": 8}}],
 }
+CLK = os.sysconf("SC_CLK_TCK")
 
 
 def spec(points: int) -> dict:
     return {"name": "bench", "base": BASE, "grid": {"seed": list(range(points // 4)), "batch_sizes": [1, 2, 4, 8]}}
 
 
-def cpu_pressure() -> float | None:
-    """Linux PSI: % of the last 10 s in which some runnable task waited for a CPU."""
-    try:
-        return float(Path("/proc/pressure/cpu").read_text().split()[1].split("=")[1])
-    except (OSError, IndexError, ValueError):
-        return None
+# ------------------------------------------------------------------ CPU accounting (Linux)
+def system_busy_s() -> float:
+    """CPU seconds all processes have used since boot (all CPUs, /proc/stat)."""
+    vals = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(vals) - vals[3] - vals[4]) / CLK          # minus idle and iowait
 
 
-def wait_for_quiet(limit_s: float, threshold: float = 15.0) -> None:
-    """On a shared machine, wait (at most ``limit_s``) until other processes leave the CPUs."""
-    t0 = time.monotonic()
+def own_cpu_s() -> float:
+    """CPU seconds of this process and its live descendants, reaped children included."""
+    procs: dict[int, tuple[int, float]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                text = (d / "stat").read_text()
+            except OSError:
+                continue
+            f = text[text.rindex(")") + 2:].split()
+            procs[int(d.name)] = (int(f[1]), sum(int(x) for x in f[11:15]) / CLK)
+    kids: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        kids.setdefault(ppid, []).append(pid)
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        total += procs.get(pid, (0, 0.0))[1]
+        todo += kids.get(pid, [])
+    return total
+
+
+class Foreign:
+    """Average CPUs used by other processes between start() and stop()."""
+
+    def start(self) -> None:
+        self.t, self.sys, self.own = time.monotonic(), system_busy_s(), own_cpu_s()
+
+    def stop(self) -> float:
+        dt = time.monotonic() - self.t
+        return max(0.0, (system_busy_s() - self.sys) - (own_cpu_s() - self.own)) / dt
+
+
+def wait_for_quiet(limit_s: float, threshold: float = 0.1) -> None:
+    """Wait (at most ``limit_s``) until other processes use less than ``threshold`` CPUs for 2 s."""
+    t0, f = time.monotonic(), Foreign()
     while time.monotonic() - t0 < limit_s:
-        p = cpu_pressure()
-        if p is None or p < threshold:
-            return
+        f.start()
         time.sleep(2)
+        if f.stop() < threshold:
+            return
 
 
+# ------------------------------------------------------------------------- measuring
 def timed(sw: dict, tmp: Path, quiet_s: float, **kw) -> tuple[dict, bytes]:
     out = tmp / "out"
     shutil.rmtree(out, ignore_errors=True)
     wait_for_quiet(quiet_s)
+    f = Foreign()
+    f.start()
     df = sweep(sw, out=out, **kw)
-    st = dict(df.attrs["sweep"], pressure=cpu_pressure())
+    st = dict(df.attrs["sweep"], foreign=f.stop())
     assert st["ran"] == st["points"] and st["failed"] == 0
     return st, (out / "results.parquet").read_bytes()
 
 
-def measure(label: str, sw: dict, tmp: Path, args, reference: list, **kw) -> dict:
-    """``args.repeats`` runs; a run after which the CPU pressure exceeds ``args.max_pressure``
-    (another job took a CPU) is rejected and done again, at most ``3 x repeats`` runs in all."""
-    runs, rejected = [], 0
-    while len(runs) < args.repeats and len(runs) + rejected < 3 * args.repeats:
+def accepted_run(label: str, sw: dict, tmp: Path, args, reference: list, **kw) -> dict:
+    """One run during which other processes used at most ``args.max_foreign`` CPUs (3 tries)."""
+    for _ in range(3):
         st, data = timed(sw, tmp, args.quiet_wait, **kw)
         if not reference:
             reference.append(data)
         assert data == reference[0], f"{label}: results differ from the first run"
-        ok = st["pressure"] is None or st["pressure"] <= args.max_pressure
+        ok = st["foreign"] <= args.max_foreign
         print(f"  {label}: wall {st['wall_s']:.2f} s, compute {st['compute_s']:.2f} s, "
-              f"CPU pressure after {st['pressure']}{'' if ok else ' (rejected)'}", flush=True)
+              f"foreign CPU {st['foreign']:.2f}{'' if ok else ' (rejected)'}", flush=True)
         if ok:
-            runs.append(st)
-        else:
-            rejected += 1
-    if not runs:
-        raise SystemExit(f"{label}: every run was disturbed by other jobs; try again on a quiet machine")
-    med = sorted(runs, key=lambda s: s["wall_s"])[len(runs) // 2]
-    return {"label": label, "points": med["points"], "workers": med["workers"], "wall_s": med["wall_s"],
-            "compute_s": med["compute_s"], "walls": [r["wall_s"] for r in runs],
-            "pressure": [r["pressure"] for r in runs], "rejected": rejected}
+            return st
+    raise SystemExit(f"{label}: other jobs used the CPUs during every try; run again on a quiet machine")
+
+
+def ray_run(sw: dict, tmp: Path, args, reference: list, startup: list) -> dict:
+    """A Ray instance (num_cpus=2) started, warmed up by 8 points, timed on the sweep, stopped."""
+    import ray
+
+    t0 = time.perf_counter()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    try:
+        sweep(spec(8), backend="ray", out=tmp / "warm-up")
+        startup.append(time.perf_counter() - t0)
+        return accepted_run("ray, 2 CPUs", sw, tmp, args, reference, backend="ray", workers=2)
+    finally:
+        ray.shutdown()
+
+
+def table(runs: dict[str, list[dict]]) -> list[str]:
+    """Medians per backend; speed-up = median over rounds of (1-worker wall / wall) in that round."""
+    first = runs["local, 1 worker"]
+    serial = statistics.median(r["compute_s"] for r in first)
+    lines = [
+        "| backend | wall (s, median) | speed-up vs 1 worker (median of rounds) | compute in points (s, median) "
+        "| overhead per point (ms) | overhead per point vs serial (ms) | walls by round (s) |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, rs in runs.items():
+        n, w = rs[0]["points"], rs[0]["workers"]
+        wall = statistics.median(r["wall_s"] for r in rs)
+        comp = statistics.median(r["compute_s"] for r in rs)
+        speedup = statistics.median(a["wall_s"] / r["wall_s"] for a, r in zip(first, rs))
+        lines.append(f"| {label} | {wall:.2f} | {speedup:.2f}x | {comp:.2f} | {(w * wall - comp) / n * 1e3:.2f} | "
+                     f"{(w * wall - serial) / n * 1e3:.2f} | {', '.join(f'{r["wall_s"]:.2f}' for r in rs)} |")
+    return lines
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--points", type=int, default=1000, help="points in the sweep (a multiple of 4)")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=3, help="rounds (each runs every backend once)")
     ap.add_argument("--no-ray", action="store_true", help="skip the Ray backend")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
-                    help="before each run, wait up to this many seconds for CPU pressure (Linux PSI) < 15%%")
-    ap.add_argument("--max-pressure", type=float, default=15.0,
-                    help="reject (and redo) a run after which the CPU pressure exceeds this %%")
+                    help="before each run, wait up to this many seconds for other jobs to leave the CPUs")
+    ap.add_argument("--max-foreign", type=float, default=0.1,
+                    help="reject (and redo, 3 tries) a run during which other processes used more CPUs than this")
     ap.add_argument("--out", type=Path, help="also write the results as Markdown here")
     args = ap.parse_args()
     sw = spec(args.points)
     ref: list[bytes] = []
-    rows = []
+    runs: dict[str, list[dict]] = {"local, 1 worker": [], "local, 2 workers": []}
+    startup: list[float] = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        rows.append(measure("local, 1 worker", sw, tmp, args, ref, workers=1))
-        rows.append(measure("local, 2 workers", sw, tmp, args, ref, workers=2))
-        ray_start = ray_warm = None
-        if not args.no_ray:
-            import ray
-
-            t0 = time.perf_counter()
-            ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
-            ray_start = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            sweep(spec(8), backend="ray", out=tmp / "warm-up")
-            ray_warm = time.perf_counter() - t0
-            try:
-                rows.append(measure("ray, 2 CPUs", sw, tmp, args, ref, backend="ray", workers=2))
-            finally:
-                ray.shutdown()
-    serial = rows[0]["compute_s"]
-    lines = [
-        f"| backend | wall (s, median of accepted runs) | speed-up vs 1 worker | compute in points (s) | "
-        "overhead per point (ms) | overhead per point vs serial (ms) | accepted walls (s) | CPU pressure after (%) "
-        "| rejected runs |",
-        "|---|---:|---:|---:|---:|---:|---|---|---:|",
-    ]
-    for r in rows:
-        n, w = r["points"], r["workers"]
-        lines.append(
-            f"| {r['label']} | {r['wall_s']:.2f} | {rows[0]['wall_s'] / r['wall_s']:.2f}x | {r['compute_s']:.2f} | "
-            f"{(w * r['wall_s'] - r['compute_s']) / n * 1e3:.2f} | {(w * r['wall_s'] - serial) / n * 1e3:.2f} | "
-            f"{', '.join(f'{x:.2f}' for x in r['walls'])} | {', '.join(str(p) for p in r['pressure'])} | "
-            f"{r['rejected']} |")
+        for _ in range(args.repeats):
+            runs["local, 1 worker"].append(accepted_run("local, 1 worker", sw, tmp, args, ref, workers=1))
+            runs["local, 2 workers"].append(accepted_run("local, 2 workers", sw, tmp, args, ref, workers=2))
+            if not args.no_ray:
+                runs.setdefault("ray, 2 CPUs", []).append(ray_run(sw, tmp, args, ref, startup))
     cmd = "python bench/bench_sweep.py " + " ".join(sys.argv[1:])
-    env = (f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, "
-           f"{platform.platform()}")
-    ray_line = (f"Ray: ray.init(num_cpus=2) {ray_start:.1f} s, warm-up sweep (8 points) {ray_warm:.1f} s; "
-                "neither is in the walls.  " if ray_start else "")
+    env = f"Python {platform.python_version()}, {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    ray_line = (f"Ray start-up (ray.init(num_cpus=2) + an 8-point warm-up sweep, not in the walls): median "
+                f"{statistics.median(startup):.1f} s.  " if startup else "")
     text = "\n".join([
         f"# Sweep benchmark: {args.points} points", "",
         f"Command: `{cmd.strip()}`  ", f"Machine: {env}  ", ray_line,
-        "Every run's results.parquet was byte-identical to the first one's.", "",
-        *lines, "",
+        f"{args.repeats} rounds, each running every backend once, in turn. Every run's results.parquet was "
+        "byte-identical to the first one's.", "",
+        *table(runs), "",
         "Overhead per point = (workers x wall - compute in points) / points; vs serial: with the "
-        "1-worker run's compute instead.", "",
+        "1-worker runs' compute instead.", "",
     ])
     print(text)
     if args.out:

@@ -103,6 +103,7 @@ class SequenceSet:
                            prompt_lengths=self.prompt_lengths[indices], meta=dict(self.meta))
 
     def validate(self, source: str = "sequences") -> "SequenceSet":
+        """Check shapes, offsets and every expert id (in chunks: a memory-mapped set stays on disk)."""
         e, off = self.experts, self.offsets
         if e.ndim != 3 or 0 in e.shape[1:]:
             raise InputError(source, "experts", f"must be (tokens, layers, top_k), got shape {e.shape}")
@@ -212,9 +213,9 @@ class SequenceWriter:
                     "meta_json": np.array(json.dumps(self.meta, sort_keys=True)),
                 }
                 for key, arr in small.items():
-                    buf = io.BytesIO()
-                    np.save(buf, arr, allow_pickle=False)
-                    z.writestr(f"{key}.npy", buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
+                    data = io.BytesIO()
+                    np.save(data, arr, allow_pickle=False)
+                    z.writestr(f"{key}.npy", data.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

@@ -38,11 +38,17 @@ from .synthetic import expected_unique_uniform
 REUSE_BINS = (1, 2, 3, 5, 9, 17, 33, 65, 129)      # lower edges of the re-use distance bins
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 CAPACITY_FRACTIONS = (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 3 / 8, 1 / 2, 3 / 4, 1)
-_CHUNK_ROWS = 8192
+_CHUNK_IDS = 1 << 18      # routed ids processed at a time: bounds the statistics' memory
 
 
-def _chunks(ss: SequenceSet, max_rows: int = _CHUNK_ROWS):
-    """Row ranges ``(a, b)`` made of whole sequences (a longer sequence is one range)."""
+def _chunk_rows(ss: SequenceSet) -> int:
+    return max(1, _CHUNK_IDS // (ss.num_layers * ss.top_k))
+
+
+def _chunks(ss: SequenceSet):
+    """Row ranges ``(a, b)`` made of whole sequences, about ``_CHUNK_IDS`` ids each (a longer
+    sequence is one range)."""
+    max_rows = _chunk_rows(ss)
     off = ss.offsets
     i, n = 0, ss.num_sequences
     while i < n:
@@ -216,8 +222,9 @@ def cross_layer(train: RoutingCounts, test: SequenceSet, max_tokens: int | None 
     pop_pred = np.argsort(-train.popularity()[1:], axis=1, kind="stable")[:, :k]      # (L-1, k)
     hits = np.zeros(max(0, L - 1))
     pop_hits = np.zeros(max(0, L - 1))
-    for a in range(0, n, _CHUNK_ROWS):
-        x = np.asarray(test.experts[a:min(n, a + _CHUNK_ROWS)]).astype(np.int64)
+    rows = _chunk_rows(test)
+    for a in range(0, n, rows):
+        x = np.asarray(test.experts[a:min(n, a + rows)]).astype(np.int64)
         for l in range(L - 1):
             pred = np.argpartition(affinity_scores(log1m[l], x[:, l]), k - 1, axis=1)[:, :k]
             actual = _one_hot(x[:, l + 1][:, None, :], E)[:, 0]
