@@ -3,10 +3,11 @@
 Each point is a small scenario (2 MoE layers of 16 experts, 2 policies, 1 replication of 8
 decode steps); the grid is 250 seeds x 4 batch sizes. Every run starts from an empty results
 folder and includes expanding and validating the 1,000 points, starting the workers, writing
-the Parquet parts and the consolidated results. For each backend the median of ``--repeats``
-accepted runs is reported with:
+the Parquet parts and the consolidated results. The backends run in turn, once per round
+(``--repeats`` rounds), so that a slow spell of the machine hits all of them. Reported per
+backend (medians over rounds):
 
-- wall time and speed-up over 1 local worker;
+- wall time, and speed-up: the median over rounds of (1-worker wall / wall) in that round;
 - compute: the sum over points of the time spent inside the point (its simulation); above the
   1-worker figure when the workers slow each other down;
 - overhead per point = (workers x wall - compute) / points: worker time not spent inside
@@ -14,15 +15,15 @@ accepted runs is reported with:
 - overhead per point vs serial = (workers x wall - 1-worker compute) / points: also counts the
   slow-down of the simulation itself (contention, Ray's own processes on the same CPUs).
 
-Ray runs on a local Ray instance started with ``num_cpus=2`` and warmed up by an untimed
-8-point sweep (its workers import simmoe) before the timed runs; both are reported apart.
+Each Ray run starts a local Ray instance with ``num_cpus=2``, warms it up with an 8-point sweep
+(its workers import simmoe), times the sweep, and stops Ray; start-up is reported apart.
 Every run's ``results.parquet`` is checked to be byte-identical to the first one.
 
 The machine may be shared. From ``/proc`` (Linux), the benchmark measures *foreign* CPU: the
 CPU time of all processes minus that of this process and its descendants (workers, Ray's
-processes). Before each run it waits (``--quiet-wait``) until foreign CPU stays below 0.1 CPU;
-a run during which foreign CPU averaged more than ``--max-foreign`` CPUs is rejected and done
-again (at most 3 x repeats runs). Accepted and rejected runs are reported.
+processes). Before each run it waits (``--quiet-wait``) until foreign CPU stays below 0.1 CPU
+for 2 s; a run during which foreign CPU averaged more than ``--max-foreign`` CPUs is rejected
+and done again (3 tries).
 
     python bench/bench_sweep.py [--points 1000] [--repeats 3] [--out bench/RESULTS-sweep.md]
 """
@@ -162,8 +163,9 @@ def table(runs: dict[str, list[dict]]) -> list[str]:
         wall = statistics.median(r["wall_s"] for r in rs)
         comp = statistics.median(r["compute_s"] for r in rs)
         speedup = statistics.median(a["wall_s"] / r["wall_s"] for a, r in zip(first, rs))
+        walls = ", ".join(f"{r['wall_s']:.2f}" for r in rs)
         lines.append(f"| {label} | {wall:.2f} | {speedup:.2f}x | {comp:.2f} | {(w * wall - comp) / n * 1e3:.2f} | "
-                     f"{(w * wall - serial) / n * 1e3:.2f} | {', '.join(f'{r["wall_s"]:.2f}' for r in rs)} |")
+                     f"{(w * wall - serial) / n * 1e3:.2f} | {walls} |")
     return lines
 
 

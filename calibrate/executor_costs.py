@@ -48,7 +48,10 @@ def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int
         for m in models:
             eb = m.expert_bytes
             tick(f"copy train {kind}, {m.name}")
-            host = host_experts(m, kind == "pinned", QUICK_HOST_POOL_BYTES if quick else DEFAULT_HOST_BUDGET)
+            # pageable: the executor's whole default pool (its speed depends on the footprint);
+            # pinned copies are DMA from locked pages, 2 GiB is plenty
+            budget = DEFAULT_HOST_BUDGET if kind == "pageable" else 2 << 30
+            host = host_experts(m, kind == "pinned", QUICK_HOST_POOL_BYTES if quick else budget)
             dev = torch.empty((2, host[0].numel()), dtype=host[0].dtype, device=device)
             per_copy = []
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -76,11 +79,11 @@ def cpu_path(device: torch.device, models: tuple[ModelSpec, ...], tokens: list[i
     """``{shape_key: [[tokens, ms], ...]}``: the live executor's CPU-miss path (activations to
     the host, the FFN on cold host weights with torch, the result back), timed on the host
     clock after the host has idled waiting for the GPU, as it does between layers."""
-    from .live import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
+    from .live import LiveExecutor, host_experts
 
     out = {}
     for m in models:
-        host = host_experts(m, True, QUICK_HOST_POOL_BYTES if quick else DEFAULT_HOST_BUDGET // 2)
+        host = host_experts(m, True, QUICK_HOST_POOL_BYTES if quick else 2 << 30)   # far past any CPU cache
         trace = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
                          batch_size=max(tokens), steps=1, seed=0, generator="uniform")
         ex = LiveExecutor(m, PolicySpec(name="probe", miss="cpu"), trace, device=str(device), dense_ms=0.2,
