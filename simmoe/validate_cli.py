@@ -17,8 +17,12 @@ def register(main: click.Group) -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for validation.json and validation.png [default: results/<scenario>-validation].")
 @click.option("--batch-sizes", "-b", help="Override batch sizes, e.g. 1,4.")
+@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
+              help="Live replays per row (within --row-budget); a step's latency is its median over them.")
+@click.option("--row-budget", type=click.FloatRange(0), default=15.0, show_default=True,
+              help="Seconds a row may spend on further replays.")
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, quiet):
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -40,17 +44,18 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, quiet):
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
     with progress_bar(quiet, "validating") as cb:
-        report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb)
+        report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
+                          row_budget_s=row_budget)
     written = write_validation(report, out or Path("results") / f"{sc.name}-validation")
     if quiet:
         return
     t = Table(title=f"{sc.name} on {report['environment'].get('gpu', device)}: live vs {report['profile']}")
-    for c in ("policy", "batch", "live ms", "sim ms", "error", "copy GB/s", "transfers", "hits"):
+    for c in ("policy", "batch", "live ms", "sim ms", "error", "copy GB/s", "transfers", "hits", "replays"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in report["rows"]:
         t.add_row(r["policy"], str(r["batch_size"]), f"{r['live_median_ms']:.3f}", f"{r['sim_median_ms']:.3f}",
                   f"{r['error_pct']:+.1f}%", f"{r['copy_GBps']:.1f}" if r["copy_GBps"] else "-",
-                  str(r["transfers"]), str(r["hits"]))
+                  str(r["transfers"]), str(r["hits"]), str(r["repeats"]))
     Console(width=140).print(t)
     click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%; "
                f"decisions identical: {report['decisions_identical']}")

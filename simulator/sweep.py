@@ -136,6 +136,8 @@ class Point:
 
 @dataclass
 class Sweep:
+    """An expanded sweep: its axes and every point, validated and numbered."""
+
     name: str
     source: str
     base_dir: Path | None
