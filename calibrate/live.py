@@ -11,7 +11,9 @@ scenario, policy objects and trace, emits the same operations; here they run as:
   calibration timed) on ``tokens`` rows of real activations, on the compute stream, after
   ``wait_event`` on the slot's last load.
 - ``DENSE``: ``torch.cuda._sleep`` for the scenario's dense time per layer (cycles calibrated
-  at start-up), on the compute stream.
+  at start-up), on the compute stream; then the router's choice comes to the host (a
+  synchronous copy of the layer's expert ids), as a real runtime must before it can issue the
+  layer's loads. The ids themselves come from the trace.
 - ``CPU``: wait for the layer's activations, copy them to the host, run the FFN on the host
   weights with torch on the CPU, copy the result back.
 - end of step: ``torch.cuda.synchronize()``.
@@ -117,6 +119,7 @@ class LiveExecutor:
         for key, slot in self.planner.preloaded:                  # static-hot: resident from the start
             self.pool[slot].copy_(self.host[key % self.n_host])
         max_tokens = max(1, trace.max_step_tokens)
+        self.route_ids = torch.zeros(max_tokens * model.top_k, dtype=torch.int32, device=self.device)
         self.x = (torch.randn(max_tokens, model.hidden, generator=gen) * 0.5).to(self.dtype).to(self.device)
         if self.cuda:
             self.compute = torch.cuda.Stream(self.device)
@@ -175,6 +178,14 @@ class LiveExecutor:
             ev.record(self.compute)
         return ev
 
+    def _route(self):
+        """The router's choice to the host: a synchronous copy of the layer's expert ids,
+        ordered after the layer's dense work on the compute stream."""
+        if not self.cuda:
+            return
+        with torch.cuda.stream(self.compute):
+            self.route_ids.to("cpu")
+
     def _cpu(self, key, tokens, dense_ev):
         if dense_ev is not None:
             dense_ev.synchronize()               # the layer's activations exist
@@ -213,6 +224,7 @@ class LiveExecutor:
                     executed["prefetch_copies"] += int(op[4])
                 elif kind == DENSE:
                     dense_ev = self._dense()
+                    self._route()
                 else:
                     self._cpu(op[1], op[2], dense_ev)
                     executed["cpu_computes"] += 1

@@ -3,8 +3,10 @@
 Resources, each a SimPy process that runs its operations in issue order, as a CUDA stream does:
 
 - **host**: the Python thread that issues work. Issuing costs host time (``host.launch_us``
-  in the profile); a copy from pageable memory and a CPU expert block the host until done;
-  each step ends with a synchronise.
+  in the profile). The host learns a layer's routing only when that layer's dense work
+  (attention, router) has finished: it waits for it and copies the expert ids down, then
+  issues the layer's expert work. A copy from pageable memory and a CPU expert block the
+  host until done; each step ends with a synchronise.
 - **compute stream**: dense work and expert FFNs. An FFN waits for the last load into its slot.
 - **copy stream**: host-to-device copies (a copy engine). A load waits for the last compute
   that read the slot it overwrites.
@@ -22,6 +24,8 @@ import simpy
 
 from .planner import COMPUTE, CPU, DENSE, LOAD, Decisions, Planner
 from .profile import CostModel
+
+ROUTE_ID_BYTES = 4   # one int32 expert id per (token, choice), copied to the host each layer
 
 
 class Op:
@@ -122,6 +126,7 @@ class Engine:
         memory, blocking = self.memory, self.blocking_copies
         l_copy, l_expert, l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
         act_bytes = cost.activation_bytes_per_token
+        route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         tl = self.timeline
         last_load: dict[int, Op] = {}
         last_read: dict[int, Op] = {}
@@ -160,11 +165,16 @@ class Engine:
                         host += l_dense
                         dense_op = Op(DENSE, self.dense_ms, host, no_deps, None)
                         comp.submit(dense_op)
-                    else:  # CPU: activations down, FFN on the host, result up; host blocked
+                        # the router's choice reaches the host only when the layer's dense work
+                        # (attention, router) is done: the host syncs and copies the ids down
                         if host > env.now:
                             yield env.timeout(host - env.now)
                         if dense_op.end is None:
                             yield wait_for(env, dense_op)
+                        host = env.now + route_ms
+                    else:  # CPU: activations down, FFN on the host, result up; host blocked
+                        if host > env.now:
+                            yield env.timeout(host - env.now)
                         dur = cost.cpu_expert_ms(op[2])
                         if not cost.cpu_path_includes_transfers:
                             nb = act_bytes * op[2]
