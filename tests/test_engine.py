@@ -116,8 +116,7 @@ def test_oracle_prefetch_never_slower(B, extra, seed):
 
 def test_oracle_prefetch_with_evictions():
     """With an evicting LRU cache of two working sets or more, the oracle is faster in total
-    on nearly every trace, and never slower by more than a few percent (measured: 60 of 60
-    traces no slower, median 0.985: copy-bound, so hiding copies behind compute gains little)."""
+    on nearly every trace, and never slower by more than a few percent."""
     ratios = []
     for seed in range(60):
         B = 1 + seed % 8
