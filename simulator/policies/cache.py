@@ -10,30 +10,11 @@ import numpy as np
 from .base import EvictionPolicy, PlanContext, register_eviction
 
 
-@register_eviction("none")
-class NoCache(EvictionPolicy):
-    """Keeps nothing between uses: every request is a miss; slots are reused in turn."""
-
-    retains = False
-
-    def __init__(self, capacity, **options):
-        super().__init__(capacity)
-        self._order: OrderedDict[int, None] = OrderedDict()
-
-    def on_hit(self, key, t):  # never called
-        raise AssertionError("no-cache policy cannot hit")
-
-    def on_insert(self, key, t):
-        self._order[key] = None
-
-    def on_remove(self, key):
-        self._order.pop(key, None)
-
-    def victim(self, protected, t):
-        for k in self._order:
-            if k not in protected:
-                return k
-        raise AssertionError("no unprotected resident")
+def _first_unprotected(order, protected) -> int:
+    for k in order:
+        if k not in protected:
+            return k
+    raise AssertionError("no unprotected resident")
 
 
 class _Ordered(EvictionPolicy):
@@ -55,10 +36,15 @@ class _Ordered(EvictionPolicy):
         del self._order[key]
 
     def victim(self, protected, t):
-        for k in self._order:
-            if k not in protected:
-                return k
-        raise AssertionError("no unprotected resident")
+        return _first_unprotected(self._order, protected)
+
+
+@register_eviction("none")
+class NoCache(_Ordered):
+    """Keeps nothing between uses: every request is a miss. The expert cache then reuses its
+    slots in turn (a ring of staging buffers) and never asks this policy for a victim."""
+
+    retains = False
 
 
 @register_eviction("lru")
@@ -155,10 +141,7 @@ class StaticHot(EvictionPolicy):
         self._order.pop(key, None)
 
     def victim(self, protected, t):
-        for k in self._order:
-            if k not in protected:
-                return k
-        raise AssertionError("static-hot: every staging slot is protected")
+        return _first_unprotected(self._order, protected)
 
 
 @register_eviction("belady")
