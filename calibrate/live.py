@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from simulator.models import ModelSpec
-from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
+from simulator.planner import COMPUTE, DENSE, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
 

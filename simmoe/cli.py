@@ -132,9 +132,11 @@ def trace_group():
 def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_locality, batch_pool, cross_layer,
               prefill_tokens, seed, out):
     """Write a seeded synthetic routing trace (.npz, see docs/traces.md)."""
+    from pydantic import ValidationError
+
+    from simulator.models import PRESETS
     from simulator.scenario import TraceSpec
     from simulator.traces import generate
-    from simulator.models import PRESETS
 
     if model_name not in PRESETS:
         raise InputError("command line", "--model", f"unknown preset {model_name!r}; known: {', '.join(PRESETS)}")
@@ -143,8 +145,8 @@ def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_localit
         spec = TraceSpec(generator=generator, steps=steps, zipf=zipf, temporal=temporal,
                          batch_locality=batch_locality, batch_pool=batch_pool, cross_layer=cross_layer,
                          prefill_tokens=prefill_tokens)
-    except Exception as e:  # pydantic ValidationError: first message
-        msg = getattr(e, "errors", lambda: [{"msg": str(e)}])()[0]["msg"].removeprefix("Value error, ")
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise InputError("command line", "--generator", msg) from None
     tr = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, batch_size=batch,
                   steps=steps, seed=seed, generator=generator, prefill_tokens=prefill_tokens, **spec.knobs)

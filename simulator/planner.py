@@ -34,7 +34,7 @@ import numpy as np
 from .expert_cache import ExpertCache
 from .models import ModelSpec
 from .policies import (
-    EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, PlanContext, PrefetchRequest,
+    EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, PrefetchRequest,
 )
 from .scenario import PolicySpec
 from .traces import Trace
@@ -62,10 +62,6 @@ class Decisions:
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-class _Context(PlanContext):
-    pass
 
 
 class RequestStream:
@@ -153,8 +149,7 @@ class Planner:
     # ------------------------------------------------------------------------------------
     def plan_step(self, s: int) -> tuple[list[list[tuple]], Decisions]:
         """Operations of every layer of step ``s`` (a list per layer) and its decision counts."""
-        trace, E, k = self.trace, self.E, self.k
-        routing = trace.step(s)
+        routing = self.trace.step(s)
         d = Decisions(tokens=len(routing))
         layers = []
         for l in range(self.L):

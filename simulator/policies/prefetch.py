@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import PlanContext, PrefetchPolicy, PrefetchRequest, register_prefetch
+from .base import PlanContext, PrefetchPolicy, register_prefetch
 
 
 @register_prefetch("none")
