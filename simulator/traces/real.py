@@ -45,7 +45,7 @@ from typing import Iterator
 import numpy as np
 
 from ..errors import InputError
-from .trace import TRACE_FORMAT, Trace, load_trace
+from .trace import TRACE_FORMAT, RoutingShape, Trace, load_trace
 
 SEQUENCES_FORMAT = "simmoe-sequences"
 SEQUENCES_VERSION = 1
@@ -57,7 +57,7 @@ _CHUNK_BYTES = 1 << 18
 
 # ----------------------------------------------------------------------------- the corpus
 @dataclass(frozen=True, eq=False)
-class SequenceSet:
+class SequenceSet(RoutingShape):
     """Recorded sequences: routing ``(tokens, layers, top_k)`` of each, concatenated."""
 
     experts: np.ndarray
@@ -70,18 +70,6 @@ class SequenceSet:
     @property
     def num_sequences(self) -> int:
         return len(self.offsets) - 1
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.experts.shape[0])
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.experts.shape[1])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.experts.shape[2])
 
     @property
     def lengths(self) -> np.ndarray:
@@ -406,14 +394,19 @@ def _span(ids: list) -> str:
     return f"{ids[0]}..{ids[-1]} ({len(ids)})" if len(ids) > 3 else str(ids)
 
 
+def _csv_header(rd, src: str) -> list[str]:
+    header = next(rd, None)
+    if header is None:
+        raise InputError(src, "line 1", "empty file (expected a header)")
+    return header
+
+
 def _read_layer_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> Iterator[Record]:
     """One CSV of the layer-major layout: yields one sequence per batch number."""
     src = str(path)
     with open(path, newline="", encoding="utf-8") as f:
         rd = csv.reader(f)
-        header = next(rd, None)
-        if header is None:
-            raise InputError(src, "line 1", "empty file (expected a header)")
+        header = _csv_header(rd, src)
         col = {h.strip().lower(): i for i, h in enumerate(header)}
         for need in ("layer id", "activated expert ids"):
             if need not in col:
@@ -588,9 +581,7 @@ def _read_long_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> It
     src = str(path)
     with open(path, newline="", encoding="utf-8") as f:
         rd = csv.reader(f)
-        header = next(rd, None)
-        if header is None:
-            raise InputError(src, "line 1", "empty file (expected a header)")
+        header = _csv_header(rd, src)
         cols = _long_columns(header, src, "line 1")
         index = {c: i for i, c in enumerate(header)}
         asm = _LongAssembler(src, layers, num_experts)

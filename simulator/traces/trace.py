@@ -32,8 +32,26 @@ TRACE_FORMAT = "simmoe-trace"
 TRACE_VERSION = 1
 
 
+class RoutingShape:
+    """Shape accessors of anything holding routing as ``experts (tokens, layers, top_k)``."""
+
+    experts: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.experts.shape[0])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.experts.shape[1])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.experts.shape[2])
+
+
 @dataclass(frozen=True, eq=False)
-class Trace:
+class Trace(RoutingShape):
     experts: np.ndarray
     step_offsets: np.ndarray
     seq: np.ndarray
@@ -45,18 +63,6 @@ class Trace:
     @property
     def num_steps(self) -> int:
         return len(self.step_offsets) - 1
-
-    @property
-    def num_layers(self) -> int:
-        return int(self.experts.shape[1])
-
-    @property
-    def top_k(self) -> int:
-        return int(self.experts.shape[2])
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.experts.shape[0])
 
     @property
     def num_requests(self) -> int:
