@@ -9,8 +9,8 @@ it) before the next:
 2. expert compute on the device, per expert shape (:mod:`calibrate.compute`);
 3. expert compute on the host CPU (reused from 2 on the CPU device);
 4. host overheads: sync, dense launch, slot allocation, the sleep kernel (:mod:`calibrate.overheads`);
-5. (CUDA) the live executor's costs: expert-sized copy trains from cache-cold host pools, and
-   the host time of its own issue calls (:mod:`calibrate.executor_costs`);
+5. (CUDA) the live executor's costs: expert-sized copy trains from cache-cold host pools, the
+   host time of its own calls inside its steps, its CPU-miss path (:mod:`calibrate.executor_costs`);
 6. the published study's table (:mod:`calibrate.study`).
 
 Nothing is written until every stage has finished; the profile is then written atomically.
@@ -31,7 +31,7 @@ from simulator.models import PRESETS, ModelSpec
 from . import provenance as prov_mod
 from .compute import expert_sweep
 from .copies import alloc_pools, coalescing, copy_sweep, stream_comparison
-from .executor_costs import copy_trains, cpu_path, issue_costs
+from .executor_costs import copy_trains, cpu_path, executor_runs
 from .expert import torch_dtype
 from .overheads import host_overheads, sleep_rate, slot_allocation
 from .profile_writer import build_profile, check_writable, write_atomic
@@ -170,8 +170,8 @@ def _stage_overheads(plan: Plan, timer: Timer, tick) -> dict:
 
 
 def _stage_executor(plan: Plan, timer: Timer, tick) -> dict:
-    return {"copy_trains": copy_trains(plan.device, plan.models, max(3, plan.trials // 5), plan.quick, tick),
-            "executor_issue": issue_costs(plan.device, plan.models, plan.trials, tick),
+    return {"copy_trains": copy_trains(plan.device, plan.models, plan.trials, plan.quick, tick),
+            "executor_runs": executor_runs(plan.device, plan.models, plan.quick, tick),
             "executor_cpu": cpu_path(plan.device, plan.models, list(plan.tokens), plan.trials, plan.quick, tick)}
 
 

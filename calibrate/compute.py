@@ -4,7 +4,8 @@ Each point calls :func:`calibrate.expert.run_expert` (the live executor's code) 
 rows, rotating over several experts' weights (at least 2, and at least 256 MiB in all up to
 8 experts; on the host CPU, gigabytes: a server CPU's last-level cache holds hundreds of MiB)
 so that the weights do not sit in cache. On CUDA the calls go on a compute
-stream, timed with CUDA events per call. CPU points stop early after ``budget_s`` (with at
+stream, timed with CUDA events per call, each queued behind a sleep kernel so that the events
+time the GPU's work alone (the host's issue time is ``host.launch_us``, measured apart). CPU points stop early after ``budget_s`` (with at
 least 3 trials), and the sweep stops after the first point slower than ``stop_ms``: the
 cost model extrapolates linearly in tokens past the last point.
 """
@@ -41,7 +42,7 @@ def expert_sweep(timer: Timer, spec: ModelSpec, tokens: list[int], trials: int, 
     for t in tokens:
         tick(f"{spec.shape_key}, {t} tokens")
         x = torch.randn(t, spec.hidden, dtype=torch_dtype(spec), device=timer.device)
-        s = timer.time(lambda i: run_expert(x, experts[i % n]), trials, warmup, stream, budget_s)
+        s = timer.time(lambda i: run_expert(x, experts[i % n]), trials, warmup, stream, budget_s, gpu_only=True)
         rows.append({"tokens": t, "experts_rotated": n, "ms": summary(s.ms), "host_ms": summary(s.host_ms)})
         if stop_ms is not None and rows[-1]["ms"]["median"] > stop_ms:
             break

@@ -56,6 +56,7 @@ class LiveStep:
     copy_ms: float | None              # sum of copy durations (CUDA events)
     copied_bytes: int
     executed: dict = field(default_factory=dict)
+    host_ms: dict = field(default_factory=dict)   # host time inside each kind of call, summed
 
 
 def host_experts(model: ModelSpec, pinned: bool, budget: int = DEFAULT_HOST_BUDGET, seed: int = 0) -> list[torch.Tensor]:
@@ -198,12 +199,16 @@ class LiveExecutor:
     def run_step(self, s: int) -> tuple[LiveStep, object]:
         layers, decisions = self.planner.plan_step(s)
         executed = {"transfers": 0, "copies": 0, "bytes_h2d": 0, "cpu_computes": 0, "computes": 0,
-                    "computed_tokens": 0, "prefetch_copies": 0}
+                    "computed_tokens": 0, "prefetch_copies": 0, "denses": 0}
+        # host time spent inside each kind of call: issue costs (compute, dense, a pinned load),
+        # a pageable load's blocking copy, the CPU path, and the wait for the router's choice
+        host_ms = dict.fromkeys(("compute", "load", "dense", "route", "cpu"), 0.0)
+        clock = time.perf_counter
         copy_timings: list = []
         layer_events = []
         if self.cuda:
             torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
+        t0 = clock()
         for ops in layers:
             dense_ev = None
             if self.cuda:
@@ -212,21 +217,29 @@ class LiveExecutor:
                 layer_events.append(le)
             for op in ops:
                 kind = op[0]
+                a = clock()
                 if kind == COMPUTE:
                     self._compute(op[1], op[3])
+                    host_ms["compute"] += clock() - a
                     executed["computes"] += 1
                     executed["computed_tokens"] += op[3]
                 elif kind == LOAD:
                     self._load(op[1], op[2], op[3], copy_timings)
+                    host_ms["load"] += clock() - a
                     executed["transfers"] += len(op[2])
                     executed["copies"] += 1
                     executed["bytes_h2d"] += op[3]
                     executed["prefetch_copies"] += int(op[4])
                 elif kind == DENSE:
                     dense_ev = self._dense()
+                    b = clock()
                     self._route()
+                    host_ms["dense"] += b - a
+                    host_ms["route"] += clock() - b
+                    executed["denses"] += 1
                 else:
                     self._cpu(op[1], op[2], dense_ev)
+                    host_ms["cpu"] += clock() - a
                     executed["cpu_computes"] += 1
                     executed["computed_tokens"] += op[2]
         gpu_ms = copy_ms = None
@@ -236,15 +249,16 @@ class LiveExecutor:
             self.compute.wait_stream(self.copy)
             end.record(self.compute)
             torch.cuda.synchronize(self.device)
-            latency = (time.perf_counter() - t0) * 1e3
+            latency = (clock() - t0) * 1e3
             marks = layer_events + [end]
             layer_ms = [a.elapsed_time(b) for a, b in zip(marks, marks[1:])]
             gpu_ms = layer_events[0].elapsed_time(end)
             copy_ms = sum(a.elapsed_time(b) for a, b in copy_timings) if self.measure_copies else None
         else:
-            latency = (time.perf_counter() - t0) * 1e3
+            latency = (clock() - t0) * 1e3
         return LiveStep(step=s, latency_ms=latency, gpu_ms=gpu_ms, layer_ms=layer_ms, copy_ms=copy_ms,
-                        copied_bytes=executed["bytes_h2d"], executed=executed), decisions
+                        copied_bytes=executed["bytes_h2d"], executed=executed,
+                        host_ms={k: v * 1e3 for k, v in host_ms.items()}), decisions
 
     def warm_up(self) -> None:
         """Run every token count the trace needs once per kernel, and a few copies, untimed."""

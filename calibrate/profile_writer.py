@@ -15,7 +15,7 @@ from pathlib import Path
 from simulator.errors import InputError
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
-from .executor_costs import launch_us
+from .executor_costs import host_costs
 from .fit import compute_fit, copy_curve
 
 TWO_ENGINES_SPEEDUP = 1.25   # two copy streams this much faster than one: two copy engines
@@ -61,26 +61,32 @@ def _host_section(results: dict) -> dict:
     over = results["overheads"]
     launch = {"copy": h2d[first_kind][0]["host_ms"]["median"] * 1e3, "expert": expert_us,
               "dense": over["dense_launch_ms"]["median"] * 1e3}
-    if "executor_issue" in results:     # CUDA: the live executor's own issue calls
-        launch = launch_us(results["executor_issue"])
+    tail = 0.0
+    if "executor_runs" in results:     # CUDA: the live executor's own calls, inside its steps
+        launch, tail = host_costs(results["executor_runs"])
     return {
         "launch_us": launch,
         "sync_us": over["sync_ms"]["median"] * 1e3,
         "pageable_blocks_host": _pageable_blocks_host(results["copies"]),
+        "pageable_tail_us": tail,
         "cpu_path_includes_transfers": "executor_cpu" in results,
     }
 
 
-def _with_trains(copy: dict, trains: dict) -> None:
-    """Expert-sized copies as the executor issues them (back to back, cache-cold host memory)
-    replace the lone-copy points of the same size in the host-to-device tables."""
-    for kind, rows in trains.items():
+def _with_trains(copy: dict, trains: dict, runs: dict | None) -> None:
+    """Expert-sized copies as the executor issues them replace the lone-copy points of the same
+    size in the host-to-device tables: pinned, back-to-back trains from cache-cold host memory;
+    pageable, the blocking copy inside the executor's per-item steps, less its issue cost."""
+    points = {kind: {r["bytes"]: r["ms"]["median"] for r in rows} for kind, rows in trains.items()}
+    if runs:
+        launch_ms = host_costs(runs)[0]["copy"] * 1e-3
+        points.setdefault("pageable", {}).update(
+            {r["expert_bytes"]: r["pageable_copy_ms"] - launch_ms for r in runs.values()})
+    for kind, pts in points.items():
         curve = copy["h2d"].get(kind)
         if curve is None:
             continue
-        table = {b: ms for b, ms in curve["table"]}
-        for r in rows:
-            table[r["bytes"]] = r["ms"]["median"]
+        table = dict(curve["table"]) | pts
         curve["table"] = sorted([b, ms] for b, ms in table.items())
 
 
@@ -88,7 +94,7 @@ def build_profile(name: str, provenance: dict, results: dict) -> dict:
     """The profile document (validated with :func:`simulator.profile.parse_profile`)."""
     copy, copy_fits = _copy_section(results["copies"], results.get("copy_streams"))
     if "copy_trains" in results:
-        _with_trains(copy, results["copy_trains"])
+        _with_trains(copy, results["copy_trains"], results.get("executor_runs"))
     # on the CPU device the device tables are the CPU tables (measured once)
     sources = {"gpu": results["compute_device"], "cpu": results.get("compute_cpu", results["compute_device"])}
     compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in tables.items()}

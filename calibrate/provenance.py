@@ -36,6 +36,17 @@ def host_cpu() -> str:
     return platform.processor() or UNKNOWN
 
 
+def host_identity() -> dict:
+    """Which machine this is: its name and the kernel's boot id (a fresh VM on the same
+    hardware gets a new one). A validation reports whether it ran where its profile was made:
+    host-bound costs (pageable copies, the CPU path, issue costs) move from host to host."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = UNKNOWN
+    return {"hostname": platform.node() or UNKNOWN, "boot_id": boot}
+
+
 def _pci_address(props) -> tuple[str, str] | None:
     """(nvidia-smi bus id, sysfs address) of a CUDA device, if torch exposes it."""
     try:
@@ -103,6 +114,7 @@ def collect(device: torch.device) -> dict:
         "host_cpu": host_cpu(), "cpu_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "simmoe_version": __version__, "python": platform.python_version(),
+        **host_identity(),
     }
     if device.type == "cuda":
         prov.update(gpu_info(device))

@@ -6,6 +6,11 @@ gaps while the host issues the work (as the live executor would see it), never w
 by an earlier trial. ``fn`` receives a running index (warm-ups included) so it can rotate
 through several buffers and keep caches from flattering the result.
 
+With ``gpu_only``, each trial is queued behind a sleep kernel on the same stream, so the
+host has issued all of it before the GPU starts: the events then time the GPU's work alone,
+not the host's launch gaps (NVBench's blocking-kernel method). The simulator charges the host's
+issue time separately (``host.launch_us``), so expert compute is timed this way.
+
 On the CPU device the work is synchronous and the device time is the host time.
 """
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 MIN_TRIALS = 3
 ROTATE_BYTES = 256 << 20  # rotate through at least this much memory: well past any L2/LLC
 MAX_ROTATE = 8
+BLOCKER_CYCLES = 4_000_000  # ~2 ms of GPU sleep: longer than issuing any one trial takes
 
 
 @dataclass
@@ -54,11 +60,12 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn: Callable[[int], object], trials: int, warmup: int, stream=None,
-             budget_s: float | None = None) -> Samples:
+             budget_s: float | None = None, gpu_only: bool = False) -> Samples:
         """Time ``trials`` calls of ``fn`` after ``warmup`` untimed ones, on ``stream``.
 
         With ``budget_s``, stop early once that much wall time is spent (after at least
-        ``MIN_TRIALS`` trials): for slow CPU points.
+        ``MIN_TRIALS`` trials): for slow CPU points. With ``gpu_only`` (CUDA), time the
+        device's work alone, behind a sleep kernel.
         """
         self.synchronize()  # buffers made on other streams are ready
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -66,14 +73,16 @@ class Timer:
             for i in range(warmup):
                 fn(i)
             self.synchronize()
-            return self._trials(fn, trials, warmup, budget_s)
+            return self._trials(fn, trials, warmup, budget_s, gpu_only and self.is_cuda)
 
-    def _trials(self, fn, trials: int, first: int, budget_s: float | None) -> Samples:
+    def _trials(self, fn, trials: int, first: int, budget_s: float | None, block: bool = False) -> Samples:
         out = Samples([], [])
         if self.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         began = time.perf_counter()
         for i in range(trials):
+            if block:
+                torch.cuda._sleep(BLOCKER_CYCLES)
             if self.is_cuda:
                 start.record()
             t0 = time.perf_counter()

@@ -63,6 +63,8 @@ class Row:
     live_steps_ms: list
     sim_steps_ms: list
     repeats: int
+    sim_copy_GBps: float | None      # the rate the profile gives one expert copy of the row's memory kind
+    host_us: dict                    # per call kind: live mean us per call vs the profile's
 
 
 def _compare_decisions(sim_df, live_steps, policy, b):
@@ -79,6 +81,31 @@ def _compare_decisions(sim_df, live_steps, policy, b):
             raise DecisionMismatch(f"{policy} B={b} step {st.step}: computed tokens {ex['computed_tokens']}")
 
 
+HOST_CALLS = {"compute": "computes", "load": "copies", "dense": "denses", "route": "denses",
+              "cpu": "cpu_computes"}
+
+
+def host_costs(runs, warm: int, sim_meas, cost, blocking: bool) -> dict:
+    """Host time per call, live (mean over every replay's measured steps) and as the model
+    has it: ``{kind: {"live": us, "sim": us or None, "calls": n}}`` for the kinds the row issued.
+    A blocking (pageable) load's host time is its copy; the route wait has no single model value
+    (it is the host waiting for the layer's dense work)."""
+    copies = int(sim_meas["copies"].sum())
+    cpus = int(sim_meas["cpu_computes"].sum())
+    sim = {"compute": cost.launch_expert + (cost.pageable_tail if blocking else 0.0),
+           "dense": cost.launch_dense, "route": None,
+           "load": cost.launch_copy + (float(sim_meas["transfer_ms"].sum()) / copies if blocking and copies else 0.0),
+           "cpu": float(sim_meas["cpu_ms"].sum()) / cpus if cpus else None}
+    out = {}
+    for kind, counter in HOST_CALLS.items():
+        ms = sum(st.host_ms.get(kind, 0.0) for run in runs for st, _ in run if st.step >= warm)
+        n = sum(st.executed.get(counter, 0) for run in runs for st, _ in run if st.step >= warm)
+        if n:
+            out["pageable copy" if kind == "load" and blocking else kind] = {"live": ms / n * 1e3, "sim": None if sim[kind] is None else sim[kind] * 1e3,
+                         "calls": n}
+    return out
+
+
 def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda", base_dir: Path | None = None,
              progress: Callable[[int, int, str], None] | None = None, repeats: int = 3,
              row_budget_s: float = 15.0) -> dict:
@@ -88,6 +115,7 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
     import torch
 
     from .live import LiveExecutor, host_experts
+    from .provenance import host_identity
 
     dev = check_device(device)
     if not isinstance(profile, Profile):
@@ -149,22 +177,40 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                 live_steps_ms=[round(x, 4) for x in live_lat],
                 sim_steps_ms=[round(float(x), 4) for x in sim_meas["latency_ms"]],
                 repeats=len(runs),
+                sim_copy_GBps=sc.model.expert_bytes / cost.copy_ms(sc.model.expert_bytes, pol.memory) / 1e6,
+                host_us=host_costs(runs, warm, sim_meas, cost, pol.memory == "pageable" and cost.pageable_blocks_host),
             ))
             done += 1
     if progress:
         progress(done, total, "done")
     errs = [abs(r.error_pct) for r in rows]
-    env = {"device": str(dev)}
+    env = {"device": str(dev), **host_identity()}
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
     env["torch"] = torch.__version__
+    # host-bound costs move from machine to machine: say whether this is where the profile was made
+    made = profile.provenance.get("boot_id")
+    env["same_host_as_profile"] = None if made in (None, "unknown") else made == env["boot_id"]
     return {
         "format": "simmoe-validation", "version": 1, "scenario": sc.name, "profile": profile.name,
         "profile_kind": profile.provenance.get("kind"), "environment": env,
         "median_abs_error_pct": float(np.median(errs)), "worst_abs_error_pct": float(np.max(errs)),
         "decisions_identical": all(r.decisions_equal for r in rows),
+        "host_drift": host_drift(rows),
         "rows": [r.__dict__ for r in rows],
     }
+
+
+def host_drift(rows: list[Row]) -> dict:
+    """Per host call kind, the median over rows of live / profile time per call: how far this
+    host's issue costs, pageable copies and CPU path are from the machine and moment the
+    profile was calibrated on (1.0: the same)."""
+    ratios: dict[str, list] = {}
+    for r in rows:
+        for kind, v in r.host_us.items():
+            if v["sim"]:
+                ratios.setdefault(kind, []).append(v["live"] / v["sim"])
+    return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
 def write_validation(report: dict, out_dir: Path) -> list[Path]:

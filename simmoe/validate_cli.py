@@ -59,4 +59,8 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     Console(width=140).print(t)
     click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%; "
                f"decisions identical: {report['decisions_identical']}")
+    drift = ", ".join(f"{k} {v:.2f}x" for k, v in report["host_drift"].items())
+    same = report["environment"].get("same_host_as_profile")
+    click.echo(f"host time per call, live / profile (median over rows): {drift or '-'}; "
+               f"same host as the profile: {'unknown' if same is None else same}")
     click.echo(f"wrote {', '.join(str(p) for p in written)}")

@@ -6,7 +6,8 @@ Resources, each a SimPy process that runs its operations in issue order, as a CU
   in the profile). The host learns a layer's routing only when that layer's dense work
   (attention, router) has finished: it waits for it and copies the expert ids down, then
   issues the layer's expert work. A copy from pageable memory and a CPU expert block the
-  host until done; each step ends with a synchronise.
+  host until done (after a pageable copy, the next call also waits ``host.pageable_tail_us``
+  while the driver finishes the staged copy); each step ends with a synchronise.
 - **compute stream**: dense work and expert FFNs. An FFN waits for the last load into its slot.
 - **copy stream**: host-to-device copies (a copy engine). A load waits for the last compute
   that read the slot it overwrites.
@@ -123,7 +124,7 @@ class Engine:
 
     def _host(self, planner: Planner, steps, records):
         env, cost, comp, copy = self.env, self.cost, self.compute, self.copy
-        memory, blocking = self.memory, self.blocking_copies
+        memory, blocking, tail = self.memory, self.blocking_copies, cost.pageable_tail
         l_copy, l_expert, l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
@@ -160,7 +161,7 @@ class Engine:
                                 yield env.timeout(host - env.now)
                             if o.end is None:
                                 yield wait_for(env, o)
-                            host = env.now
+                            host = env.now + tail   # the driver finishes the staged copy first
                     elif kind == DENSE:
                         host += l_dense
                         dense_op = Op(DENSE, self.dense_ms, host, no_deps, None)

@@ -114,6 +114,9 @@ class HostSection(_Strict):
     pageable_blocks_host: bool = Field(
         True, description="a copy from pageable memory returns to the host only when done"
     )
+    pageable_tail_us: float = Field(
+        0.0, ge=0, description="extra host time of the call after a blocking pageable copy, us"
+    )
     cpu_path_includes_transfers: bool = Field(
         False, description="compute.cpu times include moving activations to the host and back"
     )
@@ -275,6 +278,7 @@ class CostModel:
         self.launch_dense = h.launch_us.dense * 1e-3
         self.sync = h.sync_us * 1e-3
         self.pageable_blocks_host = h.pageable_blocks_host
+        self.pageable_tail = h.pageable_tail_us * 1e-3
         self.cpu_path_includes_transfers = h.cpu_path_includes_transfers
 
     def copy_ms(self, nbytes: int, memory: str = "pinned", direction: str = "h2d") -> float:

@@ -292,4 +292,27 @@ def test_cuda_quick_calibration(tmp_path):
     assert doc["measurements"]["copy_streams"]["two_streams_ms"]["median"] > 0
     assert "fresh_uncached_ms" in doc["measurements"]["overheads"]["slot_allocation"]["published-study"]
     assert 0 < prof.host.launch_us.copy_ < 1000 and 0 < prof.host.sync_us < 10_000
+    runs = doc["measurements"]["executor_runs"]["published-study"]
+    assert runs["compute_us"] > 0 and runs["dense_us"] > 0 and runs["pageable_copy_ms"] > 0
+    assert prof.host.launch_us.expert == pytest.approx(runs["compute_us"]) and prof.host.pageable_tail_us >= 0
     assert "Batch 4, 10 experts" in stdout
+
+
+def test_executor_runs_set_host_costs_and_the_pageable_expert_point():
+    """What the executor's own steps measured becomes the profile's host costs (medians over
+    models) and the pageable copy at each expert's size (the blocking call less its issue)."""
+    from calibrate.executor_costs import host_costs
+    from calibrate.profile_writer import _with_trains
+
+    runs = {"a": {"compute_us": 100.0, "load_us": 40.0, "dense_us": 30.0, "pageable_copy_ms": 3.04,
+                  "pageable_compute_us": 250.0, "expert_bytes": 1000},
+            "b": {"compute_us": 140.0, "load_us": 60.0, "dense_us": 50.0, "pageable_copy_ms": 2.05,
+                  "pageable_compute_us": 270.0, "expert_bytes": 2000}}
+    launch, tail = host_costs(runs)
+    assert launch == {"copy": 50.0, "expert": 120.0, "dense": 40.0} and tail == 140.0
+    copy = {"h2d": {"pinned": {"table": [[1000, 0.5], [4000, 1.0]]}, "pageable": {"table": [[1000, 9.0], [8000, 9.9]]}}}
+    trains = {"pinned": [{"bytes": 1000, "ms": {"median": 0.4}}], "pageable": [{"bytes": 1000, "ms": {"median": 8.0}}]}
+    _with_trains(copy, trains, runs)
+    assert copy["h2d"]["pinned"]["table"] == [[1000, 0.4], [4000, 1.0]]
+    assert copy["h2d"]["pageable"]["table"] == [[1000, pytest.approx(2.99)], [2000, pytest.approx(2.0)], [8000, 9.9]]
+

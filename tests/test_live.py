@@ -49,7 +49,8 @@ def tiny_scenario(**over):
 
 
 def test_live_cpu_decisions_identical(tmp_path):
-    report = validate(parse_scenario(tiny_scenario()), profile=str(tiny_profile(tmp_path)), device="cpu")
+    prof = tiny_profile(tmp_path)
+    report = validate(parse_scenario(tiny_scenario()), profile=str(prof), device="cpu")
     assert report["decisions_identical"]
     rows = report["rows"]
     assert len(rows) == len(POLICIES) * 2
@@ -57,6 +58,27 @@ def test_live_cpu_decisions_identical(tmp_path):
     assert by[("per-item-pageable", 5)]["transfers"] > by[("dedup", 5)]["transfers"]
     assert by[("cpu-miss", 5)]["misses"] > 0
     assert all(r["live_median_ms"] > 0 and r["sim_median_ms"] > 0 for r in rows)
+    # host time per call kind: every measured step's layers, in every replay
+    for r in rows:
+        assert r["host_us"]["dense"]["calls"] == 3 * r["steps"] * r["repeats"]
+        assert r["host_us"]["dense"]["live"] > 0 and r["host_us"]["dense"]["sim"] == pytest.approx(
+            json.loads(prof.read_text())["host"]["launch_us"]["dense"])
+    assert "pageable copy" in by[("per-item-pageable", 5)]["host_us"]
+    assert "load" in by[("dedup", 5)]["host_us"] and "pageable copy" not in by[("dedup", 5)]["host_us"]
+    assert by[("cpu-miss", 5)]["host_us"]["cpu"]["calls"] > 0
+    assert set(report["host_drift"]) <= {"compute", "load", "pageable copy", "dense", "cpu"}
+    assert report["environment"]["same_host_as_profile"] is None      # the tiny profile is no calibration
+
+
+def test_validation_knows_its_host(tmp_path):
+    from calibrate.provenance import host_identity
+
+    doc = json.loads(tiny_profile(tmp_path).read_text())
+    sc = parse_scenario(tiny_scenario(batch_sizes=[1], policies=POLICIES[1:2]))
+    for boot, same in ((host_identity()["boot_id"], True), ("another-machine", False)):
+        doc["provenance"]["boot_id"] = boot
+        report = validate(sc, profile=parse_profile(doc, "tiny"), device="cpu", repeats=1)
+        assert report["environment"]["same_host_as_profile"] is same
 
 
 def test_validate_cli_on_cpu(tmp_path):
