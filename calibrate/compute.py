@@ -5,9 +5,10 @@ rows, rotating over several experts' weights (at least 2, and at least 256 MiB i
 8 experts; on the host CPU, gigabytes: a server CPU's last-level cache holds hundreds of MiB)
 so that the weights do not sit in cache. On CUDA the calls go on a compute
 stream, timed with CUDA events per call, each queued behind a sleep kernel so that the events
-time the GPU's work alone (the host's issue time is ``host.launch_us``, measured apart). CPU points stop early after ``budget_s`` (with at
-least 3 trials), and the sweep stops after the first point slower than ``stop_ms``: the
-cost model extrapolates linearly in tokens past the last point.
+time the GPU's work alone (the host's issue time is ``host.launch_us``, measured apart). CPU
+points stop early after ``budget_s`` (with at least 3 trials), and the sweep stops after the
+first point slower than ``stop_ms``: the cost model extrapolates linearly in tokens past the
+last point.
 """
 from __future__ import annotations
 

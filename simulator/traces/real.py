@@ -401,6 +401,17 @@ def _csv_header(rd, src: str) -> list[str]:
     return header
 
 
+
+def _rows(rd, header: list[str], src: str):
+    """``(where, row)`` for each non-empty CSV row, each checked to have the header's width."""
+    for row in rd:
+        ln = f"line {rd.line_num}"
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise InputError(src, ln, f"expected {len(header)} fields, found {len(row)}")
+        yield ln, row
+
 def _read_layer_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> Iterator[Record]:
     """One CSV of the layer-major layout: yields one sequence per batch number."""
     src = str(path)
@@ -415,12 +426,7 @@ def _read_layer_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> I
         bi, ti = col.get("batch number"), col.get("token")
         groups: dict[int, dict[int, list]] = {}
         k = None
-        for row in rd:
-            ln = f"line {rd.line_num}"
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise InputError(src, ln, f"expected {len(header)} fields, found {len(row)}")
+        for ln, row in _rows(rd, header, src):
             layer = _int(row[li], src, ln, "Layer ID")
             batch = _int(row[bi], src, ln, "Batch Number") if bi is not None else 0
             ids = parse_ids(row[ei], src, ln, num_experts)
@@ -585,12 +591,7 @@ def _read_long_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> It
         cols = _long_columns(header, src, "line 1")
         index = {c: i for i, c in enumerate(header)}
         asm = _LongAssembler(src, layers, num_experts)
-        for row in rd:
-            ln = f"line {rd.line_num}"
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise InputError(src, ln, f"expected {len(header)} fields, found {len(row)}")
+        for ln, row in _rows(rd, header, src):
             done = asm.add(*_row_values(lambda c: row[index[c]], cols, src, ln, num_experts), where=ln)
             if done:
                 yield done
