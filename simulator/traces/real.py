@@ -401,7 +401,6 @@ def _csv_header(rd, src: str) -> list[str]:
     return header
 
 
-
 def _rows(rd, header: list[str], src: str):
     """``(where, row)`` for each non-empty CSV row, each checked to have the header's width."""
     for row in rd:
