@@ -80,46 +80,71 @@ def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int
     return out
 
 
+CPU_PASSES = 3   # the token sweep runs this many times over, so drift touches every point alike
+
+
+def cpu_bursts(ex, key: int, tokens: int, burst: int, trials: int, budget_s: float) -> tuple[list[float], int]:
+    """Per-call ms of up to ``trials`` bursts of ``burst`` CPU-path calls (``ex._cpu``) on
+    experts ``key, key+1, ...``, each burst after the host waited on the GPU (a layer's dense
+    work), as a layer's missed experts meet it. Returns the times and the next expert key."""
+    times: list[float] = []
+    began = time.perf_counter()
+    for i in range(trials):
+        ev = ex._dense()
+        if ev is not None:
+            ev.synchronize()                      # the host idles on the GPU, as between layers
+        t0 = time.perf_counter()
+        for _ in range(burst):
+            ex._cpu(key, tokens, None)
+            key += 1
+        times.append((time.perf_counter() - t0) * 1e3 / burst)
+        if i >= 2 and time.perf_counter() - began > budget_s:
+            break
+    return times, key
+
+
+def cpu_executor(device: torch.device, m: ModelSpec, max_tokens: int, host):
+    """A live executor whose ``_cpu`` is the CPU-miss path of ``m``, for up to ``max_tokens``."""
+    from .live import LiveExecutor
+
+    trace = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
+                     batch_size=max_tokens, steps=1, seed=0, generator="uniform")
+    return LiveExecutor(m, PolicySpec(name="probe", miss="cpu"), trace, device=str(device), dense_ms=0.2,
+                        host=host, measure_copies=False)
+
+
 def cpu_path(device: torch.device, models: tuple[ModelSpec, ...], tokens: list[int], trials: int, quick: bool,
              tick) -> dict:
     """``{shape_key: [[tokens, ms], ...]}``: the live executor's CPU-miss path (activations to
     the host, the FFN on cold host weights with torch, the result back), timed on the host
-    clock as the executor meets it: after the host has idled waiting for the GPU (a layer's
-    route sync), a burst of ``top_k`` calls back to back on different experts (a layer's missed
-    experts); the point is the burst's time per call."""
-    from .live import LiveExecutor, host_experts
+    clock as the executor meets it (:func:`cpu_bursts`, bursts of ``top_k`` calls); the point is
+    the median time per call. The token sweep runs ``CPU_PASSES`` times over, each pass with a
+    share of the trials and time, so that a host whose speed drifts over the sweep (as the
+    shared VMs here do, by 10-20% within seconds) moves every point alike rather than bending
+    the table."""
+    from .live import host_experts
 
     out = {}
     for m in models:
         host = host_experts(m, True, QUICK_HOST_POOL_BYTES if quick else 2 << 30)   # far past any CPU cache
-        trace = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
-                         batch_size=max(tokens), steps=1, seed=0, generator="uniform")
-        ex = LiveExecutor(m, PolicySpec(name="probe", miss="cpu"), trace, device=str(device), dense_ms=0.2,
-                          host=host, measure_copies=False)
+        ex = cpu_executor(device, m, max(tokens), host)
         burst = max(2, m.top_k)
-        rows = []
+        samples: dict[int, list[float]] = {}
         k = 0
-        for t in tokens:
-            tick(f"CPU-miss path {m.name}, {t} tokens")
-            for _ in range(burst):                    # untimed: first calls at this size
+        for t in tokens:                              # untimed: first calls at each size
+            for _ in range(burst):
                 ex._cpu(k, t, None)
                 k += 1
-            times = []
-            began = time.perf_counter()
-            for i in range(trials):
-                ev = ex._dense()
-                ev.synchronize()                      # the host idles on the GPU, as between layers
-                t0 = time.perf_counter()
-                for _ in range(burst):
-                    ex._cpu(k, t, None)
-                    k += 1
-                times.append((time.perf_counter() - t0) * 1e3 / burst)
-                if i >= 2 and time.perf_counter() - began > CPU_POINT_BUDGET_S:
+        live = list(tokens)
+        for p in range(CPU_PASSES):
+            for t in list(live):
+                tick(f"CPU-miss path {m.name}, {t} tokens, pass {p + 1}/{CPU_PASSES}")
+                times, k = cpu_bursts(ex, k, t, burst, max(3, trials // CPU_PASSES), CPU_POINT_BUDGET_S / CPU_PASSES)
+                samples.setdefault(t, []).extend(times)
+                if p == 0 and summary(times)["median"] > CPU_STOP_MS:   # later points: past the stop
+                    live = live[:live.index(t) + 1]
                     break
-            rows.append([t, summary(times)["median"]])
-            if rows[-1][1] > CPU_STOP_MS:
-                break
-        out[m.shape_key] = rows
+        out[m.shape_key] = [[t, summary(samples[t])["median"]] for t in live]
         del ex, host
         gc.collect()
         torch.cuda.empty_cache()
@@ -136,13 +161,57 @@ def _per_call_us(steps, kind: str, counter: str) -> float | None:
     return sum(st.host_ms[kind] for st in steps) / n * 1e3 if n else None
 
 
+PROBE_KINDS = ("pinned", "pageable")
+
+
+def probe_policy(kind: str, pm: ModelSpec) -> PolicySpec:
+    """The probe's policy: pinned dedup loads, an LRU cache of a quarter of the experts and
+    next-layer oracle prefetch; or per-item loads from pageable memory."""
+    if kind == "pinned":
+        return PolicySpec(name="probe-pinned", prefetch={"kind": "oracle"},
+                          cache={"kind": "lru", "capacity": max(2, pm.num_layers * pm.num_experts // 4)})
+    return PolicySpec(name="probe-pageable", load="per-item", memory="pageable")
+
+
+def probe_steps(device: torch.device, pm: ModelSpec, kind: str, host, steps: int = RUN_STEPS,
+                batches: tuple[int, ...] = (1, 4)) -> list:
+    """The executor's steps (:class:`calibrate.live.LiveStep`) of the ``kind`` probe on the
+    (cut) model ``pm``, a uniform synthetic trace at each batch size; the first step of each
+    warms up and is dropped."""
+    from .live import LiveExecutor
+
+    measured = []
+    for b in batches:
+        trace = generate(num_layers=pm.num_layers, num_experts=pm.num_experts, top_k=pm.top_k, batch_size=b,
+                         steps=steps, seed=RUN_SEED, generator="uniform")
+        ex = LiveExecutor(pm, probe_policy(kind, pm), trace, device=str(device), dense_ms=RUN_DENSE_MS,
+                          seed=RUN_SEED, host=host, measure_copies=False)
+        ex.warm_up()
+        measured += [st for st, _ in ex.run()][1:]
+        del ex
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return measured
+
+
+def probe_costs(steps: list, kind: str) -> dict:
+    """Host cost per call from :func:`probe_steps`: pinned, us per expert FFN, copy and dense
+    call; pageable, ms per blocking copy and us per expert FFN issued right after one."""
+    if kind == "pinned":
+        return {"compute_us": _per_call_us(steps, "compute", "computes"),
+                "load_us": _per_call_us(steps, "load", "copies"),
+                "dense_us": _per_call_us(steps, "dense", "denses")}
+    return {"pageable_copy_ms": _per_call_us(steps, "load", "copies") * 1e-3,
+            "pageable_compute_us": _per_call_us(steps, "compute", "computes")}
+
+
 def executor_runs(device: torch.device, models: tuple[ModelSpec, ...], quick: bool, tick) -> dict:
     """Host time per call of the live executor, measured inside its own steps.
 
     Timed one call at a time on an idle GPU, an issue call costs half of what it costs in a
     running step (measured on the H100: 77 vs 100-190 us per expert FFN), so issue costs are
     taken from whole executor steps instead, over a uniform synthetic trace (not a validation
-    scenario's), on ``RUN_LAYERS`` of the model's layers:
+    scenario's), on ``RUN_LAYERS`` of the model's layers (:func:`probe_steps`):
 
     - **pinned**: dedup loads, an LRU cache of a quarter of the experts and next-layer oracle
       prefetch, at batch 1 and 4: host us per expert FFN, copy and dense call;
@@ -153,38 +222,18 @@ def executor_runs(device: torch.device, models: tuple[ModelSpec, ...], quick: bo
     ``{model: {"compute_us", "load_us", "dense_us", "pageable_copy_ms", "pageable_compute_us",
     "expert_bytes"}}``.
     """
-    from .live import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
+    from .live import DEFAULT_HOST_BUDGET, host_experts
 
     out = {}
     for m in models:
         pm = _probe_model(m)
-        steps = 3 if quick else RUN_STEPS
         res = {}
-        for kind, batches, policy in (
-                ("pinned", (1, 4), PolicySpec(name="probe-pinned", prefetch={"kind": "oracle"},
-                                              cache={"kind": "lru", "capacity": max(2, pm.num_layers * pm.num_experts // 4)})),
-                ("pageable", (1, 4), PolicySpec(name="probe-pageable", load="per-item", memory="pageable"))):
+        for kind in PROBE_KINDS:
             tick(f"executor runs, {kind}, {m.name}")
             pinned = kind == "pinned" and device.type == "cuda"
             budget = QUICK_HOST_POOL_BYTES if quick else (DEFAULT_HOST_BUDGET if kind == "pageable" else 2 << 30)
             host = host_experts(pm, pinned, budget)
-            measured = []
-            for b in batches:
-                trace = generate(num_layers=pm.num_layers, num_experts=pm.num_experts, top_k=pm.top_k, batch_size=b,
-                                 steps=steps, seed=RUN_SEED, generator="uniform")
-                ex = LiveExecutor(pm, policy, trace, device=str(device), dense_ms=RUN_DENSE_MS, seed=RUN_SEED,
-                                  host=host, measure_copies=False)
-                ex.warm_up()
-                measured += [st for st, _ in ex.run()][1:]          # the first step warms up
-                del ex
-                torch.cuda.empty_cache()
-            if kind == "pinned":
-                res.update(compute_us=_per_call_us(measured, "compute", "computes"),
-                           load_us=_per_call_us(measured, "load", "copies"),
-                           dense_us=_per_call_us(measured, "dense", "denses"))
-            else:
-                res.update(pageable_copy_ms=_per_call_us(measured, "load", "copies") * 1e-3,
-                           pageable_compute_us=_per_call_us(measured, "compute", "computes"))
+            res.update(probe_costs(probe_steps(device, pm, kind, host, 3 if quick else RUN_STEPS), kind))
             del host
             gc.collect()
         out[m.name] = dict(res, expert_bytes=m.expert_bytes)

@@ -21,6 +21,7 @@ from .fit import compute_fit, copy_curve
 TWO_ENGINES_SPEEDUP = 1.25   # two copy streams this much faster than one: two copy engines
 BLOCKING_HOST_SHARE = 0.5    # pageable copies block the host if the call takes this share of the copy
 BLOCKING_MIN_BYTES = 1 << 20
+MIN_COPY_MS = 1e-6           # a copy is never free (tiny CPU-device copies can measure under their issue cost)
 
 
 def _medians(points: list[dict], key: str) -> list[tuple[int, float]]:
@@ -73,7 +74,7 @@ def _host_section(results: dict) -> dict:
     }
 
 
-def _with_trains(copy: dict, trains: dict, runs: dict | None) -> None:
+def with_executor_copies(copy: dict, trains: dict, runs: dict | None) -> None:
     """Expert-sized copies as the executor issues them replace the lone-copy points of the same
     size in the host-to-device tables: pinned, back-to-back trains from cache-cold host memory;
     pageable, the blocking copy inside the executor's per-item steps, less its issue cost."""
@@ -81,7 +82,7 @@ def _with_trains(copy: dict, trains: dict, runs: dict | None) -> None:
     if runs:
         launch_ms = host_costs(runs)[0]["copy"] * 1e-3
         points.setdefault("pageable", {}).update(
-            {r["expert_bytes"]: r["pageable_copy_ms"] - launch_ms for r in runs.values()})
+            {r["expert_bytes"]: max(r["pageable_copy_ms"] - launch_ms, MIN_COPY_MS) for r in runs.values()})
     for kind, pts in points.items():
         curve = copy["h2d"].get(kind)
         if curve is None:
@@ -94,7 +95,7 @@ def build_profile(name: str, provenance: dict, results: dict) -> dict:
     """The profile document (validated with :func:`simulator.profile.parse_profile`)."""
     copy, copy_fits = _copy_section(results["copies"], results.get("copy_streams"))
     if "copy_trains" in results:
-        _with_trains(copy, results["copy_trains"], results.get("executor_runs"))
+        with_executor_copies(copy, results["copy_trains"], results.get("executor_runs"))
     # on the CPU device the device tables are the CPU tables (measured once)
     sources = {"gpu": results["compute_device"], "cpu": results.get("compute_cpu", results["compute_device"])}
     compute = {side: {key: [[t, ms] for t, ms in _medians(rows, "tokens")] for key, rows in tables.items()}

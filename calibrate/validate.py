@@ -7,6 +7,12 @@ what it executed); latency is compared as the median step latency over the measu
 (after ``engine.warmup_steps``): error % = (simulated - live) / live. Each row is replayed
 live several times (``repeats``, within a time budget) and each step's live latency is its
 median over the replays, so a passing spike on the shared host does not decide a row.
+
+With ``host_now`` (the default on CUDA) the host terms are also measured beside each row, by
+calibration's own probes interleaved with the replays (before each, after the last, and every
+``PROBE_EVERY_S`` between the steps of a long one: :mod:`calibrate.host_now`), and the row
+is simulated a second time with them: ``error_now_pct`` is the model's error once the host's
+drift since calibration is taken out; ``error_pct`` stays the profile's, as a user meets it.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from simulator.errors import InputError
 from simulator.profile import Profile, load_profile
 from simulator.runner import build_trace, cost_model, derive_seed, simulate
 from simulator.scenario import Scenario
+
+PROBE_EVERY_S = 5.0   # host-now probes: before each replay, after the last, and this often within one
 
 DECISION_FIELDS = ("requests", "unique_requests", "hits", "misses", "transfers", "copies", "bytes_h2d",
                    "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes")
@@ -64,7 +72,10 @@ class Row:
     sim_steps_ms: list
     repeats: int
     sim_copy_GBps: float | None      # the rate the profile gives one expert copy of the row's memory kind
-    host_us: dict                    # per call kind: live mean us per call vs the profile's
+    host_us: dict                    # per call kind: live mean us per call vs the profile's (and now)
+    sim_now_median_ms: float | None = None   # simulated with host terms measured beside the row
+    error_now_pct: float | None = None
+    host_now: dict | None = None     # those terms (medians over the probes) and the probe count
 
 
 def _compare_decisions(sim_df, live_steps, policy, b):
@@ -108,12 +119,15 @@ def host_costs(runs, warm: int, sim_meas, cost, blocking: bool) -> dict:
 
 def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda", base_dir: Path | None = None,
              progress: Callable[[int, int, str], None] | None = None, repeats: int = 3,
-             row_budget_s: float = 15.0) -> dict:
+             row_budget_s: float = 15.0, host_now: bool | None = None) -> dict:
     """Live vs simulated for every (policy, batch size). Each row's trace is replayed live up
     to ``repeats`` times while the row has spent less than ``row_budget_s``; a step's live
-    latency is its median over the replays (the shared host has occasional spikes)."""
+    latency is its median over the replays (the shared host has occasional spikes).
+    ``host_now`` (default: on CUDA) also measures the host terms beside each row and reports
+    the error with them."""
     import torch
 
+    from .host_now import HostProbe, cpu_probe_tokens, profile_now
     from .live import LiveExecutor, host_experts
     from .provenance import host_identity
 
@@ -124,29 +138,42 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
     warm = sc.engine.warmup_steps
     total = len(sc.batch_sizes) * len(sc.policies)
     hosts: dict[bool, list] = {}
+
+    def pool(pinned: bool) -> list:
+        if pinned not in hosts:
+            hosts[pinned] = host_experts(sc.model, pinned, seed=sc.seed)
+        return hosts[pinned]
+
+    probe = HostProbe(dev, sc.model, pool) if (dev.type == "cuda" if host_now is None else host_now) else None
     done = 0
     for b in sc.batch_sizes:
         trace = build_trace(sc, b, 0, base_dir)
         cost = cost_model(sc, profile, trace.max_step_tokens)   # raises if the shape is not in the profile
         if any(p.miss.kind == "cpu" for p in sc.policies):
             cost.require_cpu()
+        cpu_tokens = cpu_probe_tokens(profile, cost.shape_key, trace.max_step_tokens)
         for pol in sc.policies:
             if progress:
                 progress(done, total, f"{pol.name} B={b}")
             seed = derive_seed(sc.seed, 0, b, 7)
             sim = simulate(sc, pol, trace, cost, seed=seed)
             pinned = pol.memory == "pinned" and dev.type == "cuda"
-            if pinned not in hosts:
-                hosts[pinned] = host_experts(sc.model, pinned, seed=sc.seed)
-            runs = []
+            runs, samples = [], []
             began = time.perf_counter()
             while True:   # repeat the replay while the row's time budget lasts: spikes on a shared host
+                if probe:                # the host terms now, between replays
+                    samples.append(probe.sample(pol, cpu_tokens))
                 ex = LiveExecutor(sc.model, pol, trace, device=device, dense_ms=sc.dense_ms, seed=seed,
-                                  host=hosts[pinned])
+                                  host=pool(pinned))
                 ex.warm_up()
-                t0 = time.perf_counter()
-                live = ex.run()
-                one = time.perf_counter() - t0
+                live, probed = [], time.perf_counter()
+                for step in range(trace.num_steps):
+                    live.append(ex.run_step(step))
+                    # a long replay (pageable rows: seconds a step) is probed along the way, between steps
+                    if probe and step + 1 < trace.num_steps and time.perf_counter() - probed > PROBE_EVERY_S:
+                        samples.append(probe.sample(pol, cpu_tokens))
+                        probed = time.perf_counter()
+                one = sum(st.latency_ms for st, _ in live) * 1e-3
                 del ex
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
@@ -157,6 +184,19 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
             live = runs[0]
             meas = [(st, dec) for st, dec in live if st.step >= warm]
             sim_meas = sim[sim["step"] >= warm]
+            blocking = pol.memory == "pageable" and cost.pageable_blocks_host
+            host_us = host_costs(runs, warm, sim_meas, cost, blocking)
+            now_ms = now_terms = None
+            if probe:
+                samples.append(probe.sample(pol, cpu_tokens))        # and one after the last replay
+                prof_now, now_terms = profile_now(profile, sc.model, samples)
+                cost_now = cost_model(sc, prof_now, trace.max_step_tokens)
+                sim_now = simulate(sc, pol, trace, cost_now, seed=seed)
+                now_meas = sim_now[sim_now["step"] >= warm]
+                now_ms = float(now_meas["latency_ms"].median())
+                now_terms = dict(now_terms, probes=len(samples))
+                for kind, v in host_costs(runs, warm, now_meas, cost_now, blocking).items():
+                    host_us[kind]["now"] = v["sim"]
             # each step's latency: the median over the repeats
             live_lat = [statistics.median(run[i][0].latency_ms for run in runs)
                         for i, (st, _) in enumerate(live) if st.step >= warm]
@@ -178,12 +218,16 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                 sim_steps_ms=[round(float(x), 4) for x in sim_meas["latency_ms"]],
                 repeats=len(runs),
                 sim_copy_GBps=sc.model.expert_bytes / cost.copy_ms(sc.model.expert_bytes, pol.memory) / 1e6,
-                host_us=host_costs(runs, warm, sim_meas, cost, pol.memory == "pageable" and cost.pageable_blocks_host),
+                host_us=host_us, sim_now_median_ms=now_ms,
+                error_now_pct=None if now_ms is None else (now_ms - lm) / lm * 100, host_now=now_terms,
             ))
             done += 1
     if progress:
         progress(done, total, "done")
+    if probe:
+        probe.close()
     errs = [abs(r.error_pct) for r in rows]
+    now_errs = [abs(r.error_now_pct) for r in rows if r.error_now_pct is not None]
     env = {"device": str(dev), **host_identity()}
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
@@ -196,6 +240,9 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
         "profile_kind": profile.provenance.get("kind"), "environment": env,
         "median_abs_error_pct": float(np.median(errs)), "worst_abs_error_pct": float(np.max(errs)),
         "decisions_identical": all(r.decisions_equal for r in rows),
+        "host_now": {"median_abs_error_pct": float(np.median(now_errs)), "worst_abs_error_pct": float(np.max(now_errs)),
+                     "note": "simulated with the host terms measured beside each row (calibrate.host_now)"}
+        if now_errs else None,
         "host_drift": host_drift(rows),
         "rows": [r.__dict__ for r in rows],
     }
@@ -231,7 +278,10 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
     for p in pols:
         rr = [r for r in rows if r["policy"] == p]
         a.scatter([r["live_median_ms"] for r in rr], [r["sim_median_ms"] for r in rr], label=p, s=22)
-        b.plot([r["batch_size"] for r in rr], [r["error_pct"] for r in rr], marker="o", label=p)
+        line, = b.plot([r["batch_size"] for r in rr], [r["error_pct"] for r in rr], marker="o", label=p)
+        if report.get("host_now"):
+            b.plot([r["batch_size"] for r in rr], [r["error_now_pct"] for r in rr], marker="x", ls=":",
+                   color=line.get_color())
     lim = [min(min(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 0.8,
            max(max(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 1.2]
     a.plot(lim, lim, "k--", lw=0.8)
@@ -239,8 +289,12 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
           title=f"{report['scenario']}: projection vs measurement")
     b.axhspan(-5, 5, color="g", alpha=0.1)
     b.axhline(0, color="k", lw=0.6)
-    b.set(xscale="log", xlabel="batch size", ylabel="error % (sim - live) / live",
-          title=f"median |err| {report['median_abs_error_pct']:.1f}%, worst {report['worst_abs_error_pct']:.1f}%")
+    title = f"profile: median |err| {report['median_abs_error_pct']:.1f}%, worst {report['worst_abs_error_pct']:.1f}%"
+    if report.get("host_now"):
+        hn = report["host_now"]
+        title += f"\nhost terms now (x, dotted): {hn['median_abs_error_pct']:.1f}%, {hn['worst_abs_error_pct']:.1f}%"
+    b.set(xscale="log", xlabel="batch size", ylabel="error % (sim - live) / live", title=title)
+    b.title.set_fontsize(9)
     a.legend(fontsize=7)
     fig.tight_layout()
     written = []

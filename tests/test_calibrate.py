@@ -302,7 +302,7 @@ def test_executor_runs_set_host_costs_and_the_pageable_expert_point():
     """What the executor's own steps measured becomes the profile's host costs (medians over
     models) and the pageable copy at each expert's size (the blocking call less its issue)."""
     from calibrate.executor_costs import host_costs
-    from calibrate.profile_writer import _with_trains
+    from calibrate.profile_writer import with_executor_copies
 
     runs = {"a": {"compute_us": 100.0, "load_us": 40.0, "dense_us": 30.0, "pageable_copy_ms": 3.04,
                   "pageable_compute_us": 250.0, "expert_bytes": 1000},
@@ -312,7 +312,7 @@ def test_executor_runs_set_host_costs_and_the_pageable_expert_point():
     assert launch == {"copy": 50.0, "expert": 120.0, "dense": 40.0} and tail == 140.0
     copy = {"h2d": {"pinned": {"table": [[1000, 0.5], [4000, 1.0]]}, "pageable": {"table": [[1000, 9.0], [8000, 9.9]]}}}
     trains = {"pinned": [{"bytes": 1000, "ms": {"median": 0.4}}], "pageable": [{"bytes": 1000, "ms": {"median": 8.0}}]}
-    _with_trains(copy, trains, runs)
+    with_executor_copies(copy, trains, runs)
     assert copy["h2d"]["pinned"]["table"] == [[1000, 0.4], [4000, 1.0]]
     assert copy["h2d"]["pageable"]["table"] == [[1000, pytest.approx(2.99)], [2000, pytest.approx(2.0)], [8000, 9.9]]
 

@@ -111,3 +111,70 @@ def test_live_gpu_decisions_identical_and_latency_close(tmp_path):
     report = validate(sc, profile=None, device="cuda")
     assert report["decisions_identical"]
     assert report["median_abs_error_pct"] < 25
+
+
+def test_host_now_probes_every_row_on_cpu(tmp_path):
+    """--host-now: calibration's probes run between the replays (and once after), the row is
+    simulated again with their medians, and the report carries both errors."""
+    sc = parse_scenario(tiny_scenario(batch_sizes=[5], policies=[POLICIES[0], POLICIES[1], POLICIES[-1]]))
+    report = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=2, host_now=True)
+    by = {r["policy"]: r for r in report["rows"]}
+    for r in by.values():
+        assert r["host_now"]["probes"] == r["repeats"] + 1
+        assert r["sim_now_median_ms"] > 0
+        assert r["error_now_pct"] == pytest.approx((r["sim_now_median_ms"] - r["live_median_ms"]) / r["live_median_ms"] * 100)
+        assert r["host_now"]["compute_us"] > 0 and r["host_us"]["dense"]["now"] == pytest.approx(r["host_now"]["dense_us"])
+    assert "pageable_copy_ms" in by["per-item-pageable"]["host_now"] and "pageable_copy_ms" not in by["dedup"]["host_now"]
+    cpu_keys = [k for k in by["cpu-miss"]["host_now"] if k.startswith("cpu_ms@")]
+    assert cpu_keys == ["cpu_ms@1", "cpu_ms@64"]          # the tiny table's points a 5-token step can look up
+    assert by["cpu-miss"]["host_us"]["cpu"]["now"] > 0
+    errs = [abs(r["error_now_pct"]) for r in report["rows"]]
+    assert report["host_now"]["worst_abs_error_pct"] == pytest.approx(max(errs))
+    default = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=1)
+    assert default["host_now"] is None and default["rows"][0]["error_now_pct"] is None   # off by default on the CPU
+
+
+def test_profile_now_replaces_only_the_host_terms(tmp_path):
+    from calibrate.host_now import cpu_probe_tokens, profile_now
+    from simulator.models import get_preset
+    from simulator.profile import CostModel
+
+    prof = load_profile("h100-pcie5")
+    m = get_preset("published-study")
+    base = CostModel(prof, m.shape_key, m.expert_bytes, 0, 64)
+    # the profile's own host terms, as probes would read them: the profile comes back unchanged
+    own = {"load_us": prof.host.launch_us.copy_, "compute_us": prof.host.launch_us.expert,
+           "dense_us": prof.host.launch_us.dense,
+           "pageable_copy_ms": base.copy_ms(m.expert_bytes, "pageable") + base.launch_copy,
+           "pageable_compute_us": prof.host.launch_us.expert + prof.host.pageable_tail_us,
+           **{f"cpu_ms@{t}": ms for t, ms in prof.compute.cpu[m.shape_key][:2]}}
+    same, _ = profile_now(prof, m, [own])
+    c = CostModel(same, m.shape_key, m.expert_bytes, 0, 64)
+    for t in (1, 2, 3, 64):
+        assert c.cpu_expert_ms(t) == pytest.approx(base.cpu_expert_ms(t)) and c.expert_ms(t) == base.expert_ms(t)
+    assert c.copy_ms(m.expert_bytes, "pageable") == pytest.approx(base.copy_ms(m.expert_bytes, "pageable"))
+    assert c.pageable_tail == pytest.approx(base.pageable_tail)
+    # a slower host: the medians of the samples replace the host terms; GPU terms stay
+    slow = [dict(own, **{k: v * f for k, v in own.items()}) for f in (1.5, 2.0, 9.0)]
+    now, med = profile_now(prof, m, slow)
+    c = CostModel(now, m.shape_key, m.expert_bytes, 0, 64)
+    assert med["cpu_ms@1"] == pytest.approx(2 * own["cpu_ms@1"])
+    for t in (1, 2, 64):         # past the probed points: the profile's, scaled as the last probed one
+        assert c.cpu_expert_ms(t) == pytest.approx(2 * base.cpu_expert_ms(t))
+    assert c.launch_expert == pytest.approx(2 * base.launch_expert)
+    assert c.copy_ms(m.expert_bytes, "pageable") + c.launch_copy == pytest.approx(2 * own["pageable_copy_ms"])
+    assert c.copy_ms(m.expert_bytes, "pinned") == base.copy_ms(m.expert_bytes, "pinned")
+    assert c.expert_ms(8) == base.expert_ms(8)
+    assert now.provenance["host_terms"].startswith("measured")
+    assert cpu_probe_tokens(prof, m.shape_key, 1) == [1]
+    assert cpu_probe_tokens(prof, m.shape_key, 5) == [1, 2, 4, 8]
+
+
+def test_host_now_probes_within_a_long_replay(tmp_path, monkeypatch):
+    import calibrate.validate as v
+
+    monkeypatch.setattr(v, "PROBE_EVERY_S", 0.0)        # every step is "long": a probe between each two
+    sc = parse_scenario(tiny_scenario(batch_sizes=[2], policies=POLICIES[1:2]))
+    r = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=2, host_now=True)["rows"][0]
+    steps = sc.trace.steps
+    assert r["host_now"]["probes"] == r["repeats"] * steps + 1   # before each replay, between its steps, after
