@@ -13,6 +13,13 @@ calibration's own probes interleaved with the replays (before each, after the la
 ``PROBE_EVERY_S`` between the steps of a long one: :mod:`calibrate.host_now`), and the row
 is simulated a second time with them: ``error_now_pct`` is the model's error once the host's
 drift since calibration is taken out; ``error_pct`` stays the profile's, as a user meets it.
+
+The host's speed also swings by 10-20% from one second to the next (``bench/probe_pageable.py``:
+a 27 MiB pageable copy read 3.1 to 5.7 ms in rounds seconds apart, the same in every variant).
+A row whose pace the host sets (pageable loads, the CPU-miss path) that lasts a second is one
+draw of that swing, and so is a probe beside it. So with ``host_now`` such a row alternates
+replays and probes for at least ``host_window_s`` (up to ``MAX_REPEATS`` replays): both sides
+then average over the same swings. Rows paced by the copy engine keep ``repeats``.
 """
 from __future__ import annotations
 
@@ -32,7 +39,9 @@ from simulator.profile import Profile, load_profile
 from simulator.runner import build_trace, cost_model, derive_seed, simulate
 from simulator.scenario import Scenario
 
-PROBE_EVERY_S = 5.0   # host-now probes: before each replay, after the last, and this often within one
+PROBE_EVERY_S = 3.0   # host-now probes: before each replay, after the last, and this often within one
+HOST_WINDOW_S = 15.0  # host-now: a host-bound row alternates replays and probes for at least this long
+MAX_REPEATS = 20      # ... but no more replays than this
 
 DECISION_FIELDS = ("requests", "unique_requests", "hits", "misses", "transfers", "copies", "bytes_h2d",
                    "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes")
@@ -76,6 +85,7 @@ class Row:
     sim_now_median_ms: float | None = None   # simulated with host terms measured beside the row
     error_now_pct: float | None = None
     host_now: dict | None = None     # those terms (medians over the probes) and the probe count
+    live_spread_pct: float | None = None     # replay to replay: std / mean of each replay's median step
 
 
 def _compare_decisions(sim_df, live_steps, policy, b):
@@ -119,12 +129,14 @@ def host_costs(runs, warm: int, sim_meas, cost, blocking: bool) -> dict:
 
 def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda", base_dir: Path | None = None,
              progress: Callable[[int, int, str], None] | None = None, repeats: int = 3,
-             row_budget_s: float = 15.0, host_now: bool | None = None) -> dict:
+             row_budget_s: float = 15.0, host_now: bool | None = None,
+             host_window_s: float = HOST_WINDOW_S) -> dict:
     """Live vs simulated for every (policy, batch size). Each row's trace is replayed live up
     to ``repeats`` times while the row has spent less than ``row_budget_s``; a step's live
     latency is its median over the replays (the shared host has occasional spikes).
     ``host_now`` (default: on CUDA) also measures the host terms beside each row and reports
-    the error with them."""
+    the error with them; a host-bound row then alternates replays and probes for at least
+    ``host_window_s`` seconds (at most ``MAX_REPEATS`` replays)."""
     import torch
 
     from .host_now import HostProbe, cpu_probe_tokens, profile_now
@@ -158,6 +170,8 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
             seed = derive_seed(sc.seed, 0, b, 7)
             sim = simulate(sc, pol, trace, cost, seed=seed)
             pinned = pol.memory == "pinned" and dev.type == "cuda"
+            # paced by the host (a blocking pageable copy, the CPU path): averaged over a window
+            window = host_window_s if probe and (pol.memory == "pageable" or pol.miss.kind == "cpu") else None
             runs, samples = [], []
             began = time.perf_counter()
             while True:   # repeat the replay while the row's time budget lasts: spikes on a shared host
@@ -179,7 +193,11 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                     torch.cuda.empty_cache()
                 _compare_decisions(sim, live, pol.name, b)
                 runs.append(live)
-                if len(runs) >= repeats or time.perf_counter() - began + one > row_budget_s:
+                spent = time.perf_counter() - began
+                if window is not None:
+                    if spent >= window or len(runs) >= MAX_REPEATS:
+                        break
+                elif len(runs) >= repeats or spent + one > row_budget_s:
                     break
             live = runs[0]
             meas = [(st, dec) for st, dec in live if st.step >= warm]
@@ -220,6 +238,7 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                 sim_copy_GBps=sc.model.expert_bytes / cost.copy_ms(sc.model.expert_bytes, pol.memory) / 1e6,
                 host_us=host_us, sim_now_median_ms=now_ms,
                 error_now_pct=None if now_ms is None else (now_ms - lm) / lm * 100, host_now=now_terms,
+                live_spread_pct=replay_spread(runs, warm),
             ))
             done += 1
     if progress:
@@ -246,6 +265,13 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
         "host_drift": host_drift(rows),
         "rows": [r.__dict__ for r in rows],
     }
+
+
+def replay_spread(runs: list, warm: int) -> float | None:
+    """How much the live side moved from one replay to the next: std / mean (%) of each
+    replay's median step latency; None for a single replay."""
+    med = [statistics.median(st.latency_ms for st, _ in run if st.step >= warm) for run in runs]
+    return statistics.stdev(med) / statistics.mean(med) * 100 if len(med) > 1 else None
 
 
 def host_drift(rows: list[Row]) -> dict:

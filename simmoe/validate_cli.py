@@ -24,8 +24,12 @@ def register(main: click.Group) -> None:
 @click.option("--host-now/--no-host-now", default=None,
               help="Also measure the host terms (issue costs, pageable copy, CPU path) beside each row, with "
                    "calibration's probes between the replays, and report the error with them  [default: on for cuda].")
+@click.option("--host-window", type=click.FloatRange(0), default=15.0, show_default=True,
+              help="With --host-now, a row paced by the host (pageable loads, CPU-miss) alternates replays and "
+                   "probes for at least this many seconds (at most 20 replays), so both sides average over the "
+                   "host's second-to-second swings.")
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, quiet):
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -52,21 +56,22 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
-                          row_budget_s=row_budget, host_now=host_now)
+                          row_budget_s=row_budget, host_now=host_now, host_window_s=host_window)
     written = write_validation(report, out or Path("results") / f"{sc.name}-validation")
     if quiet:
         return
     t = Table(title=f"{sc.name} on {report['environment'].get('gpu', device)}: live vs {report['profile']}")
     now = report["host_now"]
     cols = ("policy", "batch", "live ms", "sim ms", "error") + (("err now",) if now else ()) + (
-        "copy GB/s", "transfers", "hits", "replays")
+        "copy GB/s", "transfers", "hits", "replays", "replay sd")
     for c in cols:
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in report["rows"]:
         t.add_row(r["policy"], str(r["batch_size"]), f"{r['live_median_ms']:.3f}", f"{r['sim_median_ms']:.3f}",
                   f"{r['error_pct']:+.1f}%", *((f"{r['error_now_pct']:+.1f}%",) if now else ()),
                   f"{r['copy_GBps']:.1f}" if r["copy_GBps"] else "-",
-                  str(r["transfers"]), str(r["hits"]), str(r["repeats"]))
+                  str(r["transfers"]), str(r["hits"]), str(r["repeats"]),
+                  "-" if r["live_spread_pct"] is None else f"{r['live_spread_pct']:.1f}%")
     Console(width=150).print(t)
     click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%; "
                f"decisions identical: {report['decisions_identical']}")

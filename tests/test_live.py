@@ -117,7 +117,8 @@ def test_host_now_probes_every_row_on_cpu(tmp_path):
     """--host-now: calibration's probes run between the replays (and once after), the row is
     simulated again with their medians, and the report carries both errors."""
     sc = parse_scenario(tiny_scenario(batch_sizes=[5], policies=[POLICIES[0], POLICIES[1], POLICIES[-1]]))
-    report = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=2, host_now=True)
+    report = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=2, host_now=True,
+                      host_window_s=0.0)
     by = {r["policy"]: r for r in report["rows"]}
     for r in by.values():
         assert r["host_now"]["probes"] == r["repeats"] + 1
@@ -178,3 +179,25 @@ def test_host_now_probes_within_a_long_replay(tmp_path, monkeypatch):
     r = validate(sc, profile=str(tiny_profile(tmp_path)), device="cpu", repeats=2, host_now=True)["rows"][0]
     steps = sc.trace.steps
     assert r["host_now"]["probes"] == r["repeats"] * steps + 1   # before each replay, between its steps, after
+
+
+def test_host_bound_rows_replay_over_the_host_window(tmp_path, monkeypatch):
+    """With host-now, a row the host paces (pageable loads, CPU-miss) alternates replays and probes
+    until the window is spent (at most MAX_REPEATS replays); a copy-engine row keeps --repeats.
+    The replay-to-replay spread is reported once there are two replays."""
+    import calibrate.validate as v
+
+    monkeypatch.setattr(v, "MAX_REPEATS", 3)
+    sc = parse_scenario(tiny_scenario(batch_sizes=[2], policies=[POLICIES[0], POLICIES[1], POLICIES[-1]]))
+    prof = str(tiny_profile(tmp_path))
+    long = {r["policy"]: r for r in validate(sc, profile=prof, device="cpu", repeats=2, host_now=True,
+                                             host_window_s=600.0)["rows"]}
+    assert [long[p]["repeats"] for p in ("per-item-pageable", "dedup", "cpu-miss")] == [3, 2, 3]
+    assert all(r["host_now"]["probes"] == r["repeats"] + 1 for r in long.values())
+    assert all(r["live_spread_pct"] >= 0 for r in long.values())
+    short = {r["policy"]: r for r in validate(sc, profile=prof, device="cpu", repeats=2, host_now=True,
+                                              host_window_s=0.0)["rows"]}
+    assert [short[p]["repeats"] for p in ("per-item-pageable", "dedup", "cpu-miss")] == [1, 2, 1]
+    assert short["cpu-miss"]["live_spread_pct"] is None
+    off = validate(sc, profile=prof, device="cpu", repeats=2, host_window_s=600.0)["rows"]   # no host-now: no window
+    assert [r["repeats"] for r in off] == [2, 2, 2]
