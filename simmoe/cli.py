@@ -19,7 +19,8 @@ EXIT_BAD_INPUT = 2
 
 
 class SimmoeGroup(click.Group):
-    """A click group that reports InputError on one line with exit status 2."""
+    """A click group that reports InputError, and a bad flag or argument of a command, on one
+    line with exit status 2."""
 
     def invoke(self, ctx):
         try:
@@ -27,9 +28,29 @@ class SimmoeGroup(click.Group):
         except InputError as e:
             click.echo(f"error: {e}", err=True)
             ctx.exit(EXIT_BAD_INPUT)
+        except click.UsageError as e:
+            usage_error(e, ctx.command_path)
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             ctx.exit(130)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:                                  # the group's own flags, e.g. ``simmoe --bogus``
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            usage_error(e, info_name or self.name)
+
+
+NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())   # a bare group: click shows its help
+
+
+def usage_error(e: click.UsageError, where: str):
+    """A bad flag or argument: one line on stderr, exit status 2."""
+    if isinstance(e, NO_ARGS):
+        raise e
+    where = e.ctx.command_path if e.ctx else where
+    click.echo(f"error: command line: {e.format_message()} (see '{where} --help')", err=True)
+    sys.exit(EXIT_BAD_INPUT)
 
 
 def parse_int_list(value: str | None, flag: str) -> list[int] | None:

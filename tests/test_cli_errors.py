@@ -178,6 +178,22 @@ def test_bad_flags(tmp_path, args, expected):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["run"], "Missing argument 'SCENARIO'"),
+    (["run", "s.yaml", "--bogus"], "No such option '--bogus'"),
+    (["--bogus"], "No such option '--bogus'"),
+    (["bogus"], "No such command 'bogus'"),
+    (["trace", "gen", "--batch", "0"], "'--batch' / '-b': 0 is not in the range"),
+    (["validate", "s.yaml", "--host-window", "-1"], "'--host-window': -1.0 is not in the range"),
+])
+def test_usage_errors_are_one_line(args, expected):
+    """click's own usage errors (a missing argument, an unknown flag, a value out of range) get
+    the same one line as every other bad input, naming the command to ask for help."""
+    code, stdout, stderr = invoke(args)
+    assert code == 2 and expected in stderr and stderr.count("\n") == 1
+    assert stderr.startswith("error: command line: ") and "--help'" in stderr and "Usage:" not in stderr + stdout
+
+
 def test_cpu_miss_without_cpu_timings(tmp_path):
     doc = mutate(policies=[{"name": "cpu", "miss": "cpu"}])
     code, _, stderr = invoke(["run", write_yaml(tmp_path, doc), "--profile", "h100-probe", "-q"])
