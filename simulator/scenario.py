@@ -20,7 +20,7 @@ from pydantic import (
 from .errors import InputError
 from .models import PRESETS, ModelSpec
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
-from .traces.synthetic import GENERATORS
+from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 
 
 class _Strict(BaseModel):
@@ -66,6 +66,16 @@ class TraceSpec(_Strict):
     batch_locality: float = Field(0.0, ge=0, le=1)
     batch_pool: int | None = Field(None, gt=0)
     cross_layer: float = Field(0.0, ge=0, le=1)
+    generator_version: int = Field(
+        GENERATOR_VERSION, description="synthetic sampler version: 2 (vectorised, default) or 1 (simmoe 0.1's "
+                                       "draw order, to reproduce its traces bit for bit)")
+
+    @field_validator("generator_version")
+    @classmethod
+    def _version_known(cls, v):
+        if v not in GENERATOR_VERSIONS:
+            raise ValueError(f"unknown generator version {v}; known: {', '.join(map(str, GENERATOR_VERSIONS))}")
+        return v
 
     @field_validator("generator")
     @classmethod
