@@ -55,6 +55,9 @@ class SequencesSpec(_Strict):
     split: Literal["all", "train", "test"] = "all"
 
 
+KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")
+
+
 class TraceSpec(_Strict):
     generator: str | None = Field(None, description="synthetic generator name")
     path: str | None = Field(None, description="a saved .npz trace, used as is")
@@ -66,6 +69,7 @@ class TraceSpec(_Strict):
     batch_locality: float = Field(0.0, ge=0, le=1)
     batch_pool: int | None = Field(None, gt=0)
     cross_layer: float = Field(0.0, ge=0, le=1)
+    locality: float = Field(0.0, ge=0, le=1, description="item_copy: share of a later item's experts copied")
 
     @field_validator("generator")
     @classmethod
@@ -81,7 +85,7 @@ class TraceSpec(_Strict):
             raise ValueError("give exactly one of generator, path, sequences")
         if self.generator:
             allowed = GENERATORS[self.generator]
-            for knob in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"):
+            for knob in KNOBS:
                 val = getattr(self, knob)
                 if val and knob not in allowed:
                     raise ValueError(f"generator {self.generator!r} has no knob {knob!r} "
@@ -90,7 +94,7 @@ class TraceSpec(_Strict):
 
     @property
     def knobs(self) -> dict:
-        return {k: getattr(self, k) for k in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer")}
+        return {k: getattr(self, k) for k in KNOBS}
 
 
 class CacheSpec(_Strict):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .item_copy import generate_item_copy
 from .trace import Trace, concat_steps
 
 GENERATORS = {
@@ -30,6 +31,7 @@ GENERATORS = {
     "batch_locality": {"zipf", "batch_locality", "batch_pool"},
     "cross_layer": {"zipf", "cross_layer"},
     "mixed": {"zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"},
+    "item_copy": {"locality"},  # simulator/traces/item_copy.py
 }
 _FORCE = 1e6
 
@@ -37,10 +39,13 @@ _FORCE = 1e6
 def generate(
     *, num_layers: int, num_experts: int, top_k: int, batch_size: int, steps: int, seed: int,
     generator: str = "mixed", zipf: float = 0.0, temporal: float = 0.0, batch_locality: float = 0.0,
-    batch_pool: int | None = None, cross_layer: float = 0.0, prefill_tokens: int = 0,
+    batch_pool: int | None = None, cross_layer: float = 0.0, prefill_tokens: int = 0, locality: float = 0.0,
 ) -> Trace:
     """A trace of ``steps`` decode steps of ``batch_size`` sequences (after an optional prefill
     step of ``prefill_tokens`` per sequence)."""
+    if generator == "item_copy":
+        return generate_item_copy(num_layers=num_layers, num_experts=num_experts, top_k=top_k, batch_size=batch_size,
+                                  steps=steps, seed=seed, locality=locality, prefill_tokens=prefill_tokens)
     E, k, L, B = num_experts, top_k, num_layers, batch_size
     rng = np.random.Generator(np.random.PCG64(seed))
     ranks = np.stack([rng.permutation(E) for _ in range(L)])            # popularity rank per layer
