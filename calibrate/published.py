@@ -133,7 +133,7 @@ def seed004_table(steps: int = 200, seed: int = 0) -> list[dict]:
                 "name": f"seed004-k{k}-l{loc}", "model": {"preset": "published-study", "num_layers": 1, "top_k": k},
                 "profile": PROFILE, "replications": 1, "batch_sizes": sorted(SEED004), "seed": seed,
                 "trace": {"generator": "item_copy", "locality": loc, "steps": steps},
-                "policies": [{"name": "dedup", "load": "dedup", "memory": "pinned"}],
+                "policies": [{"name": "dedup", "load": "coalesced", "memory": "pinned"}],
             }, "seed 004")
             res = run_scenario(sc)
             st = res.steps
