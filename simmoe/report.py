@@ -188,6 +188,10 @@ def computation_vs_transfer(res: Results) -> Table:
     missing = [f"batch {b} x {k} expert{'s' if k > 1 else ''}" for b, k in STUDY_GRID if (b, k) not in present]
     notes = [f"Study configurations not in these results: {', '.join(missing)} "
              "(the 'published study' sweep in docs/sweeps.md runs them all)."] if missing else []
+    if show_pub:
+        notes.append("The study measured its rows differently: its computation ran one expert FFN per batch item "
+                     "over 512 tokens whatever the expert count, its transfer one pageable copy of batch x experts "
+                     "experts. `python -m calibrate.published` reproduces them as measured (docs/validation.md).")
     return Table(title, intro, headers, rows, notes)
 
 

@@ -5,6 +5,10 @@ replications. Times are per step. The confidence interval of the mean step laten
 Student-t interval over the replication means (each replication has its own trace seed);
 with one replication it falls back to the steps' standard error, which ignores their
 autocorrelation (``ci95_method`` says which).
+
+``dedup_savings`` is (requests - unique requests) / requests with both summed over all measured
+steps, so a prefill step (many tokens) outweighs many decode steps; ``dedup_savings_decode`` and
+``dedup_savings_prefill`` are the same ratio over each phase alone (``None`` without prefill).
 """
 from __future__ import annotations
 

@@ -89,7 +89,7 @@ class TraceSpec(_Strict):
                 val = getattr(self, knob)
                 if val and knob not in allowed:
                     raise ValueError(f"generator {self.generator!r} has no knob {knob!r} "
-                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all)")
+                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all but locality)")
         return self
 
     @property

@@ -155,3 +155,19 @@ def test_dedup_savings_reported_for_decode_and_prefill_apart():
     assert abs(row["dedup_savings"] - row["dedup_savings_prefill"]) < abs(row["dedup_savings"] - row["dedup_savings_decode"])
     row, _ = run(0)
     assert row["dedup_savings_prefill"] is None and row["dedup_savings_decode"] == row["dedup_savings"]
+
+
+def test_trace_gen_cli_takes_locality(tmp_path):
+    from click.testing import CliRunner
+
+    from simmoe.cli import main
+    from simulator.traces.trace import load_trace
+
+    out = tmp_path / "ic.npz"
+    r = CliRunner().invoke(main, ["trace", "gen", "-g", "item_copy", "--locality", "0.7", "-b", "8", "-s", "3",
+                                  "--seed", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    tr = load_trace(out)
+    assert tr.meta["generator"] == "item_copy" and tr.meta["params"] == {"locality": 0.7}
+    r = CliRunner().invoke(main, ["trace", "gen", "-g", "zipf", "--locality", "0.7", "-o", str(tmp_path / "z.npz")])
+    assert r.exit_code == 2 and "locality" in r.output
