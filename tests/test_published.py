@@ -171,3 +171,14 @@ def test_trace_gen_cli_takes_locality(tmp_path):
     assert tr.meta["generator"] == "item_copy" and tr.meta["params"] == {"locality": 0.7}
     r = CliRunner().invoke(main, ["trace", "gen", "-g", "zipf", "--locality", "0.7", "-o", str(tmp_path / "z.npz")])
     assert r.exit_code == 2 and "locality" in r.output
+
+
+def test_item_copy_block_valid_across_chunks(monkeypatch):
+    import simulator.traces.item_copy as ic
+
+    monkeypatch.setattr(ic, "_CHUNK_ELEMENTS", 3 * 32)        # 3 layer-steps per chunk
+    block = ic.item_copy_block(np.random.Generator(np.random.PCG64(3)), 10, 5, 32, 6, 0.7)
+    assert block.shape == (10, 5, 6) and block.min() >= 0 and block.max() < 32
+    assert all(len(set(item)) == 6 for item in block.reshape(-1, 6).tolist())
+    uniq = [len(set(row)) for row in block.reshape(10, -1).tolist()]
+    assert min(uniq) >= 6 and max(uniq) <= 30 and len(set(uniq)) > 1

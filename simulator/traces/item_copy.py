@@ -20,7 +20,7 @@ import numpy as np
 
 from .trace import Trace, concat_steps
 
-_CHUNK_ROWS = 4096  # layer-steps drawn at once (bounds the (rows, experts) key arrays)
+_CHUNK_ELEMENTS = 1 << 22  # layer-steps x experts drawn at once (bounds the key arrays to 32 MiB)
 
 
 def _top_sorted(keys: np.ndarray, k: int) -> np.ndarray:
@@ -34,10 +34,11 @@ def item_copy_block(rng: np.random.Generator, rows: int, items: int, num_experts
                     locality: float) -> np.ndarray:
     """``(rows, items, top_k)`` expert ids: ``rows`` independent layer-steps of ``items`` items."""
     E, k = num_experts, top_k
-    out = np.empty((rows, items, k), dtype=np.int64)
+    out = np.empty((rows, items, k), dtype=np.int32)
     slot = np.arange(k)
-    for lo in range(0, rows, _CHUNK_ROWS):
-        n = min(_CHUNK_ROWS, rows - lo)
+    chunk = max(1, _CHUNK_ELEMENTS // E)
+    for lo in range(0, rows, chunk):
+        n = min(chunk, rows - lo)
         seen = np.zeros((n, E), dtype=bool)
         idx = np.arange(n)[:, None]
         for i in range(items):
