@@ -141,17 +141,19 @@ def trace_group():
 @click.option("--batch", "-b", type=click.IntRange(1), default=8, show_default=True, help="Sequences per step.")
 @click.option("--steps", "-s", type=click.IntRange(1), default=64, show_default=True, help="Decode steps.")
 @click.option("--generator", "-g", default="mixed", show_default=True,
-              help="uniform, zipf, temporal, batch_locality, cross_layer or mixed.")
+              help="uniform, zipf, temporal, batch_locality, cross_layer, mixed or item_copy.")
 @click.option("--zipf", type=click.FloatRange(0), default=0.0, help="Popularity skew exponent.")
 @click.option("--temporal", type=click.FloatRange(0, 1), default=0.0, help="P(re-use previous step's expert).")
 @click.option("--batch-locality", type=click.FloatRange(0, 1), default=0.0, help="P(draw from the batch's hot set).")
 @click.option("--batch-pool", type=click.IntRange(1), default=None, help="Size of the batch's hot set [top_k].")
 @click.option("--cross-layer", type=click.FloatRange(0, 1), default=0.0, help="P(follow the layer-to-layer map).")
+@click.option("--locality", type=click.FloatRange(0, 1), default=0.0,
+              help="item_copy: share of a later item's experts copied from earlier items (times U[0,1)).")
 @click.option("--prefill-tokens", type=click.IntRange(0), default=0, help="Prompt tokens per sequence (a prefill step).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .npz.")
 def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_locality, batch_pool, cross_layer,
-              prefill_tokens, seed, out):
+              locality, prefill_tokens, seed, out):
     """Write a seeded synthetic routing trace (.npz, see docs/traces.md)."""
     from pydantic import ValidationError
 
@@ -165,7 +167,7 @@ def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_localit
     try:
         spec = TraceSpec(generator=generator, steps=steps, zipf=zipf, temporal=temporal,
                          batch_locality=batch_locality, batch_pool=batch_pool, cross_layer=cross_layer,
-                         prefill_tokens=prefill_tokens)
+                         locality=locality, prefill_tokens=prefill_tokens)
     except ValidationError as e:
         msg = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise InputError("command line", "--generator", msg) from None

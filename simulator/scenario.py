@@ -55,6 +55,9 @@ class SequencesSpec(_Strict):
     split: Literal["all", "train", "test"] = "all"
 
 
+KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")
+
+
 class TraceSpec(_Strict):
     generator: str | None = Field(None, description="synthetic generator name")
     path: str | None = Field(None, description="a saved .npz trace, used as is")
@@ -66,6 +69,7 @@ class TraceSpec(_Strict):
     batch_locality: float = Field(0.0, ge=0, le=1)
     batch_pool: int | None = Field(None, gt=0)
     cross_layer: float = Field(0.0, ge=0, le=1)
+    locality: float = Field(0.0, ge=0, le=1, description="item_copy: share of a later item's experts copied")
     generator_version: int = Field(
         GENERATOR_VERSION, description="synthetic sampler version: 2 (vectorised, default) or 1 (simmoe 0.1's "
                                        "draw order, to reproduce its traces bit for bit)")
@@ -91,16 +95,16 @@ class TraceSpec(_Strict):
             raise ValueError("give exactly one of generator, path, sequences")
         if self.generator:
             allowed = GENERATORS[self.generator]
-            for knob in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"):
+            for knob in KNOBS:
                 val = getattr(self, knob)
                 if val and knob not in allowed:
                     raise ValueError(f"generator {self.generator!r} has no knob {knob!r} "
-                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all)")
+                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all but locality)")
         return self
 
     @property
     def knobs(self) -> dict:
-        return {k: getattr(self, k) for k in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer")}
+        return {k: getattr(self, k) for k in KNOBS}
 
 
 class CacheSpec(_Strict):

@@ -91,10 +91,11 @@ def flatten_summary(row: dict) -> dict:
 
 
 def max_reuse_factors(steps: pd.DataFrame, warmup_steps: int) -> dict[tuple[str, int], float]:
-    """Per (policy, batch size): the largest routed requests / distinct experts of any
-    measured step (how many times, at most, a loaded expert served the batch on average)."""
+    """Per (policy, batch size): the seed's "max reuse factor", (requests - unique requests) /
+    requests of the measured step where it is largest (the share of routed requests that repeat
+    an expert already requested in the same step; 0 to 1)."""
     df = steps[steps["step"] >= warmup_steps]
-    ratio = df["requests"] / df["unique_requests"].where(df["unique_requests"] > 0)
+    ratio = (df["requests"] - df["unique_requests"]) / df["requests"].where(df["requests"] > 0)
     best = ratio.groupby([df["policy"], df["batch_size"]]).max()
     return {(p, int(b)): float(v) for (p, b), v in best.items()}
 

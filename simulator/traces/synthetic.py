@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .item_copy import generate_item_copy
 from .synthetic_v1 import generate_v1
 from .trace import Trace, concat_steps
 
@@ -39,6 +40,7 @@ GENERATORS = {
     "batch_locality": {"zipf", "batch_locality", "batch_pool"},
     "cross_layer": {"zipf", "cross_layer"},
     "mixed": {"zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"},
+    "item_copy": {"locality"},  # simulator/traces/item_copy.py
 }
 GENERATOR_VERSIONS = (1, 2)
 GENERATOR_VERSION = 2
@@ -49,11 +51,14 @@ _CHUNK = 1 << 22       # random keys drawn at once (floats): bounds the sampler'
 def generate(
     *, num_layers: int, num_experts: int, top_k: int, batch_size: int, steps: int, seed: int,
     generator: str = "mixed", zipf: float = 0.0, temporal: float = 0.0, batch_locality: float = 0.0,
-    batch_pool: int | None = None, cross_layer: float = 0.0, prefill_tokens: int = 0,
+    batch_pool: int | None = None, cross_layer: float = 0.0, prefill_tokens: int = 0, locality: float = 0.0,
     version: int = GENERATOR_VERSION,
 ) -> Trace:
     """A trace of ``steps`` decode steps of ``batch_size`` sequences (after an optional prefill
     step of ``prefill_tokens`` per sequence)."""
+    if generator == "item_copy":
+        return generate_item_copy(num_layers=num_layers, num_experts=num_experts, top_k=top_k, batch_size=batch_size,
+                                  steps=steps, seed=seed, locality=locality, prefill_tokens=prefill_tokens)
     kw = dict(num_layers=num_layers, num_experts=num_experts, top_k=top_k, batch_size=batch_size, steps=steps,
               seed=seed, generator=generator, zipf=zipf, temporal=temporal, batch_locality=batch_locality,
               batch_pool=batch_pool, cross_layer=cross_layer, prefill_tokens=prefill_tokens)
