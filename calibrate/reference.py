@@ -16,6 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from simulator.atomic import write_text
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
 STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
@@ -104,7 +105,7 @@ def main(ref_dir: str) -> None:
         docs.append(h100_probe(probe, name="h100-pcie5"))
     for doc in docs:
         parse_profile(doc, doc["name"])  # validate before writing
-        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_text(out / f"{doc['name']}.json", json.dumps(doc, indent=1) + "\n")
         print("wrote", out / f"{doc['name']}.json")
 
 
