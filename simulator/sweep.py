@@ -53,6 +53,7 @@ import os
 import re
 import secrets
 import socket
+import tempfile
 import time
 import uuid
 from contextlib import ExitStack, contextmanager
@@ -464,12 +465,13 @@ def cap_workers(requested: int, points: int, ncores: int | None = None) -> tuple
     n = max(1, min(requested, points, ncores))
     if n == requested:
         return n, None
-    why = ([f"{points} point{'s' if points != 1 else ''} to run"] if requested > points else []) + (
-        [f"{ncores} core{'s' if ncores != 1 else ''}"] if requested > ncores else [])
+    why = ([f"{points} point{'s' if points != 1 else ''} to run"] if n == points else []) + (
+        [f"{ncores} core{'s' if ncores != 1 else ''}"] if n == ncores else [])
     return n, f"note: {requested} workers asked for, {n} started ({' and '.join(why)})"
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
+_LOCAL_RAY_TOKEN = secrets.token_hex(32)   # one per process: Ray caches the token it read
 _RAY_ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
@@ -490,12 +492,14 @@ def check_ray_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) ->
 
 
 @contextmanager
-def _local_ray_auth():
-    """A local Ray started for a sweep requires a fresh random token (Ray's token authentication):
-    its gRPC servers listen on every interface and Ray has no option to bind them to loopback."""
-    keys = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+def _environ(**values: str | None):
+    """Set (None: unset) environment variables for the block (Ray reads its settings there)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     try:
         yield
     finally:
@@ -506,28 +510,53 @@ def _local_ray_auth():
                 os.environ[k] = v
 
 
-def _run_ray(points: list[Point], base_dir, workers: int, address: str | None, size: int | None,
-             on_chunk: OnChunk) -> None:
+@contextmanager
+def _stderr_to_file():
+    """Ray's C++ client logs a line per retry on file descriptor 2: keep them out of the terminal."""
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
+    """Connect to the cluster at ``address`` (checked, retried at most RAY_CONNECT_TIMEOUT_S), or
+    start a local Ray: no dashboard, and Ray's token authentication on, with a random token of
+    this process (or the user's ``RAY_AUTH_TOKEN``) that every connection must carry: Ray's gRPC
+    servers listen on every interface and Ray has no option to bind them to loopback. (With
+    ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it starts; set
+    explicitly, Ray would not reload its settings, so it is unset for the start.)"""
     import logging
 
+    opts = {"include_dashboard": False, "logging_level": logging.ERROR}
+    try:
+        if address:
+            check_ray_address(address)
+            with _environ(RAY_gcs_server_port_wait_time_s=str(int(RAY_CONNECT_TIMEOUT_S))), _stderr_to_file():
+                ray.init(address=address, **opts)
+        else:
+            stack.enter_context(_environ(RAY_AUTH_MODE=None,
+                                         RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or _LOCAL_RAY_TOKEN))
+            ray.init(num_cpus=workers, **opts)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError("command line", "--address" if address else "--backend",
+                         f"cannot {'reach' if address else 'start'} Ray: {first}") from None
+    stack.callback(ray.shutdown)
+
+
+def _run_ray(points: list[Point], base_dir, workers: int, address: str | None, size: int | None,
+             on_chunk: OnChunk) -> None:
     ray = import_ray()
-    started = not ray.is_initialized()
     with ExitStack() as stack:
-        if started:
-            opts = {"include_dashboard": False, "logging_level": logging.ERROR}
-            if address:
-                check_ray_address(address)
-            else:
-                stack.enter_context(_local_ray_auth())
-            try:
-                if address:
-                    ray.init(address=address, **opts)
-                else:
-                    ray.init(num_cpus=workers, **opts)
-            except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
-                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise InputError("command line", "--address", f"cannot start or reach Ray: {first}") from None
-            stack.callback(ray.shutdown)
+        if not ray.is_initialized():
+            _ray_init(ray, address, workers, stack)
         cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
         remote = ray.remote(num_cpus=1)(run_chunk)
         pending = [remote.remote(c, base_dir) for c in _chunks(points, size or chunk_size(len(points), cpus))]
@@ -637,6 +666,8 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
         raise InputError("command line", "--workers", "needs a positive number of workers")
     if backend == "ray":
         import_ray()
+        if address:
+            check_ray_address(address)   # before anything: a bad address is one line, within seconds
     sw = load_sweep(sweep_file)
     store = ResultStore(Path(out) if out else results_dir(sw.name))
     store.write_manifest(sw)
