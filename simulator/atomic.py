@@ -143,9 +143,14 @@ def atomic_files(folder: str | Path, field: str = "--out") -> Iterator[Path]:
     """Yield an empty partial folder inside ``folder``; what the block writes there is moved
     into ``folder`` when it ends, after every target has been checked (all files or none)."""
     folder = Path(folder)
-    stage_name = "staging"
-    prepare_target(folder / stage_name, field)
-    stage = partial_path(folder / stage_name)
+    if folder.exists() and not folder.is_dir():
+        raise InputError(str(folder), field, "exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(folder, field, e) from None
+    clean_stale(folder, "staging")
+    stage = partial_path(folder / "staging")
     try:
         stage.mkdir()
         yield stage

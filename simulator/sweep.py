@@ -51,7 +51,6 @@ import json
 import math
 import os
 import re
-import secrets
 import socket
 import tempfile
 import time
@@ -471,7 +470,6 @@ def cap_workers(requested: int, points: int, ncores: int | None = None) -> tuple
 
 
 RAY_CONNECT_TIMEOUT_S = 5.0
-_LOCAL_RAY_TOKEN = secrets.token_hex(32)   # one per process: Ray caches the token it read
 _RAY_ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
@@ -527,11 +525,13 @@ def _stderr_to_file():
 
 def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
     """Connect to the cluster at ``address`` (checked, retried at most RAY_CONNECT_TIMEOUT_S), or
-    start a local Ray: no dashboard, and Ray's token authentication on, with a random token of
-    this process (or the user's ``RAY_AUTH_TOKEN``) that every connection must carry: Ray's gRPC
-    servers listen on every interface and Ray has no option to bind them to loopback. (With
-    ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it starts; set
-    explicitly, Ray would not reload its settings, so it is unset for the start.)"""
+    start a local Ray: no dashboard, and Ray's token authentication on (Ray's token:
+    ``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, which Ray creates if missing), since Ray's
+    gRPC servers listen on every interface and Ray has no option to bind them to loopback.
+    With ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it starts
+    (and reloads its settings; set to ``token`` beforehand it would not), so a
+    ``RAY_AUTH_MODE=disabled`` is unset for the start. The token is Ray's own: Ray caches it
+    per process, so one of simmoe's would break a later ``ray.init`` of the caller."""
     import logging
 
     opts = {"include_dashboard": False, "logging_level": logging.ERROR}
@@ -541,8 +541,7 @@ def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
             with _environ(RAY_gcs_server_port_wait_time_s=str(int(RAY_CONNECT_TIMEOUT_S))), _stderr_to_file():
                 ray.init(address=address, **opts)
         else:
-            stack.enter_context(_environ(RAY_AUTH_MODE=None,
-                                         RAY_AUTH_TOKEN=os.environ.get("RAY_AUTH_TOKEN") or _LOCAL_RAY_TOKEN))
+            stack.enter_context(_environ(RAY_AUTH_MODE=None))
             ray.init(num_cpus=workers, **opts)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -31,6 +31,7 @@ from simmoe.cli import main
 from simulator.errors import InputError
 from simulator.names import RESULTS, name_problem, results_dir
 from simulator.sweep import cap_workers, check_ray_address, sweep
+from simulator.traces.real import SequenceWriter
 
 from conftest import scenario_dict
 
@@ -128,7 +129,19 @@ def test_a_fifo_target_is_refused_and_left_alone(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
     one_line_error(*invoke("trace", "gen", "-s", "2", "-b", "1", "-o", fifo), f"{fifo}: --out:", "a FIFO")
+    with pytest.raises(InputError, match="a FIFO"):    # the writer of `trace import` and `trace record`
+        SequenceWriter(fifo)
     assert stat.S_ISFIFO(os.stat(fifo).st_mode) and tree(tmp_path) == {"fifo"}
+
+
+def test_results_into_a_file_are_one_line(tmp_path):
+    p = write_yaml(tmp_path / "s.yaml", TINY)
+    (tmp_path / "out").write_text("mine")
+    one_line_error(*invoke("run", p, "-o", tmp_path / "out", "-q"), "--out", "is a file")
+    with pytest.raises(InputError, match="out: --out: exists and is not a folder"), \
+            atomic.atomic_files(tmp_path / "out"):
+        pass
+    assert (tmp_path / "out").read_text() == "mine" and tree(tmp_path) == {"s.yaml", "out"}
 
 
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mknod needs root")
@@ -342,7 +355,7 @@ class FakeRay(types.ModuleType):
         return self.up
 
     def init(self, **kw):
-        env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_gcs_server_port_wait_time_s")}
+        env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_gcs_server_port_wait_time_s")}
         self.calls.append((kw, env))
         if self.fail:
             raise self.fail
@@ -355,7 +368,7 @@ class FakeRay(types.ModuleType):
         raise RuntimeError("stop here")
 
 
-def test_a_local_ray_has_no_dashboard_and_requires_a_token(monkeypatch, tmp_path):
+def test_a_local_ray_has_no_dashboard_and_token_auth(monkeypatch, tmp_path):
     fake = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -363,7 +376,7 @@ def test_a_local_ray_has_no_dashboard_and_requires_a_token(monkeypatch, tmp_path
         sweep({"name": "r", "base": TINY}, backend="ray", workers=1, out=tmp_path / "o")
     (kw, env), = fake.calls
     assert kw["include_dashboard"] is False and "address" not in kw
-    assert env["RAY_AUTH_MODE"] is None and len(env["RAY_AUTH_TOKEN"]) == 64   # Ray turns token auth on
+    assert env["RAY_AUTH_MODE"] is None          # unset: Ray turns token authentication on
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and not fake.up           # restored, shut down
 
 
