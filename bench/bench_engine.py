@@ -16,7 +16,6 @@ import platform
 import statistics
 import time
 
-from simulator.atomic import write_text
 from simulator.engine import Engine
 from simulator.models import PRESETS
 from simulator.planner import Planner, RequestStream
@@ -88,7 +87,8 @@ def main():
     print(f"ratio (simmoe cache req/s / libcachesim req/s): "
           f"{fig['simmoe_cache_req_per_s_median'] / fig['libcachesim_cache_req_per_s_median']:.2f}")
     if args.json:
-        write_text(args.json, json.dumps(fig, indent=1), "--json")
+        with open(args.json, "w") as f:
+            json.dump(fig, f, indent=1)
 
 
 if __name__ == "__main__":
