@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simulator.atomic import write_text
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
 STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
@@ -129,7 +130,7 @@ def main(ref_dir: str) -> None:
         docs.append(h100_probe(probe, name="h100-pcie5"))
     for doc in docs:
         parse_profile(doc, doc["name"])  # validate before writing
-        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_text(out / f"{doc['name']}.json", json.dumps(doc, indent=1) + "\n")
         print("wrote", out / f"{doc['name']}.json")
 
 

@@ -102,6 +102,7 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
     and the profile used. Same scenario and seed give the same numbers, bit for bit.
     """
+    from simulator.names import results_dir
     from simulator.output import write_results
     from simulator.runner import run_scenario
     from simulator.scenario import load_scenario
@@ -119,12 +120,14 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     sc, base = load_scenario(scenario, overrides)
     with progress_bar(quiet, "simulating") as cb:
         result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)
-    out = out or Path("results") / sc.name
-    written = write_results(result, out, fmt)
-    if timeline:
-        from simulator.timeline import write_timeline
+    out = out or results_dir(sc.name)
+    extra_files = {}
+    if timeline:   # built before any result is written: all files or none
+        from simulator.timeline import dump_timeline, timeline_doc
 
-        written.append(write_timeline(sc, result.profile, base, out / "timeline.json"))
+        doc = timeline_doc(sc, result.profile, base)
+        extra_files["timeline.json"] = lambda p: dump_timeline(doc, p)
+    written = write_results(result, out, fmt, extra_files=extra_files)
     if not quiet:
         print_summary(result)
         click.echo(f"wrote {', '.join(str(p) for p in written)}")

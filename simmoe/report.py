@@ -24,14 +24,13 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 import yaml
 
+from simulator.atomic import write_text
 from simulator.errors import InputError
 from simulator.profile import builtin_profiles, load_profile, parse_profile
 from simulator.scenario import parse_scenario
@@ -346,15 +345,6 @@ def to_html(title: str, header: list[str], tables: list[Table], plots: dict[str,
     return "\n".join(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_tables(res: Results) -> list[Table]:
     tables = [computation_vs_transfer(res), dedup_savings(res), policy_comparison(res)]
     fail = failures(res)
@@ -374,6 +364,6 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path
     title = f"simmoe report: {res.folder.name}"
     header = _header(res)
     md, page = out / "report.md", out / "report.html"
-    _write_atomic(md, to_markdown(title, header, tables, plots, out))
-    _write_atomic(page, to_html(title, header, tables, plots))
+    write_text(md, to_markdown(title, header, tables, plots, out))
+    write_text(page, to_html(title, header, tables, plots))
     return [md, page] + [p for paths in plots.values() for p in paths]

@@ -19,6 +19,7 @@ from pydantic import (
 
 from .errors import InputError
 from .models import PRESETS, ModelSpec
+from .names import check_name
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
 from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 
@@ -207,6 +208,11 @@ class Scenario(_Strict):
     trace: TraceSpec
     policies: list[PolicySpec] = Field(min_length=1)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return check_name(v)   # it names the results folder: never a path
 
     @field_validator("model", mode="before")
     @classmethod

@@ -18,14 +18,13 @@ back with ``allow_pickle=False``. :func:`load_trace` checks every field and rais
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import InputError
 
 TRACE_FORMAT = "simmoe-trace"
@@ -114,20 +113,13 @@ class Trace(RoutingShape):
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash leaves either the old file or the new one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(
-                    f, format=np.array(TRACE_FORMAT), version=np.array(TRACE_VERSION),
-                    experts=self.experts.astype(np.int16), step_offsets=self.step_offsets.astype(np.int64),
-                    seq=self.seq.astype(np.int32), phase=self.phase.astype(np.uint8),
-                    num_experts=np.array(self.num_experts), meta_json=np.array(json.dumps(self.meta, sort_keys=True)),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, "--out") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, format=np.array(TRACE_FORMAT), version=np.array(TRACE_VERSION),
+                experts=self.experts.astype(np.int16), step_offsets=self.step_offsets.astype(np.int64),
+                seq=self.seq.astype(np.int32), phase=self.phase.astype(np.uint8),
+                num_experts=np.array(self.num_experts), meta_json=np.array(json.dumps(self.meta, sort_keys=True)),
+            )
         return path
 
 
