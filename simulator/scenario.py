@@ -177,6 +177,9 @@ class PolicySpec(_Strict):
         return self
 
 
+_SHAPE_KEYS = {"num_layers", "num_experts", "top_k", "hidden", "ffn", "gated", "shared_experts"}
+
+
 class EngineSpec(_Strict):
     dense_ms_per_layer: float | None = Field(None, ge=0, description="overrides the model's")
     warmup_steps: int = Field(0, ge=0, description="first steps left out of the statistics")
@@ -211,6 +214,8 @@ class Scenario(_Strict):
             if unknown:
                 raise ValueError(f"unknown model key {sorted(unknown)[0]!r}")
             base.update(v)
+            if "arch" not in v and set(v) & _SHAPE_KEYS:
+                base["arch"] = None  # the public architecture no longer describes the changed shape
             if "name" not in v:
                 base["name"] = name + ("+custom" if v else "")
             return base
