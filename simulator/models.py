@@ -68,6 +68,13 @@ class Architecture(BaseModel):
     def moe_layers(self) -> int:
         return self.total_layers - len(self.dense_layers)
 
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        """KV-cache bytes per token and layer, as transformers caches it (MLA: the compressed
+        latent and the rope key, one head)."""
+        if self.attention == "mla":
+            return (self.kv_lora_rank + self.qk_rope_head_dim) * dtype_bytes
+        return 2 * self.kv_heads * self.head_dim * dtype_bytes
+
 
 class ModelSpec(BaseModel):
     """The MoE part of a model, enough to size and time its experts."""
