@@ -12,8 +12,9 @@ from simulator.errors import InputError
 
 
 def register(main: click.Group) -> None:
-    from .calibrate_engine_cli import engine_cmd
+    from .calibrate_engine_cli import engine_cmd, engine_merge_cmd
     calibrate_cmd.add_command(engine_cmd)
+    calibrate_cmd.add_command(engine_merge_cmd)
     main.add_command(calibrate_cmd)
 
 

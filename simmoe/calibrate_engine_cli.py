@@ -122,3 +122,21 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         console.print(f"embed + LM head per step: {h[0]['ms']:.3f} ms at batch {h[0]['batch']}, "
                       f"{h[-1]['ms']:.3f} ms at batch {h[-1]['batch']}")
     console.print(f"{len(doc['skipped'])} point(s) skipped; wrote {out} after {doc['elapsed_s']:.1f}s")
+
+
+@click.command("engine-merge")
+@click.argument("engine_files", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--profile", "-p", "profile", required=True, type=click.Path(path_type=Path),
+              help="Profile JSON to add the engine tables to.")
+@click.option("--out", "-o", type=click.Path(path_type=Path), help="Profile to write [default: --profile, in place].")
+def engine_merge_cmd(engine_files, profile, out):
+    """Merge `simmoe calibrate engine` results into a profile's `engine` section.
+
+    Holes in a decode grid (skipped points) are extrapolated along context and listed in
+    `filled`; the grid is made non-decreasing; each point's table error is kept.
+    """
+    from calibrate.measurements.engine_profile import merge_engine
+
+    out = out or profile
+    prof = merge_engine(profile, list(engine_files), out)
+    Console().print(f"wrote {out}: engine tables for {', '.join(sorted(prof['engine']))}")
