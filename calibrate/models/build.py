@@ -151,6 +151,9 @@ def build_model(preset: str | ModelSpec, *, layers: int | None = None, tiny: boo
     if style not in EXPERTS_IMPLEMENTATION:
         raise ValueError(f"unknown engine style {style!r}; known: {', '.join(EXPERTS_IMPLEMENTATION)}")
     tdtype = TORCH_DTYPES[dtype or spec.dtype] if not isinstance(dtype, torch.dtype) else dtype
+    name = {v: k for k, v in TORCH_DTYPES.items()}[tdtype]
+    if name != spec.dtype:
+        spec = spec.model_copy(update={"dtype": name})  # expert bytes as built
     config = hf_config(spec, EXPERTS_IMPLEMENTATION[style])
     torch.manual_seed(seed)
     with torch.device(device):
