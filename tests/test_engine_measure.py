@@ -113,3 +113,13 @@ def test_cli_bad_input_one_line(tmp_path, capsys, args, field):
     assert e.value.code == 2 and len(err) == 1 and field in err[0] and err[0].startswith("error:")
     assert not (tmp_path / "e.json").exists()
     assert PRESETS["olmoe-1b-7b"].arch is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_engine_measure_tiny():
+    doc = measure_engine(EnginePlan("qwen3-30b-a3b", device="cuda", tiny=True, **SMALL))
+    assert doc["provenance"]["gpu"] != "none"
+    pts = [p for row in doc["tables"]["decode"]["points"] for p in row]
+    assert all(p is not None and p["ms"] > 0 for p in pts)
+    assert {s: len(e["points"]) for s, e in doc["tables"]["experts"].items()} == {"hf-eager": 2, "grouped": 2}

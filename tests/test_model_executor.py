@@ -99,3 +99,28 @@ def test_prefill_traces_are_refused():
                      batch_size=2, steps=2, seed=0, prefill_tokens=3)
     with pytest.raises(ValueError, match="decode steps only"):
         ModelExecutor(b, POLICIES[0], trace)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("memory", ["pinned", "pageable"])
+def test_gpu_executor_decisions_and_outputs(memory):
+    """On CUDA (bf16, copy stream, events): decisions equal the simulator's, the outputs the
+    model's own with every expert resident."""
+    name = "qwen3-30b-a3b"
+    trace = record_routing(build_model(name, tiny=True, device="cuda"), batch=B, steps=STEPS, device="cuda")
+    policy = PolicySpec(name="g", load="dedup", memory=memory, cache={"kind": "lru", "capacity": 5},
+                        prefetch={"kind": "oracle"})
+    ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda")
+    sim = Planner(ex.spec, policy, trace)
+    ref = build_model(name, tiny=True, device="cuda")
+    prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cuda")
+    cache = DynamicCache()
+    with torch.no_grad():
+        ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for s in range(STEPS):
+            want = ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits
+            step, _ = ex.run_step(s)
+            exp = sim.plan_step(s)[1].as_dict()
+            assert {c: step.executed[c] for c in COUNTED} == {c: exp[c] for c in COUNTED}
+            torch.testing.assert_close(ex.last_logits, want, rtol=2e-2, atol=2e-2)

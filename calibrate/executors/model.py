@@ -93,9 +93,9 @@ class ModelExecutor:
     def _host_experts(self, experts, pinned: bool) -> list[torch.Tensor]:
         out = []
         for e in range(self.E):
-            flat = torch.cat([experts.gate_up_proj[e].reshape(-1), experts.down_proj[e].reshape(-1)]).cpu()
+            flat = torch.cat([experts.gate_up_proj[e].reshape(-1), experts.down_proj[e].reshape(-1)])
             t = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=pinned)
-            t.copy_(flat)
+            t.copy_(flat)  # straight from the device into pinned memory: no pageable bounce
             out.append(t)
         return out
 
