@@ -155,6 +155,17 @@ class DenseCost:
                    start_context=start_context(scenario, prompt_lengths),
                    override_ms=eng.dense_ms_per_layer, twin_dense_ms=model.dense_ms_per_layer)
 
+    @classmethod
+    def for_trace(cls, scenario, profile: Profile, trace, *, prompt_lengths=None,
+                  source: str = "scenario") -> "DenseCost":
+        """:meth:`from_scenario` for one trace: phases and tokens per step from the trace, the
+        batch its decode steps' token count."""
+        tokens = np.diff(trace.step_offsets)
+        decode = tokens[trace.phase != PHASE_PREFILL]
+        batch = int(decode.max()) if len(decode) else int(tokens.max())
+        return cls.from_scenario(scenario, profile, batch=batch, phases=trace.phase, tokens=tokens,
+                                 prompt_lengths=prompt_lengths, source=source)
+
     def dense_ms(self, step: int, layer: int) -> float:
         """The dense (non-expert) op of MoE layer ``layer`` at ``step``."""
         return float(self._dense[step])

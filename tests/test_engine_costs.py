@@ -130,6 +130,12 @@ def test_from_scenario_keys_and_missing_tables():
     assert rec.contexts.tolist() == [200]      # the recorded sequences' own (known) lengths
     with pytest.raises(InputError, match="engine.olmoe-1b-7b: no engine tables"):
         DenseCost.from_scenario(sc, load_profile(), batch=4, phases=[0], tokens=[4])
+    from simulator.traces import generate
+    tr = generate(num_layers=16, num_experts=64, top_k=8, batch_size=4, steps=3, seed=0, prefill_tokens=10)
+    per_trace = DenseCost.for_trace(parse_scenario({**d, "trace": {**d["trace"], "prompt_tokens": 10,
+                                                                   "prefill_tokens": 10}}), prof, tr)
+    assert per_trace.batch == 4 and per_trace.contexts.tolist() == [10, 10, 11, 12]
+    assert per_trace.dense_ms(0, 0) == pytest.approx(curve_ms(prof.engine["olmoe-1b-7b"].prefill, 40))
     twin = parse_scenario(scenario_dict(model="olmoe-1b-7b"))
     assert DenseCost.from_scenario(twin, load_profile(), batch=4, phases=[0], tokens=[4]).dense_ms(0, 0) == 0.0
 
@@ -183,6 +189,9 @@ def test_merge_into_profile(tmp_path):
     merge_engine(prof, [eng], tmp_path / "out.json")
     p = parse_profile(json.loads((tmp_path / "out.json").read_text()), "out")
     assert list(p.engine) == ["deepseek-v2-lite"]
+    eng.write_text(json.dumps({**measured_doc(), "tiny": True}))
+    merge_engine(tmp_path / "out.json", [eng], tmp_path / "out.json")
+    assert sorted(json.loads((tmp_path / "out.json").read_text())["engine"]) == ["deepseek-v2-lite", "deepseek-v2-lite-tiny"]
     bad = copy.deepcopy(measured_doc())
     bad["format"] = "x"
     eng.write_text(json.dumps(bad))

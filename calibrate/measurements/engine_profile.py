@@ -93,7 +93,8 @@ def engine_section(doc: dict) -> dict:
 
 def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dict:
     """The profile at ``profile_path`` with the engine tables of each document merged in
-    (one per model; a model already there is replaced), validated; written to ``out``."""
+    (one per model, keyed by preset; a ``--tiny`` measurement as ``<preset>-tiny``; a model
+    already there is replaced), validated; written to ``out``."""
     from calibrate.profile_writer import write_atomic
 
     prof = _read_json(profile_path, "profile")
@@ -103,7 +104,8 @@ def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dic
         if doc.get("format") != ENGINE_FORMAT:
             raise InputError(str(p), "format", f"not a simmoe engine measurement (expected format {ENGINE_FORMAT!r})")
         try:
-            prof.setdefault("engine", {})[doc["model"]] = engine_section(doc)
+            key = doc["model"] + ("-tiny" if doc.get("tiny") else "")  # a tiny model's tables are its own
+            prof.setdefault("engine", {})[key] = engine_section(doc)
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(str(p), "tables", f"cannot use: {e}") from None
     parse_profile(prof, str(out))
