@@ -80,6 +80,13 @@ def test_measure_engine_tables_and_skips():
     assert active["hf-eager"] == active["grouped"]  # both styles serve the same routing
 
 
+def test_contexts_past_the_models_positions_are_skipped():
+    plan = EnginePlan("olmoe-1b-7b", device="cpu", tiny=True, **{**SMALL, "contexts": [16, 8192], "batches": [1]})
+    doc = measure_engine(plan)
+    assert doc["tables"]["decode"]["points"][0][1] is None and doc["tables"]["decode"]["points"][0][0]
+    assert any(s["context"] == 8192 and "positions" in s["why"] for s in doc["skipped"])
+
+
 def test_time_budget_trims_the_grid():
     doc = measure_engine(EnginePlan("olmoe-1b-7b", device="cpu", tiny=True, **SMALL, max_seconds=1.0))
     assert doc["elapsed_s"] < 60

@@ -26,7 +26,8 @@ gaps count as a real step's do; ``perf_counter`` on the CPU), warm-ups first, th
 the trials kept with p10/p90 and the host time of the call. With ``max_seconds`` the work is
 budgeted: each table gets a share of what is left, and a table's points are taken coarse to
 fine (corners and every 4th point first), so a short budget trims the grid evenly; points left
-out, and points whose KV cache would not fit ``kv_budget_bytes``, are listed in ``skipped``.
+out, points whose KV cache would not fit ``kv_budget_bytes`` and contexts past the model's
+``max_position_embeddings`` (OLMoE: 4096) are listed in ``skipped``.
 """
 from __future__ import annotations
 
@@ -189,6 +190,9 @@ class EngineMeasurer:
         grid: list[list[dict | None]] = [[None] * len(p.contexts) for _ in p.batches]
         for bi, ci in grid_order(len(p.batches), len(p.contexts)):
             B, C = p.batches[bi], p.contexts[ci]
+            if C >= self.b.arch.max_positions:
+                self._skip(table, f"context past the model's {self.b.arch.max_positions} positions", batch=B, context=C)
+                continue
             if B * (C + 1) * need_per_token > self.kv_budget:
                 self._skip(table, f"KV cache and attention {B * (C + 1) * need_per_token / 1e9:.1f} GB over the "
                                   f"{self.kv_budget / 1e9:.1f} GB budget", batch=B, context=C)
