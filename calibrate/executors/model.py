@@ -61,7 +61,7 @@ class ModelExecutor:
     """Runs one policy over one decode trace on a built model (``cuda[:N]`` or ``cpu``)."""
 
     def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
-                 seed: int = 0, prompt_tokens: int = 4):
+                 seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None):
         if (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
         self.b, self.policy, self.trace = built, policy, trace
@@ -70,10 +70,10 @@ class ModelExecutor:
         self.cuda = self.device.type == "cuda"
         self.E, self.H, self.F = self.spec.num_experts, self.spec.hidden, self.spec.ffn
         self.planner = Planner(self.spec, policy, trace, seed=seed)
-        pinned = policy.memory == "pinned" and self.cuda
         blocks = built.moe_blocks()
-        self.dtype = blocks[0].experts.gate_up_proj.dtype
-        self.host = [self._host_experts(blk.experts, pinned) for blk in blocks]     # [layer][expert]
+        # host[layer][expert]: flat weights; shared between runs with ``host`` (host_experts)
+        self.host = host if host is not None else host_experts(built, policy.memory == "pinned" and self.cuda)
+        self.dtype = self.host[0][0].dtype
         n_slots = self.planner.total_slots
         self.pool = torch.empty((n_slots, 3 * self.H * self.F), dtype=self.dtype, device=self.device)
         for key, slot in self.planner.preloaded:
@@ -89,15 +89,6 @@ class ModelExecutor:
         self._ops: list[list[tuple]] = []
         self._executed: dict = {}
         self._step = -1
-
-    def _host_experts(self, experts, pinned: bool) -> list[torch.Tensor]:
-        out = []
-        for e in range(self.E):
-            flat = torch.cat([experts.gate_up_proj[e].reshape(-1), experts.down_proj[e].reshape(-1)])
-            t = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=pinned)
-            t.copy_(flat)  # straight from the device into pinned memory: no pageable bounce
-            out.append(t)
-        return out
 
     def _views(self, flat: torch.Tensor):
         n = 2 * self.F * self.H
@@ -232,6 +223,24 @@ class ModelExecutor:
     def run(self, steps: range | None = None):
         steps = range(self.trace.num_steps) if steps is None else steps
         return [self.run_step(s) for s in steps]
+
+
+def host_experts(built: BuiltModel, pinned: bool) -> list[list[torch.Tensor]]:
+    """Every routed expert's weights (``gate_up_proj[e]`` then ``down_proj[e]``, flat) in host
+    memory, pinned or pageable: ``[layer][expert]``. Needs the model's own experts modules."""
+    out = []
+    for blk in built.moe_blocks():
+        experts = blk.experts
+        if not hasattr(experts, "gate_up_proj"):
+            raise ValueError("the model's experts are already offloaded; pass the host experts of the first run")
+        layer = []
+        for e in range(experts.gate_up_proj.shape[0]):
+            flat = torch.cat([experts.gate_up_proj[e].reshape(-1), experts.down_proj[e].reshape(-1)])
+            t = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=pinned)
+            t.copy_(flat)  # straight from the device into pinned memory: no pageable bounce
+            layer.append(t)
+        out.append(layer)
+    return out
 
 
 class _HostExperts(torch.nn.Module):
