@@ -18,7 +18,6 @@ misses on the host CPU).
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import time
@@ -28,8 +27,6 @@ import torch
 from calibrate.executors.model import ModelExecutor, host_experts, record_routing
 from calibrate.models.build import build_model
 from simulator.planner import Planner
-from simulator.policies import LOAD_MODES
-from simulator.policies.load import Layer
 from simulator.scenario import PolicySpec
 
 COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
@@ -60,16 +57,22 @@ def main() -> None:
     ap.add_argument("--memory", default="pinned", choices=["pinned", "pageable"])
     ap.add_argument("--layers", type=int)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--prompt", type=int, default=4, help="prompt tokens before the decode steps (the context)")
     ap.add_argument("--out")
+    ap.add_argument("--save-traces", help="write every batch's recorded routing here (.npz: b<B> arrays)")
     a = ap.parse_args()
     batches = [int(x) for x in a.batch.split(",")]
     t0 = time.perf_counter()
     built = build_model(a.model, tiny=a.tiny, layers=a.layers, device=a.device)
     E, L = built.spec.num_experts, built.spec.num_layers
-    LOAD_MODES["layer"] = functools.partial(Layer, num_experts=E)  # until the planner passes num_experts
     pols = policies(E, L, a.capacity or max(2, E * L // 4), a.memory)
     chosen = a.policy or list(pols)
-    traces = {b: record_routing(built, batch=b, steps=a.steps, device=a.device) for b in batches}
+    traces = {b: record_routing(built, batch=b, steps=a.steps, prompt_tokens=a.prompt, device=a.device)
+              for b in batches}
+    if a.save_traces:
+        import numpy as np
+
+        np.savez_compressed(a.save_traces, **{f"b{b}": tr.experts for b, tr in traces.items()})
     host = host_experts(built, pinned=a.memory == "pinned" and a.device.startswith("cuda"))
     print(f"built {built.spec.name} ({len(built.decoder_layers)} layers, {L} MoE) and host experts "
           f"in {time.perf_counter() - t0:.1f}s")
@@ -78,7 +81,7 @@ def main() -> None:
         pol = pols[name]
         for b in batches:
             tr = traces[b]
-            ex = ModelExecutor(built, pol, tr, device=a.device, host=host)
+            ex = ModelExecutor(built, pol, tr, device=a.device, host=host, prompt_tokens=a.prompt)
             sim = Planner(built.spec, pol, tr)
             steps = []
             same = True
@@ -90,7 +93,8 @@ def main() -> None:
             timed = steps[1:] or steps
             lat = statistics.median(st.latency_ms for st in timed)
             moved = sum(st.executed["bytes_h2d"] for st in timed)
-            row = {"policy": name, "batch": b, "step_ms": lat, "tokens_per_s": b / lat * 1e3,
+            row = {"policy": name, "batch": b, "prompt": a.prompt, "step_ms": lat,
+                   "steps_ms": [st.latency_ms for st in steps], "tokens_per_s": b / lat * 1e3,
                    "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
                    "GB_per_step": moved / len(timed) / 1e9,
                    "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3),

@@ -78,7 +78,11 @@ class Engine:
     every operation (stream ``compute``, ``copy`` or ``cpu``), when a timeline is asked for.
     """
 
-    def __init__(self, cost: CostModel, memory: str, dense_ms: float, timeline: list | None = None):
+    def __init__(self, cost: CostModel, memory: str, dense_ms, timeline: list | None = None):
+        """``dense_ms``: the dense op's duration, a constant (the twin, or an override), or a
+        :class:`~simulator.engine_costs.DenseCost` that prices each step from the profile's
+        engine tables (dense op by batch and context, a per-step extra for embedding, LM
+        head and dense layers, the style's per-layer and per-expert host cost)."""
         self.cost, self.memory, self.dense_ms = cost, memory, dense_ms
         self.timeline = timeline
         self.env = Clock()
@@ -97,7 +101,13 @@ class Engine:
         env, cost, tl = self.env, self.cost, self.timeline
         memory, blocking, tail = self.memory, self.blocking_copies, cost.pageable_tail
         l_copy, l_expert, l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
-        dense_ms, sync_ms = self.dense_ms, cost.sync
+        sync_ms = cost.sync
+        if isinstance(self.dense_ms, (int, float)):
+            dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
+        else:                                       # priced per step from engine tables
+            dc = self.dense_ms
+            dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
+            expert_base, l_expert = dc.expert_host_ms(l_expert)
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         gpu_ms = cost.gpu_expert.tolist()
@@ -115,6 +125,17 @@ class Engine:
             host = t0
             busy_c0, busy_x0 = busy_c, busy_x
             cpu_ms = 0.0
+            if dense_of is not None:
+                dense_ms, extra = dense_of[s], extra_of[s]
+                if extra > 0:                       # embedding, LM head, dense layers
+                    host += l_dense
+                    t = comp_free if comp_free > now else now
+                    if host > t:
+                        t = t + (host - t)
+                    comp_free = end = t + extra
+                    busy_c += extra
+                    if tl is not None:
+                        tl.append(("compute", t, end, DENSE, "step", False))
             for ops in layers:
                 for op in ops:
                     kind = op[0]
@@ -174,7 +195,7 @@ class Engine:
                         if end > now:
                             now = end
                         yield env.at(now)
-                        host = now + route_ms
+                        host = now + route_ms + expert_base
                     else:  # CPU: activations down, FFN on the host, result up; host blocked
                         if host > now:
                             now = now + (host - now)

@@ -174,6 +174,16 @@ class DenseCost:
         """Per step, outside the MoE layers: embedding + LM head and the dense decoder layers."""
         return float(self._extra[step])
 
+    def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
+        """``(per layer, per expert)`` host time of the style's routed-expert call, as the
+        engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
+        measured style pays its fitted ``base_ms`` once per MoE layer and ``per_expert_ms`` per
+        expert it computes (the per-expert loop is host-bound in eager transformers)."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        if st is None:
+            return 0.0, default_launch_ms
+        return st.base_ms, st.per_expert_ms
+
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:
         not measured for the style, or the twin)."""

@@ -68,7 +68,12 @@ def simulate(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, se
              timeline: list | None = None) -> pd.DataFrame:
     """One policy over one trace: a DataFrame of per-step records."""
     planner = Planner(sc.model, policy, trace, seed=seed)
-    engine = Engine(cost, policy.memory, sc.dense_ms, timeline=timeline)
+    dense = sc.dense_ms
+    if sc.engine.style != "twin":
+        from .engine_costs import DenseCost
+
+        dense = DenseCost.for_trace(sc, cost.profile, trace, source=f"scenario {sc.name}")
+    engine = Engine(cost, policy.memory, dense, timeline=timeline)
     recs = engine.run(planner)
     rows = []
     for r in recs:

@@ -43,7 +43,7 @@ def _op_event(rec: tuple, num_experts: int) -> dict:
     stream, start, end, kind, label, prefetch = rec
     args: dict = {}
     if kind == DENSE:
-        name, cat = "dense", "dense"
+        name, cat = ("embedding, LM head, dense layers", "dense") if label == "step" else ("dense", "dense")
     elif kind == COMPUTE:
         name, cat = f"expert {_expert(label, num_experts)}", "expert"
         args = {"key": label}
