@@ -116,6 +116,7 @@ class Engine:
         cpu_of: dict[int, float] = {}               # tokens -> ms of the whole CPU path
         load_end: dict[int, float] = {}             # slot -> end of the last load into it
         read_end: dict[int, float] = {}             # slot -> end of the last compute that read it
+        COMPUTE_, LOAD_, DENSE_ = COMPUTE, LOAD, DENSE   # locals: the loop compares every op
         now = env.now                               # the host's time at its last wait
         comp_free = copy_free = 0.0                 # when each stream finishes what it holds
         busy_c = busy_x = 0.0
@@ -139,7 +140,7 @@ class Engine:
             for ops in layers:
                 for op in ops:
                     kind = op[0]
-                    if kind == COMPUTE:
+                    if kind == COMPUTE_:
                         host += l_expert
                         tok = op[3]
                         dur = gpu_ms[tok] if tok < n_table else cost.expert_ms(tok)
@@ -154,7 +155,7 @@ class Engine:
                         read_end[op[1]] = end
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, op[2], False))
-                    elif kind == LOAD:
+                    elif kind == LOAD_:
                         host += l_copy
                         nbytes = op[3]
                         dur = copy_of.get(nbytes)
@@ -179,7 +180,7 @@ class Engine:
                             if end > now:
                                 now = end
                             host = now + tail
-                    elif kind == DENSE:
+                    elif kind == DENSE_:
                         host += l_dense
                         t = comp_free if comp_free > now else now
                         if host > t:

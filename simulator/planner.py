@@ -238,14 +238,16 @@ class Planner:
                 on_hit(key, t)
                 hits += 1
                 op = (COMPUTE, slot, key, tok)
-                held = pending.pop(key, None) if pending else None
-                if held is not None:
-                    on_release(key)
-                if held is not None and held[2] >= 0:   # arrives by a prefetch copy
-                    used += 1
-                    arriving[key] = held[2]
-                    prefetched_hits.append((held[2], op))
-                elif key in arriving:                 # another token of a prefetched expert
+                if pending:
+                    held = pending.pop(key, None)
+                    if held is not None:
+                        on_release(key)
+                        if held[2] >= 0:              # arrives by a prefetch copy
+                            used += 1
+                            arriving[key] = held[2]
+                            prefetched_hits.append((held[2], op))
+                            continue
+                if key in arriving:                   # another token of a prefetched expert
                     prefetched_hits.append((arriving[key], op))
                 elif key in loaded_here:          # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group_slots else miss_ops).append(op)

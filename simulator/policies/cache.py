@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from heapq import heapify, heappop, heappush
+from itertools import count
 from bisect import bisect_right
 
 import numpy as np
@@ -27,16 +28,16 @@ class _Stamped(EvictionPolicy):
         self._code: dict[int, int] = {}       # resident -> its heap entry
         self._heap: list[int] = []
         self._parked: dict[int, int] = {}     # held residents taken off the heap -> entry
-        self._clock = 0
+        self._tick = count(1)
         self._compact_at = 64
         if self.restamp_on_hit:
             self.on_hit = self._push          # no extra call per hit
 
     def _push(self, key, t=None):
-        self._clock += 1
-        self._code[key] = c = (self._clock << _KEY_BITS) | key
-        heappush(self._heap, c)
-        if len(self._heap) > self._compact_at:   # drop stale entries now and then
+        self._code[key] = c = (next(self._tick) << _KEY_BITS) | key
+        heap = self._heap
+        heappush(heap, c)
+        if len(heap) > self._compact_at:         # drop stale entries now and then
             parked = self._parked
             self._heap = [c for k, c in self._code.items() if parked.get(k) != c]
             heapify(self._heap)
