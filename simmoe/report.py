@@ -111,8 +111,10 @@ def _summary_rows(summary, sc, src: str) -> list[dict]:
         where = f"results[{i}]"
         if not isinstance(r, dict):
             raise InputError(src, where, "must be a mapping")
-        if r.get("policy") not in names:
+        if not isinstance(r.get("policy"), str) or r["policy"] not in names:
             raise InputError(src, f"{where}.policy", f"{r.get('policy')!r} is not a policy of scenario.yaml")
+        if type(r.get("batch_size")) is not int:
+            raise InputError(src, f"{where}.batch_size", f"{r.get('batch_size')!r} is not an integer")
         lat = r.get("step_latency_ms")
         if not isinstance(lat, dict) or not isinstance(lat.get("ci95"), list) or len(lat["ci95"]) != 2:
             raise InputError(src, f"{where}.step_latency_ms", "required: a mapping with mean and ci95 [lo, hi]")

@@ -176,8 +176,9 @@ def _expanded_size(root) -> int:
 
 def parse_yaml(text: str, source: str) -> Any:
     """A YAML document from text (one document; ``None`` if empty)."""
-    loader = _SafeLoader(text)
+    loader = None
     try:
+        loader = _SafeLoader(text)
         node = loader.get_single_node()
         if node is None:
             return None
@@ -194,7 +195,8 @@ def parse_yaml(text: str, source: str) -> Any:
     except RecursionError:
         raise InputError(source, "(document)", "nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return check_document(doc, source)
 
 

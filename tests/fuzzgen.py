@@ -124,8 +124,9 @@ def gen_scenario(rng: random.Random, tmp: Path) -> Case:
         text = yaml.safe_dump(doc, sort_keys=False) + rng.choice(["seed: 2\n", "name: again\n", "trace: {steps: 3}\n"])
         must = True
     elif kind == "bomb":
-        opts = "{" + ", ".join(f"k{i}: *x8" for i in range(rng.randint(1, 5))) + "}"
-        text = bomb_yaml() + yaml.safe_dump(doc, sort_keys=False).replace(
+        levels = rng.randint(5, 9)
+        opts = "{" + ", ".join(f"k{i}: *x{levels - 1}" for i in range(rng.randint(1, 5))) + "}"
+        text = bomb_yaml(levels) + yaml.safe_dump(doc, sort_keys=False).replace(
             "prefetch:\n    kind: oracle", f"prefetch:\n    kind: oracle\n    options: {opts}")
         must = True
     elif kind == "nest":
@@ -411,8 +412,64 @@ def gen_flags(rng: random.Random, tmp: Path) -> Case:
     return Case("flags", f"{flag} {value}", ["run", str(tmp / "s.yaml"), "-q", flag, value, "--out", str(out)], must, out)
 
 
+# ------------------------------------------------------------------------------- report
+_RUN_DIR: dict[str, Path] = {}
+
+
+def _base_run() -> Path:
+    """One small run folder per process (made once), copied and mutated by report cases."""
+    if "run" not in _RUN_DIR:
+        import tempfile
+        d = Path(tempfile.mkdtemp(prefix="simmoe-fuzz-run-"))
+        (d / "s.yaml").write_text(yaml.safe_dump(base_scenario()))
+        r = CliRunner().invoke(main, ["run", str(d / "s.yaml"), "-q", "--out", str(d / "run")])
+        assert r.exit_code == 0, r.stderr
+        _RUN_DIR["run"] = d / "run"
+    return _RUN_DIR["run"]
+
+
+def gen_report(rng: random.Random, tmp: Path) -> Case:
+    import shutil
+
+    run = tmp / "run"
+    shutil.copytree(_base_run(), run)
+    summary = json.loads((run / "summary.json").read_text())
+    kind = rng.choice(["drop", "mistype", "corrupt", "truncate-json", "policy", "results", "valid"])
+    must = kind != "valid"
+    label = kind
+    if kind in ("drop", "mistype"):
+        row = rng.choice(summary["results"])
+        key = rng.choice(["policy", "batch_size", "requests", "bytes_h2d", "dedup_savings", "hit_rate",
+                          "step_latency_ms", "tokens_per_s", "compute_ms", "transfer_ms", "bytes_per_token"])
+        if kind == "drop":
+            del row[key]
+        else:
+            row[key] = rng.choice(["x", None, [], {"a": 1}, True])
+        label = f"{kind} {key}"
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif kind == "corrupt":
+        target = rng.choice(["steps.parquet", "profile.json", "scenario.yaml"])
+        data = (run / target).read_bytes()
+        i = rng.randrange(len(data))
+        (run / target).write_bytes(data[:i] + bytes(rng.randrange(256) for _ in range(8)) + data[i + 8:])
+        label = f"corrupt {target}"
+        must = False        # random bytes may land where nothing checks them (a comment, padding)
+    elif kind == "truncate-json":
+        data = (run / "summary.json").read_text()
+        (run / "summary.json").write_text(data[:rng.randrange(len(data))])
+    elif kind == "policy":
+        summary["results"][0]["policy"] = "nope"
+        (run / "summary.json").write_text(json.dumps(summary))
+    elif kind == "results":
+        summary["results"] = rng.choice([None, "x", [1, 2], {"a": 1}])
+        (run / "summary.json").write_text(json.dumps(summary))
+    out = tmp / "rep"
+    return Case("report", label, ["report", str(run), "--out", str(out)], must, out,
+                out_files=("report.md", "report.html"))
+
+
 FAMILIES = {"scenario": gen_scenario, "trace": gen_trace, "profile": gen_profile, "sweep": gen_sweep,
-            "import": gen_import, "flags": gen_flags}
+            "import": gen_import, "flags": gen_flags, "report": gen_report}
 
 
 # -------------------------------------------------------------------------------- runner

@@ -381,6 +381,11 @@ def _files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return [check_input_file(src, "source")]
 
 
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def parse_ids(text, source: str, where: str, num_experts: int | None) -> list[int]:
     """Expert ids from ``"[8, 26, 56]"``, ``"8 26 56"`` or a list; checked."""
     if isinstance(text, str):
@@ -390,17 +395,17 @@ def parse_ids(text, source: str, where: str, num_experts: int | None) -> list[in
         try:
             ids = [int(x) for x in s.replace(",", " ").split()]
         except ValueError:
-            raise InputError(source, where, f"expert ids {text!r} are not a list of integers") from None
+            raise InputError(source, where, f"expert ids {_short(text)} are not a list of integers") from None
     elif isinstance(text, (list, tuple, np.ndarray)):
         if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in text):
-            raise InputError(source, where, f"expert ids {list(text)!r} are not all integers")
+            raise InputError(source, where, f"expert ids {_short(list(text))} are not all integers")
         ids = [int(x) for x in text]
     else:
-        raise InputError(source, where, f"expert ids must be a list, got {text!r}")
+        raise InputError(source, where, f"expert ids must be a list, got {_short(text)}")
     if not ids:
         raise InputError(source, where, "no expert ids")
     if len(set(ids)) != len(ids):
-        raise InputError(source, where, f"expert ids {ids} repeat an expert")
+        raise InputError(source, where, f"expert ids {_span(ids)} repeat an expert")
     if min(ids) < 0 or max(ids) >= (num_experts or MAX_EXPERTS):
         raise InputError(source, where, f"expert ids {_span(ids)} out of range [0, {num_experts or MAX_EXPERTS})")
     return ids
@@ -419,7 +424,7 @@ def _int(value, source: str, where: str, column: str) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise InputError(source, where, f"{column} {value!r} is not an integer")
+    raise InputError(source, where, f"{column} {_short(value)} is not an integer")
 
 
 class _LayerIds:
@@ -643,7 +648,7 @@ def _row_values(get, cols: dict, source: str, where: str, num_experts: int | Non
     if seq is None or seq == "":
         raise InputError(source, where, "no sequence")
     if not isinstance(seq, (str, int)) or isinstance(seq, bool):
-        raise InputError(source, where, f"sequence {seq!r} must be a text or an integer")
+        raise InputError(source, where, f"sequence {_short(seq)} must be a text or an integer")
     step = _int(get(cols["step"]), source, where, "step") if cols["step"] else None
     pos = _int(get(cols["position"]), source, where, "position") if cols["position"] else None
     layer = _int(get(cols["layer"]), source, where, "layer")
