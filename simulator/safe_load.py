@@ -77,6 +77,29 @@ def read_text(path: str | Path, field: str, max_bytes: int = MAX_DOCUMENT_BYTES)
         raise InputError(str(path), f"line {line}", f"not UTF-8 text (byte {e.start})") from None
 
 
+def utf8_error(path: str | Path, chunk: int = 1 << 20) -> tuple[int, int] | None:
+    """(line, byte offset) of the first byte of ``path`` that is not UTF-8, or None. Reads in
+    chunks (a text reader's buffered decoding fails before it knows the line)."""
+    offset = lines = 0
+    pending = b""
+    with open(path, "rb") as f:
+        while True:
+            more = f.read(chunk)
+            data = pending + more
+            good, pending = len(data), b""
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                if more and e.end == len(data) and len(data) - e.start < 4:   # a character split by the chunk
+                    good, pending = e.start, data[e.start:]
+                else:
+                    return lines + data[:e.start].count(b"\n") + 1, offset + e.start
+            lines += data[:good].count(b"\n")
+            offset += good
+            if not more:
+                return None
+
+
 # ------------------------------------------------------------------------------ checks
 def _where(path: list) -> str:
     out = ""

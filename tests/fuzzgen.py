@@ -358,7 +358,7 @@ def gen_import(rng: random.Random, tmp: Path) -> Case:
                 f'{r["sequence"]},{r["step"]},{r["layer"]},"{r["experts"]}"\n' for r in rows)
         return "Layer ID,Batch Number,Token,Activated Expert IDs\n" + "".join(
             f'{r["layer"]},{r["sequence"][1:]},{r["step"]},"{r["experts"]}"\n'
-            for r in sorted(rows, key=lambda r: (r["layer"], r["sequence"], r["step"])))
+            for r in sorted(rows, key=lambda r: (str(r["layer"]), r["sequence"], str(r["step"]))))
     text = render(rows).encode()
     if kind == "non-utf8":
         i = rng.randrange(len(text))

@@ -51,7 +51,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..models import MAX_EXPERTS
-from ..safe_load import check_input_file, parse_json
+from ..safe_load import check_input_file, parse_json, utf8_error
 from .trace import MAX_META_BYTES, MAX_TRACE_BYTES, TRACE_FORMAT, RoutingShape, Trace, expert_dtype, load_trace, npy_header
 
 SEQUENCES_FORMAT = "simmoe-sequences"
@@ -446,13 +446,16 @@ def _span(ids: list) -> str:
 
 @contextmanager
 def _reading(src: str, where):
-    """Decoding and parsing failures of a text source as InputError at ``where()`` (its line)."""
+    """Decoding and parsing failures of a text source as InputError at ``where()`` (its line;
+    for text that is not UTF-8, the line of the first bad byte)."""
     try:
         yield
-    except (UnicodeDecodeError, csv.Error, OSError, RecursionError, MemoryError) as e:
-        if isinstance(e, UnicodeDecodeError):
-            msg = "not UTF-8 text"
-        elif isinstance(e, csv.Error):
+    except UnicodeDecodeError:
+        bad = utf8_error(src)
+        line, byte = bad if bad else (where(), "?")
+        raise InputError(src, f"line {line}" if bad else line, f"not UTF-8 text (byte {byte})") from None
+    except (csv.Error, OSError, RecursionError, MemoryError) as e:
+        if isinstance(e, csv.Error):
             msg = f"malformed CSV: {e}"
         else:
             msg = f"cannot read ({type(e).__name__}: {e})"
