@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from simulator.atomic import write_text
 from simulator.sweep import sweep
 
 BASE = {
@@ -206,7 +207,7 @@ def main():
     ])
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_text(args.out, text)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 _CHILD = r"""
 import json, resource, sys, time, tracemalloc
 what, src, out, traced = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+from simulator.atomic import write_text
 from simulator.traces.real import import_sequences, load_sequences
 from simulator.traces.stats import trace_stats
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -135,7 +136,7 @@ def main() -> None:
         f"{(big_imp['rss_peak_kb'] - big_imp['rss_base_kb']) / 1024:.0f} MB.",
         "",
     ]
-    args.out.write_text("\n".join(lines))
+    write_text(args.out, "\n".join(lines))
     print("\n".join(lines))
 
 

@@ -24,6 +24,7 @@ import torch
 import calibrate.live as live
 from calibrate.executor_costs import _probe_model, probe_steps
 from calibrate.live import LiveExecutor, host_experts
+from simulator.atomic import write_text
 from simulator.planner import LOAD
 from simulator.runner import build_trace, derive_seed
 from simulator.scenario import load_scenario
@@ -136,7 +137,7 @@ def main() -> None:
                                    f"(wait {p['wait_event']['median_us']:.1f}, copy {p['copy_+record']['median_us']:.1f})"
                                    for pos, p in d.items()), flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
+        write_text(a.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 
 from calibrate.executor_costs import RUN_DENSE_MS, RUN_SEED, _probe_model
 from calibrate.live import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
+from simulator.atomic import write_text
 from simulator.models import get_preset
 from simulator.runner import build_trace, derive_seed
 from simulator.scenario import PolicySpec, load_scenario
@@ -143,7 +144,7 @@ def main() -> None:
         del ex2, exl, exlayer, pool_live, pool_2g, page_live, page_cal
         torch.cuda.empty_cache()
     if a.out:
-        Path(a.out).write_text(json.dumps(report, indent=1))
+        write_text(a.out, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 from calibrate.executor_costs import _probe_model, probe_costs, probe_steps
 from calibrate.host_now import NOW_STEPS
 from calibrate.live import LiveExecutor, host_experts
+from simulator.atomic import write_text
 from simulator.planner import LOAD, Planner
 from simulator.runner import build_trace, derive_seed
 from simulator.scenario import load_scenario
@@ -153,7 +154,7 @@ def main() -> None:
     print(f"per-index median ms: min {idx.min():.3f} p50 {np.median(idx):.3f} max {idx.max():.3f}; "
           f"even/odd-round correlation {corr}", flush=True)
     if a.out:
-        Path(a.out).write_text(json.dumps({"scenario": sc.name, "rounds": rounds, "median": med, "reuse": reuse,
+        write_text(a.out, json.dumps({"scenario": sc.name, "rounds": rounds, "median": med, "reuse": reuse,
                                            "per_index_ms": idx.tolist(), "even_odd_corr": corr}, indent=1))
 
 

@@ -34,7 +34,7 @@ from .copies import alloc_pools, coalescing, copy_sweep, stream_comparison
 from .executor_costs import copy_trains, cpu_path, executor_runs
 from .expert import torch_dtype
 from .overheads import host_overheads, sleep_rate, slot_allocation
-from .profile_writer import build_profile, check_writable, write_atomic
+from .profile_writer import build_profile, check_writable, write_or_keep
 from .study import study_table
 from .timing import Timer
 
@@ -255,5 +255,5 @@ def run(job: Job, command_line: str, progress: Progress | None = None) -> Outcom
     prov = dict(job.provenance, models=[m.name for m in plan.models], trials=plan.trials, warmup=plan.warmup,
                 quick=plan.quick, command_line=command_line, elapsed_s=round(elapsed, 1))
     doc = build_profile(job.name, prov, results)
-    write_atomic(doc, job.path)
+    write_or_keep(doc, job.path)
     return Outcome(job.path, doc, elapsed)

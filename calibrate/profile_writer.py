@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import tempfile
 from pathlib import Path
 
+from simulator.atomic import check_target, write_text
 from simulator.errors import InputError
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
@@ -119,6 +121,7 @@ def check_writable(path: Path) -> None:
     """Fail now, before measuring, if the profile could not be written to ``path``."""
     if path.is_dir():
         raise InputError(str(path), "--out", "is a directory; give a file path such as profiles/my-gpu.json")
+    check_target(path, "--out")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
@@ -127,24 +130,22 @@ def check_writable(path: Path) -> None:
         raise InputError(str(path), "--out", f"cannot write here: {e.strerror or e}") from None
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_atomic(doc: dict, path: Path) -> Path:
-    """Write ``doc`` as JSON via a temporary file and ``os.replace``: all of it or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    """Write ``doc`` as JSON (:func:`simulator.atomic.write_text`): all of it or nothing."""
+    return write_text(path, json.dumps(doc, indent=1, allow_nan=False) + "\n", "--out")
+
+
+def write_or_keep(doc: dict, path: Path) -> Path:
+    """Write the profile to ``path``; if that fails (a full disk, a folder gone), keep the
+    measurements in a file of the temporary folder and say where, in the one-line error."""
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+        return write_atomic(doc, path)
+    except InputError as e:
+        slug = re.sub(r"[^\w.-]", "_", str(doc.get("name") or "calibrated"))[:64]
+        kept = Path(tempfile.gettempdir()) / f"simmoe-profile-{slug}-{os.getpid()}.json"
+        try:
+            write_atomic(doc, kept)
+            where = f"the measurements are kept in {kept}: move it there when there is room"
+        except InputError as e2:
+            where = f"and could not be kept in {kept} either ({e2.message})"
+        raise InputError(e.source, e.field, f"{e.message}; {where}") from None

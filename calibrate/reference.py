@@ -2,9 +2,12 @@
 
     python -m calibrate.reference ../shared/reference
 
-- ``rtx3090-published``: the published RTX 3090 study (pageable copies of a 27.0 MiB fp32
-  expert, 100 trials per configuration). One copy size only, so the copy curve is one point:
-  the median per-copy time over the six published rows. Pinned copies were not measured;
+- ``rtx3090-published``: the published RTX 3090 study (27.0 MiB fp32 experts, 100 trials per
+  configuration). Its public benchmark timed, per (batch, experts) row, one pageable copy of
+  the row's experts and one MoE layer call in which each batch item ran one expert FFN over its
+  512 tokens. So the pageable copy curve holds the six transfer times as a copy-time-by-size
+  table, and the computation column (independent of the expert count) becomes a fixed cost
+  per layer call plus one 512-token expert FFN per item. Pinned copies were not measured;
   the pinned curve is an assumption (PCIe Gen4 x16 at 24 GB/s) and says so.
 - ``h100-probe``: the one-off H100 probe (CUDA-event medians); a sanity reference. The
   calibrated ``h100-pcie5`` profile (``simmoe calibrate``) supersedes it as the default.
@@ -12,13 +15,16 @@
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from simulator.atomic import write_text
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
 STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
+STUDY_TOKENS_PER_ITEM = 512  # the study's computation benchmark: seq_length 512 per batch item
 # (batch, experts per item, computation ms, transfer ms) from reference/README.md
 PUBLISHED_ROWS = [
     (1, 1, 4.72, 3.47), (1, 10, 4.35, 41.39),
@@ -32,14 +38,26 @@ PROBE_SHAPES = {
 }
 
 
+def study_compute_fit() -> tuple[float, float]:
+    """(fixed ms per layer call, ms per batch item) of the study's computation column.
+
+    The study timed one MoE layer call in which each batch item ran ONE expert FFN over its
+    512 tokens (whatever the row's expert count), so the column is ``fixed + B * per_item``;
+    least squares over the six rows."""
+    slope, intercept = np.polyfit([b for b, *_ in PUBLISHED_ROWS], [c for _, _, c, _ in PUBLISHED_ROWS], 1)
+    return float(intercept), float(slope)
+
+
+def study_copy_table() -> list[list[float]]:
+    """[bytes, ms] of the study's pageable copies: each row is one copy of batch x experts experts."""
+    return sorted([[b * n * STUDY_EXPERT_BYTES, t] for b, n, _, t in PUBLISHED_ROWS])
+
+
 def rtx3090_published() -> dict:
-    per_copy = [t / (b * n) for b, n, _, t in PUBLISHED_ROWS]
-    copy_ms = statistics.median(per_copy)
-    latency_us = 10.0  # assumed: not separable from one copy size
-    bw = STUDY_EXPERT_BYTES / ((copy_ms - latency_us * 1e-3) * 1e-3) / 1e9
-    comp: dict[int, list[float]] = {}
-    for b, _, c, _ in PUBLISHED_ROWS:
-        comp.setdefault(b, []).append(c)
+    fixed_ms, per_item_ms = study_compute_fit()
+    table = study_copy_table()
+    (b0, m0), (b1, m1) = table[-2], table[-1]
+    bw = (b1 - b0) / ((m1 - m0) * 1e-3) / 1e9   # past the table: the rate of its two largest copies
     return {
         "format": PROFILE_FORMAT, "version": PROFILE_VERSION, "name": "rtx3090-published",
         "provenance": {
@@ -47,23 +65,31 @@ def rtx3090_published() -> dict:
             "gpu": "NVIDIA GeForce RTX 3090 (24 GB)", "pcie": "Gen4 x16 (not stated)",
             "source": "shared/reference/README.md: published RTX 3090 study, 100 trials, mean +- std",
             "notes": (
-                f"pageable copy of one 27.0 MiB expert = {copy_ms:.4f} ms, the median per-copy "
-                f"time over the six published rows (per-copy times range "
-                f"{min(per_copy):.3f}-{max(per_copy):.3f} ms). Pinned copies were not measured: "
-                "the pinned curve (10 us + 24 GB/s) is assumed. Computation column: mean of "
-                "the 1- and 10-expert rows per batch size, stored as the time for that many tokens."
+                "copy.h2d.pageable.table: the transfer column, one point per row (the row's "
+                "batch x experts experts of 27.0 MiB moved in one pageable copy); an expert-sized "
+                f"copy is the batch 1 x 1 expert row, {table[0][1]} ms. Beyond the largest row: "
+                f"10 us + {bw:.3f} GB/s (the two largest rows' rate). Pinned copies were not "
+                "measured: the pinned curve (10 us + 24 GB/s) is assumed. compute.gpu: the "
+                "computation column, which did not depend on the expert count: one layer call in "
+                "which each batch item ran one expert FFN over its 512 tokens; least squares over "
+                f"the six rows gives {fixed_ms:.4f} ms per call + {per_item_ms:.4f} ms per item, "
+                "stored as one expert FFN over 512 tokens (flat below: the study timed no smaller "
+                "FFN); the fixed part is measurements.study_layer_fixed_ms (a dense term)."
             ),
         },
         "copy": {"h2d": {
-            "pageable": {"latency_us": latency_us, "bandwidth_GBps": round(bw, 4),
-                         "table": [[STUDY_EXPERT_BYTES, round(copy_ms, 6)]]},
+            "pageable": {"latency_us": 10.0, "bandwidth_GBps": round(bw, 4), "table": table},
             "pinned": {"latency_us": 10.0, "bandwidth_GBps": 24.0, "table": []},
         }},
-        "compute": {"gpu": {"768x3072-fp32-gated": [[b, round(statistics.mean(v), 4)] for b, v in sorted(comp.items())]}},
+        "compute": {"gpu": {"768x3072-fp32-gated": [[STUDY_TOKENS_PER_ITEM, round(per_item_ms, 4)]]}},
         "host": {"launch_us": {"copy": 5.0, "expert": 20.0, "dense": 5.0}, "sync_us": 10.0,
                  "pageable_blocks_host": True},
-        "measurements": {"published_rows": [
-            {"batch": b, "experts": n, "computation_ms": c, "transfer_ms": t} for b, n, c, t in PUBLISHED_ROWS]},
+        "measurements": {
+            "published_rows": [
+                {"batch": b, "experts": n, "computation_ms": c, "transfer_ms": t} for b, n, c, t in PUBLISHED_ROWS],
+            "study_tokens_per_item": STUDY_TOKENS_PER_ITEM,
+            "study_layer_fixed_ms": round(fixed_ms, 4),
+        },
     }
 
 
@@ -104,7 +130,7 @@ def main(ref_dir: str) -> None:
         docs.append(h100_probe(probe, name="h100-pcie5"))
     for doc in docs:
         parse_profile(doc, doc["name"])  # validate before writing
-        (out / f"{doc['name']}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        write_text(out / f"{doc['name']}.json", json.dumps(doc, indent=1) + "\n")
         print("wrote", out / f"{doc['name']}.json")
 
 

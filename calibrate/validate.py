@@ -24,9 +24,7 @@ then average over the same swings. Rows paced by the copy engine keep ``repeats`
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 
+from simulator.atomic import atomic_files
 from simulator.errors import InputError
 from simulator.profile import Profile, load_profile
 from simulator.runner import build_trace, cost_model, derive_seed, simulate
@@ -294,10 +293,6 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise InputError(str(out_dir), "--out", f"cannot write here: {e.strerror or e}") from None
     rows = report["rows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     pols = sorted({r["policy"] for r in rows}, key=[r["policy"] for r in rows].index)
@@ -323,16 +318,10 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
     b.title.set_fontsize(9)
     a.legend(fontsize=7)
     fig.tight_layout()
-    written = []
-    for name, writer in (("validation.json", lambda p: p.write_text(json.dumps(report, indent=1) + "\n")),
-                         ("validation.png", lambda p: fig.savefig(p, dpi=120))):
-        fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=Path(name).suffix)
-        os.close(fd)
-        try:
-            writer(Path(tmp))
-            os.replace(tmp, out_dir / name)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        written.append(out_dir / name)
-    plt.close(fig)
-    return written
+    try:
+        with atomic_files(out_dir, "--out") as tmp:   # both files or none
+            (tmp / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
+            fig.savefig(tmp / "validation.png", dpi=120)
+    finally:
+        plt.close(fig)
+    return [out_dir / "validation.json", out_dir / "validation.png"]

@@ -102,6 +102,7 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
     and the profile used. Same scenario and seed give the same numbers, bit for bit.
     """
+    from simulator.names import results_dir
     from simulator.output import write_results
     from simulator.runner import run_scenario
     from simulator.scenario import load_scenario
@@ -119,12 +120,14 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     sc, base = load_scenario(scenario, overrides)
     with progress_bar(quiet, "simulating") as cb:
         result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)
-    out = out or Path("results") / sc.name
-    written = write_results(result, out, fmt)
-    if timeline:
-        from simulator.timeline import write_timeline
+    out = out or results_dir(sc.name)
+    extra_files = {}
+    if timeline:   # built before any result is written: all files or none
+        from simulator.timeline import dump_timeline, timeline_doc
 
-        written.append(write_timeline(sc, result.profile, base, out / "timeline.json"))
+        doc = timeline_doc(sc, result.profile, base)
+        extra_files["timeline.json"] = lambda p: dump_timeline(doc, p)
+    written = write_results(result, out, fmt, extra_files=extra_files)
     if not quiet:
         print_summary(result)
         click.echo(f"wrote {', '.join(str(p) for p in written)}")
@@ -141,17 +144,19 @@ def trace_group():
 @click.option("--batch", "-b", type=click.IntRange(1), default=8, show_default=True, help="Sequences per step.")
 @click.option("--steps", "-s", type=click.IntRange(1), default=64, show_default=True, help="Decode steps.")
 @click.option("--generator", "-g", default="mixed", show_default=True,
-              help="uniform, zipf, temporal, batch_locality, cross_layer or mixed.")
+              help="uniform, zipf, temporal, batch_locality, cross_layer, mixed or item_copy.")
 @click.option("--zipf", type=click.FloatRange(0), default=0.0, help="Popularity skew exponent.")
 @click.option("--temporal", type=click.FloatRange(0, 1), default=0.0, help="P(re-use previous step's expert).")
 @click.option("--batch-locality", type=click.FloatRange(0, 1), default=0.0, help="P(draw from the batch's hot set).")
 @click.option("--batch-pool", type=click.IntRange(1), default=None, help="Size of the batch's hot set [top_k].")
 @click.option("--cross-layer", type=click.FloatRange(0, 1), default=0.0, help="P(follow the layer-to-layer map).")
+@click.option("--locality", type=click.FloatRange(0, 1), default=0.0,
+              help="item_copy: share of a later item's experts copied from earlier items (times U[0,1)).")
 @click.option("--prefill-tokens", type=click.IntRange(0), default=0, help="Prompt tokens per sequence (a prefill step).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .npz.")
 def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_locality, batch_pool, cross_layer,
-              prefill_tokens, seed, out):
+              locality, prefill_tokens, seed, out):
     """Write a seeded synthetic routing trace (.npz, see docs/traces.md)."""
     from pydantic import ValidationError
 
@@ -165,7 +170,7 @@ def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_localit
     try:
         spec = TraceSpec(generator=generator, steps=steps, zipf=zipf, temporal=temporal,
                          batch_locality=batch_locality, batch_pool=batch_pool, cross_layer=cross_layer,
-                         prefill_tokens=prefill_tokens)
+                         locality=locality, prefill_tokens=prefill_tokens)
     except ValidationError as e:
         msg = e.errors()[0]["msg"].removeprefix("Value error, ")
         raise InputError("command line", "--generator", msg) from None

@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from simulator.atomic import write_with
 from simulator.traces import expected_unique_uniform
 
 MAX_BARS = 80
@@ -76,7 +77,7 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
     paths = []
     for ext, opts in _SAVE.items():
         p = out_dir / f"{name}.{ext}"
-        fig.savefig(p, format=ext, bbox_inches="tight", **opts)
+        write_with(p, lambda tmp: fig.savefig(tmp, format=ext, bbox_inches="tight", **opts), "--out")
         paths.append(p)
     return paths
 
@@ -195,7 +196,6 @@ PLOTS = {"latency": plot_latency, "dedup": plot_dedup, "hit_rate": plot_hit_rate
 def make_plots(df: pd.DataFrame, axes: list[str], out_dir: str | Path) -> dict[str, list[Path]]:
     """Write every plot that the rows support; returns plot name -> [PNG, SVG] paths."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     if ok.empty:
         return {}

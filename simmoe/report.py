@@ -9,8 +9,9 @@ Sections (Markdown ``report.md`` and self-contained ``report.html`` with the plo
    study's. The study's grid is batch 1, 2, 4 x experts 1, 10; missing cells are listed.
 2. **Deduplication savings** by batch size (1 to 64): memory savings (share of routed expert
    loads that are repeats, ``dedup_savings``), bandwidth savings (1 - bytes copied / bytes a
-   per-item load of every routed expert would copy), the maximum reuse factor (largest routed
-   requests / distinct experts of a step) and the uniform-routing expectation.
+   per-item load of every routed expert would copy), the maximum reuse factor (the seed's
+   column: (requests - unique) / requests of the step where it is largest) and the
+   uniform-routing expectation.
 3. **Policy comparison**: step latency (mean, 95% CI), throughput, hit rate, bytes per token
    and the speed-up over the per-item baseline at the same batch size and configuration.
 4. The plots of :mod:`simmoe.plots`, and for a sweep, its failed points.
@@ -23,8 +24,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from simulator.atomic import write_text
 from simulator.errors import InputError
 from simulator.profile import builtin_profiles, load_profile, parse_profile
 from simulator.safe_load import check_input_file, load_json, load_yaml
@@ -204,6 +204,10 @@ def fmt_pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def fmt_share(x: float | None) -> str:
+    return "-" if x is None or pd.isna(x) else f"{x:.3f}"
+
+
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None or pd.isna(x) else f"{x:.2f}x"
 
@@ -258,6 +262,10 @@ def computation_vs_transfer(res: Results) -> Table:
     missing = [f"batch {b} x {k} expert{'s' if k > 1 else ''}" for b, k in STUDY_GRID if (b, k) not in present]
     notes = [f"Study configurations not in these results: {', '.join(missing)} "
              "(the 'published study' sweep in docs/sweeps.md runs them all)."] if missing else []
+    if show_pub:
+        notes.append("The study measured its rows differently: its computation ran one expert FFN per batch item "
+                     "over 512 tokens whatever the expert count, its transfer one pageable copy of batch x experts "
+                     "experts. `python -m calibrate.published` reproduces them as measured (docs/validation.md).")
     return Table(title, intro, headers, rows, notes)
 
 
@@ -279,18 +287,20 @@ def dedup_savings(res: Results) -> Table:
     df = df[df["policy"] == pol]
     intro = (f"Policy `{pol}`. Memory savings: share of routed expert loads that repeat an expert already "
              "requested in the same layer-step. Bandwidth savings: 1 - bytes copied / bytes per-item loading "
-             "would copy. Max reuse factor: the largest requests / distinct experts of any step. "
+             "would copy. Max reuse factor (the seed's column): (requests - unique) / requests of the "
+             "step where it is largest. "
              "Uniform: the expectation 1 - E(1-(1-k/E)^B)/(kB) for uniform routing.")
     cfg = config_columns(df, res.axes, ["batch_size"], ["dedup_savings", "bytes_h2d", "max_reuse_factor"])
     df = df.drop_duplicates(["batch_size"] + cfg)
-    headers = cfg + ["Batch", "Memory savings", "Bandwidth savings", "Max reuse factor", "Uniform routing"]
+    headers = cfg + ["Batch", "Memory savings", "Bandwidth savings", "Max reuse factor ((requests - unique) / requests)",
+                     "Uniform routing"]
     rows = []
     for _, r in df.sort_values("batch_size", kind="stable").iterrows():
         per_item_bytes = r["requests"] * r["expert_bytes"]
         bw = 1 - r["bytes_h2d"] / per_item_bytes if per_item_bytes else 0.0
         uni = float(uniform_dedup_savings(int(r["num_experts"]), int(r["top_k"]), [r["batch_size"]])[0])
         rows.append([str(r[c]) for c in cfg] + [str(r["batch_size"]), fmt_pct(r["dedup_savings"]), fmt_pct(bw),
-                                                fmt_ratio(r["max_reuse_factor"]), fmt_pct(uni)])
+                                                fmt_share(r["max_reuse_factor"]), fmt_pct(uni)])
     missing = sorted(set(DEDUP_BATCHES) - set(int(b) for b in df["batch_size"]))
     notes = [f"Batch sizes not in these results: {', '.join(map(str, missing))}."] if missing else []
     return Table(title, intro, headers, rows, notes)
@@ -410,15 +420,6 @@ def to_html(title: str, header: list[str], tables: list[Table], plots: dict[str,
     return "\n".join(out)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def build_tables(res: Results) -> list[Table]:
     tables = [computation_vs_transfer(res), dedup_savings(res), policy_comparison(res)]
     fail = failures(res)
@@ -438,6 +439,6 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path
     title = f"simmoe report: {res.folder.name}"
     header = _header(res)
     md, page = out / "report.md", out / "report.html"
-    _write_atomic(md, to_markdown(title, header, tables, plots, out))
-    _write_atomic(page, to_html(title, header, tables, plots))
+    write_text(md, to_markdown(title, header, tables, plots, out))
+    write_text(page, to_html(title, header, tables, plots))
     return [md, page] + [p for paths in plots.values() for p in paths]

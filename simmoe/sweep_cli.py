@@ -13,8 +13,9 @@ import click
               help="local: a process pool on this machine. ray: a Ray cluster (pip install 'simmoe[ray]').")
 @click.option("--workers", "-j", type=click.IntRange(1), default=os.cpu_count() or 1, show_default=True,
               help="Local processes (1 runs in this process); with --backend ray and no --address, the CPUs "
-                   "of the local Ray instance started for the sweep.")
-@click.option("--address", help="Ray cluster address (e.g. ray://head:10001 or auto); the cluster's CPUs are used.")
+                   "of the local Ray instance started for the sweep. Capped by the points to run and the cores.")
+@click.option("--address", help="Ray cluster address (host:port, ray://head:10001 or auto); the cluster's CPUs are "
+              "used. Without it, a local Ray with token authentication and no dashboard is started.")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Results folder [default: results/<sweep name>].")
 @click.option("--retry-failed", is_flag=True, help="Run again the points that failed in an earlier run.")
@@ -47,16 +48,17 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet):
     A point that raises is recorded with its error and the sweep goes on. Results are the
     same, bit for bit, for any backend and worker count. Then: simmoe report OUT.
     """
+    from simulator.names import results_dir
     from simulator.sweep import load_sweep, sweep
 
     from .display import progress_bar
 
     sw = load_sweep(sweep_file)
-    out = out or Path("results") / sw.name
+    out = out or results_dir(sw.name)
     try:
         with progress_bar(quiet, "sweep") as cb:
             df = sweep(sw, backend=backend, workers=workers, address=address, out=out,
-                       retry_failed=retry_failed,
+                       retry_failed=retry_failed, notice=lambda m: click.echo(m, err=True),
                        progress=(lambda done, total, failed: cb(done, total, f"{failed} failed")) if cb else None)
     except KeyboardInterrupt:
         click.echo(f"interrupted: finished points are kept in {out / 'parts'}; run the same command to finish",

@@ -13,6 +13,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from simulator.atomic import write_text
 from simulator.errors import InputError
 from simulator.traces.real import FORMATS
 
@@ -30,11 +31,7 @@ def _int_list(value: str, flag: str) -> list[int]:
 
 
 def _write_json(doc: dict, path: Path) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(doc, indent=1, sort_keys=True))
-    except OSError as e:
-        raise InputError(str(path), "--json", f"cannot write: {e.strerror or e}") from None
+    write_text(path, json.dumps(doc, indent=1, sort_keys=True), "--json")
 
 
 def _pct(x: float) -> str:
@@ -196,12 +193,8 @@ def trace_fit(trace, fmt, batch, steps, seeds, seed, out, json_out):
     console.print("scenario trace section:\n" + yaml.safe_dump({"trace": spec}, sort_keys=False))
     written = []
     if out:
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(f"# fitted to {trace} by simmoe trace fit (batch {batch}, seed {seed})\n"
-                           + yaml.safe_dump({"trace": spec}, sort_keys=False))
-        except OSError as e:
-            raise InputError(str(out), "--out", f"cannot write: {e.strerror or e}") from None
+        write_text(out, f"# fitted to {trace} by simmoe trace fit (batch {batch}, seed {seed})\n"
+                   + yaml.safe_dump({"trace": spec}, sort_keys=False), "--out")
         written.append(out)
     if json_out:
         _write_json(res.as_dict(), json_out)

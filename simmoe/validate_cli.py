@@ -47,6 +47,7 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     from rich.table import Table
 
     from calibrate.validate import validate, write_validation
+    from simulator.names import results_dir
     from simulator.scenario import load_scenario
 
     from .cli import parse_int_list
@@ -57,7 +58,7 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
                           row_budget_s=row_budget, host_now=host_now, host_window_s=host_window)
-    written = write_validation(report, out or Path("results") / f"{sc.name}-validation")
+    written = write_validation(report, out or results_dir(sc.name, "-validation"))
     if quiet:
         return
     t = Table(title=f"{sc.name} on {report['environment'].get('gpu', device)}: live vs {report['profile']}")

@@ -1,27 +1,44 @@
 """The SimPy model of one GPU's streams replaying a planner's operations.
 
-Resources, each a SimPy process that runs its operations in issue order, as a CUDA stream does:
+Resources, as a CUDA program has them:
 
-- **host**: the Python thread that issues work. Issuing costs host time (``host.launch_us``
-  in the profile). The host learns a layer's routing only when that layer's dense work
-  (attention, router) has finished: it waits for it and copies the expert ids down, then
-  issues the layer's expert work. A copy from pageable memory and a CPU expert block the
+- **host**: the Python thread that issues work; a SimPy process. Issuing costs host time
+  (``host.launch_us`` in the profile). The host learns a layer's routing only when that layer's
+  dense work (attention, router) has finished: it waits for it and copies the expert ids down,
+  then issues the layer's expert work. A copy from pageable memory and a CPU expert block the
   host until done (after a pageable copy, the next call also waits ``host.pageable_tail_us``
   while the driver finishes the staged copy); each step ends with a synchronise.
-- **compute stream**: dense work and expert FFNs. An FFN waits for the last load into its slot.
-- **copy stream**: host-to-device copies (a copy engine). A load waits for the last compute
-  that read the slot it overwrites.
+- **compute stream**: dense work and expert FFNs, in issue order. An FFN waits for the last
+  load into its slot.
+- **copy stream**: host-to-device copies (a copy engine), in issue order. A load waits for the
+  last compute that read the slot it overwrites.
 
-Durations come from :class:`~simulator.profile.CostModel`, frozen into lookups before the
+How operations are timed (docs/architecture.md, "How the engine times operations"): every
+operation waits only on operations issued before it, and each stream runs its operations in
+issue order. So when the host issues an operation, everything it can wait for is already
+timed, and the stream computes its start and end on the spot::
+
+    start = max(stream free, host clock at the last wait) -> then the issue time -> then deps
+    end   = start + duration
+
+with the very floating-point operations the all-events engine performs when its stream
+processes wake, wait and time out (tests/reference_engine.py, the oracle this engine equals bit
+for bit). Nothing per operation is an object or an event. The host yields to SimPy only where it
+waits on the GPU for something it must read: each layer's router output and the step's
+synchronise. A blocking pageable copy or a CPU expert advances the host's own clock, exactly as
+the all-events engine's timeouts do (nothing else runs on the host thread meanwhile).
+
+Durations come from :class:`~simulator.profile.CostModel`, frozen into lists and dicts before the
 loop. A step's latency is from the host starting it to the synchronise returning. Same inputs,
-same event order, same floating-point sums: runs are bit-for-bit reproducible.
+same float operations in the same order: runs are bit-for-bit reproducible.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass
+from heapq import heappush
 
 import simpy
+from simpy.core import NORMAL
 
 from .planner import COMPUTE, CPU, DENSE, LOAD, Decisions, Planner
 from .profile import CostModel
@@ -29,65 +46,15 @@ from .profile import CostModel
 ROUTE_ID_BYTES = 4   # one int32 expert id per (token, choice), copied to the host each layer
 
 
-class Op:
-    """One issued operation and its life on a stream."""
+class Clock(simpy.Environment):
+    """A SimPy environment that can wake a process at an exact time (not ``now + delay``,
+    which may round differently from the time the streams computed)."""
 
-    __slots__ = ("kind", "dur", "issue", "deps", "end", "ev", "label", "start", "prefetch")
-
-    def __init__(self, kind, dur, issue, deps, label=None, prefetch=False):
-        self.kind, self.dur, self.issue, self.deps = kind, dur, issue, deps
-        self.end = None     # set when finished
-        self.ev = None      # created only if someone waits on it
-        self.label = label
-        self.start = None
-        self.prefetch = prefetch
-
-
-class Stream:
-    """A FIFO of operations executed one at a time (a CUDA stream / copy engine)."""
-
-    def __init__(self, env: simpy.Environment, name: str, timeline: list | None):
-        self.env, self.name, self.timeline = env, name, timeline
-        self.queue: deque[Op] = deque()
-        self.wake: simpy.Event | None = None
-        self.busy = 0.0       # total busy ms
-        self.last: Op | None = None
-        env.process(self._run())
-
-    def submit(self, op: Op) -> None:
-        self.queue.append(op)
-        self.last = op
-        if self.wake is not None and not self.wake.triggered:
-            self.wake.succeed()
-
-    def _run(self):
-        env, q = self.env, self.queue
-        while True:
-            if not q:
-                self.wake = env.event()
-                yield self.wake
-                self.wake = None
-                continue
-            op = q.popleft()
-            if op.issue > env.now:
-                yield env.timeout(op.issue - env.now)
-            for dep in op.deps:
-                if dep.end is None:
-                    yield wait_for(env, dep)
-            op.start = env.now
-            yield env.timeout(op.dur)
-            op.end = env.now
-            self.busy += op.dur
-            if op.ev is not None:
-                op.ev.succeed()
-            if self.timeline is not None:
-                self.timeline.append((self.name, op.start, op.end, op.kind, op.label, op.prefetch))
-
-
-def wait_for(env: simpy.Environment, op: Op) -> simpy.Event:
-    if op.ev is None:
-        op.ev = env.event()
-    return op.ev
+    def at(self, when: float) -> simpy.Event:
+        ev = simpy.Event(self)
+        ev._ok, ev._value = True, None
+        heappush(self._queue, (when, NORMAL, next(self._eid), ev))
+        return ev
 
 
 @dataclass
@@ -105,15 +72,19 @@ class StepRecord:
 
 
 class Engine:
-    """Times a planner's operations on one GPU (compute stream, copy stream, host)."""
+    """Times a planner's operations on one GPU (compute stream, copy stream, host).
+
+    ``timeline``: a list that receives ``(stream, start, end, opcode, label, prefetch)`` for
+    every operation (stream ``compute``, ``copy`` or ``cpu``), when a timeline is asked for.
+    """
 
     def __init__(self, cost: CostModel, memory: str, dense_ms: float, timeline: list | None = None):
         self.cost, self.memory, self.dense_ms = cost, memory, dense_ms
         self.timeline = timeline
-        self.env = simpy.Environment()
-        self.compute = Stream(self.env, "compute", timeline)
-        self.copy = Stream(self.env, "copy", timeline)
+        self.env = Clock()
         self.blocking_copies = memory == "pageable" and cost.pageable_blocks_host
+        self.compute_busy = 0.0     # total busy ms of each stream
+        self.copy_busy = 0.0
 
     def run(self, planner: Planner, steps: range | None = None) -> list[StepRecord]:
         records: list[StepRecord] = []
@@ -123,80 +94,118 @@ class Engine:
         return records
 
     def _host(self, planner: Planner, steps, records):
-        env, cost, comp, copy = self.env, self.cost, self.compute, self.copy
+        env, cost, tl = self.env, self.cost, self.timeline
         memory, blocking, tail = self.memory, self.blocking_copies, cost.pageable_tail
         l_copy, l_expert, l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
+        dense_ms, sync_ms = self.dense_ms, cost.sync
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
-        tl = self.timeline
-        last_load: dict[int, Op] = {}
-        last_read: dict[int, Op] = {}
-        no_deps: tuple = ()
+        gpu_ms = cost.gpu_expert.tolist()
+        n_table = len(gpu_ms)
+        copy_of: dict[int, float] = {}              # nbytes -> ms
+        cpu_of: dict[int, float] = {}               # tokens -> ms of the whole CPU path
+        load_end: dict[int, float] = {}             # slot -> end of the last load into it
+        read_end: dict[int, float] = {}             # slot -> end of the last compute that read it
+        now = env.now                               # the host's time at its last wait
+        comp_free = copy_free = 0.0                 # when each stream finishes what it holds
+        busy_c = busy_x = 0.0
         for s in steps:
             layers, dec = planner.plan_step(s)
-            t0 = env.now
-            host = t0                     # host clock; the host process yields only to block
-            busy_c0, busy_x0 = comp.busy, copy.busy
+            t0 = now
+            host = t0
+            busy_c0, busy_x0 = busy_c, busy_x
             cpu_ms = 0.0
             for ops in layers:
-                dense_op = None
                 for op in ops:
                     kind = op[0]
                     if kind == COMPUTE:
                         host += l_expert
-                        dep = last_load.get(op[1])
-                        o = Op(COMPUTE, cost.expert_ms(op[3]), host,
-                               no_deps if dep is None or dep.end is not None else (dep,), op[2])
-                        comp.submit(o)
-                        last_read[op[1]] = o
+                        tok = op[3]
+                        dur = gpu_ms[tok] if tok < n_table else cost.expert_ms(tok)
+                        t = comp_free if comp_free > now else now
+                        if host > t:
+                            t = t + (host - t)
+                        dep = load_end.get(op[1])
+                        if dep is not None and dep > t:
+                            t = dep
+                        comp_free = end = t + dur
+                        busy_c += dur
+                        read_end[op[1]] = end
+                        if tl is not None:
+                            tl.append(("compute", t, end, COMPUTE, op[2], False))
                     elif kind == LOAD:
                         host += l_copy
-                        deps = tuple(r for r in (last_read.get(sl) for sl in op[1]) if r is not None and r.end is None)
-                        o = Op(LOAD, cost.copy_ms(op[3], memory), host, deps, op[2], op[4])
-                        copy.submit(o)
+                        nbytes = op[3]
+                        dur = copy_of.get(nbytes)
+                        if dur is None:
+                            dur = copy_of[nbytes] = cost.copy_ms(nbytes, memory)
+                        t = copy_free if copy_free > now else now
+                        if host > t:
+                            t = t + (host - t)
                         for sl in op[1]:
-                            last_load[sl] = o
-                        if blocking:
-                            if host > env.now:
-                                yield env.timeout(host - env.now)
-                            if o.end is None:
-                                yield wait_for(env, o)
-                            host = env.now + tail   # the driver finishes the staged copy first
+                            dep = read_end.get(sl)
+                            if dep is not None and dep > t:
+                                t = dep
+                        copy_free = end = t + dur
+                        busy_x += dur
+                        for sl in op[1]:
+                            load_end[sl] = end
+                        if tl is not None:
+                            tl.append(("copy", t, end, LOAD, op[2], op[4]))
+                        if blocking:                # the host waits for the copy, then the driver
+                            if host > now:
+                                now = now + (host - now)
+                            if end > now:
+                                now = end
+                            host = now + tail
                     elif kind == DENSE:
                         host += l_dense
-                        dense_op = Op(DENSE, self.dense_ms, host, no_deps, None)
-                        comp.submit(dense_op)
+                        t = comp_free if comp_free > now else now
+                        if host > t:
+                            t = t + (host - t)
+                        comp_free = end = t + dense_ms
+                        busy_c += dense_ms
+                        if tl is not None:
+                            tl.append(("compute", t, end, DENSE, None, False))
                         # the router's choice reaches the host only when the layer's dense work
                         # (attention, router) is done: the host syncs and copies the ids down
-                        if host > env.now:
-                            yield env.timeout(host - env.now)
-                        if dense_op.end is None:
-                            yield wait_for(env, dense_op)
-                        host = env.now + route_ms
+                        if host > now:
+                            now = now + (host - now)
+                        if end > now:
+                            now = end
+                        yield env.at(now)
+                        host = now + route_ms
                     else:  # CPU: activations down, FFN on the host, result up; host blocked
-                        if host > env.now:
-                            yield env.timeout(host - env.now)
-                        dur = cost.cpu_expert_ms(op[2])
-                        if not cost.cpu_path_includes_transfers:
-                            nb = act_bytes * op[2]
-                            dur += cost.copy_ms(nb, "pinned", "d2h") + cost.copy_ms(nb, "pinned")
-                        start = env.now
-                        yield env.timeout(dur)
+                        if host > now:
+                            now = now + (host - now)
+                        tok = op[2]
+                        dur = cpu_of.get(tok)
+                        if dur is None:
+                            dur = cost.cpu_expert_ms(tok)
+                            if not cost.cpu_path_includes_transfers:
+                                nb = act_bytes * tok
+                                dur += cost.copy_ms(nb, "pinned", "d2h") + cost.copy_ms(nb, "pinned")
+                            cpu_of[tok] = dur
+                        start = now
+                        now = now + dur
                         cpu_ms += dur
-                        host = env.now
+                        host = now
                         if tl is not None:
                             tl.append(("cpu", start, host, CPU, op[1], False))
             # end of step: synchronise with both streams
-            if host > env.now:
-                yield env.timeout(host - env.now)
-            for last in (comp.last, copy.last):
-                if last is not None and last.end is None:
-                    yield wait_for(env, last)
-            yield env.timeout(cost.sync)
-            lat = env.now - t0
-            c_ms, x_ms = comp.busy - busy_c0, copy.busy - busy_x0
+            if host > now:
+                now = now + (host - now)
+            if comp_free > now:
+                now = comp_free
+            if copy_free > now:
+                now = copy_free
+            now = now + sync_ms
+            yield env.at(now)
+            lat = now - t0
+            c_ms, x_ms = busy_c - busy_c0, busy_x - busy_x0
             records.append(StepRecord(
                 step=s, phase=int(planner.trace.phase[s]), start_ms=t0, latency_ms=lat,
                 compute_ms=c_ms, transfer_ms=x_ms, stall_ms=max(0.0, lat - c_ms), cpu_ms=cpu_ms,
                 host_ms=host - t0, decisions=dec,
             ))
+        self.compute_busy, self.copy_busy = busy_c, busy_x

@@ -43,21 +43,28 @@ class ExpertCache:
         return slot
 
     def insert(self, key: int, t: int, protected) -> tuple[int, int | None]:
-        """Make ``key`` resident; returns its slot and the evicted key (or None)."""
+        """Make ``key`` resident; returns its slot and the evicted key (or None). Raises
+        :class:`~simulator.policies.NoVictim` when the cache is full and every resident is in
+        ``protected``."""
         if not self.retains:
             slot = self.first_slot + self._ring
             self._ring = (self._ring + 1) % self.slots
             return slot, None
         victim = None
+        policy = self.policy
         if self._free:
             slot = self._free.popleft()
         else:
-            victim = self.policy.victim(protected, t)
+            victim = policy.victim(protected, t)
             slot = self.slot_of.pop(victim)
-            self.policy.on_remove(victim)
+            policy.on_remove(victim)
         self.slot_of[key] = slot
-        self.policy.on_insert(key, t)
+        policy.on_insert(key, t)
         return slot, victim
+
+    def release(self, key: int) -> None:
+        """The hold on resident ``key`` has ended (see :meth:`EvictionPolicy.on_release`)."""
+        self.policy.on_release(key)
 
     def preload(self, keys: list[int]) -> list[tuple[int, int]]:
         out = []

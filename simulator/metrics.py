@@ -5,6 +5,10 @@ replications. Times are per step. The confidence interval of the mean step laten
 Student-t interval over the replication means (each replication has its own trace seed);
 with one replication it falls back to the steps' standard error, which ignores their
 autocorrelation (``ci95_method`` says which).
+
+``dedup_savings`` is (requests - unique requests) / requests with both summed over all measured
+steps, so a prefill step (many tokens) outweighs many decode steps; ``dedup_savings_decode`` and
+``dedup_savings_prefill`` are the same ratio over each phase alone (``None`` without prefill).
 """
 from __future__ import annotations
 
@@ -26,6 +30,12 @@ def ci95_half_width(values: np.ndarray) -> float:
     return float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
 
 
+def _savings(g: pd.DataFrame) -> float:
+    """(requests - unique requests) / requests, summed over the steps of ``g``."""
+    req = int(g["requests"].sum())
+    return (req - int(g["unique_requests"].sum())) / req if req else 0.0
+
+
 def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
     warm = sc.engine.warmup_steps
     df = steps[steps["step"] >= warm]
@@ -36,8 +46,9 @@ def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
                      "steps": int(len(g))}
         for c in COUNTS:
             row[c] = int(g[c].sum())
-        req = row["requests"]
-        row["dedup_savings"] = (req - row["unique_requests"]) / req if req else 0.0
+        row["dedup_savings"] = _savings(g)
+        row["dedup_savings_decode"] = _savings(g[g["phase"] == 0])
+        row["dedup_savings_prefill"] = _savings(g[g["phase"] == 1]) if (g["phase"] == 1).any() else None
         served = row["hits"] + row["misses"]
         row["hit_rate"] = row["hits"] / served if served else 0.0
         lat = g["latency_ms"].to_numpy()

@@ -2,42 +2,41 @@
 
 ``DIR/summary.json`` (per policy x batch size), ``DIR/steps.parquet`` or ``steps.csv`` (one row
 per simulated step), ``DIR/scenario.yaml`` (the effective scenario), ``DIR/profile.json`` (the
-profile used). Files are written to a temporary folder beside ``DIR`` and moved in at the end.
+profile used), and any ``extra_files`` (e.g. ``timeline.json``). Everything is written into a
+partial folder inside ``DIR`` (:func:`simulator.atomic.atomic_files`) and moved in only when
+every file is complete and every target checked: a full disk, a target that is not a regular
+file or a failing extra writer leaves ``DIR`` as it was.
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
-from .errors import InputError
+from .atomic import atomic_files
 
 SUMMARY_VERSION = 1
 
 
-def write_results(result, out_dir: str | Path, fmt: str = "parquet", extra: dict | None = None) -> list[Path]:
+def write_results(result, out_dir: str | Path, fmt: str = "parquet", extra: dict | None = None,
+                  extra_files: dict[str, Callable[[Path], object]] | None = None) -> list[Path]:
+    """Write the run's files into ``out_dir``; ``extra_files`` maps a file name to a writer
+    called with the path to write. Returns the paths written."""
     from . import __version__
 
     out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".partial-"))
-    except OSError as e:
-        raise InputError(str(out), "--out", f"cannot write here: {e.strerror or e}") from None
-    try:
-        summary = {
-            "format": "simmoe-summary", "version": SUMMARY_VERSION, "simmoe_version": __version__,
-            "scenario": result.scenario.name, "profile": result.meta.get("profile"),
-            "profile_kind": result.meta.get("profile_kind"),
-            "model": {"name": result.scenario.model.name, "expert_bytes": result.scenario.model.expert_bytes},
-            "results": result.summary,
-        }
-        if extra:
-            summary.update(extra)
+    summary = {
+        "format": "simmoe-summary", "version": SUMMARY_VERSION, "simmoe_version": __version__,
+        "scenario": result.scenario.name, "profile": result.meta.get("profile"),
+        "profile_kind": result.meta.get("profile_kind"),
+        "model": {"name": result.scenario.model.name, "expert_bytes": result.scenario.model.expert_bytes},
+        "results": result.summary,
+    }
+    if extra:
+        summary.update(extra)
+    with atomic_files(out, "--out") as tmp:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
         steps = result.steps
         if fmt == "parquet":
@@ -46,10 +45,7 @@ def write_results(result, out_dir: str | Path, fmt: str = "parquet", extra: dict
             steps.to_csv(tmp / "steps.csv", index=False)
         (tmp / "scenario.yaml").write_text(yaml.safe_dump(result.scenario.effective(), sort_keys=False))
         (tmp / "profile.json").write_text(json.dumps(result.profile.to_json(), indent=1) + "\n")
-        written = []
-        for f in sorted(tmp.iterdir()):
-            os.replace(f, out / f.name)
-            written.append(out / f.name)
-        return written
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name, write in (extra_files or {}).items():
+            write(tmp / name)
+        names = sorted(p.name for p in tmp.iterdir())
+    return [out / n for n in names]

@@ -17,12 +17,21 @@ Operations (tuples, first item the opcode):
 - ``(CPU, key, tokens)``: an expert FFN on the host CPU (needs the layer's activations).
 
 Issue order within a layer: dense; computes of experts resident before the layer (hits),
-then of prefetched experts (in the order their copies were issued); then each miss's load
-and compute (coalesced: one load per group, then the group's
-computes); CPU misses; last, the prefetch loads for the next layer (layers 1..L-1; nothing
-is prefetched across a step boundary). Every operation waits
+then of prefetched experts (in the order their copies were issued; every token's compute of a
+prefetched expert, not only the first's); then each miss's load and compute (coalesced: one
+load per group, then the group's computes); CPU misses; last, the prefetch loads for the next
+layer (layers 1..L-1; nothing is prefetched across a step boundary). Every operation waits
 only on operations issued before it, and each stream runs in issue order, so no plan can
 deadlock, whatever the cache size.
+
+Holds: an expert prefetched (or predicted and already resident) for a coming layer-step is
+held until that layer-step is served, so nothing evicts it first. A prefetch may hold every
+evictable slot. If a demand miss of the target layer then finds every resident held, the
+planner releases the held expert the layer needs last (one it does not request at all first)
+and counts its prefetch as wasted.
+
+Each step's routing is looked at once (:class:`StepRouting`): one ``np.unique`` over all its
+layers gives the deduplicated requests, the distinct-expert counts and the prefetch ordering.
 """
 from __future__ import annotations
 
@@ -34,7 +43,8 @@ import numpy as np
 from .expert_cache import ExpertCache
 from .models import ModelSpec
 from .policies import (
-    EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, PrefetchRequest,
+    EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, NoVictim, PrefetchPolicy,
+    PrefetchRequest,
 )
 from .scenario import PolicySpec
 from .traces import Trace
@@ -64,6 +74,42 @@ class Decisions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+class StepRouting:
+    """One step's routing, with what the policies ask of it computed once for all layers.
+
+    ``keys``: int64 ``(tokens, layers, top_k)`` of cache keys ``layer * E + expert``;
+    ``uniq``/``counts``: the step's distinct keys (ascending: layer, then expert) and how many
+    tokens chose each; ``bounds[l]:bounds[l + 1]`` is layer ``l``'s slice of them.
+    """
+
+    __slots__ = ("routing", "keys", "uniq", "counts", "bounds", "E", "_future")
+
+    def __init__(self, routing: np.ndarray, num_experts: int):
+        E = num_experts
+        L = routing.shape[1]
+        self.routing, self.E = routing, E
+        self.keys = routing.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        self.uniq, self.counts = np.unique(self.keys, return_counts=True)
+        self.bounds = np.searchsorted(self.uniq, np.arange(L + 1, dtype=np.int64) * E).tolist()
+        self._future = None
+
+    @property
+    def unique_requests(self) -> int:
+        return len(self.uniq)
+
+    def layer_keys(self) -> list[list[int]]:
+        """Per layer, the routed keys token-major (token 0's k keys, token 1's, ...)."""
+        return self.keys.transpose(1, 0, 2).reshape(self.keys.shape[1], -1).tolist()
+
+    def future(self, layer: int) -> list[int]:
+        """Layer ``layer``'s experts (ids, not keys), most routed first, ties by id."""
+        if self._future is None:
+            u, c, E = self.uniq, self.counts, self.E
+            order = np.lexsort((u, -c, u // E))
+            self._future = (u[order] % E).tolist()
+        return self._future[self.bounds[layer]:self.bounds[layer + 1]]
+
+
 class RequestStream:
     """The run's request stream, known ahead only for policies that ask (Belady, static-hot)."""
 
@@ -72,13 +118,9 @@ class RequestStream:
 
     @cached_property
     def keys(self) -> np.ndarray:
-        E, k = self.model.num_experts, self.trace.top_k
-        out = []
-        for s in range(self.trace.num_steps):
-            st = self.trace.step(s)
-            for l in range(self.trace.num_layers):
-                out.extend(l * E + e for e, _ in self.load_mode.requests(st[:, l, :].ravel().tolist(), k))
-        return np.asarray(out, dtype=np.int64)
+        E, tr = self.model.num_experts, self.trace
+        parts = [self.load_mode.request_keys(StepRouting(tr.step(s), E)) for s in range(tr.num_steps)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
 
 
 class LazyPlanContext:
@@ -106,6 +148,7 @@ class Planner:
         self.expert_bytes = model.expert_bytes
         self.load = LOAD_MODES[policy.load]()
         self.miss = MISS_POLICIES[policy.miss.kind](max_tokens=policy.miss.max_tokens)
+        self.miss_copies = policy.miss.kind == "copy"
         stream = RequestStream(trace, model, self.load)
         ctx = LazyPlanContext(trace, model, int(trace.max_step_tokens), seed, stream)
         self.caches = self._build_caches(ctx)
@@ -114,6 +157,7 @@ class Planner:
         self.prefetch = PREFETCH_POLICIES[pf.kind](budget=pf.budget, accuracy=pf.accuracy, **pf.options)
         self.prefetch.prepare(ctx)
         self.prefetch_on = pf.kind != "none"
+        self.observes = type(self.prefetch).observe is not PrefetchPolicy.observe
         # experts held for a coming layer-step -> (step, layer, seq): prefetched ones (seq =
         # the copy's issue number) and predicted ones already resident (seq = -1). Neither is
         # evicted before that layer-step has been served.
@@ -150,133 +194,175 @@ class Planner:
     def plan_step(self, s: int) -> tuple[list[list[tuple]], Decisions]:
         """Operations of every layer of step ``s`` (a list per layer) and its decision counts."""
         routing = self.trace.step(s)
-        d = Decisions(tokens=len(routing))
+        step = StepRouting(routing, self.E)
+        d = Decisions(tokens=len(routing), requests=routing.size, unique_requests=step.unique_requests)
         layers = []
-        for l in range(self.L):
-            cur = routing[:, l, :]
-            layers.append(self._plan_layer(s, l, cur, d))
-            self.prefetch.observe(s, l, cur)
+        for l, (keys, tokens) in enumerate(self.load.requests(step)):
+            layers.append(self._plan_layer(s, l, keys, tokens, step, d))
+            if self.observes:
+                self.prefetch.observe(s, l, routing[:, l, :])
         return layers, d
 
-    def _plan_layer(self, s: int, l: int, cur: np.ndarray, d: Decisions) -> list[tuple]:
+    def _release(self, key: int) -> tuple[int, int, int]:
+        """End the hold on ``key``."""
+        held = self.pending.pop(key)
+        self.cache_of_layer[key // self.E].release(key)
+        return held
+
+    def _plan_layer(self, s: int, l: int, keys: list[int], tokens: list[int], step: StepRouting,
+                    d: Decisions) -> list[tuple]:
         E, eb = self.E, self.expert_bytes
         cache = self.cache_of_layer[l]
-        routed = cur.ravel().tolist()
-        reqs = self.load.requests(routed, self.k)
-        d.requests += len(routed)
-        d.unique_requests += len(set(routed))
-        d.served += len(reqs)
+        slot_of = cache.slot_of
+        on_hit, on_release = cache.policy.on_hit, cache.policy.on_release
         pending = self.pending
+        coalesce = self.load.coalesce
+        on_cpu = None if self.miss_copies else self.miss.on_cpu
         hit_ops: list[tuple] = []
         prefetched_hits: list[tuple[int, tuple]] = []
+        arriving: dict[int, int] = {}       # key -> seq of the prefetch copy it arrives by
         miss_ops: list[tuple] = []
         cpu_ops: list[tuple] = []
         group_slots: list[int] = []
         group_keys: list[int] = []
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        coalesce = self.load.coalesce
+        hits = misses = transfers = copies = used = wasted = cpu = 0
+        t = self.t
+        d.served += len(keys)
 
-        def flush():
-            if group_slots:
-                miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
-                d.copies += 1
-                miss_ops.extend(group_computes)
-                group_slots.clear(); group_keys.clear(); group_computes.clear()
-
-        for e, tok in reqs:
-            key = l * E + e
-            self.t += 1
-            t = self.t
-            slot = cache.lookup(key, t)
+        for key, tok in zip(keys, tokens):
+            t += 1
+            slot = slot_of.get(key)
             if slot is not None:
-                d.hits += 1
+                on_hit(key, t)
+                hits += 1
                 op = (COMPUTE, slot, key, tok)
-                held = pending.pop(key, None)
+                held = pending.pop(key, None) if pending else None
+                if held is not None:
+                    on_release(key)
                 if held is not None and held[2] >= 0:   # arrives by a prefetch copy
-                    d.prefetches_used += 1
+                    used += 1
+                    arriving[key] = held[2]
                     prefetched_hits.append((held[2], op))
+                elif key in arriving:                 # another token of a prefetched expert
+                    prefetched_hits.append((arriving[key], op))
                 elif key in loaded_here:          # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
                 else:
                     hit_ops.append(op)
                 continue
-            d.misses += 1
-            if self.miss.on_cpu(e, tok):
-                d.cpu_computes += 1
+            misses += 1
+            if on_cpu is not None and on_cpu(key - l * E, tok):
+                cpu += 1
                 cpu_ops.append((CPU, key, tok))
                 continue
-            # a missed key is not resident, so the held experts are all there is to protect
-            slot, victim = cache.insert(key, t, pending)
+            self.t = t
+            slot = self._insert_demand(cache, key, s, l, keys, d)
             loaded_here.add(key)
-            d.transfers += 1
-            d.bytes_h2d += eb
+            transfers += 1
             if coalesce:
                 if slot in group_slots:
-                    flush()
-                group_slots.append(slot); group_keys.append(key)
+                    miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+                    copies += 1
+                    miss_ops.extend(group_computes)
+                    group_slots, group_keys, group_computes = [], [], []
+                group_slots.append(slot)
+                group_keys.append(key)
                 group_computes.append((COMPUTE, slot, key, tok))
             else:
                 miss_ops.append((LOAD, (slot,), (key,), eb, False))
-                d.copies += 1
+                copies += 1
                 miss_ops.append((COMPUTE, slot, key, tok))
-        flush()
+        if group_slots:
+            miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+            copies += 1
+            miss_ops.extend(group_computes)
+        self.t = t
 
         # prefetches meant for this layer-step that it did not use are wasted
         if pending:
-            for key in [kk for kk, tgt in pending.items() if tgt[:2] == (s, l)]:
-                if pending.pop(key)[2] >= 0:
-                    d.prefetches_wasted += 1
+            for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
+                if self._release(key)[2] >= 0:
+                    wasted += 1
+        d.hits += hits
+        d.misses += misses
+        d.transfers += transfers
+        d.bytes_h2d += transfers * eb
+        d.copies += copies
+        d.prefetches_used += used
+        d.prefetches_wasted += wasted
+        d.cpu_computes += cpu
 
         # experts already there first, then prefetched ones in the order their copies went
-        prefetched_hits.sort(key=lambda x: x[0])
-        ops = [(DENSE,)] + hit_ops + [op for _, op in prefetched_hits] + miss_ops + cpu_ops
-        if self.prefetch_on:
-            ops.extend(self._plan_prefetch(s, l, cur, d))
+        ops = [(DENSE,)]
+        ops += hit_ops
+        if prefetched_hits:
+            prefetched_hits.sort(key=_first)
+            ops += [op for _, op in prefetched_hits]
+        ops += miss_ops
+        ops += cpu_ops
+        if self.prefetch_on and l + 1 < self.L:
+            ops += self._plan_prefetch(s, l, step, d)
         return ops
 
-    def _plan_prefetch(self, s: int, l: int, cur: np.ndarray, d: Decisions) -> list[tuple]:
+    def _insert_demand(self, cache: ExpertCache, key: int, s: int, l: int, keys: list[int], d: Decisions) -> int:
+        """Make a missed ``key`` resident; if every resident is held, release the held expert
+        of this layer-step needed last (or not at all) and count its prefetch as wasted."""
+        while True:
+            try:
+                return cache.insert(key, self.t, self.pending)[0]
+            except NoVictim:
+                order = {k: i for i, k in reversed(list(enumerate(keys)))}   # first request of each key
+                held = [k for k, tgt in self.pending.items() if tgt[0] == s and tgt[1] == l and k in cache]
+                if not held:
+                    raise
+                drop = max(held, key=lambda k: (order.get(k, len(keys)), k))
+                if self._release(drop)[2] >= 0:
+                    d.prefetches_wasted += 1
+
+    def _plan_prefetch(self, s: int, l: int, step: StepRouting, d: Decisions) -> list[tuple]:
         # next layer of the same forward pass: the next step's routing depends on the token
         # sampled at this step's synchronise, so no prefetch crosses a step boundary
-        if l + 1 >= self.L:
-            return []
         ts, tl = s, l + 1
         E, eb = self.E, self.expert_bytes
-        counts: dict[int, int] = {}
-        for e in self.trace.step(ts)[:, tl, :].ravel().tolist():
-            counts[e] = counts.get(e, 0) + 1
-        future = sorted(counts, key=lambda e: (-counts[e], e))      # most routed first
-        req = PrefetchRequest(step=s, layer=l, target_step=ts, target_layer=tl, current=cur, future=future)
+        req = PrefetchRequest(step=s, layer=l, target_step=ts, target_layer=tl, current=step.routing[:, l, :],
+                              future=step.future(tl))
         cache = self.cache_of_layer[tl]
+        slot_of, insert = cache.slot_of, cache.insert
+        pending = self.pending
         budget = self.prefetch.budget
-        in_cache = sum(1 for kk in self.pending if kk in cache)
-        room = cache.evictable - 1 - in_cache
+        room = cache.evictable - (sum(1 for kk in pending if kk in slot_of) if pending else 0)
+        coalesce = self.load.coalesce
         ops: list[tuple] = []
         slots: list[int] = []
         keys: list[int] = []
         seen = set()
         issued = 0
+        base, t = tl * E, self.t
         for e in self.prefetch.predict(req):
             if (budget is not None and issued >= budget) or room <= 0:
                 break
-            key = tl * E + int(e)
+            key = base + int(e)
             if key in seen:
                 continue
             seen.add(key)
-            if key in cache:                      # already there: hold it for its layer
-                if key not in self.pending:
-                    self.pending[key] = (ts, tl, -1)
+            if key in slot_of:                    # already there: hold it for its layer
+                if key not in pending:
+                    pending[key] = (ts, tl, -1)
                     room -= 1
                 continue
-            slot, victim = cache.insert(key, self.t, self.pending)
-            self.pending[key] = (ts, tl, self._prefetch_seq)
+            slot = insert(key, t, pending)[0]
+            pending[key] = (ts, tl, self._prefetch_seq)
             self._prefetch_seq += 1
             issued += 1
             room -= 1
-            if self.load.coalesce:
+            if coalesce:
                 if slot in slots:
-                    ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True)); slots, keys = [], []
-                slots.append(slot); keys.append(key)
+                    ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+                    slots, keys = [], []
+                slots.append(slot)
+                keys.append(key)
             else:
                 ops.append((LOAD, (slot,), (key,), eb, True))
         if slots:
@@ -286,3 +372,7 @@ class Planner:
         d.bytes_h2d += issued * eb
         d.copies += len(ops)
         return ops
+
+
+def _first(pair: tuple) -> int:
+    return pair[0]

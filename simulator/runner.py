@@ -31,7 +31,7 @@ def build_trace(sc: Scenario, batch_size: int, replication: int, base_dir: Path 
         return generate(
             num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
             batch_size=batch_size, steps=t.steps, seed=seed, generator=t.generator,
-            prefill_tokens=t.prefill_tokens, **t.knobs,
+            prefill_tokens=t.prefill_tokens, version=t.generator_version, **t.knobs,
         )
     if t.path:
         p = Path(t.path)

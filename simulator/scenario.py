@@ -18,9 +18,10 @@ from pydantic import (
 
 from .errors import InputError
 from .models import MAX_DENSE_MS, MAX_EXPERTS, MAX_LAYERS, PRESETS, ModelSpec
+from .names import check_name
 from .safe_load import load_yaml
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
-from .traces.synthetic import GENERATORS
+from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 
 
 class _Strict(BaseModel):
@@ -65,6 +66,9 @@ class SequencesSpec(_Strict):
     split: Literal["all", "train", "test"] = "all"
 
 
+KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")
+
+
 class TraceSpec(_Strict):
     generator: str | None = Field(None, description="synthetic generator name")
     path: str | None = Field(None, description="a saved .npz trace, used as is")
@@ -76,6 +80,17 @@ class TraceSpec(_Strict):
     batch_locality: float = Field(0.0, ge=0, le=1)
     batch_pool: int | None = Field(None, gt=0, le=MAX_BATCH)
     cross_layer: float = Field(0.0, ge=0, le=1)
+    locality: float = Field(0.0, ge=0, le=1, description="item_copy: share of a later item's experts copied")
+    generator_version: int = Field(
+        GENERATOR_VERSION, description="synthetic sampler version: 2 (vectorised, default) or 1 (simmoe 0.1's "
+                                       "draw order, to reproduce its traces bit for bit)")
+
+    @field_validator("generator_version")
+    @classmethod
+    def _version_known(cls, v):
+        if v not in GENERATOR_VERSIONS:
+            raise ValueError(f"unknown generator version {v}; known: {', '.join(map(str, GENERATOR_VERSIONS))}")
+        return v
 
     @field_validator("generator")
     @classmethod
@@ -91,16 +106,16 @@ class TraceSpec(_Strict):
             raise ValueError("give exactly one of generator, path, sequences")
         if self.generator:
             allowed = GENERATORS[self.generator]
-            for knob in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"):
+            for knob in KNOBS:
                 val = getattr(self, knob)
                 if val and knob not in allowed:
                     raise ValueError(f"generator {self.generator!r} has no knob {knob!r} "
-                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all)")
+                                     f"(it takes: {', '.join(sorted(allowed)) or 'none'}; 'mixed' takes all but locality)")
         return self
 
     @property
     def knobs(self) -> dict:
-        return {k: getattr(self, k) for k in ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer")}
+        return {k: getattr(self, k) for k in KNOBS}
 
 
 class CacheSpec(_Strict):
@@ -215,6 +230,11 @@ class Scenario(_Strict):
     trace: TraceSpec
     policies: list[PolicySpec] = Field(min_length=1, max_length=MAX_LIST)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        return check_name(v)   # it names the results folder: never a path
 
     @field_validator("model", mode="before")
     @classmethod

@@ -51,8 +51,11 @@ import json
 import math
 import os
 import re
+import socket
+import tempfile
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +66,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .atomic import clean_stale, write_text, write_with
 from .errors import InputError
+from .names import name_problem, results_dir
 from .profile import DEFAULT_PROFILE, Profile, load_profile
 from .runner import run_scenario
 from .safe_load import check_input_file, load_json, load_yaml
@@ -93,10 +98,11 @@ def flatten_summary(row: dict) -> dict:
 
 
 def max_reuse_factors(steps: pd.DataFrame, warmup_steps: int) -> dict[tuple[str, int], float]:
-    """Per (policy, batch size): the largest routed requests / distinct experts of any
-    measured step (how many times, at most, a loaded expert served the batch on average)."""
+    """Per (policy, batch size): the seed's "max reuse factor", (requests - unique requests) /
+    requests of the measured step where it is largest (the share of routed requests that repeat
+    an expert already requested in the same step; 0 to 1)."""
     df = steps[steps["step"] >= warmup_steps]
-    ratio = df["requests"] / df["unique_requests"].where(df["unique_requests"] > 0)
+    ratio = (df["requests"] - df["unique_requests"]) / df["requests"].where(df["requests"] > 0)
     best = ratio.groupby([df["policy"], df["batch_size"]]).max()
     return {(p, int(b)): float(v) for (p, b), v in best.items()}
 
@@ -302,8 +308,11 @@ def expand(doc: Any, source: str, folder: Path | None) -> Sweep:
         if k not in SWEEP_KEYS:
             raise InputError(source, str(k), f"unknown key (a sweep has: {', '.join(SWEEP_KEYS)})")
     name = doc.get("name")
-    if not isinstance(name, str) or not re.fullmatch(r"[\w.+-]+", name):
-        raise InputError(source, "name", "required: a name made of letters, digits, '.', '-', '+' or '_'")
+    if name is None:
+        raise InputError(source, "name", "required: the sweep's name (results go to results/<name>)")
+    problem = name_problem(name)
+    if problem:
+        raise InputError(source, "name", problem)
     base_doc, base_dir = _base(doc, source, folder)
     fixed = doc.get("set") or {}
     if not isinstance(fixed, dict):
@@ -439,31 +448,118 @@ def import_ray():
     return ray
 
 
-def _run_ray(points: list[Point], base_dir, workers: int, address: str | None, size: int | None,
-             on_chunk: OnChunk) -> None:
+def cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:       # not Linux
+        return os.cpu_count() or 1
+
+
+def cap_workers(requested: int, points: int, ncores: int | None = None) -> tuple[int, str | None]:
+    """Workers to start: at most one per point to run and one per core; with a note when capped."""
+    ncores = ncores or cores()
+    n = max(1, min(requested, points, ncores))
+    if n == requested:
+        return n, None
+    why = ([f"{points} point{'s' if points != 1 else ''} to run"] if n == points else []) + (
+        [f"{ncores} core{'s' if ncores != 1 else ''}"] if n == ncores else [])
+    return n, f"note: {requested} workers asked for, {n} started ({' and '.join(why)})"
+
+
+RAY_CONNECT_TIMEOUT_S = 5.0
+_RAY_ADDRESS = re.compile(r"^(?:ray://)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def check_ray_address(address: str, timeout_s: float = RAY_CONNECT_TIMEOUT_S) -> None:
+    """Refuse an address that is not ``host:port``, ``ray://host:port`` or ``auto``, and one
+    that does not accept a connection within ``timeout_s`` (Ray itself retries for minutes)."""
+    if address == "auto":
+        return
+    m = _RAY_ADDRESS.match(address)
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise InputError("command line", "--address", f"{address!r} is not a Ray address "
+                                                      "(write host:port, ray://host:port or auto)")
+    try:
+        socket.create_connection((m["host"].strip("[]"), int(m["port"])), timeout=timeout_s).close()
+    except OSError as e:
+        raise InputError("command line", "--address", f"cannot reach the Ray cluster at {address} within "
+                                                      f"{timeout_s:g} s: {e.strerror or e}") from None
+
+
+@contextmanager
+def _environ(**values: str | None):
+    """Set (None: unset) environment variables for the block (Ray reads its settings there)."""
+    saved = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextmanager
+def _stderr_to_file():
+    """Ray's C++ client logs a line per retry on file descriptor 2: keep them out of the terminal."""
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                yield
+            finally:
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
+
+
+def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
+    """Connect to the cluster at ``address`` (checked, retried at most RAY_CONNECT_TIMEOUT_S), or
+    start a local Ray: no dashboard, and Ray's token authentication on (Ray's token:
+    ``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, which Ray creates if missing), since Ray's
+    gRPC servers listen on every interface and Ray has no option to bind them to loopback.
+    With ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it starts
+    (and reloads its settings; set to ``token`` beforehand it would not), so a
+    ``RAY_AUTH_MODE=disabled`` is unset for the start. The token is Ray's own: Ray caches it
+    per process, so one of simmoe's would break a later ``ray.init`` of the caller."""
     import logging
 
-    ray = import_ray()
-    started = not ray.is_initialized()
-    if started:
-        opts = {"include_dashboard": False, "logging_level": logging.ERROR}
-        try:
-            if address:
-                ray.init(address=address, **opts)
-            else:
-                ray.init(num_cpus=workers, **opts)
-        except ConnectionError as e:
-            raise InputError("command line", "--address", f"cannot reach the Ray cluster: {e}") from None
+    opts = {"include_dashboard": False, "logging_level": logging.ERROR}
     try:
+        if address:
+            check_ray_address(address)
+            with _environ(RAY_gcs_server_port_wait_time_s=str(int(RAY_CONNECT_TIMEOUT_S))), _stderr_to_file():
+                ray.init(address=address, **opts)
+        else:
+            stack.enter_context(_environ(RAY_AUTH_MODE=None))
+            ray.init(num_cpus=workers, **opts)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError("command line", "--address" if address else "--backend",
+                         f"cannot {'reach' if address else 'start'} Ray: {first}") from None
+    stack.callback(ray.shutdown)
+
+
+def _run_ray(points: list[Point], base_dir, workers: int, address: str | None, size: int | None,
+             on_chunk: OnChunk) -> None:
+    ray = import_ray()
+    with ExitStack() as stack:
+        if not ray.is_initialized():
+            _ray_init(ray, address, workers, stack)
         cpus = max(1, int(ray.cluster_resources().get("CPU", workers)))
         remote = ray.remote(num_cpus=1)(run_chunk)
         pending = [remote.remote(c, base_dir) for c in _chunks(points, size or chunk_size(len(points), cpus))]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             on_chunk(ray.get(done[0]))
-    finally:
-        if started:
-            ray.shutdown()
 
 
 # ------------------------------------------------------------------------ storage
@@ -477,20 +573,10 @@ class ResultStore:
             self.parts.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise InputError(str(self.out), "--out", f"cannot write here: {e.strerror or e}") from None
-        for stale in self.parts.glob(".tmp-*"):   # left by a crash in the middle of a write
-            stale.unlink(missing_ok=True)
-
-    def _atomic(self, path: Path, write: Callable[[Path], None]) -> None:
-        tmp = path.parent / f".tmp-{uuid.uuid4().hex}{path.suffix}"
-        try:
-            write(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        clean_stale(self.parts)   # partials of part files left by a killed run
 
     def write_manifest(self, sweep: Sweep) -> None:
-        text = json.dumps(sweep.manifest(), indent=1) + "\n"
-        self._atomic(self.out / "sweep.json", lambda p: p.write_text(text))
+        write_text(self.out / "sweep.json", json.dumps(sweep.manifest(), indent=1) + "\n")
 
     def append(self, rows: list[dict]) -> None:
         """One part file holding ``rows`` (all rows of some finished points)."""
@@ -501,7 +587,7 @@ class ResultStore:
             cols.update(dict.fromkeys(r))
         table = pa.table({c: [r.get(c) for r in rows] for c in cols})
         name = f"part-{rows[0]['point']:07d}-{uuid.uuid4().hex[:8]}.parquet"
-        self._atomic(self.parts / name, lambda p: pq.write_table(table, p))
+        write_with(self.parts / name, lambda p: pq.write_table(table, p))
 
     def _part_files(self) -> list[Path]:
         return sorted(self.parts.glob("part-*.parquet"))
@@ -537,7 +623,7 @@ class ResultStore:
 
     def write_results(self, table: pa.Table) -> Path:
         path = self.out / "results.parquet"
-        self._atomic(path, lambda p: pq.write_table(table, p))
+        write_with(path, lambda p: pq.write_table(table, p))
         return path
 
 
@@ -567,14 +653,16 @@ def read_results(out: str | Path) -> tuple[pd.DataFrame, dict]:
 # -------------------------------------------------------------------------- entry
 def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", workers: int = 1, address: str | None = None,
           out: str | Path | None = None, progress: Callable[[int, int, int], None] | None = None,
-          retry_failed: bool = False, chunk: int | None = None) -> pd.DataFrame:
+          retry_failed: bool = False, chunk: int | None = None,
+          notice: Callable[[str], None] | None = None) -> pd.DataFrame:
     """Run a sweep (file path, dict or loaded :class:`Sweep`) and return its rows, one per (point, policy, batch size).
 
     ``backend``: "local" (``workers`` processes; 1 runs in this process) or "ray" (a Ray
     cluster at ``address``, or a local Ray with ``workers`` CPUs). ``out``: the results folder
     [default ``results/<sweep name>``]; points already finished there are not run again
     (failed ones are, with ``retry_failed``). ``progress(done, total, failed)`` is called as
-    points finish. ``chunk``: points per task (default: automatic). The DataFrame's
+    points finish. ``chunk``: points per task (default: automatic). ``workers`` is capped by the
+    points to run and the cores (:func:`cap_workers`); ``notice`` gets that note. The DataFrame's
     ``attrs["sweep"]`` holds counts and timings of this run (never written to Parquet).
     """
     t_start = time.perf_counter()
@@ -584,8 +672,10 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
         raise InputError("command line", "--workers", "needs a positive number of workers")
     if backend == "ray":
         import_ray()
+        if address:
+            check_ray_address(address)   # before anything: a bad address is one line, within seconds
     sw = load_sweep(sweep_file)
-    store = ResultStore(Path(out) if out else Path("results") / sw.name)
+    store = ResultStore(Path(out) if out else results_dir(sw.name))
     store.write_manifest(sw)
     status = store.finished()
     redo = ("ok",) if retry_failed else ("ok", "error")
@@ -605,6 +695,10 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
 
     if progress:
         progress(state["done"], total, state["failed"])
+    if todo and not (backend == "ray" and address):   # a cluster's own CPUs are used there
+        workers, note = cap_workers(workers, len(todo))
+        if note and notice:
+            notice(note)
     if todo:
         if backend == "local":
             _run_local(todo, sw.base_dir, workers, chunk, on_chunk)

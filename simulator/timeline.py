@@ -20,11 +20,9 @@ chrome://tracing.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
-from .errors import InputError
+from .atomic import write_with
 from .planner import COMPUTE, CPU, DENSE, LOAD
 from .profile import Profile
 from .runner import build_trace, cost_model, derive_seed, simulate
@@ -109,20 +107,20 @@ def timeline_events(sc: Scenario, profile: Profile, base_dir: Path | None) -> li
     return events
 
 
+def timeline_doc(sc: Scenario, profile: Profile, base_dir: Path | None) -> dict:
+    """The whole Chrome trace-event document (built in memory, before anything is written)."""
+    return {"traceEvents": timeline_events(sc, profile, base_dir), "displayTimeUnit": "ms",
+            "otherData": {"scenario": sc.name, "profile": profile.name, "model": sc.model.name,
+                          "batch_size": min(sc.batch_sizes), "replication": 0}}
+
+
+def dump_timeline(doc: dict, path: str | Path) -> None:
+    """Write a :func:`timeline_doc` as compact JSON (no atomicity: see :func:`write_timeline`)."""
+    with open(path, "w") as f:
+        json.dump(doc, f, separators=(",", ":"))
+
+
 def write_timeline(sc: Scenario, profile: Profile, base_dir: Path | None, path: str | Path) -> Path:
     """Write ``path`` (Chrome trace-event JSON), atomically; returns the path."""
-    path = Path(path)
-    doc = {"traceEvents": timeline_events(sc, profile, base_dir), "displayTimeUnit": "ms",
-           "otherData": {"scenario": sc.name, "profile": profile.name, "model": sc.model.name,
-                         "batch_size": min(sc.batch_sizes), "replication": 0}}
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
-    except OSError as e:
-        raise InputError(str(path), "--timeline", f"cannot write: {e.strerror or e}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    doc = timeline_doc(sc, profile, base_dir)
+    return write_with(path, lambda p: dump_timeline(doc, p), "--timeline")

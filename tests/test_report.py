@@ -10,7 +10,7 @@ from click.testing import CliRunner
 import simmoe
 from simmoe.cli import main
 from simmoe.plots import uniform_dedup_savings
-from simmoe.report import fmt_ms, fmt_pct, fmt_ratio, write_report
+from simmoe.report import fmt_ms, fmt_pct, fmt_ratio, fmt_share, write_report
 from simulator.sweep import sweep
 
 RUN = {
@@ -62,8 +62,9 @@ def test_report_has_the_sections_and_numbers_from_summary_json(run_folder):
         bw = 1 - d["bytes_h2d"] / (d["requests"] * 28311552)
         uni = uniform_dedup_savings(16, 2, [b])[0]
         g = steps[(steps["policy"] == "dedup") & (steps["batch_size"] == b) & (steps["step"] >= 1)]
-        reuse = (g["requests"] / g["unique_requests"]).max()
-        _row(md, str(b), fmt_pct(d["dedup_savings"]), fmt_pct(bw), fmt_ratio(reuse), fmt_pct(uni))
+        reuse = ((g["requests"] - g["unique_requests"]) / g["requests"]).max()   # the seed's definition
+        assert 0 <= reuse < 1
+        _row(md, str(b), fmt_pct(d["dedup_savings"]), fmt_pct(bw), fmt_share(reuse), fmt_pct(uni))
         for pol in ("per-item", "dedup", "lru"):
             r = summary[(pol, b)]
             lat = r["step_latency_ms"]

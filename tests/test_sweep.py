@@ -127,11 +127,14 @@ def test_rerun_skips_finished_points_and_redoes_lost_ones(tmp_path):
     parts = sorted((out / "parts").glob("part-*.parquet"))
     for p in parts[:5]:
         p.unlink()
-    (out / "parts" / ".tmp-deadbeef.parquet").write_bytes(b"half a file")   # a crash mid-write
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    stale = out / "parts" / f".part-0000001-deadbeef.parquet.{dead}.deadbeef.partial"
+    stale.write_bytes(b"half a file")   # a kill -9 in the middle of a write
     (out / "results.parquet").unlink()
     resumed = sweep(SMALL, workers=2, out=out)
     assert resumed.attrs["sweep"]["ran"] == 5
-    assert not list((out / "parts").glob(".tmp-*"))
+    assert not stale.exists() and not list((out / "parts").glob(".*"))
     pd.testing.assert_frame_equal(full, resumed, check_exact=True)
 
 

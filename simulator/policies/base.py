@@ -55,20 +55,36 @@ class PlanContext:
 
 
 class LoadMode(ABC):
-    """How a layer-step's routing becomes expert requests."""
+    """How a step's routing becomes expert requests, layer by layer.
+
+    Both methods take a :class:`~simulator.planner.StepRouting` (the step's routing with its
+    cache keys ``layer * E + expert``, distinct keys and counts, computed once per step)."""
 
     name: ClassVar[str]
     #: all misses of a layer go in one copy
     coalesce: ClassVar[bool] = False
 
     @abstractmethod
-    def requests(self, routed: list[int], top_k: int) -> list[tuple[int, int]]:
-        """``routed``: the layer-step's expert ids, token-major (token 0's k ids, token 1's, ...).
-        Returns ``(expert, tokens)`` requests in the order they are served."""
+    def requests(self, step) -> list[tuple[list[int], list[int]]]:
+        """Per layer, ``(keys, tokens)``: the requested keys in the order they are served and
+        the tokens each one carries."""
+
+    @abstractmethod
+    def request_keys(self, step) -> np.ndarray:
+        """The step's requested keys, all layers in order (the request stream a cache sees)."""
+
+
+class NoVictim(Exception):
+    """Every resident is held (protected): there is nothing to evict."""
 
 
 class EvictionPolicy(ABC):
-    """Bookkeeping for one cache's residents; picks victims. Never sees time."""
+    """Bookkeeping for one cache's residents; picks victims. Never sees time.
+
+    A resident may be *held* (in the ``protected`` set passed to :meth:`victim`) for a coming
+    layer-step; :meth:`on_release` says when a hold ends, so a policy may set held residents
+    aside instead of walking past them at every victim search.
+    """
 
     name: ClassVar[str]
 
@@ -91,12 +107,15 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def on_remove(self, key: int) -> None: ...
 
+    def on_release(self, key: int) -> None:
+        """The hold on resident ``key`` has ended (it may be a victim again)."""
+
     @abstractmethod
-    def victim(self, protected: set[int] | frozenset[int], t: int) -> int:
-        """A resident key not in ``protected`` (one always exists when this is called)."""
+    def victim(self, protected, t: int) -> int:
+        """A resident key not in ``protected``; raises :class:`NoVictim` if there is none."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class PrefetchRequest:
     """What a prefetch policy knows when the current layer's demand has been issued."""
 

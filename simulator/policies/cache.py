@@ -1,46 +1,80 @@
 """GPU expert-cache eviction policies: none, LRU, FIFO, LFU, static-hot, Belady."""
 from __future__ import annotations
 
-import heapq
+from heapq import heapify, heappop, heappush
 from bisect import bisect_right
-from collections import OrderedDict
 
 import numpy as np
 
-from .base import EvictionPolicy, PlanContext, register_eviction
+from .base import EvictionPolicy, NoVictim, PlanContext, register_eviction
 
 
-def _first_unprotected(order, protected) -> int:
-    for k in order:
-        if k not in protected:
-            return k
-    raise AssertionError("no unprotected resident")
+_KEY_BITS = 40
+_KEY_MASK = (1 << _KEY_BITS) - 1
 
 
-class _Ordered(EvictionPolicy):
+class _Stamped(EvictionPolicy):
+    """Residents ordered by a stamp (a counter: LRU restamps on every use, FIFO only on
+    insertion), in a lazy min-heap of ``stamp << 40 | key`` ints. A held resident met at the
+    head is parked until its hold ends, so no victim search walks past it twice; stale heap
+    entries (used again or evicted since) are skipped."""
+
     retains = True
-    move_on_hit = False
+    restamp_on_hit = False
 
     def __init__(self, capacity, **options):
         super().__init__(capacity)
-        self._order: OrderedDict[int, None] = OrderedDict()
+        self._code: dict[int, int] = {}       # resident -> its heap entry
+        self._heap: list[int] = []
+        self._parked: dict[int, int] = {}     # held residents taken off the heap -> entry
+        self._clock = 0
+        self._compact_at = 64
+        if self.restamp_on_hit:
+            self.on_hit = self._push          # no extra call per hit
+
+    def _push(self, key, t=None):
+        self._clock += 1
+        self._code[key] = c = (self._clock << _KEY_BITS) | key
+        heappush(self._heap, c)
+        if len(self._heap) > self._compact_at:   # drop stale entries now and then
+            parked = self._parked
+            self._heap = [c for k, c in self._code.items() if parked.get(k) != c]
+            heapify(self._heap)
+            self._compact_at = 4 * len(self._heap) + 64
 
     def on_hit(self, key, t):
-        if self.move_on_hit:
-            self._order.move_to_end(key)
+        pass
 
     def on_insert(self, key, t):
-        self._order[key] = None
+        self._push(key)
 
     def on_remove(self, key):
-        del self._order[key]
+        del self._code[key]
+        if self._parked:
+            self._parked.pop(key, None)
+
+    def on_release(self, key):
+        c = self._parked.pop(key, None)
+        if c is not None and self._code.get(key) == c:
+            heappush(self._heap, c)
 
     def victim(self, protected, t):
-        return _first_unprotected(self._order, protected)
+        heap, code = self._heap, self._code
+        while heap:
+            c = heap[0]
+            k = c & _KEY_MASK
+            if code.get(k) != c:
+                heappop(heap)               # stale: used again or evicted since
+            elif k in protected:
+                heappop(heap)
+                self._parked[k] = c
+            else:
+                return k
+        raise NoVictim
 
 
 @register_eviction("none")
-class NoCache(_Ordered):
+class NoCache(_Stamped):
     """Keeps nothing between uses: every request is a miss. The expert cache then reuses its
     slots in turn (a ring of staging buffers) and never asks this policy for a victim."""
 
@@ -48,19 +82,49 @@ class NoCache(_Ordered):
 
 
 @register_eviction("lru")
-class LRU(_Ordered):
+class LRU(_Stamped):
     """Evict the least recently used."""
 
-    move_on_hit = True
+    restamp_on_hit = True
 
 
 @register_eviction("fifo")
-class FIFO(_Ordered):
+class FIFO(_Stamped):
     """Evict the oldest insertion."""
 
 
+class _ParkingHeap:
+    """A lazy heap of ``(priority..., key)`` entries whose held keys are parked, not skipped
+    at every search (LFU, Belady)."""
+
+    def _init_heap(self):
+        self._heap: list[tuple] = []
+        self._parked: dict[int, tuple] = {}
+
+    def _valid(self, entry) -> bool:
+        raise NotImplementedError
+
+    def on_release(self, key):
+        entry = self._parked.pop(key, None)
+        if entry is not None and self._valid(entry):
+            heappush(self._heap, entry)
+
+    def victim(self, protected, t):
+        heap = self._heap
+        while heap:
+            entry = heap[0]
+            if not self._valid(entry):
+                heappop(heap)
+            elif entry[-1] in protected:
+                heappop(heap)
+                self._parked[entry[-1]] = entry
+            else:
+                return entry[-1]
+        raise NoVictim
+
+
 @register_eviction("lfu")
-class LFU(EvictionPolicy):
+class LFU(_ParkingHeap, EvictionPolicy):
     """Evict the least frequently used since insertion; ties go to the least recently used."""
 
     retains = True
@@ -69,10 +133,14 @@ class LFU(EvictionPolicy):
         super().__init__(capacity)
         self._freq: dict[int, int] = {}
         self._last: dict[int, int] = {}
-        self._heap: list[tuple[int, int, int]] = []
+        self._init_heap()
+
+    def _valid(self, entry):
+        f, last, k = entry
+        return self._freq.get(k) == f and self._last.get(k) == last
 
     def _push(self, key):
-        heapq.heappush(self._heap, (self._freq[key], self._last[key], key))
+        heappush(self._heap, (self._freq[key], self._last[key], key))
 
     def on_hit(self, key, t):
         self._freq[key] += 1
@@ -87,24 +155,11 @@ class LFU(EvictionPolicy):
     def on_remove(self, key):
         del self._freq[key]
         del self._last[key]
-
-    def victim(self, protected, t):
-        skipped = []
-        try:
-            while True:
-                f, last, k = heapq.heappop(self._heap)
-                if self._freq.get(k) != f or self._last.get(k) != last:
-                    continue  # stale entry
-                skipped.append((f, last, k))
-                if k not in protected:
-                    return k
-        finally:
-            for item in skipped:
-                heapq.heappush(self._heap, item)
+        self._parked.pop(key, None)
 
 
 @register_eviction("static-hot")
-class StaticHot(EvictionPolicy):
+class StaticHot(_Stamped):
     """Pin the most popular experts of the whole trace (known ahead, e.g. from profiling) and
     stream every other expert through the remaining ``staging`` slots in FIFO order."""
 
@@ -114,7 +169,6 @@ class StaticHot(EvictionPolicy):
         super().__init__(capacity)
         self.staging = staging
         self.hot: set[int] = set()
-        self._order: OrderedDict[int, None] = OrderedDict()
 
     def prepare(self, ctx: PlanContext, layers):
         staging = self.staging if self.staging is not None else max(1, self.capacity // 4)
@@ -130,22 +184,17 @@ class StaticHot(EvictionPolicy):
     def preload(self):
         return sorted(self.hot)
 
-    def on_hit(self, key, t):
-        pass
-
     def on_insert(self, key, t):
         if key not in self.hot:
-            self._order[key] = None
+            self._push(key)
 
     def on_remove(self, key):
-        self._order.pop(key, None)
-
-    def victim(self, protected, t):
-        return _first_unprotected(self._order, protected)
+        self._code.pop(key, None)
+        self._parked.pop(key, None)
 
 
 @register_eviction("belady")
-class Belady(EvictionPolicy):
+class Belady(_ParkingHeap, EvictionPolicy):
     """Evict the resident whose next request is farthest in the future (needs the whole
     request stream: the bound no online policy beats)."""
 
@@ -155,7 +204,10 @@ class Belady(EvictionPolicy):
     def __init__(self, capacity, **options):
         super().__init__(capacity)
         self._next: dict[int, int] = {}
-        self._heap: list[tuple[int, int]] = []
+        self._init_heap()
+
+    def _valid(self, entry):
+        return self._next.get(entry[1]) == -entry[0]
 
     def prepare(self, ctx: PlanContext, layers):
         keys = ctx.request_keys
@@ -176,7 +228,7 @@ class Belady(EvictionPolicy):
     def _set(self, key, t):
         n = self.next_use(key, t)
         self._next[key] = n
-        heapq.heappush(self._heap, (-n, key))
+        heappush(self._heap, (-n, key))
 
     def on_hit(self, key, t):
         self._set(key, t)
@@ -186,17 +238,4 @@ class Belady(EvictionPolicy):
 
     def on_remove(self, key):
         del self._next[key]
-
-    def victim(self, protected, t):
-        skipped = []
-        try:
-            while True:
-                negn, k = heapq.heappop(self._heap)
-                if self._next.get(k) != -negn:
-                    continue
-                skipped.append((negn, k))
-                if k not in protected:
-                    return k
-        finally:
-            for item in skipped:
-                heapq.heappush(self._heap, item)
+        self._parked.pop(key, None)

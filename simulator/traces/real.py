@@ -40,7 +40,6 @@ import io
 import json
 import os
 import re
-import tempfile
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +48,7 @@ from typing import Iterator
 
 import numpy as np
 
+from ..atomic import atomic_path, cannot_write, partial_path, prepare_target
 from ..errors import InputError
 from ..models import MAX_EXPERTS
 from ..safe_load import check_input_file, parse_json, utf8_error
@@ -166,10 +166,12 @@ class SequenceWriter:
         self.path = Path(path)
         self.num_experts = num_experts
         self.meta = dict(meta or {})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, raw = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".raw")
-        self._raw_path = Path(raw)
-        self._raw = os.fdopen(fd, "wb")
+        prepare_target(self.path, "--out")
+        self._raw_path = partial_path(self.path)
+        try:
+            self._raw = open(self._raw_path, "xb")
+        except OSError as e:
+            raise cannot_write(self.path, "--out", e) from None
         self.shape: tuple[int, int] | None = None
         self.lengths: list[int] = []
         self.names: list[str] = []
@@ -190,46 +192,48 @@ class SequenceWriter:
         _check_ids(e, self.num_experts or MAX_EXPERTS, src)
         if e.size:
             self.max_id = max(self.max_id, int(e.max()))
-        self._raw.write(np.ascontiguousarray(e, dtype=_RAW).tobytes())
+        try:
+            self._raw.write(np.ascontiguousarray(e, dtype=_RAW).tobytes())
+        except OSError as err:
+            raise cannot_write(self.path, "--out", err) from None
         self.lengths.append(len(e))
         self.names.append(str(name))
         self.prompt_lengths.append(int(prompt_length))
 
     def close(self) -> Path:
         """Finish the .npz and move it into place."""
-        self._raw.close()
+        try:
+            self._raw.close()
+        except OSError as e:
+            self.abort()
+            raise cannot_write(self.path, "--out", e) from None
         if self.shape is None:
             self.abort()
             raise InputError(str(self.path), "sequences", "no sequences to write")
         num_experts = self.num_experts or self.max_id + 1
         total = sum(self.lengths)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".npz")
-        os.close(fd)
         try:
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-                with z.open("experts.npy", "w", force_zip64=True) as f, open(self._raw_path, "rb") as raw:
-                    dtype = expert_dtype(num_experts).newbyteorder("<")
-                    header = {"descr": dtype.str, "fortran_order": False, "shape": (total, *self.shape)}
-                    np.lib.format.write_array_header_1_0(f, header)
-                    buf = bytearray(_CHUNK_BYTES)
-                    while n := raw.readinto(buf):
-                        f.write(np.frombuffer(buf, dtype=_RAW, count=n // _RAW.itemsize).astype(dtype).tobytes())
-                small = {
-                    "format": np.array(SEQUENCES_FORMAT), "version": np.array(SEQUENCES_VERSION),
-                    "offsets": np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]),
-                    "names": np.array(self.names, dtype=str),
-                    "prompt_lengths": np.array(self.prompt_lengths, dtype=np.int64),
-                    "num_experts": np.array(num_experts),
-                    "meta_json": np.array(json.dumps(self.meta, sort_keys=True)),
-                }
-                for key, arr in small.items():
-                    data = io.BytesIO()
-                    np.save(data, arr, allow_pickle=False)
-                    z.writestr(f"{key}.npy", data.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            with atomic_path(self.path, "--out") as tmp:
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+                    with z.open("experts.npy", "w", force_zip64=True) as f, open(self._raw_path, "rb") as raw:
+                        dtype = expert_dtype(num_experts).newbyteorder("<")
+                        header = {"descr": dtype.str, "fortran_order": False, "shape": (total, *self.shape)}
+                        np.lib.format.write_array_header_1_0(f, header)
+                        buf = bytearray(_CHUNK_BYTES)
+                        while n := raw.readinto(buf):
+                            f.write(np.frombuffer(buf, dtype=_RAW, count=n // _RAW.itemsize).astype(dtype).tobytes())
+                    small = {
+                        "format": np.array(SEQUENCES_FORMAT), "version": np.array(SEQUENCES_VERSION),
+                        "offsets": np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]),
+                        "names": np.array(self.names, dtype=str),
+                        "prompt_lengths": np.array(self.prompt_lengths, dtype=np.int64),
+                        "num_experts": np.array(num_experts),
+                        "meta_json": np.array(json.dumps(self.meta, sort_keys=True)),
+                    }
+                    for key, arr in small.items():
+                        data = io.BytesIO()
+                        np.save(data, arr, allow_pickle=False)
+                        z.writestr(f"{key}.npy", data.getvalue(), compress_type=zipfile.ZIP_DEFLATED)
         finally:
             self._raw_path.unlink(missing_ok=True)
         return self.path

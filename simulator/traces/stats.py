@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import write_with
 from .real import SequenceSet, batch_set, split_indices
 from .synthetic import expected_unique_uniform
 
@@ -327,14 +328,15 @@ def write_stats_plots(stats: dict, out_dir: str | Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     written = []
 
     def save(fig, name):
         fig.tight_layout()
         p = out / name
-        fig.savefig(p, dpi=110)
-        plt.close(fig)
+        try:
+            write_with(p, lambda tmp: fig.savefig(tmp, format="png", dpi=110), "--plots")
+        finally:
+            plt.close(fig)
         written.append(p)
 
     sk = stats["skew"]

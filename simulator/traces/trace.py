@@ -20,14 +20,13 @@ arrays, and raises :class:`~simulator.errors.InputError` naming it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_path
 from ..errors import InputError
 from ..models import MAX_EXPERTS
 from ..safe_load import check_input_file, parse_json
@@ -138,20 +137,13 @@ class Trace(RoutingShape):
     def save(self, path: str | Path) -> Path:
         """Write atomically: a crash leaves either the old file or the new one."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez_compressed(
-                    f, format=np.array(TRACE_FORMAT), version=np.array(TRACE_VERSION),
-                    experts=self.experts.astype(expert_dtype(self.num_experts), copy=False), step_offsets=self.step_offsets.astype(np.int64),
-                    seq=self.seq.astype(np.int32), phase=self.phase.astype(np.uint8),
-                    num_experts=np.array(self.num_experts), meta_json=np.array(json.dumps(self.meta, sort_keys=True)),
-                )
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_path(path, "--out") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(
+                f, format=np.array(TRACE_FORMAT), version=np.array(TRACE_VERSION),
+                experts=self.experts.astype(expert_dtype(self.num_experts), copy=False), step_offsets=self.step_offsets.astype(np.int64),
+                seq=self.seq.astype(np.int32), phase=self.phase.astype(np.uint8),
+                num_experts=np.array(self.num_experts), meta_json=np.array(json.dumps(self.meta, sort_keys=True)),
+            )
         return path
 
 
