@@ -177,6 +177,15 @@ def test_ids_above_int16_survive_concat_save_and_load(tmp_path):
     np.testing.assert_array_equal(back.experts, tr.experts)
 
 
+@pytest.mark.parametrize("version", [1, 2])
+def test_generated_ids_above_int16_do_not_wrap(version):
+    from simulator.traces import generate
+    t = generate(num_layers=2, num_experts=131072, top_k=8, batch_size=64, steps=3, seed=0,
+                 generator="uniform", version=version)
+    assert t.experts.dtype == np.int32 and int(t.experts.min()) >= 0 and int(t.experts.max()) > 100_000
+    t.validate("generated")
+
+
 def test_importer_keeps_ids_above_int16(tmp_path):
     src = tmp_path / "r.jsonl"
     src.write_text("".join(json.dumps({"sequence": "a", "step": t, "layer": l, "experts": [40000 + t, 131071 - l]}) + "\n"
