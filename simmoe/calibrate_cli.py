@@ -12,10 +12,13 @@ from simulator.errors import InputError
 
 
 def register(main: click.Group) -> None:
+    from .calibrate_engine_cli import engine_cmd, engine_merge_cmd
+    calibrate_cmd.add_command(engine_cmd)
+    calibrate_cmd.add_command(engine_merge_cmd)
     main.add_command(calibrate_cmd)
 
 
-@click.command("calibrate")
+@click.group("calibrate", invoke_without_command=True)
 @click.option("--device", "-d", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
 @click.option("--model", "-m", "models", multiple=True,
               help="Model preset whose expert shape to time; repeat for several "
@@ -27,7 +30,8 @@ def register(main: click.Group) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path),
               help="Profile file to write [default: profiles/<gpu>.json in the current folder].")
 @click.option("--name", help="Profile name [default: the GPU's, e.g. nvidia-h100-80gb-hbm3].")
-def calibrate_cmd(device, models, trials, quick, out, name):
+@click.pass_context
+def calibrate_cmd(ctx, device, models, trials, quick, out, name):
     """Measure this machine and write a hardware profile for `simmoe run --profile`.
 
     \b
@@ -52,7 +56,13 @@ def calibrate_cmd(device, models, trials, quick, out, name):
     Where it goes: profiles/<gpu>.json (e.g. profiles/nvidia-h100-80gb-hbm3.json),
     or --out. The file appears only when every measurement is done; an interrupted
     run writes nothing. Without a GPU, use --device cpu (a CPU stand-in profile).
+
+    \b
+    `simmoe calibrate engine --model PRESET --out FILE.json` times the engine around the
+    experts (attention, norms, router, LM head, expert dispatch) on the preset's real model.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     try:
         from calibrate.calibrate import make_plan, prepare, run
     except ImportError as e:

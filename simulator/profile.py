@@ -18,14 +18,20 @@ A profile is a versioned JSON document (format ``simmoe-profile``, version 1)::
         "cpu": {"768x3072-fp32-gated": [[tokens, ms], ...], ...}   # optional
       },
       "host": {"launch_us": {"copy": 6.0, "expert": 30.0, "dense": 5.0},
-               "sync_us": 10.0, "pageable_blocks_host": true}
+               "sync_us": 10.0, "pageable_blocks_host": true},
+      "engine": {                                       # optional, per model preset
+        "olmoe-1b-7b": {"decode": {"batch": [...], "context": [...], "ms": [[...], ...]},
+                        "dense_decode": {...}, "dense_layers": 0,
+                        "prefill": [[tokens, ms], ...], "head": [[batch, ms], ...],
+                        "styles": {"hf-eager": {"base_ms": ..., "per_expert_ms": ...}, ...}}}
     }
 
 Copy time for ``n`` bytes: the table's value at exactly ``n`` bytes if it has one (calibration
 stores expert-sized copies measured back to back, as the executor issues them), else log-log
 interpolation in ``table`` inside its range, else ``latency + bytes / bandwidth``. Expert compute time for ``t`` tokens: monotone
 (PCHIP) interpolation over ``log(tokens)``, linear extrapolation in tokens past the table.
-The engine never evaluates these per event: :class:`CostModel` freezes them into per-size
+The ``engine`` tables (the non-expert work around the experts, measured on the real model by
+``simmoe calibrate engine``) are read by :mod:`simulator.engine_costs`. The engine never evaluates these per event: :class:`CostModel` freezes them into per-size
 and per-token lookup tables before the event loop starts.
 """
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
 from .safe_load import check_document, load_json
@@ -133,6 +139,69 @@ class HostSection(_Strict):
     )
 
 
+def _axis_ok(name: str, v: list[int]) -> None:
+    if not v or v[0] < 1 or v != sorted(set(v)):
+        raise ValueError(f"{name} must be >= 1 and strictly increasing")
+
+
+def _points_ok(pts: list, what: str) -> None:
+    _axis_ok(what, [p[0] for p in pts])
+    if any(not (p[-1] > 0) or not math.isfinite(p[-1]) for p in pts):
+        raise ValueError(f"{what}: times must be positive and finite")
+
+
+class EngineGrid(_Strict):
+    """Non-expert ms per decoder layer over (batch, context): ``ms[i][j]`` at batch[i], context[j]."""
+
+    batch: list[int]
+    context: list[int]
+    ms: list[list[float]]
+    errors: list[list[float]] = Field(default_factory=list, description="per point: table / measured - 1")
+    filled: list[tuple[int, int]] = Field(default_factory=list, description="[i, j] cells not measured, extrapolated")
+    max_abs_error: float | None = None
+
+    @model_validator(mode="after")
+    def _grid_ok(self):
+        _axis_ok("batch", self.batch)
+        _axis_ok("context", self.context)
+        if len(self.ms) != len(self.batch) or any(len(r) != len(self.context) for r in self.ms):
+            raise ValueError(f"ms must be {len(self.batch)} rows of {len(self.context)} values")
+        if any(not (v > 0) or not math.isfinite(v) for r in self.ms for v in r):
+            raise ValueError("ms values must be positive and finite")
+        return self
+
+
+class EngineStyle(_Strict):
+    """One layer's routed-expert call in an engine style: ``base_ms + per_expert_ms x active``."""
+
+    base_ms: float = Field(ge=0)
+    per_expert_ms: float = Field(ge=0)
+    max_abs_error: float | None = None
+    points: list[tuple[int, int, float]] = Field(default_factory=list, description="[batch, active, ms]")
+
+
+class ModelEngine(_Strict):
+    """The engine around the experts of one model (``simmoe calibrate engine``)."""
+
+    decode: EngineGrid
+    dense_decode: EngineGrid | None = None
+    dense_layers: int = Field(0, ge=0, description="dense decoder layers per step (priced by dense_decode)")
+    prefill: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] per layer")
+    head: list[tuple[int, float]] = Field(default_factory=list, description="[batch, ms] per step")
+    styles: dict[str, EngineStyle] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _tables_ok(self):
+        if self.prefill:
+            _points_ok(self.prefill, "prefill tokens")
+        if self.head:
+            _points_ok(self.head, "head batch")
+        if self.dense_layers and self.dense_decode is None:
+            raise ValueError("dense_layers given without a dense_decode table")
+        return self
+
+
 class Profile(_Strict):
     format: Literal["simmoe-profile"]
     version: int
@@ -143,6 +212,7 @@ class Profile(_Strict):
     host: HostSection = Field(default_factory=HostSection)
     fit: dict[str, Any] = Field(default_factory=dict, description="per-point fit errors")
     measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
+    engine: dict[str, ModelEngine] = Field(default_factory=dict, description="per model preset: the engine around the experts")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 

@@ -67,6 +67,7 @@ class SequencesSpec(_Strict):
 
 
 KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")
+MAX_CONTEXT = 10_000_000  # tokens; past this a context is a typo
 
 
 class TraceSpec(_Strict):
@@ -75,6 +76,8 @@ class TraceSpec(_Strict):
     sequences: SequencesSpec | None = None
     steps: int = Field(64, gt=0, le=MAX_STEPS, description="decode steps per run")
     prefill_tokens: int = Field(0, ge=0, le=MAX_PROMPT)
+    prompt_tokens: int | None = Field(None, ge=0, le=MAX_CONTEXT,
+                                      description="context the decode starts from (default: prefill_tokens)")
     zipf: float = Field(0.0, ge=0, le=100)
     temporal: float = Field(0.0, ge=0, le=1)
     batch_locality: float = Field(0.0, ge=0, le=1)
@@ -104,6 +107,9 @@ class TraceSpec(_Strict):
         given = [k for k in ("generator", "path", "sequences") if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError("give exactly one of generator, path, sequences")
+        if self.prompt_tokens is not None and self.prefill_tokens and self.prompt_tokens != self.prefill_tokens:
+            raise ValueError(f"prompt_tokens ({self.prompt_tokens}) differs from prefill_tokens "
+                             f"({self.prefill_tokens}): the prefill step is the prompt")
         if self.generator:
             allowed = GENERATORS[self.generator]
             for knob in KNOBS:
@@ -214,8 +220,13 @@ class PolicySpec(_Strict):
         return self
 
 
+_SHAPE_KEYS = {"num_layers", "num_experts", "top_k", "hidden", "ffn", "gated", "shared_experts"}
+
+
 class EngineSpec(_Strict):
-    dense_ms_per_layer: float | None = Field(None, ge=0, le=MAX_DENSE_MS, description="overrides the model's")
+    style: Literal["twin", "hf-eager", "grouped", "graphs"] = Field(
+        "twin", description="what runs around the experts: simmoe's twin, or a real engine priced by the profile's engine tables")
+    dense_ms_per_layer: float | None = Field(None, ge=0, le=MAX_DENSE_MS, description="overrides the model's (and, in any style, the engine tables)")
     warmup_steps: StrictInt = Field(0, ge=0, le=MAX_STEPS, description="first steps left out of the statistics")
 
 
@@ -253,6 +264,8 @@ class Scenario(_Strict):
             if unknown:
                 raise ValueError(f"unknown model key {sorted(unknown)[0]!r}")
             base.update(v)
+            if "arch" not in v and set(v) & _SHAPE_KEYS:
+                base["arch"] = None  # the public architecture no longer describes the changed shape
             if "name" not in v:
                 base["name"] = name + ("+custom" if v else "")
             return base

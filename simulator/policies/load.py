@@ -34,3 +34,24 @@ class Coalesced(Dedup):
     """As dedup, and all of a layer's misses travel in one batched copy."""
 
     coalesce = True
+
+
+@register_load_mode("layer")
+class Layer(LoadMode):
+    """Every expert of the layer is copied at each forward, routed or not, as accelerate's
+    ``device_map`` offload and DeepSpeed ZeRO-Inference do: all ``num_experts`` experts are
+    requested in id order, the routed ones with their tokens, the others with 0 tokens (a
+    0-token compute is no work), and a layer's misses travel in one copy. With ``cache: none``
+    give ``capacity: num_experts`` so the whole layer fits the staging slots."""
+
+    coalesce = True
+
+    def requests(self, step):
+        E, L = step.E, step.keys.shape[1]
+        counts = np.zeros(L * E, dtype=np.int64)
+        np.add.at(counts, step.uniq, step.counts)
+        keys, tokens = np.arange(L * E).tolist(), counts.tolist()
+        return [(keys[l * E:(l + 1) * E], tokens[l * E:(l + 1) * E]) for l in range(L)]
+
+    def request_keys(self, step):
+        return np.arange(step.keys.shape[1] * step.E, dtype=np.int64)

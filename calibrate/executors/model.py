@@ -1,0 +1,299 @@
+"""The real-model executor: a built transformers model whose routed experts live in host memory.
+
+Every MoE block's ``experts`` module is replaced by :class:`OffloadedExperts` (no fork of
+transformers): the model's attention, norms, router and shared experts run as transformers
+runs them; at each MoE layer the same :class:`~simulator.planner.Planner` the simulator uses
+decides, from the same policy objects and trace, what is loaded, hit, evicted, prefetched or
+run on the CPU, and this module executes those operations:
+
+- ``LOAD``: the expert's weights (``gate_up_proj[e]`` and ``down_proj[e]``, one flat host
+  buffer, pinned or pageable per policy) copied into a GPU slot of one preallocated pool, on a
+  copy stream, after the last compute that read the slot (CUDA);
+- ``COMPUTE``: the expert FFN, transformers' own math (``act(gate) * up``, down projection,
+  routing weight), on the tokens the routing sends to it, reading the slot, after its load;
+- ``CPU``: the same FFN on the host weights, the tokens copied to the host and back.
+
+Routing: ``forced`` (the trace's experts replace the router's top-k, so a recorded or
+synthetic trace drives the real model; the router still runs and its choice still comes to
+the host, as a runtime's would) or ``own``: the trace is first recorded from the model's own
+router (:func:`record_routing`, every expert resident) and then forced, which with the same
+inputs is the same routing (``executed["router_agrees"]`` counts the MoE layers whose router
+chose what the trace forced).
+
+What ran is counted from the module's own work (copies, bytes copied, experts computed and
+the tokens they computed, CPU experts), and every routed (token, expert) pair must have been
+served by exactly one compute: a plan that missed a pair or served one twice raises.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from calibrate.models.build import BuiltModel
+from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
+from simulator.scenario import PolicySpec
+from simulator.traces import Trace
+
+
+@dataclass
+class ModelStep:
+    step: int
+    latency_ms: float
+    executed: dict = field(default_factory=dict)
+
+
+class OffloadedExperts(torch.nn.Module):
+    """Stands in for one MoE layer's routed experts; executes the planner's operations."""
+
+    def __init__(self, ex: "ModelExecutor", layer: int, act_fn):
+        super().__init__()
+        self.ex, self.layer, self.act_fn = ex, layer, act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        return self.ex._run_layer(self.layer, hidden_states, top_k_index, top_k_weights, self.act_fn)
+
+
+class ModelExecutor:
+    """Runs one policy over one decode trace on a built model (``cuda[:N]`` or ``cpu``)."""
+
+    def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
+                 seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None):
+        if (trace.phase != 0).any():
+            raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
+        self.b, self.policy, self.trace = built, policy, trace
+        self.spec = built.spec
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.E, self.H, self.F = self.spec.num_experts, self.spec.hidden, self.spec.ffn
+        self.planner = Planner(self.spec, policy, trace, seed=seed)
+        blocks = built.moe_blocks()
+        # host[layer][expert]: flat weights; shared between runs with ``host`` (host_experts)
+        self.host = host if host is not None else host_experts(built, policy.memory == "pinned" and self.cuda)
+        self.dtype = self.host[0][0].dtype
+        n_slots = self.planner.total_slots
+        self.pool = torch.empty((n_slots, 3 * self.H * self.F), dtype=self.dtype, device=self.device)
+        for key, slot in self.planner.preloaded:
+            self.pool[slot].copy_(self.host[key // self.E][key % self.E])
+        for l, blk in enumerate(blocks):
+            blk.experts = OffloadedExperts(self, l, blk.experts.act_fn)   # frees the resident experts
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.last_load: dict[int, object] = {}
+        self.last_read: dict[int, object] = {}
+        self.prompt, self.next_ids = decode_inputs(built.arch.vocab, int(trace.max_step_tokens), trace.num_steps,
+                                                   prompt_tokens, seed, self.device)
+        self.cache = None
+        self._ops: list[list[tuple]] = []
+        self._executed: dict = {}
+        self._step = -1
+
+    def _views(self, flat: torch.Tensor):
+        n = 2 * self.F * self.H
+        return flat[:n].view(2 * self.F, self.H), flat[n:].view(self.H, self.F)
+
+    # ----------------------------------------------------------------- one MoE layer
+    def _run_layer(self, l, hidden, top_k_index, top_k_weights, act_fn):
+        ex = self._executed
+        own = top_k_index.to("cpu")  # the router's choice comes to the host, as a runtime's must
+        forced = torch.as_tensor(self.trace.step(self._step)[:, l, :].astype(np.int64))
+        if forced.shape != own.shape:
+            raise ValueError(f"trace step {self._step} routes {tuple(forced.shape)}, the model {tuple(own.shape)}")
+        ex["router_agrees"] += int(torch.equal(forced.sort(-1).values, own.sort(-1).values))
+        routes = forced.tolist()
+        queues: dict[int, deque] = {}
+        for t, row in enumerate(routes):          # token-major, as the load modes request
+            for j, e in enumerate(row):
+                queues.setdefault(e, deque()).append((t, j))
+        out = torch.zeros_like(hidden)
+        for op in self._ops[l]:
+            kind = op[0]
+            if kind == DENSE:
+                ex["denses"] += 1
+            elif kind == LOAD:
+                self._load(op[1], op[2])
+                ex["copies"] += 1
+                ex["transfers"] += len(op[2])
+                ex["prefetch_copies"] += int(op[4])
+            elif kind == COMPUTE:
+                rows = self._take(queues, op[2] % self.E, op[3])
+                if rows:
+                    self._ffn(out, hidden, rows, top_k_weights, self._slot_views(op[1]), act_fn, slot=op[1])
+                ex["computes"] += int(bool(rows))
+                ex["computed_tokens"] += len(rows)
+            elif kind == CPU:
+                rows = self._take(queues, op[1] % self.E, op[2])
+                self._cpu(out, hidden, rows, top_k_weights, self.host[l][op[1] % self.E], act_fn)
+                ex["cpu_computes"] += 1
+                ex["computed_tokens"] += len(rows)
+        left = sum(len(q) for q in queues.values())
+        if left:
+            raise RuntimeError(f"step {self._step} layer {l}: {left} routed (token, expert) pair(s) not served")
+        return out
+
+    @staticmethod
+    def _take(queues, e: int, tokens: int) -> list[tuple[int, int]]:
+        q = queues.get(e, deque())
+        if tokens > len(q):
+            raise RuntimeError(f"expert {e}: a compute of {tokens} token(s), {len(q)} routed left")
+        return [q.popleft() for _ in range(tokens)]
+
+    def _slot_views(self, slot: int):
+        return self._views(self.pool[slot])
+
+    def _load(self, slots, keys) -> None:
+        ex = self._executed
+        if not self.cuda:
+            for sl, k in zip(slots, keys):
+                src = self.host[k // self.E][k % self.E]
+                self.pool[sl].copy_(src)
+                ex["bytes_h2d"] += src.numel() * src.element_size()
+            return
+        with torch.cuda.stream(self.copy_stream):
+            for sl in slots:
+                ev = self.last_read.get(sl)
+                if ev is not None:
+                    self.copy_stream.wait_event(ev)
+            for sl, k in zip(slots, keys):
+                src = self.host[k // self.E][k % self.E]
+                self.pool[sl].copy_(src, non_blocking=True)
+                ex["bytes_h2d"] += src.numel() * src.element_size()
+            done = torch.cuda.Event()
+            done.record(self.copy_stream)
+        for sl in slots:
+            self.last_load[sl] = done
+
+    def _ffn(self, out, hidden, rows, weights, views, act_fn, slot=None):
+        if self.cuda and slot is not None:
+            ev = self.last_load.get(slot)
+            if ev is not None:
+                torch.cuda.current_stream(self.device).wait_event(ev)
+        tok = torch.tensor([t for t, _ in rows], device=hidden.device)
+        pos = torch.tensor([j for _, j in rows], device=hidden.device)
+        gate_up, down = views
+        gate, up = torch.nn.functional.linear(hidden[tok], gate_up).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act_fn(gate) * up, down) * weights[tok, pos, None]
+        out.index_put_((tok,), y.to(out.dtype), accumulate=True)  # a token meets an expert once
+        if self.cuda and slot is not None:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.last_read[slot] = done
+
+    def _cpu(self, out, hidden, rows, weights, host_flat, act_fn):
+        h = hidden.to("cpu")
+        part = torch.zeros_like(h)
+        self._ffn(part, h, rows, weights.to("cpu"), self._views(host_flat), act_fn)
+        out.add_(part.to(out.device))
+
+    # ----------------------------------------------------------------------- steps
+    def start(self) -> None:
+        """Prefill the prompt with every routed expert computed on the GPU from host weights
+        (outside the plan: the trace's steps are decode steps)."""
+        from transformers import DynamicCache
+        self.cache = DynamicCache()
+        saved = [blk.experts for blk in self.b.moe_blocks()]
+        for blk, l in zip(self.b.moe_blocks(), range(len(saved))):
+            blk.experts = _HostExperts(self, l, saved[l].act_fn)
+        with torch.no_grad():
+            self.b.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True)
+        for blk, mod in zip(self.b.moe_blocks(), saved):
+            blk.experts = mod
+
+    def run_step(self, s: int):
+        """One decode step; returns (ModelStep, the planner's Decisions)."""
+        if self.cache is None:
+            self.start()
+        self._ops, decisions = self.planner.plan_step(s)
+        self._step = s
+        self._executed = dict.fromkeys(("transfers", "copies", "bytes_h2d", "cpu_computes", "computes",
+                                        "computed_tokens", "prefetch_copies", "denses", "router_agrees"), 0)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = self.b.model(input_ids=self.next_ids[s], past_key_values=self.cache, use_cache=True).logits
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+            torch.cuda.synchronize(self.device)
+        self.last_logits = logits
+        return ModelStep(step=s, latency_ms=(time.perf_counter() - t0) * 1e3, executed=dict(self._executed)), decisions
+
+    def run(self, steps: range | None = None):
+        steps = range(self.trace.num_steps) if steps is None else steps
+        return [self.run_step(s) for s in steps]
+
+
+def host_experts(built: BuiltModel, pinned: bool) -> list[list[torch.Tensor]]:
+    """Every routed expert's weights (``gate_up_proj[e]`` then ``down_proj[e]``, flat) in host
+    memory, pinned or pageable: ``[layer][expert]``. Needs the model's own experts modules."""
+    out = []
+    for blk in built.moe_blocks():
+        experts = blk.experts
+        if not hasattr(experts, "gate_up_proj"):
+            raise ValueError("the model's experts are already offloaded; pass the host experts of the first run")
+        layer = []
+        for e in range(experts.gate_up_proj.shape[0]):
+            flat = torch.cat([experts.gate_up_proj[e].reshape(-1), experts.down_proj[e].reshape(-1)])
+            t = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=pinned)
+            t.copy_(flat)  # straight from the device into pinned memory: no pageable bounce
+            layer.append(t)
+        out.append(layer)
+    return out
+
+
+class _HostExperts(torch.nn.Module):
+    """The prompt's experts: every routed expert computed from its host weights (no plan)."""
+
+    def __init__(self, ex: ModelExecutor, layer: int, act_fn):
+        super().__init__()
+        self.ex, self.layer, self.act_fn = ex, layer, act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        routes = top_k_index.cpu().tolist()
+        by_e: dict[int, list] = {}
+        for t, row in enumerate(routes):
+            for j, e in enumerate(row):
+                by_e.setdefault(e, []).append((t, j))
+        for e, rows in sorted(by_e.items()):
+            w = self.ex._views(self.ex.host[self.layer][e].to(hidden_states.device))
+            self.ex._ffn(out, hidden_states, rows, top_k_weights, w, self.act_fn)
+        return out
+
+
+def decode_inputs(vocab: int, batch: int, steps: int, prompt_tokens: int, seed: int, device) -> tuple:
+    """The prompt (batch x prompt_tokens) and each decode step's input ids (steps x batch x 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (batch, prompt_tokens), generator=gen).to(device)
+    return prompt, torch.randint(0, vocab, (steps, batch, 1), generator=gen).to(device)
+
+
+def record_routing(built: BuiltModel, *, batch: int, steps: int, prompt_tokens: int = 4, seed: int = 0,
+                   device: str = "cpu") -> Trace:
+    """A decode trace from the model's own router, every expert resident: the inputs the
+    executor feeds with the same seed, each MoE layer's top-k of each decode step recorded."""
+    from transformers import DynamicCache
+
+    prompt, next_ids = decode_inputs(built.arch.vocab, batch, steps, prompt_tokens, seed, device)
+    seen: list[list] = []
+    hooks = [blk.gate.register_forward_hook(lambda mod, args, out, l=l: seen[-1].__setitem__(l, out[2].cpu()))
+             for l, blk in enumerate(built.moe_blocks())]
+    L = len(hooks)
+    try:
+        cache = DynamicCache()
+        with torch.no_grad():
+            seen.append([None] * L)
+            built.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            seen.clear()
+            for s in range(steps):
+                seen.append([None] * L)
+                built.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    experts = np.stack([np.stack([x.numpy() for x in step], axis=1) for step in seen]).reshape(steps * batch, L, -1)
+    return Trace(experts=experts.astype(np.int16), step_offsets=np.arange(steps + 1, dtype=np.int64) * batch,
+                 seq=np.tile(np.arange(batch, dtype=np.int32), steps), phase=np.zeros(steps, np.uint8),
+                 num_experts=built.spec.num_experts, meta={"source": "recorded from the model's own router"})

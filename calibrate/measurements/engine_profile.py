@@ -1,0 +1,122 @@
+"""From a ``simmoe calibrate engine`` document to a profile's ``engine`` section (no torch but to write).
+
+The decode grids may have holes (points over the KV budget, out of memory or out of time):
+a batch row with no measured point is dropped; a missing cell is extrapolated log-log along
+context from the two nearest measured cells of its row (one: copied), and listed in
+``filled``. The grid is then made non-decreasing along both axes (as the simulator reads it);
+``errors`` holds, per measured point, table / measured - 1.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from simulator.engine_costs import monotone_grid
+from simulator.errors import InputError
+from simulator.models import get_preset
+from simulator.profile import ModelEngine, parse_profile
+
+ENGINE_FORMAT = "simmoe-engine"
+
+
+def _fill_row(ctx: list[int], row: list[float | None]) -> tuple[list[float], list[int]]:
+    known = [j for j, v in enumerate(row) if v is not None]
+    out, filled = list(row), []
+    lx = np.log(np.asarray(ctx, float))
+    for j, v in enumerate(row):
+        if v is not None:
+            continue
+        near = sorted(known, key=lambda k: (abs(k - j), k > j))[:2]
+        if len(near) == 1:
+            out[j] = row[near[0]]
+        else:
+            a, b = sorted(near)
+            slope = (math.log(row[b]) - math.log(row[a])) / (lx[b] - lx[a])
+            out[j] = math.exp(math.log(row[a]) + max(0.0, slope) * (lx[j] - lx[a]))
+        filled.append(j)
+    return out, filled
+
+
+def grid_section(table: dict) -> dict:
+    """A profile ``EngineGrid`` from a measured decode table (``points[i][j]`` or None)."""
+    batches, ctx = table["batch"], table["context"]
+    rows, keep, filled, measured = [], [], [], []
+    for i, b in enumerate(batches):
+        row = [None if p is None else p["ms"] for p in table["points"][i]]
+        if all(v is None for v in row):
+            continue
+        full, f = _fill_row(ctx, row)
+        filled += [(len(rows), j) for j in f]
+        rows.append(full)
+        measured.append(row)
+        keep.append(b)
+    if not rows:
+        raise ValueError("no decode point was measured")
+    mono = monotone_grid(np.asarray(rows, float))
+    errors = [[0.0 if m is None else float(t / m - 1) for t, m in zip(trow, mrow)] for trow, mrow in zip(mono, measured)]
+    return {"batch": keep, "context": list(ctx), "ms": mono.tolist(), "errors": errors, "filled": filled,
+            "max_abs_error": max(abs(e) for r in errors for e in r)}
+
+
+def engine_section(doc: dict) -> dict:
+    """The profile's ``engine[model]`` entry from one ``simmoe calibrate engine`` document."""
+    t = doc["tables"]
+    arch = get_preset(doc["model"]).arch
+    out = {
+        "decode": grid_section(t["decode"]),
+        "dense_layers": len(arch.dense_layers) if arch else 0,
+        "prefill": [[p["tokens"], p["ms"]] for p in t["prefill"]["points"]],
+        "head": [[p["batch"], p["ms"]] for p in t["head"]["points"]],
+        "styles": {},
+        "source": {k: doc.get(k) for k in ("command", "tiny", "trials", "elapsed_s")}
+                  | {k: doc["provenance"].get(k) for k in ("gpu", "host_cpu", "date", "torch", "transformers")},
+    }
+    if "dense_decode" in t:
+        out["dense_decode"] = grid_section(t["dense_decode"])
+    for style, e in t["experts"].items():
+        pts = e["points"]
+        if not pts:
+            continue
+        fit = e.get("fit")
+        base, per = (fit["base_ms"], fit["per_expert_ms"]) if fit else (pts[0]["ms"], 0.0)
+        if per < 0 or base < 0:  # a noisy line: the mean time per active expert, through 0
+            base, per = 0.0, sum(p["ms"] for p in pts) / sum(p["active"] for p in pts)
+        out["styles"][style] = {"base_ms": base, "per_expert_ms": per,
+                                "max_abs_error": fit["max_abs_error"] if fit else None,
+                                "points": [[p["batch"], p["active"], p["ms"]] for p in pts]}
+    ModelEngine.model_validate(out)
+    return out
+
+
+def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dict:
+    """The profile at ``profile_path`` with the engine tables of each document merged in
+    (one per model, keyed by preset; a ``--tiny`` measurement as ``<preset>-tiny``; a model
+    already there is replaced), validated; written to ``out``."""
+    from calibrate.profile_writer import write_atomic
+
+    prof = _read_json(profile_path, "profile")
+    parse_profile(prof, str(profile_path))
+    for p in engine_paths:
+        doc = _read_json(p, "engine")
+        if doc.get("format") != ENGINE_FORMAT:
+            raise InputError(str(p), "format", f"not a simmoe engine measurement (expected format {ENGINE_FORMAT!r})")
+        try:
+            key = doc["model"] + ("-tiny" if doc.get("tiny") else "")  # a tiny model's tables are its own
+            prof.setdefault("engine", {})[key] = engine_section(doc)
+        except (KeyError, TypeError, ValueError) as e:
+            raise InputError(str(p), "tables", f"cannot use: {e}") from None
+    parse_profile(prof, str(out))
+    write_atomic(prof, out)
+    return prof
+
+
+def _read_json(p: Path, what: str) -> dict:
+    if not p.exists():
+        raise InputError(str(p), what, "file not found")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(str(p), what, f"cannot read JSON: {e}") from None

@@ -1,0 +1,192 @@
+"""What the engine around the experts costs: the dense (non-expert) op of each layer-step and
+the per-step extra, from a profile's ``engine`` tables (``simmoe calibrate engine``).
+
+- Decode: non-expert ms per MoE layer over (batch, context), interpolated log-log bilinearly
+  (``log ms`` bilinear in ``log batch``, ``log context``) on a grid first made non-decreasing
+  along both axes, so the cost never falls as batch or context grows. Outside the grid the
+  query is clamped to its edge, and a note says so (``DenseCost.notes``).
+- Prefill: non-expert ms per MoE layer over prompt tokens (all sequences of the step),
+  log-log interpolated; past the last point, linear in tokens.
+- Per step: embedding + LM head by batch, plus every dense decoder layer (DeepSeek-V2-Lite's
+  first) from the ``dense_decode`` grid.
+- Per engine style, one layer's routed-expert call with every expert resident,
+  ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`).
+
+The context grows with each decode step: step ``s`` attends over ``start + (decode steps
+before s)`` tokens, ``start`` being ``trace.prompt_tokens`` (default: ``trace.prefill_tokens``)
+or, for a recorded trace, the mean prompt length of the batch's sequences.
+
+``engine.style: twin`` (the default) keeps simmoe's twin executor's constant
+``dense_ms_per_layer`` and no per-step extra; ``engine.dense_ms_per_layer``, when given,
+overrides the decode and prefill tables in any style.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .profile import EngineGrid, ModelEngine, Profile
+
+STYLES = ("twin", "hf-eager", "grouped", "graphs")
+PHASE_PREFILL = 1
+
+
+def monotone_grid(ms: np.ndarray) -> np.ndarray:
+    """Running maximum along both axes: non-decreasing in batch and in context."""
+    return np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+
+
+@dataclass
+class GridCost:
+    """Log-log bilinear interpolation over one (batch, context) grid, clamped at its edges."""
+
+    grid: EngineGrid
+    notes: set = field(default_factory=set)
+
+    def __post_init__(self):
+        self.lb = np.log(np.asarray(self.grid.batch, float))
+        self.lc = np.log(np.asarray(self.grid.context, float))
+        self.lm = np.log(monotone_grid(np.asarray(self.grid.ms, float)))
+
+    def _pos(self, axis: np.ndarray, x: float, what: str, lo: int, hi: int) -> tuple[int, float]:
+        if x < lo or x > hi:
+            side = "below" if x < lo else "above"
+            self.notes.add(f"{what} {side} the engine table's {lo}..{hi}: clamped to its edge")
+        lx = math.log(min(max(x, lo), hi))
+        if len(axis) == 1:
+            return 0, 0.0
+        i = int(np.clip(np.searchsorted(axis, lx, side="right") - 1, 0, len(axis) - 2))
+        return i, float((lx - axis[i]) / (axis[i + 1] - axis[i]))
+
+    def ms(self, batch: float, context: float) -> float:
+        g = self.grid
+        i, u = self._pos(self.lb, batch, "batch", g.batch[0], g.batch[-1])
+        j, v = self._pos(self.lc, context, "context", g.context[0], g.context[-1])
+        m = self.lm
+        i1 = min(i + 1, m.shape[0] - 1)
+        j1 = min(j + 1, m.shape[1] - 1)
+        val = (m[i, j] * (1 - u) * (1 - v) + m[i1, j] * u * (1 - v) + m[i, j1] * (1 - u) * v + m[i1, j1] * u * v)
+        return float(math.exp(val))
+
+
+def curve_ms(points: list[tuple[int, float]], x: float) -> float:
+    """Log-log interpolation over ``[x, ms]`` points made non-decreasing; below the first
+    point its value, past the last linear in ``x``."""
+    xs = np.asarray([p[0] for p in points], float)
+    ys = np.maximum.accumulate(np.asarray([p[1] for p in points], float))
+    if x <= xs[0]:
+        return float(ys[0])
+    if x >= xs[-1]:
+        return float(ys[-1] * x / xs[-1])
+    return float(math.exp(np.interp(math.log(x), np.log(xs), np.log(ys))))
+
+
+def engine_tables(profile: Profile, model: str, source: str = "") -> ModelEngine:
+    t = profile.engine.get(model)
+    if t is None:
+        raise InputError(source or f"profile {profile.name}", f"engine.{model}",
+                         f"no engine tables for model {model!r} (profile has: "
+                         f"{', '.join(sorted(profile.engine)) or 'none'}); measure them with "
+                         f"simmoe calibrate engine --model {model} and merge them into the profile")
+    return t
+
+
+def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
+    """Context (cached tokens) each step attends over: ``start`` plus the decode steps before it."""
+    decode = (np.asarray(phases) != PHASE_PREFILL).astype(np.int64)
+    return start + np.concatenate([[0], np.cumsum(decode)[:-1]]) if len(decode) else np.zeros(0, np.int64)
+
+
+class DenseCost:
+    """The dense-op duration of each (step, layer) and the per-step extra, for one run
+    (one batch size over one trace).
+
+    ``phases``: the trace's per-step phase (0 decode, 1 prefill); ``tokens``: tokens per step
+    (decode: the batch; prefill: every prompt token of the step); ``start_context``: context
+    of the first decode step. Everything is precomputed per step: queries are array lookups.
+    """
+
+    def __init__(self, *, style: str, batch: int, phases, tokens, start_context: int = 0,
+                 tables: ModelEngine | None = None, override_ms: float | None = None,
+                 twin_dense_ms: float = 0.0):
+        if style not in STYLES:
+            raise ValueError(f"unknown engine style {style!r}; known: {', '.join(STYLES)}")
+        self.style, self.batch, self.tables = style, batch, tables
+        phases = np.asarray(phases)
+        tokens = np.asarray(tokens)
+        n = len(phases)
+        self.contexts = step_contexts(phases, start_context)
+        self.notes: set[str] = set()
+        if style == "twin" or tables is None:
+            if style != "twin":
+                raise ValueError(f"engine style {style!r} needs the profile's engine tables")
+            const = twin_dense_ms if override_ms is None else override_ms
+            self._dense = np.full(n, const)
+            self._extra = np.zeros(n)
+            return
+        decode = GridCost(tables.decode, self.notes)
+        dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
+        self._dense = np.empty(n)
+        self._extra = np.empty(n)
+        for s in range(n):
+            c = int(self.contexts[s])
+            if phases[s] == PHASE_PREFILL:
+                t = int(tokens[s])
+                layer = curve_ms(tables.prefill, t) if tables.prefill else decode.ms(batch, c)
+                dense_layer = layer  # a dense layer's prefill: priced as a MoE layer's non-expert part
+            else:
+                layer = decode.ms(batch, c)
+                dense_layer = dense_grid.ms(batch, c) if dense_grid else 0.0
+            self._dense[s] = layer if override_ms is None else override_ms
+            head = curve_ms(tables.head, batch) if tables.head else 0.0
+            self._extra[s] = head + tables.dense_layers * dense_layer
+
+    @classmethod
+    def from_scenario(cls, scenario, profile: Profile, *, batch: int, phases, tokens,
+                      prompt_lengths=None, source: str = "scenario") -> "DenseCost":
+        """Built from a scenario's ``engine`` and ``trace`` keys and the profile's tables.
+        ``prompt_lengths``: a recorded trace's per-sequence prompt lengths (0 = unknown)."""
+        eng, model = scenario.engine, scenario.model
+        tables = None if eng.style == "twin" else engine_tables(profile, model.name, source)
+        return cls(style=eng.style, batch=batch, phases=phases, tokens=tokens, tables=tables,
+                   start_context=start_context(scenario, prompt_lengths),
+                   override_ms=eng.dense_ms_per_layer, twin_dense_ms=model.dense_ms_per_layer)
+
+    @classmethod
+    def for_trace(cls, scenario, profile: Profile, trace, *, prompt_lengths=None,
+                  source: str = "scenario") -> "DenseCost":
+        """:meth:`from_scenario` for one trace: phases and tokens per step from the trace, the
+        batch its decode steps' token count."""
+        tokens = np.diff(trace.step_offsets)
+        decode = tokens[trace.phase != PHASE_PREFILL]
+        batch = int(decode.max()) if len(decode) else int(tokens.max())
+        return cls.from_scenario(scenario, profile, batch=batch, phases=trace.phase, tokens=tokens,
+                                 prompt_lengths=prompt_lengths, source=source)
+
+    def dense_ms(self, step: int, layer: int) -> float:
+        """The dense (non-expert) op of MoE layer ``layer`` at ``step``."""
+        return float(self._dense[step])
+
+    def step_extra_ms(self, step: int) -> float:
+        """Per step, outside the MoE layers: embedding + LM head and the dense decoder layers."""
+        return float(self._extra[step])
+
+    def expert_call_ms(self, active: int) -> float | None:
+        """One layer's routed-expert call with every expert resident, in this style (None:
+        not measured for the style, or the twin)."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return None if st is None else st.base_ms + st.per_expert_ms * active
+
+
+def start_context(scenario, prompt_lengths=None) -> int:
+    """Context of the first decode step: the mean known prompt length of a recorded batch,
+    else ``trace.prompt_tokens``, else ``trace.prefill_tokens``."""
+    if prompt_lengths is not None:
+        known = [int(x) for x in np.asarray(prompt_lengths).ravel() if x > 0]
+        if known:
+            return int(round(sum(known) / len(known)))
+    tr = scenario.trace
+    return tr.prompt_tokens if tr.prompt_tokens is not None else tr.prefill_tokens

@@ -1,0 +1,122 @@
+"""The real-model executor (calibrate/executors/model.py) on tiny models, on the CPU: its
+decisions equal the simulator's, and its outputs equal the model's own."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+from calibrate.executors.model import ModelExecutor, decode_inputs, record_routing  # noqa: E402
+from calibrate.models.build import build_model  # noqa: E402
+from simulator.planner import Planner, StepRouting  # noqa: E402
+from simulator.policies.load import Layer  # noqa: E402
+from simulator.scenario import PolicySpec  # noqa: E402
+from simulator.traces import generate  # noqa: E402
+
+B, STEPS = 3, 4
+POLICIES = [
+    PolicySpec(name="per-item", load="per-item"),
+    PolicySpec(name="dedup-lru-prefetch", load="dedup", cache={"kind": "lru", "capacity": 5},
+               prefetch={"kind": "oracle"}),
+    PolicySpec(name="coalesced-lru", load="coalesced", cache={"kind": "lru", "capacity": 4}),
+    PolicySpec(name="cpu-miss", load="dedup", cache={"kind": "lru", "capacity": 3}, miss="cpu"),
+]
+COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
+
+
+def check_against_simulator(built, policy, trace):
+    ex = ModelExecutor(built, policy, trace)
+    sim = Planner(built.spec, policy, trace)
+    L, k = built.spec.num_layers, built.spec.top_k
+    steps = []
+    for s in range(trace.num_steps):
+        step, decisions = ex.run_step(s)
+        _, expected = sim.plan_step(s)
+        want = expected.as_dict()
+        assert {c: step.executed[c] for c in COUNTED} == {c: want[c] for c in COUNTED}, (policy.name, s)
+        assert step.executed["computed_tokens"] == B * k * L        # every routed pair served once
+        assert step.executed["denses"] == L
+        steps.append(step)
+    return steps
+
+
+@pytest.mark.parametrize("name, policies", [("olmoe-1b-7b", POLICIES), ("deepseek-v2-lite", POLICIES[1::2]),
+                                            ("qwen3-30b-a3b", POLICIES[::2])])
+def test_own_router_decisions_equal_the_simulators(name, policies):
+    trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
+    for policy in policies:
+        steps = check_against_simulator(build_model(name, tiny=True, dtype="fp32"), policy, trace)
+        # the model's own router chose, at every MoE layer of every step, what the trace forced
+        assert all(st.executed["router_agrees"] == trace.num_layers for st in steps)
+
+
+def test_forced_routing_from_a_synthetic_trace():
+    b = build_model("mixtral-8x7b", tiny=True, dtype="fp32")
+    trace = generate(num_layers=b.spec.num_layers, num_experts=b.spec.num_experts, top_k=b.spec.top_k,
+                     batch_size=B, steps=STEPS, seed=3, zipf=1.0)
+    check_against_simulator(b, POLICIES[1], trace)
+
+
+def test_outputs_equal_the_models_own():
+    """Offloaded experts computed from slots and host weights give the model's own logits."""
+    name = "deepseek-v2-lite"
+    trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
+    ref = build_model(name, tiny=True, dtype="fp32")
+    prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cpu")
+    cache = DynamicCache()
+    with torch.no_grad():
+        ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
+    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), POLICIES[3], trace)
+    for s in range(STEPS):
+        ex.run_step(s)
+        torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
+
+
+def test_layer_load_mode_copies_every_expert_each_forward():
+    routing = np.array([[[2], [1]], [[2], [3]], [[0], [3]]])          # 3 tokens, 2 layers, top-1
+    per_layer = Layer().requests(StepRouting(routing, 4))
+    assert per_layer == [([0, 1, 2, 3], [1, 0, 2, 0]), ([4, 5, 6, 7], [0, 1, 0, 2])]
+    b = build_model("olmoe-1b-7b", tiny=True, dtype="fp32")
+    E, L = b.spec.num_experts, b.spec.num_layers
+    trace = record_routing(build_model("olmoe-1b-7b", tiny=True, dtype="fp32"), batch=B, steps=2)
+    policy = PolicySpec(name="accelerate-like", load="layer", cache={"kind": "none", "capacity": E})
+    for step in check_against_simulator(b, policy, trace):
+        assert step.executed["transfers"] == E * L and step.executed["copies"] == L
+        assert step.executed["bytes_h2d"] == E * L * b.spec.expert_bytes
+
+
+def test_prefill_traces_are_refused():
+    b = build_model("olmoe-1b-7b", tiny=True)
+    trace = generate(num_layers=b.spec.num_layers, num_experts=b.spec.num_experts, top_k=b.spec.top_k,
+                     batch_size=2, steps=2, seed=0, prefill_tokens=3)
+    with pytest.raises(ValueError, match="decode steps only"):
+        ModelExecutor(b, POLICIES[0], trace)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("memory", ["pinned", "pageable"])
+def test_gpu_executor_decisions_and_outputs(memory):
+    """On CUDA (bf16, copy stream, events): decisions equal the simulator's, the outputs the
+    model's own with every expert resident."""
+    name = "qwen3-30b-a3b"
+    trace = record_routing(build_model(name, tiny=True, device="cuda"), batch=B, steps=STEPS, device="cuda")
+    policy = PolicySpec(name="g", load="dedup", memory=memory, cache={"kind": "lru", "capacity": 5},
+                        prefetch={"kind": "oracle"})
+    ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda")
+    sim = Planner(ex.spec, policy, trace)
+    ref = build_model(name, tiny=True, device="cuda")
+    prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cuda")
+    cache = DynamicCache()
+    with torch.no_grad():
+        ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for s in range(STEPS):
+            want = ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits
+            step, _ = ex.run_step(s)
+            exp = sim.plan_step(s)[1].as_dict()
+            assert {c: step.executed[c] for c in COUNTED} == {c: exp[c] for c in COUNTED}
+            torch.testing.assert_close(ex.last_logits, want, rtol=2e-2, atol=2e-2)
