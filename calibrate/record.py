@@ -22,6 +22,7 @@ import numpy as np
 
 from simulator.errors import InputError
 from simulator.traces.real import SequenceSet, SequenceWriter, load_sequences
+from simulator.traces.trace import expert_dtype
 
 _EXPERTS_KEYS = ("num_local_experts", "n_routed_experts", "num_experts", "moe_num_experts")
 _TOP_K_KEYS = ("num_experts_per_tok", "moe_top_k", "top_k")
@@ -89,12 +90,12 @@ class RouterRecorder:
             ids = _routed_ids(output, self.num_experts, self.top_k)
             if ids is None:
                 raise InputError(self.source, name, "router output holds no expert ids or logits")
-            self.calls.setdefault(layer, []).append(ids.detach().cpu().numpy().astype(np.int16))
+            self.calls.setdefault(layer, []).append(ids.detach().cpu().numpy().astype(expert_dtype(self.num_experts)))
         return hook
 
     def take(self) -> np.ndarray:
         """Routing ``(tokens, layers, top_k)`` collected since the last take."""
-        per_layer = [np.concatenate(self.calls.get(layer, [np.zeros((0, self.top_k), np.int16)]))
+        per_layer = [np.concatenate(self.calls.get(layer, [np.zeros((0, self.top_k), expert_dtype(self.num_experts))]))
                      for layer in self.layers]
         self.calls = {}
         lengths = {len(x) for x in per_layer}

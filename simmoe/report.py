@@ -27,12 +27,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import math
+
+import numpy as np
 import pandas as pd
-import yaml
+import pyarrow as pa
 
 from simulator.atomic import write_text
 from simulator.errors import InputError
 from simulator.profile import builtin_profiles, load_profile, parse_profile
+from simulator.safe_load import check_input_file, load_json, load_yaml
 from simulator.scenario import parse_scenario
 from simulator.sweep import (
     flatten_summary, max_reuse_factors, policy_context, read_results, scenario_context,
@@ -66,39 +70,110 @@ def _published(profile) -> dict[tuple[int, int], tuple[float, float]]:
     return {(int(r["batch"]), int(r["experts"])): (float(r["computation_ms"]), float(r["transfer_ms"])) for r in rows}
 
 
-def _read_json(path: Path) -> dict:
+#: columns every result row needs, by kind (numbers must be finite in rows that succeeded)
+ROW_NUMBERS = ("batch_size", "top_k", "num_layers", "num_experts", "expert_bytes", "requests", "bytes_h2d",
+               "dedup_savings", "hit_rate", "latency_mean_ms", "latency_ci95_lo", "latency_ci95_hi",
+               "compute_ms", "transfer_ms", "cpu_ms", "tokens_per_s", "bytes_per_token")
+ROW_TEXT = ("policy", "load", "cache", "prefetch")
+#: how a flattened column is named in summary.json
+_SUMMARY_NAME = {"latency_mean_ms": "step_latency_ms.mean", "latency_ci95_lo": "step_latency_ms.ci95[0]",
+                 "latency_ci95_hi": "step_latency_ms.ci95[1]"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and math.isfinite(v)
+
+
+def check_row(row: dict, source: str, where: str, names: dict | None = None) -> None:
+    """One result row has every column the report reads, numbers finite, texts strings."""
+    for col in ROW_NUMBERS:
+        field = f"{where}.{(names or {}).get(col, col)}"
+        if col not in row or row[col] is None:
+            raise InputError(source, field, "required field missing")
+        if not _is_number(row[col]):
+            raise InputError(source, field, f"{row[col]!r} is not a finite number")
+    for col in ROW_TEXT:
+        if not isinstance(row.get(col), str):
+            raise InputError(source, f"{where}.{col}", f"{row.get(col)!r} is not a text")
+    mrf = row.get("max_reuse_factor")
+    if mrf is not None and not (isinstance(mrf, float) and math.isnan(mrf)) and not _is_number(mrf):
+        raise InputError(source, f"{where}.max_reuse_factor", f"{mrf!r} is not a number")
+
+
+def _summary_rows(summary, sc, src: str) -> list[dict]:
+    """summary.json's ``results``, each checked, as dicts with ``step_latency_ms`` flattened."""
+    if not isinstance(summary, dict) or not isinstance(summary.get("results"), list):
+        raise InputError(src, "results", "required: a list of result rows")
+    names = {p.name for p in sc.policies}
+    out = []
+    for i, r in enumerate(summary["results"]):
+        where = f"results[{i}]"
+        if not isinstance(r, dict):
+            raise InputError(src, where, "must be a mapping")
+        if not isinstance(r.get("policy"), str) or r["policy"] not in names:
+            raise InputError(src, f"{where}.policy", f"{r.get('policy')!r} is not a policy of scenario.yaml")
+        if type(r.get("batch_size")) is not int:
+            raise InputError(src, f"{where}.batch_size", f"{r.get('batch_size')!r} is not an integer")
+        lat = r.get("step_latency_ms")
+        if not isinstance(lat, dict) or not isinstance(lat.get("ci95"), list) or len(lat["ci95"]) != 2:
+            raise InputError(src, f"{where}.step_latency_ms", "required: a mapping with mean and ci95 [lo, hi]")
+        out.append(flatten_summary(r))
+    return out
+
+
+def _read_steps(path: Path, warmup: int) -> dict:
+    check_input_file(path, path.name)
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(str(path), path.name, f"cannot read: {e}") from None
+        steps = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        missing = [c for c in ("policy", "batch_size", "step", "requests", "unique_requests") if c not in steps.columns]
+        if missing:
+            raise InputError(str(path), missing[0], "required column missing")
+        return max_reuse_factors(steps, warmup)
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError, ValueError, TypeError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        raise InputError(str(path), path.name, f"unreadable or mistyped ({type(e).__name__}: {e})") from None
 
 
 def _load_run(folder: Path) -> Results:
-    summary = _read_json(folder / "summary.json")
-    try:
-        sc = parse_scenario(yaml.safe_load((folder / "scenario.yaml").read_text()), str(folder / "scenario.yaml"))
-    except (OSError, yaml.YAMLError) as e:
-        raise InputError(str(folder / "scenario.yaml"), "scenario.yaml", f"cannot read: {e}") from None
-    profile = parse_profile(_read_json(folder / "profile.json"), str(folder / "profile.json"))
+    sc_path, sum_path, prof_path = folder / "scenario.yaml", folder / "summary.json", folder / "profile.json"
+    sc = parse_scenario(load_yaml(sc_path, "scenario.yaml"), str(sc_path))
+    summary = _summary_rows(load_json(sum_path, "summary.json"), sc, str(sum_path))
+    profile = parse_profile(load_json(prof_path, "profile.json"), str(prof_path))
     notes = []
-    steps_file = next((folder / f for f in ("steps.parquet", "steps.csv") if (folder / f).is_file()), None)
+    steps_file = next((folder / f for f in ("steps.parquet", "steps.csv") if (folder / f).exists()), None)
     if steps_file is None:
         notes.append("No steps.parquet/steps.csv in the folder: the maximum reuse factor is not available.")
         reuse = {}
     else:
-        steps = pd.read_parquet(steps_file) if steps_file.suffix == ".parquet" else pd.read_csv(steps_file)
-        reuse = max_reuse_factors(steps, sc.engine.warmup_steps)
+        reuse = _read_steps(steps_file, sc.engine.warmup_steps)
     rows = []
-    for r in summary["results"]:
-        rows.append({"status": "ok", **scenario_context(sc, profile), **policy_context(sc, r["policy"]),
-                     **flatten_summary(r), "max_reuse_factor": reuse.get((r["policy"], r["batch_size"]))})
-    return Results("run", folder, pd.DataFrame(rows), [], _published(profile), notes)
+    for i, r in enumerate(summary):
+        row = {"status": "ok", **scenario_context(sc, profile), **policy_context(sc, r["policy"]),
+               **r, "max_reuse_factor": reuse.get((r["policy"], r["batch_size"]))}
+        check_row(row, str(sum_path), f"results[{i}]", _SUMMARY_NAME)
+        rows.append(row)
+    try:
+        published = _published(profile)
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(str(prof_path), "measurements.published_rows", f"mistyped ({type(e).__name__}: {e})") from None
+    return Results("run", folder, pd.DataFrame(rows), [], published, notes)
 
 
 def _load_sweep(folder: Path) -> Results:
     rows, manifest = read_results(folder)
     if rows.empty:
         raise InputError(str(folder), "parts", "this sweep has no finished point yet")
+    src = str(folder / "results.parquet")
+    for col in ("point", "status", "error"):
+        if col not in rows.columns:
+            raise InputError(src, col, "required column missing")
+    if not rows["status"].isin(["ok", "error"]).all():
+        raise InputError(src, "status", "must be 'ok' or 'error' in every row")
+    ok = rows[rows["status"] == "ok"]
+    for i, r in zip(ok.index, ok.to_dict("records")):
+        check_row(r, src, f"row {i + 1}")
     notes = []
     done, total = rows["point"].nunique(), len(manifest["points"])
     if done < total:

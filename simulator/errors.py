@@ -11,9 +11,8 @@ class InputError(Exception):
     """Bad user input: a scenario, trace, profile, sweep file or CLI value."""
 
     def __init__(self, source: str, field: str, message: str):
-        self.source = str(source)
-        self.field = str(field)
-        self.message = str(message)
+        # one line, whatever a parser's message or a file name holds
+        self.source, self.field, self.message = (" ".join(str(x).splitlines()) for x in (source, field, message))
         super().__init__(str(self))
 
     def __str__(self) -> str:

@@ -16,6 +16,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+#: physical bounds of a model's shape (the largest published MoE models are well inside them:
+#: ~61 layers, ~384 routed experts; PEER-style layers reach 2^20 = 1,048,576 tiny experts)
+MAX_LAYERS = 1024
+MAX_EXPERTS = 1 << 20
+MAX_TOP_K = 4096
+MAX_DIM = 1 << 20
+#: the largest expert (bytes) and the largest non-expert time per layer (ms) a model may have
+MAX_EXPERT_BYTES = 1 << 40
+MAX_DENSE_MS = 1e4
+
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1, "int8": 1}
 Dtype = Literal["fp32", "fp16", "bf16", "fp8", "int8"]
 
@@ -79,19 +89,20 @@ class Architecture(BaseModel):
 class ModelSpec(BaseModel):
     """The MoE part of a model, enough to size and time its experts."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
     name: str
-    num_layers: int = Field(gt=0, description="MoE layers")
-    num_experts: int = Field(gt=0, description="routed experts per MoE layer")
-    top_k: int = Field(gt=0, description="routed experts each token picks per layer")
-    hidden: int = Field(gt=0, description="model (hidden) dimension")
-    ffn: int = Field(gt=0, description="expert FFN (intermediate) dimension")
+    num_layers: int = Field(gt=0, le=MAX_LAYERS, description="MoE layers")
+    num_experts: int = Field(gt=0, le=MAX_EXPERTS, description="routed experts per MoE layer")
+    top_k: int = Field(gt=0, le=MAX_TOP_K, description="routed experts each token picks per layer")
+    hidden: int = Field(gt=0, le=MAX_DIM, description="model (hidden) dimension")
+    ffn: int = Field(gt=0, le=MAX_DIM, description="expert FFN (intermediate) dimension")
     dtype: Dtype = "bf16"
     gated: bool = Field(True, description="gated FFN (3 matrices) or plain (2)")
-    shared_experts: int = Field(0, ge=0, description="always-resident shared experts per layer")
+    shared_experts: int = Field(0, ge=0, le=MAX_EXPERTS, description="always-resident shared experts per layer")
     dense_ms_per_layer: float = Field(
-        0.0, ge=0, description="non-expert GPU time per layer and step (attention, router, norms)"
+        0.0, ge=0, le=MAX_DENSE_MS,
+        description="non-expert GPU time per layer and step (attention, router, norms)"
     )
     source: str = ""
     arch: Architecture | None = Field(None, description="public architecture beyond the experts")
@@ -100,6 +111,9 @@ class ModelSpec(BaseModel):
     def _check_top_k(self) -> "ModelSpec":
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
+        if self.expert_bytes > MAX_EXPERT_BYTES:
+            raise ValueError(f"one expert would be {self.expert_bytes:,} bytes (hidden x ffn x matrices x "
+                             f"dtype), more than {MAX_EXPERT_BYTES:,}")
         if self.arch is not None and self.arch.moe_layers != self.num_layers:
             raise ValueError(f"arch has {self.arch.moe_layers} MoE layers, num_layers is {self.num_layers}")
         return self

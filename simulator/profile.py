@@ -48,6 +48,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import InputError
+from .safe_load import check_document, load_json
 
 PROFILE_FORMAT = "simmoe-profile"
 PROFILE_VERSION = 1
@@ -56,12 +57,21 @@ MemoryKind = Literal["pinned", "pageable"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+#: physical bounds of a profile's numbers (a copy or expert far slower than a minute, or a
+#: link faster than 100 TB/s, is a broken measurement)
+MAX_US = 6e7
+MAX_MS = 6e4
+MAX_GBPS = 1e5
+MAX_TABLE_BYTES = 1 << 44
+MAX_TABLE_TOKENS = 1 << 24
 
 
 class CopyCurve(_Strict):
-    latency_us: float = Field(ge=0)
-    bandwidth_GBps: float = Field(gt=0)
+    latency_us: float = Field(ge=0, le=MAX_US)
+    bandwidth_GBps: float = Field(ge=1e-3, le=MAX_GBPS)
     latency_ci95_us: list[float] | None = None
     bandwidth_ci95_GBps: list[float] | None = None
     table: list[tuple[int, float]] = Field(default_factory=list, description="[bytes, ms] points")
@@ -70,8 +80,9 @@ class CopyCurve(_Strict):
     @classmethod
     def _table_ok(cls, v):
         for b, ms in v:
-            if b <= 0 or not (ms > 0) or not math.isfinite(ms):
-                raise ValueError(f"table point [{b}, {ms}]: bytes and ms must be positive")
+            if not 0 < b <= MAX_TABLE_BYTES or not 1e-9 <= ms <= MAX_MS:
+                raise ValueError(f"table point [{b}, {ms}]: bytes must be in 1..{MAX_TABLE_BYTES} "
+                                 f"and ms in [1e-9, {MAX_MS:g}]")
         if [b for b, _ in v] != sorted({b for b, _ in v}):
             raise ValueError("table bytes must be strictly increasing")
         return v
@@ -85,7 +96,7 @@ class CopyDirection(_Strict):
 class CopySection(_Strict):
     h2d: CopyDirection
     d2h: CopyDirection | None = None
-    copy_engines: int = Field(1, ge=1)
+    copy_engines: int = Field(1, ge=1, le=64)
 
 
 class ComputeSection(_Strict):
@@ -99,29 +110,29 @@ class ComputeSection(_Strict):
             if not pts:
                 raise ValueError(f"{key}: empty table")
             toks = [t for t, _ in pts]
-            if toks != sorted(set(toks)) or toks[0] < 1:
-                raise ValueError(f"{key}: tokens must be >= 1 and strictly increasing")
-            if any(not (ms > 0) or not math.isfinite(ms) for _, ms in pts):
-                raise ValueError(f"{key}: times must be positive and finite")
+            if toks != sorted(set(toks)) or toks[0] < 1 or toks[-1] > MAX_TABLE_TOKENS:
+                raise ValueError(f"{key}: tokens must be in 1..{MAX_TABLE_TOKENS} and strictly increasing")
+            if any(not 1e-9 <= ms <= MAX_MS for _, ms in pts):
+                raise ValueError(f"{key}: times must be finite, in [1e-9, {MAX_MS:g}] ms")
         return v
 
 
 class HostLaunch(_Strict):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
-    copy_: float = Field(5.0, ge=0, alias="copy", description="host time to issue one copy, us")
-    expert: float = Field(20.0, ge=0, description="host time to issue one expert FFN, us")
-    dense: float = Field(5.0, ge=0, description="host time to issue a layer's dense work, us")
+    copy_: float = Field(5.0, ge=0, le=MAX_US, alias="copy", description="host time to issue one copy, us")
+    expert: float = Field(20.0, ge=0, le=MAX_US, description="host time to issue one expert FFN, us")
+    dense: float = Field(5.0, ge=0, le=MAX_US, description="host time to issue a layer's dense work, us")
 
 
 class HostSection(_Strict):
     launch_us: HostLaunch = Field(default_factory=HostLaunch)
-    sync_us: float = Field(10.0, ge=0, description="host time of the end-of-step synchronise")
+    sync_us: float = Field(10.0, ge=0, le=MAX_US, description="host time of the end-of-step synchronise")
     pageable_blocks_host: bool = Field(
         True, description="a copy from pageable memory returns to the host only when done"
     )
     pageable_tail_us: float = Field(
-        0.0, ge=0, description="extra host time of the call after a blocking pageable copy, us"
+        0.0, ge=0, le=MAX_US, description="extra host time of the call after a blocking pageable copy, us"
     )
     cpu_path_includes_transfers: bool = Field(
         False, description="compute.cpu times include moving activations to the host and back"
@@ -203,7 +214,7 @@ class Profile(_Strict):
     measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
     engine: dict[str, ModelEngine] = Field(default_factory=dict, description="per model preset: the engine around the experts")
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     @field_validator("version")
     @classmethod
@@ -234,6 +245,7 @@ def parse_profile(doc: Any, source: str) -> Profile:
         raise InputError(source, "(document)", "a profile must be a JSON object")
     if doc.get("format") != PROFILE_FORMAT:
         raise InputError(source, "format", f"not a simmoe profile (expected format {PROFILE_FORMAT!r})")
+    check_document(doc, source)
     try:
         return Profile.model_validate(doc)
     except ValidationError as err:
@@ -255,13 +267,7 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
                 f"unknown profile {ref!r}; built in: {', '.join(builtin_profiles())}, or give a path",
             )
         raise InputError(str(p), "profile", "file not found")
-    try:
-        doc = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(str(p), "profile", f"cannot read: {e}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(str(p), f"line {e.lineno}", f"malformed JSON: {e.msg}") from None
-    return parse_profile(doc, str(p))
+    return parse_profile(load_json(p, "profile"), str(p))
 
 
 # --------------------------------------------------------------------------- cost model

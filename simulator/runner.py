@@ -57,6 +57,9 @@ def _check_trace_fits(tr: Trace, sc: Scenario, src: str) -> None:
         raise InputError(src, "model", (
             f"trace has {tr.num_layers} layers, {tr.num_experts} experts, top-{tr.top_k}; "
             f"model {m.name} has {m.num_layers}, {m.num_experts}, top-{m.top_k}"))
+    if sc.engine.warmup_steps >= tr.num_steps:
+        raise InputError(f"scenario {sc.name}", "engine.warmup_steps",
+                         f"{sc.engine.warmup_steps} leaves none of the trace's {tr.num_steps} steps to measure")
 
 
 def cost_model(sc: Scenario, profile: Profile, max_tokens: int) -> CostModel:

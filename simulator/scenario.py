@@ -12,20 +12,30 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator,
 )
 
 from .errors import InputError
-from .models import PRESETS, ModelSpec
+from .models import MAX_DENSE_MS, MAX_EXPERTS, MAX_LAYERS, PRESETS, ModelSpec
 from .names import check_name
+from .safe_load import load_yaml
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
 from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+#: physical bounds of a scenario (beyond them a run is absurd, whatever the machine)
+MAX_BATCH = 1 << 20             # tokens of one step of one sequence group
+MAX_STEPS = 10**7
+MAX_PROMPT = 1 << 20
+MAX_LIST = 1000                 # batch sizes, policies
+MAX_SEED = 2**63 - 1
+#: a GPU cache larger than this is not a GPU (the largest hold ~0.2 TiB)
+MAX_CACHE_BYTES = 1 << 44
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
@@ -35,7 +45,7 @@ _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 def parse_bytes(v: str) -> int:
     m = _SIZE.match(v)
-    if not m:
+    if not m or len(m.group(1)) > 20:
         raise ValueError(f"{v!r} is not a size (write e.g. 64, '4 GiB' or '500MB')")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
@@ -51,7 +61,7 @@ class SequencesSpec(_Strict):
 
     path: str
     format: str = "auto"
-    max_sequences: int | None = Field(None, gt=0)
+    max_sequences: int | None = Field(None, gt=0, le=10**9)
     prefill: bool = False
     split: Literal["all", "train", "test"] = "all"
 
@@ -64,14 +74,14 @@ class TraceSpec(_Strict):
     generator: str | None = Field(None, description="synthetic generator name")
     path: str | None = Field(None, description="a saved .npz trace, used as is")
     sequences: SequencesSpec | None = None
-    steps: int = Field(64, gt=0, description="decode steps per run")
-    prefill_tokens: int = Field(0, ge=0)
+    steps: int = Field(64, gt=0, le=MAX_STEPS, description="decode steps per run")
+    prefill_tokens: int = Field(0, ge=0, le=MAX_PROMPT)
     prompt_tokens: int | None = Field(None, ge=0, le=MAX_CONTEXT,
                                       description="context the decode starts from (default: prefill_tokens)")
-    zipf: float = Field(0.0, ge=0)
+    zipf: float = Field(0.0, ge=0, le=100)
     temporal: float = Field(0.0, ge=0, le=1)
     batch_locality: float = Field(0.0, ge=0, le=1)
-    batch_pool: int | None = Field(None, gt=0)
+    batch_pool: int | None = Field(None, gt=0, le=MAX_BATCH)
     cross_layer: float = Field(0.0, ge=0, le=1)
     locality: float = Field(0.0, ge=0, le=1, description="item_copy: share of a later item's experts copied")
     generator_version: int = Field(
@@ -116,9 +126,10 @@ class TraceSpec(_Strict):
 
 class CacheSpec(_Strict):
     kind: str = "none"
-    capacity: int | str | None = Field(None, description="experts (int) or bytes ('4 GiB')")
+    capacity: StrictInt | str | None = Field(None, description="experts (int) or bytes ('4 GiB')")
     scope: Literal["global", "per-layer"] = "global"
-    staging: int | None = Field(None, gt=0, description="static-hot: slots left for non-hot experts")
+    staging: StrictInt | None = Field(None, gt=0, le=MAX_EXPERTS * MAX_LAYERS,
+                                      description="static-hot: slots left for non-hot experts")
 
     @field_validator("kind")
     @classmethod
@@ -132,6 +143,8 @@ class CacheSpec(_Strict):
             v = parse_bytes(v)
             if v <= 0:
                 raise ValueError("capacity must be positive")
+            if v > MAX_CACHE_BYTES:
+                raise ValueError(f"{v:,} bytes is more than any GPU holds (at most {MAX_CACHE_BYTES:,})")
             return f"{v}B"
         if v is not None and v <= 0:
             raise ValueError("capacity must be a positive number of experts")
@@ -153,7 +166,7 @@ class CacheSpec(_Strict):
 
 class PrefetchSpec(_Strict):
     kind: str = "none"
-    budget: int | None = Field(None, gt=0, description="most experts prefetched per layer")
+    budget: StrictInt | None = Field(None, gt=0, le=MAX_EXPERTS, description="most experts prefetched per layer")
     accuracy: float = Field(0.8, ge=0, le=1, description="'predicted': chance each expert is right")
     options: dict[str, Any] = Field(default_factory=dict, description="extra options of the policy")
 
@@ -162,10 +175,19 @@ class PrefetchSpec(_Strict):
     def _kind(cls, v):
         return _known("prefetch", PREFETCH_POLICIES, v)
 
+    @field_validator("options")
+    @classmethod
+    def _options_known(cls, v, info: ValidationInfo):
+        kind = info.data.get("kind")
+        if kind in PREFETCH_POLICIES:
+            PREFETCH_POLICIES[kind].check_options(v)
+        return v
+
 
 class MissSpec(_Strict):
     kind: str = "copy"
-    max_tokens: int | None = Field(None, gt=0, description="cpu: only misses with this many tokens or fewer")
+    max_tokens: StrictInt | None = Field(None, gt=0, le=1 << 40,
+                                         description="cpu: only misses with this many tokens or fewer")
 
     @field_validator("kind")
     @classmethod
@@ -204,8 +226,8 @@ _SHAPE_KEYS = {"num_layers", "num_experts", "top_k", "hidden", "ffn", "gated", "
 class EngineSpec(_Strict):
     style: Literal["twin", "hf-eager", "grouped", "graphs"] = Field(
         "twin", description="what runs around the experts: simmoe's twin, or a real engine priced by the profile's engine tables")
-    dense_ms_per_layer: float | None = Field(None, ge=0, description="overrides the model's (and, in any style, the engine tables)")
-    warmup_steps: int = Field(0, ge=0, description="first steps left out of the statistics")
+    dense_ms_per_layer: float | None = Field(None, ge=0, le=MAX_DENSE_MS, description="overrides the model's (and, in any style, the engine tables)")
+    warmup_steps: StrictInt = Field(0, ge=0, le=MAX_STEPS, description="first steps left out of the statistics")
 
 
 class Scenario(_Strict):
@@ -213,11 +235,11 @@ class Scenario(_Strict):
     description: str = ""
     model: ModelSpec
     profile: str | None = Field(None, description="built-in profile name or path; default h100-pcie5")
-    seed: int = Field(0, ge=0)
-    replications: int = Field(3, ge=1, le=1000)
-    batch_sizes: list[int] = Field(min_length=1)
+    seed: StrictInt = Field(0, ge=0, le=MAX_SEED)
+    replications: StrictInt = Field(3, ge=1, le=1000)
+    batch_sizes: list[StrictInt] = Field(min_length=1, max_length=MAX_LIST)
     trace: TraceSpec
-    policies: list[PolicySpec] = Field(min_length=1)
+    policies: list[PolicySpec] = Field(min_length=1, max_length=MAX_LIST)
     engine: EngineSpec = Field(default_factory=EngineSpec)
 
     @field_validator("name")
@@ -255,6 +277,8 @@ class Scenario(_Strict):
         for b in v:
             if b <= 0:
                 raise ValueError(f"batch size {b} must be positive")
+            if b > MAX_BATCH:
+                raise ValueError(f"batch size {b} is more than {MAX_BATCH:,} tokens per step")
         if len(set(v)) != len(v):
             raise ValueError("batch sizes repeat")
         return v
@@ -299,29 +323,49 @@ def _error_from_pydantic(err: ValidationError, source: str) -> InputError:
     return InputError(source, field, msg)
 
 
+def check_bounds(sc: Scenario, source: str) -> Scenario:
+    """The bounds that depend on two fields: a cache holds no more slots than the model has
+    experts (in all layers; per layer for ``per-layer``), a prefetch budget no more than a
+    layer's experts, and the warm-up leaves at least one step to measure."""
+    m = sc.model
+    for i, pol in enumerate(sc.policies):
+        c = pol.cache
+        slots = c.slots(m.expert_bytes)
+        most = m.num_experts if c.scope == "per-layer" else m.num_layers * m.num_experts
+        where = "per layer" if c.scope == "per-layer" else "in all layers"
+        if slots is not None and slots > most:
+            size = f" ({most * m.expert_bytes:,} bytes)" if isinstance(c.capacity, str) else ""
+            raise InputError(source, f"policies[{i}].cache.capacity",
+                             f"{slots:,} expert slots, but model {m.name} has only {most:,} experts {where}"
+                             f"{size}: give at most that")
+        if pol.prefetch.budget is not None and pol.prefetch.budget > m.num_experts:
+            raise InputError(source, f"policies[{i}].prefetch.budget",
+                             f"{pol.prefetch.budget} is more than the {m.num_experts} experts of a layer")
+    if sc.trace.path is None and sc.engine.warmup_steps >= sc.trace.steps:
+        raise InputError(source, "engine.warmup_steps",
+                         f"{sc.engine.warmup_steps} leaves none of the trace's {sc.trace.steps} steps "
+                         "to measure (give fewer than trace.steps)")
+    return sc
+
+
 def parse_scenario(doc: Any, source: str = "scenario") -> Scenario:
     if not isinstance(doc, dict):
         raise InputError(source, "(document)", "a scenario must be a YAML mapping")
     try:
-        return Scenario.model_validate(doc)
+        sc = Scenario.model_validate(doc)
     except ValidationError as err:
         raise _error_from_pydantic(err, source) from None
+    except ValueError as err:       # a policy's check_options on a value pydantic cannot wrap
+        raise InputError(source, "policies", str(err)) from None
+    return check_bounds(sc, source)
 
 
 def load_scenario(path: str | Path, overrides: dict | None = None) -> tuple[Scenario, Path]:
-    """Read a scenario YAML (safely). Relative paths inside it are taken from its folder.
-    Returns the scenario and the folder its relative paths are resolved against."""
+    """Read a scenario YAML (safely: :mod:`simulator.safe_load`). Relative paths inside it are
+    taken from its folder. Returns the scenario and the folder its relative paths are resolved
+    against."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(str(p), "scenario", "file not found")
-    try:
-        doc = yaml.safe_load(p.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(str(p), "scenario", f"cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(document)"
-        raise InputError(str(p), where, f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    doc = load_yaml(p, "scenario")
     if isinstance(doc, dict) and overrides:
         doc = {**doc, **overrides}
     return parse_scenario(doc, str(p)), p.resolve().parent

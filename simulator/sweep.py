@@ -65,16 +65,18 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from .atomic import clean_stale, write_text, write_with
 from .errors import InputError
 from .names import name_problem, results_dir
 from .profile import DEFAULT_PROFILE, Profile, load_profile
 from .runner import run_scenario
+from .safe_load import check_input_file, load_json, load_yaml
 from .scenario import Scenario, parse_scenario
 
 SWEEP_KEYS = ("name", "description", "base", "set", "grid", "zip")
+#: the most points one sweep may expand to
+MAX_POINTS = 100_000
 BACKENDS = ("local", "ray")
 MAX_CHUNK = 32
 _PATH = re.compile(r"^[A-Za-z_]\w*(\[[^\[\]]+\])*(\.[A-Za-z_]\w*(\[[^\[\]]+\])*)*$")
@@ -157,16 +159,7 @@ class Sweep:
 
 
 def _read_yaml(path: Path, field: str) -> Any:
-    if not path.is_file():
-        raise InputError(str(path), field, "file not found")
-    try:
-        return yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(str(path), field, f"cannot read: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else "(document)"
-        raise InputError(str(path), where, f"malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    return load_yaml(path, field)
 
 
 def parse_path(path: Any, source: str, field: str) -> list[tuple[str, str]]:
@@ -329,6 +322,10 @@ def expand(doc: Any, source: str, folder: Path | None) -> Sweep:
     axes = [a for g in groups for a in g]
     tokens = {a.path: parse_path(a.path, source, a.field) for a in axes}
     columns = {a.path: _column_values(list(a.values)) for a in axes}
+    total = math.prod(len(g[0].values) for g in groups)
+    if total > MAX_POINTS:
+        raise InputError(source, "grid", f"{total:,} points: more than the {MAX_POINTS:,} one sweep may have "
+                                         "(split it into several sweeps)")
     profiles = _Profiles()
     points: list[Point] = []
     ids: dict[str, int] = {}
@@ -634,13 +631,22 @@ def read_results(out: str | Path) -> tuple[pd.DataFrame, dict]:
     """A sweep folder's rows (results.parquet, else whatever the parts hold) and its manifest."""
     out = Path(out)
     manifest_path = out / "sweep.json"
+    manifest = load_json(manifest_path, "sweep.json")
+    if (not isinstance(manifest, dict) or not isinstance(manifest.get("points"), list)
+            or not isinstance(manifest.get("axes"), list)
+            or not all(isinstance(p, dict) and isinstance(p.get("point_id"), str) for p in manifest["points"])
+            or not all(isinstance(a, dict) and isinstance(a.get("path"), str) for a in manifest["axes"])):
+        raise InputError(str(manifest_path), "points", "not a sweep manifest (needs lists 'axes' and 'points' "
+                                                       "of mappings with 'path' and 'point_id')")
+    results = out / "results.parquet"
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(str(manifest_path), "sweep.json", f"not a sweep folder: {e}") from None
-    if (out / "results.parquet").is_file():
-        return pd.read_parquet(out / "results.parquet"), manifest
-    table = ResultStore(out).collect(p["point_id"] for p in manifest["points"])
+        if results.exists():
+            check_input_file(results, "results.parquet")
+            return pd.read_parquet(results), manifest
+        table = ResultStore(out).collect(p["point_id"] for p in manifest["points"])
+    except (pa.ArrowException, OSError, ValueError) as e:
+        where = results if results.exists() else out / "parts"
+        raise InputError(str(where), "parquet", f"unreadable results ({type(e).__name__}: {e})") from None
     return (table.to_pandas() if table is not None else pd.DataFrame()), manifest
 
 

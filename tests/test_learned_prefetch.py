@@ -118,8 +118,8 @@ def test_learned_policies_run_through_the_simulator_between_the_bounds(tmp_path)
 def test_bad_options_are_input_errors(tmp_path):
     path = corpus(tmp_path / "c.npz", generator="uniform")
     bad = [{"name": "x", "cache": {"kind": "lru", "capacity": 24}, "prefetch": {"kind": "affinity", "options": {"topn": 3}}}]
-    with pytest.raises(InputError, match=r"policies\[x\]: prefetch 'affinity': unknown option 'topn'"):
-        run_scenario(parse_scenario(_scenario(path, bad)))
+    with pytest.raises(InputError, match=r"policies\[0\]\.prefetch\.options: prefetch 'affinity': unknown option 'topn'"):
+        parse_scenario(_scenario(path, bad))        # refused at load, before anything runs
     synthetic = _scenario(path, [{"name": "h", "cache": {"kind": "lru", "capacity": 24}, "prefetch": {"kind": "history"}}])
     synthetic["trace"] = {"generator": "uniform", "steps": 4}
     with pytest.raises(InputError, match="needs options.train"):

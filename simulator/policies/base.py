@@ -131,9 +131,19 @@ class PrefetchRequest:
 
 class PrefetchPolicy(ABC):
     name: ClassVar[str]
+    #: the keys of ``prefetch.options`` this policy takes (a scenario naming any other is refused)
+    OPTIONS: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, budget: int | None = None, **options) -> None:
         self.budget = budget
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        """Refuse (ValueError) unknown option keys and bad values; subclasses check values."""
+        unknown = sorted(set(options) - cls.OPTIONS)
+        if unknown:
+            known = ", ".join(sorted(cls.OPTIONS)) or "none"
+            raise ValueError(f"prefetch {cls.name!r}: unknown option {unknown[0]!r} (known: {known})")
 
     def prepare(self, ctx: PlanContext) -> None:
         """Called once before the run (training data, seeds)."""

@@ -28,6 +28,7 @@ Options (``prefetch.options`` in a scenario):
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -77,20 +78,39 @@ def training_counts(spec: dict) -> RoutingCounts:
     return _TRAINED[key]
 
 
+#: the largest smoothing pseudo-count (beyond it every probability is the popularity)
+MAX_SMOOTHING = 1e6
+
+
 class LearnedPrefetch(PrefetchPolicy):
     """Shared machinery: training, per-sequence history, ranking and how many to prefetch."""
+
+    OPTIONS = frozenset({"train", "top_n", "smoothing"})
 
     def __init__(self, budget=None, train=None, top_n=None, smoothing=1.0, **options):
         super().__init__(budget)
         options.pop("accuracy", None)   # the planner passes every PrefetchSpec field
-        if options:
-            raise ValueError(f"prefetch {self.name!r}: unknown option {sorted(options)[0]!r} "
-                             "(known: train, top_n, smoothing)")
-        if top_n is not None and (not isinstance(top_n, int) or top_n < 1):
-            raise ValueError(f"prefetch {self.name!r}: top_n must be a positive integer")
-        if not isinstance(smoothing, (int, float)) or smoothing < 0:
-            raise ValueError(f"prefetch {self.name!r}: smoothing must be a number >= 0")
+        self.check_options({"train": train, "top_n": top_n, "smoothing": smoothing, **options})
         self.train, self.top_n, self.smoothing = train, top_n, float(smoothing)
+
+    @classmethod
+    def check_options(cls, options: dict) -> None:
+        super().check_options(options)
+        top_n, smoothing = options.get("top_n"), options.get("smoothing", 1.0)
+        if top_n is not None and (type(top_n) is not int or not 1 <= top_n <= 1 << 20):
+            raise ValueError(f"prefetch {cls.name!r}: options.top_n must be a positive integer")
+        if (type(smoothing) not in (int, float) or not math.isfinite(smoothing)
+                or not 0 < smoothing <= MAX_SMOOTHING):
+            raise ValueError(f"prefetch {cls.name!r}: options.smoothing must be a number in (0, {MAX_SMOOTHING:g}] "
+                             "(0 leaves unseen experts with 0/0 probabilities)")
+        train = options.get("train")
+        if train is not None:
+            if not isinstance(train, (str, dict)) or (isinstance(train, dict) and "path" not in train):
+                raise ValueError(f"prefetch {cls.name!r}: options.train must be a path or a mapping with a 'path'")
+            if isinstance(train, dict):
+                unknown = set(train) - {"path", "format", "split", "max_sequences"}
+                if unknown:
+                    raise ValueError(f"prefetch {cls.name!r}: options.train: unknown key {sorted(unknown)[0]!r}")
 
     def prepare(self, ctx: PlanContext) -> None:
         counts = training_counts(training_source(self.train, ctx.trace))

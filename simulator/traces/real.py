@@ -6,7 +6,8 @@ into steps); :func:`batch_set` turns it into one for a batch size.
 
 On disk a SequenceSet is one ``.npz`` file (format ``simmoe-sequences``, version 1) holding
 
-- ``experts``: int16 ``(tokens, layers, top_k)``, all sequences concatenated, stored
+- ``experts``: ``(tokens, layers, top_k)`` of :func:`~simulator.traces.trace.expert_dtype`
+  (int16 when the experts fit, else int32), all sequences concatenated, stored
   uncompressed so that :func:`load_sequences` can memory-map it (a corpus larger than memory
   still opens);
 - ``offsets``: int64 ``(sequences + 1,)``: sequence ``i`` is rows ``offsets[i]:offsets[i+1]``;
@@ -26,7 +27,10 @@ sequence in memory, whatever the corpus size. Importers (``--format``):
   ``expert_ids``/``topk_ids``).
 - ``simmoe``: an imported ``.npz`` (or a batched simmoe trace, split back into sequences).
 
-Every malformed row raises :class:`~simulator.errors.InputError` naming the file and line.
+Every malformed row raises :class:`~simulator.errors.InputError` naming the file and line:
+non-UTF-8 text, CSV fields over the csv module's 128 KiB limit, JSONL lines over
+:data:`MAX_LINE_BYTES`, corrupt Parquet; inputs that are not regular files are refused before
+they are opened.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import json
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -45,7 +50,9 @@ import numpy as np
 
 from ..atomic import atomic_path, cannot_write, partial_path, prepare_target
 from ..errors import InputError
-from .trace import TRACE_FORMAT, RoutingShape, Trace, load_trace
+from ..models import MAX_EXPERTS
+from ..safe_load import check_input_file, parse_json, utf8_error
+from .trace import MAX_META_BYTES, MAX_TRACE_BYTES, TRACE_FORMAT, RoutingShape, Trace, expert_dtype, load_trace, npy_header
 
 SEQUENCES_FORMAT = "simmoe-sequences"
 SEQUENCES_VERSION = 1
@@ -53,6 +60,16 @@ FORMATS = ("auto", "layer-csv", "long-csv", "parquet", "jsonl", "simmoe")
 #: sequence ``i`` (in corpus order) is in the test split when ``i % TEST_EVERY == TEST_EVERY - 1``
 TEST_EVERY = 5
 _CHUNK_BYTES = 1 << 18
+#: the largest routing a sequences file may declare (memory-mapped, so it may exceed memory)
+MAX_CORPUS_BYTES = 1 << 40
+#: the longest JSONL line read
+MAX_LINE_BYTES = 1 << 20
+
+
+def ids_dtype(num_experts: int | None) -> np.dtype:
+    """The dtype of parsed expert ids: the model's (:func:`expert_dtype`) when known, else one
+    that holds any id up to MAX_EXPERTS."""
+    return expert_dtype(num_experts or MAX_EXPERTS)
 
 
 # ----------------------------------------------------------------------------- the corpus
@@ -85,7 +102,7 @@ class SequenceSet(RoutingShape):
         parts = [np.asarray(self.sequence(int(i))) for i in indices]
         lengths = np.array([len(p) for p in parts], dtype=np.int64)
         shape = (0, self.num_layers, self.top_k)
-        experts = np.concatenate(parts) if parts else np.empty(shape, dtype=np.int16)
+        experts = np.concatenate(parts) if parts else np.empty(shape, dtype=self.experts.dtype)
         return SequenceSet(experts=experts, offsets=np.concatenate([[0], np.cumsum(lengths)]),
                            num_experts=self.num_experts, names=self.names[indices],
                            prompt_lengths=self.prompt_lengths[indices], meta=dict(self.meta))
@@ -102,7 +119,7 @@ class SequenceSet(RoutingShape):
         n = self.num_sequences
         if self.names.shape != (n,) or self.prompt_lengths.shape != (n,):
             raise InputError(source, "names", f"names and prompt_lengths need one entry per sequence ({n})")
-        rows = max(1, _CHUNK_BYTES // max(1, e.shape[1] * e.shape[2] * 2))
+        rows = max(1, _CHUNK_BYTES // max(1, e.shape[1] * e.shape[2] * e.dtype.itemsize))
         for a in range(0, len(e), rows):
             _check_ids(np.asarray(e[a:a + rows]), self.num_experts, source, row0=a)
         return self
@@ -133,6 +150,10 @@ def _check_ids(e: np.ndarray, num_experts: int, source: str, row0: int = 0, wher
 
 
 # ------------------------------------------------------------------------------- writing
+#: the writer's temporary raw routing: int32, narrowed to the model's dtype when the file is closed
+_RAW = np.dtype("<i4")
+
+
 class SequenceWriter:
     """Writes a ``simmoe-sequences`` .npz one sequence at a time.
 
@@ -168,11 +189,11 @@ class SequenceWriter:
         elif e.shape[1:] != self.shape:
             raise InputError(src, "experts", f"has {e.shape[1]} layers and top-{e.shape[2]}; earlier sequences "
                                              f"have {self.shape[0]} layers and top-{self.shape[1]}")
-        _check_ids(e, self.num_experts or np.iinfo(np.int16).max, src)
+        _check_ids(e, self.num_experts or MAX_EXPERTS, src)
         if e.size:
             self.max_id = max(self.max_id, int(e.max()))
         try:
-            self._raw.write(np.ascontiguousarray(e, dtype="<i2").tobytes())
+            self._raw.write(np.ascontiguousarray(e, dtype=_RAW).tobytes())
         except OSError as err:
             raise cannot_write(self.path, "--out", err) from None
         self.lengths.append(len(e))
@@ -195,11 +216,12 @@ class SequenceWriter:
             with atomic_path(self.path, "--out") as tmp:
                 with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
                     with z.open("experts.npy", "w", force_zip64=True) as f, open(self._raw_path, "rb") as raw:
-                        header = {"descr": "<i2", "fortran_order": False, "shape": (total, *self.shape)}
+                        dtype = expert_dtype(num_experts).newbyteorder("<")
+                        header = {"descr": dtype.str, "fortran_order": False, "shape": (total, *self.shape)}
                         np.lib.format.write_array_header_1_0(f, header)
                         buf = bytearray(_CHUNK_BYTES)
                         while n := raw.readinto(buf):
-                            f.write(memoryview(buf)[:n])
+                            f.write(np.frombuffer(buf, dtype=_RAW, count=n // _RAW.itemsize).astype(dtype).tobytes())
                     small = {
                         "format": np.array(SEQUENCES_FORMAT), "version": np.array(SEQUENCES_VERSION),
                         "offsets": np.concatenate([[0], np.cumsum(self.lengths, dtype=np.int64)]),
@@ -237,6 +259,7 @@ _KEYS = ("format", "version", "experts", "offsets", "names", "prompt_lengths", "
 
 def _npz_format(path: Path) -> str | None:
     """The ``format`` member of a simmoe .npz (sequences or trace), or None."""
+    check_input_file(path, "file")
     try:
         with zipfile.ZipFile(path) as z:
             if "format.npy" not in z.namelist():
@@ -269,13 +292,27 @@ def _memmap_member(path: Path, z: zipfile.ZipFile, name: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
 
+#: per member of a sequences file: numpy kinds allowed and dimensions
+_SEQ_MEMBERS = {"format": ("U", 0), "version": ("iu", 0), "experts": ("iu", 3), "offsets": ("iu", 1),
+                "names": ("U", 1), "prompt_lengths": ("iu", 1), "num_experts": ("iu", 0), "meta_json": ("U", 0)}
+
+
+def _check_member(z: zipfile.ZipFile, key: str, src: str) -> None:
+    kinds, ndim = _SEQ_MEMBERS[key]
+    most = MAX_CORPUS_BYTES if key == "experts" else MAX_TRACE_BYTES   # routing stays on disk (mmap)
+    shape, dtype = npy_header(z, f"{key}.npy", src, key, most)
+    if dtype.kind not in kinds or len(shape) != ndim:
+        want = {"iu": "integers", "U": "text"}[kinds]
+        raise InputError(src, key, f"must be {ndim}-d {want}, got {len(shape)}-d {dtype}")
+    if key == "meta_json" and dtype.itemsize > MAX_META_BYTES * 4:
+        raise InputError(src, key, f"longer than {MAX_META_BYTES:,} characters")
+
+
 def load_sequences(path: str | Path, mmap: bool = True, check: bool = True) -> SequenceSet:
     """Read a ``simmoe-sequences`` .npz; ``mmap`` leaves the routing on disk; ``check`` scans
     every expert id (skip it only for a file :class:`SequenceWriter` has just checked)."""
     src = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise InputError(src, "sequences", "file not found")
+    p = check_input_file(path, "sequences")
     try:
         with zipfile.ZipFile(p) as z:
             names = {n.removesuffix(".npy") for n in z.namelist()}
@@ -284,24 +321,34 @@ def load_sequences(path: str | Path, mmap: bool = True, check: bool = True) -> S
                 raise InputError(src, missing[0], "missing from the file (not a simmoe sequences file?)")
             small = {}
             for key in _KEYS:
+                _check_member(z, key, src)
                 if key != "experts":
                     with z.open(f"{key}.npy") as f:
                         small[key] = np.lib.format.read_array(f, allow_pickle=False)
             if str(small["format"]) != SEQUENCES_FORMAT:
-                raise InputError(src, "format", f"expected {SEQUENCES_FORMAT!r}, got {str(small['format'])!r}")
+                raise InputError(src, "format", f"expected {SEQUENCES_FORMAT!r}, got {str(small['format'])[:80]!r}")
             if int(small["version"]) != SEQUENCES_VERSION:
                 raise InputError(src, "version", f"unsupported sequences version {int(small['version'])}")
+            num_experts = int(small["num_experts"])
+            if not 1 <= num_experts <= MAX_EXPERTS:
+                raise InputError(src, "num_experts", f"{num_experts} out of range [1, {MAX_EXPERTS}]")
             if mmap:
                 experts = _memmap_member(p, z, "experts.npy")
             else:
                 with z.open("experts.npy") as f:
                     experts = np.lib.format.read_array(f, allow_pickle=False)
-            meta = json.loads(str(small["meta_json"]))
+            meta = parse_json(str(small["meta_json"]), f"{src}: meta_json")
+            if not isinstance(meta, dict):
+                raise InputError(src, "meta_json", "must be a JSON object")
     except InputError:
         raise
-    except (zipfile.BadZipFile, EOFError, ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, OSError, KeyError,
+            NotImplementedError, RuntimeError) as e:
         raise InputError(src, "sequences", f"malformed or truncated file ({type(e).__name__}: {e})") from None
-    ss = SequenceSet(experts=experts, offsets=small["offsets"].astype(np.int64), num_experts=int(small["num_experts"]),
+    off = small["offsets"]
+    if off.size and (off.min() < 0 or off.max() > len(experts)):
+        raise InputError(src, "offsets", "must start at 0, never fall and end at the number of token rows")
+    ss = SequenceSet(experts=experts, offsets=off.astype(np.int64), num_experts=num_experts,
                      names=small["names"].astype(str), prompt_lengths=small["prompt_lengths"].astype(np.int64),
                      meta=meta)
     return ss.validate(src) if check else ss
@@ -321,7 +368,7 @@ def sequences_from_trace(trace: Trace) -> SequenceSet:
 
 
 # ----------------------------------------------------------------------------- importers
-#: a parsed sequence: (name, routing (tokens, layers, top_k) int16, prompt length or 0)
+#: a parsed sequence: (name, routing (tokens, layers, top_k) expert ids (ids_dtype), prompt length or 0)
 Record = tuple[str, np.ndarray, int]
 
 
@@ -335,9 +382,12 @@ def _files(src: Path, suffixes: tuple[str, ...]) -> list[Path]:
         if not files:
             raise InputError(str(src), "source", f"no {'/'.join(suffixes)} files in this folder")
         return files
-    if not src.exists():
-        raise InputError(str(src), "source", "file or folder not found")
-    return [src]
+    return [check_input_file(src, "source")]
+
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
 
 
 def parse_ids(text, source: str, where: str, num_experts: int | None) -> list[int]:
@@ -349,19 +399,19 @@ def parse_ids(text, source: str, where: str, num_experts: int | None) -> list[in
         try:
             ids = [int(x) for x in s.replace(",", " ").split()]
         except ValueError:
-            raise InputError(source, where, f"expert ids {text!r} are not a list of integers") from None
+            raise InputError(source, where, f"expert ids {_short(text)} are not a list of integers") from None
     elif isinstance(text, (list, tuple, np.ndarray)):
         if not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in text):
-            raise InputError(source, where, f"expert ids {list(text)!r} are not all integers")
+            raise InputError(source, where, f"expert ids {_short(list(text))} are not all integers")
         ids = [int(x) for x in text]
     else:
-        raise InputError(source, where, f"expert ids must be a list, got {text!r}")
+        raise InputError(source, where, f"expert ids must be a list, got {_short(text)}")
     if not ids:
         raise InputError(source, where, "no expert ids")
     if len(set(ids)) != len(ids):
-        raise InputError(source, where, f"expert ids {ids} repeat an expert")
-    if min(ids) < 0 or (num_experts is not None and max(ids) >= num_experts):
-        raise InputError(source, where, f"expert ids {ids} out of range [0, {num_experts or 'inf'})")
+        raise InputError(source, where, f"expert ids {_span(ids)} repeat an expert")
+    if min(ids) < 0 or max(ids) >= (num_experts or MAX_EXPERTS):
+        raise InputError(source, where, f"expert ids {_span(ids)} out of range [0, {num_experts or MAX_EXPERTS})")
     return ids
 
 
@@ -378,7 +428,7 @@ def _int(value, source: str, where: str, column: str) -> int:
             return int(value.strip())
         except ValueError:
             pass
-    raise InputError(source, where, f"{column} {value!r} is not an integer")
+    raise InputError(source, where, f"{column} {_short(value)} is not an integer")
 
 
 class _LayerIds:
@@ -396,6 +446,28 @@ class _LayerIds:
 
 def _span(ids: list) -> str:
     return f"{ids[0]}..{ids[-1]} ({len(ids)})" if len(ids) > 3 else str(ids)
+
+
+@contextmanager
+def _reading(src: str, where):
+    """Decoding and parsing failures of a text source as InputError at ``where()`` (its line;
+    for text that is not UTF-8, the line of the first bad byte)."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        bad = utf8_error(src)
+        line, byte = bad if bad else (where(), "?")
+        raise InputError(src, f"line {line}" if bad else line, f"not UTF-8 text (byte {byte})") from None
+    except (csv.Error, OSError, RecursionError, MemoryError) as e:
+        if isinstance(e, csv.Error):
+            msg = f"malformed CSV: {e}"
+        else:
+            msg = f"cannot read ({type(e).__name__}: {e})"
+        raise InputError(src, where(), msg) from None
+
+
+def _csv_line(rd) -> str:
+    return f"line {rd.line_num + 1}"
 
 
 def _csv_header(rd, src: str) -> list[str]:
@@ -420,27 +492,34 @@ def _read_layer_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> I
     src = str(path)
     with open(path, newline="", encoding="utf-8") as f:
         rd = csv.reader(f)
-        header = _csv_header(rd, src)
-        col = {h.strip().lower(): i for i, h in enumerate(header)}
-        for need in ("layer id", "activated expert ids"):
-            if need not in col:
-                raise InputError(src, "line 1", f"no column {need.title()!r} (header: {', '.join(header)})")
-        li, ei = col["layer id"], col["activated expert ids"]
-        bi, ti = col.get("batch number"), col.get("token")
-        groups: dict[int, dict[int, list]] = {}
-        k = None
-        for ln, row in _rows(rd, header, src):
-            layer = _int(row[li], src, ln, "Layer ID")
-            batch = _int(row[bi], src, ln, "Batch Number") if bi is not None else 0
-            ids = parse_ids(row[ei], src, ln, num_experts)
-            if k is None:
-                k = len(ids)
-            elif len(ids) != k:
-                raise InputError(src, ln, f"{len(ids)} expert ids; earlier rows have {k}")
-            g = groups.setdefault(batch, {}).setdefault(layer, ([], [], []))
-            g[0].append(ids)
-            g[1].append(row[ti] if ti is not None else None)
-            g[2].append(rd.line_num)
+        with _reading(src, lambda: _csv_line(rd)):
+            yield from _layer_csv_rows(path, rd, layers, num_experts)
+
+
+def _layer_csv_rows(path: Path, rd, layers: _LayerIds, num_experts: int | None) -> Iterator[Record]:
+    """The sequences of an open layer-major CSV reader."""
+    src = str(path)
+    header = _csv_header(rd, src)
+    col = {h.strip().lower(): i for i, h in enumerate(header)}
+    for need in ("layer id", "activated expert ids"):
+        if need not in col:
+            raise InputError(src, "line 1", f"no column {need.title()!r} (header: {', '.join(header)})")
+    li, ei = col["layer id"], col["activated expert ids"]
+    bi, ti = col.get("batch number"), col.get("token")
+    groups: dict[int, dict[int, list]] = {}
+    k = None
+    for ln, row in _rows(rd, header, src):
+        layer = _int(row[li], src, ln, "Layer ID")
+        batch = _int(row[bi], src, ln, "Batch Number") if bi is not None else 0
+        ids = parse_ids(row[ei], src, ln, num_experts)
+        if k is None:
+            k = len(ids)
+        elif len(ids) != k:
+            raise InputError(src, ln, f"{len(ids)} expert ids; earlier rows have {k}")
+        g = groups.setdefault(batch, {}).setdefault(layer, ([], [], []))
+        g[0].append(ids)
+        g[1].append(row[ti] if ti is not None else None)
+        g[2].append(rd.line_num)
     if not groups:
         raise InputError(src, "line 2", "no data rows")
     for batch in sorted(groups):
@@ -457,7 +536,7 @@ def _read_layer_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> I
                 raise InputError(src, f"line {lines[i]}", f"token {i} of layer {layer} is {toks[i]!r}, "
                                                           f"layer {ids[0]} has {first[1][i]!r}")
         layers.check(ids, src, f"line {first[2][0]}")
-        arr = np.array([by_layer[layer][0] for layer in ids], dtype=np.int16).transpose(1, 0, 2)
+        arr = np.array([by_layer[layer][0] for layer in ids], dtype=ids_dtype(num_experts)).transpose(1, 0, 2)
         name = path.stem if len(groups) == 1 else f"{path.stem}#{batch}"
         yield name, np.ascontiguousarray(arr), 0
 
@@ -521,14 +600,14 @@ class _LongAssembler:
         layer_ids = sorted({l for _, l in rows})
         first_where = min(self.where.values(), key=lambda w: int(w.split()[-1]))
         self.layers.check(layer_ids, self.source, first_where)
-        out = np.empty((len(positions), len(layer_ids), self.k), dtype=np.int16)
+        if len(rows) != len(positions) * len(layer_ids):     # find the hole before allocating
+            pos, layer = next((p, l) for p in positions for l in layer_ids if (p, l) not in rows)
+            raise InputError(self.source, first_where, f"sequence {self.current!r}: token {pos[0]} has no "
+                                                       f"row for layer {layer}")
+        out = np.empty((len(positions), len(layer_ids), self.k), dtype=ids_dtype(self.num_experts))
         for t, pos in enumerate(positions):
             for j, layer in enumerate(layer_ids):
-                ids = rows.get((pos, layer))
-                if ids is None:
-                    raise InputError(self.source, first_where, f"sequence {self.current!r}: token {pos[0]} has no "
-                                                               f"row for layer {layer}")
-                out[t, j] = ids
+                out[t, j] = rows[(pos, layer)]
         name = str(self.current)
         self.finished.add(self.current)
         self.current = None
@@ -575,6 +654,8 @@ def _row_values(get, cols: dict, source: str, where: str, num_experts: int | Non
     seq = get(cols["sequence"])
     if seq is None or seq == "":
         raise InputError(source, where, "no sequence")
+    if not isinstance(seq, (str, int)) or isinstance(seq, bool):
+        raise InputError(source, where, f"sequence {_short(seq)} must be a text or an integer")
     step = _int(get(cols["step"]), source, where, "step") if cols["step"] else None
     pos = _int(get(cols["position"]), source, where, "position") if cols["position"] else None
     layer = _int(get(cols["layer"]), source, where, "layer")
@@ -590,14 +671,15 @@ def _read_long_csv(path: Path, layers: _LayerIds, num_experts: int | None) -> It
     src = str(path)
     with open(path, newline="", encoding="utf-8") as f:
         rd = csv.reader(f)
-        header = _csv_header(rd, src)
-        cols = _long_columns(header, src, "line 1")
-        index = {c: i for i, c in enumerate(header)}
-        asm = _LongAssembler(src, layers, num_experts)
-        for ln, row in _rows(rd, header, src):
-            done = asm.add(*_row_values(lambda c: row[index[c]], cols, src, ln, num_experts), where=ln)
-            if done:
-                yield done
+        with _reading(src, lambda: _csv_line(rd)):
+            header = _csv_header(rd, src)
+            cols = _long_columns(header, src, "line 1")
+            index = {c: i for i, c in enumerate(header)}
+            asm = _LongAssembler(src, layers, num_experts)
+            for ln, row in _rows(rd, header, src):
+                done = asm.add(*_row_values(lambda c: row[index[c]], cols, src, ln, num_experts), where=ln)
+                if done:
+                    yield done
         if (done := asm.finish()) is not None:
             yield done
 
@@ -614,8 +696,15 @@ def _read_parquet(path: Path, layers: _LayerIds, num_experts: int | None) -> Ite
     wanted = [c for k, c in cols.items() if k != "expert_columns" and c] + cols.get("expert_columns", [])
     asm = _LongAssembler(src, layers, num_experts)
     row0 = 0
-    for batch in pf.iter_batches(batch_size=65536, columns=wanted):
-        data = {c: batch.column(c).to_pylist() for c in wanted}
+    batches = pf.iter_batches(batch_size=65536, columns=wanted)
+    while True:
+        try:
+            batch = next(batches, None)
+            if batch is None:
+                break
+            data = {c: batch.column(c).to_pylist() for c in wanted}
+        except Exception as e:      # pyarrow raises its own error types for corrupt data
+            raise InputError(src, f"row {row0 + 1}", f"unreadable Parquet data ({type(e).__name__}: {e})") from None
         for i in range(batch.num_rows):
             where = f"row {row0 + i + 1}"
             done = asm.add(*_row_values(lambda c: data[c][i], cols, src, where, num_experts), where=where)
@@ -630,15 +719,20 @@ def _read_jsonl(path: Path, layers: _LayerIds, num_experts: int | None) -> Itera
     src = str(path)
     asm = _LongAssembler(src, layers, num_experts)
     cols = None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    n = 0
+    with open(path, encoding="utf-8") as f, _reading(src, lambda: f"line {n + 1}"):
+        while line := f.readline(MAX_LINE_BYTES + 1):
+            n += 1
             ln = f"line {n}"
+            if len(line) > MAX_LINE_BYTES:
+                raise InputError(src, ln, f"longer than {MAX_LINE_BYTES:,} characters")
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(src, ln, f"malformed JSON: {e.msg}") from None
+                rec = parse_json(line, src)
+            except InputError as e:      # name the line; the key too where there is one
+                inner = "" if e.field.startswith(("line ", "(document)")) else f"{e.field}: "
+                raise InputError(src, ln, inner + e.message) from None
             if not isinstance(rec, dict):
                 raise InputError(src, ln, "each line must be a JSON object")
             if cols is None:
@@ -669,7 +763,8 @@ def detect_format(src: str | Path) -> str:
         if suf == ".npz":
             return "simmoe"
         if suf == ".csv":
-            with open(f, newline="", encoding="utf-8") as fh:
+            check_input_file(f, "source")
+            with open(f, newline="", encoding="utf-8") as fh, _reading(str(f), lambda: "line 1"):
                 header = [h.strip().lower() for h in next(csv.reader(fh), [])]
             return "layer-csv" if "layer id" in header else "long-csv"
         for fmt, (suffixes, _) in _READERS.items():
@@ -796,7 +891,7 @@ def batch_set(ss: SequenceSet, indices: np.ndarray, *, batch_size: int, steps: i
     usable = [int(i) for i in order if ss.offsets[i + 1] - ss.offsets[i] > start[int(i)]]
     if not usable:
         raise InputError("sequences", "sequences", "every selected sequence is empty")
-    out = np.empty((steps, B, L, k), dtype=np.int16)
+    out = np.empty((steps, B, L, k), dtype=expert_dtype(num_experts or ss.num_experts))
     seq = np.empty((steps, B), dtype=np.int32)
     prefill_parts = []
     admitted = 0

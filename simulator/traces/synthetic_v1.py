@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .trace import Trace, concat_steps
+from .trace import Trace, concat_steps, expert_dtype
 
 _FORCE = 1e6
 
@@ -56,7 +56,7 @@ def generate_v1(
         return forced
 
     def one_step(n: int, prev: np.ndarray | None) -> np.ndarray:
-        out = np.empty((n, L, k), dtype=np.int16)
+        out = np.empty((n, L, k), dtype=expert_dtype(E))   # int16 wrapped ids above 32,767
         for l in range(L):
             f = force(n, None if prev is None else prev[:, l], out[:, l - 1] if l > 0 else None, l)
             out[:, l] = draw(logw[l], n, f)
