@@ -21,9 +21,9 @@ from pathlib import Path
 
 import torch
 
-import calibrate.live as live
-from calibrate.executor_costs import _probe_model, probe_steps
-from calibrate.live import LiveExecutor, host_experts
+import calibrate.executors.twin as live
+from calibrate.measurements.executor_costs import _probe_model, probe_steps
+from calibrate.executors.twin import LiveExecutor, host_experts
 from simulator.atomic import write_text
 from simulator.planner import LOAD
 from simulator.runner import build_trace, derive_seed

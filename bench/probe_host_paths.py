@@ -31,8 +31,8 @@ from pathlib import Path
 
 import torch
 
-from calibrate.executor_costs import RUN_DENSE_MS, RUN_SEED, _probe_model
-from calibrate.live import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
+from calibrate.measurements.executor_costs import RUN_DENSE_MS, RUN_SEED, _probe_model
+from calibrate.executors.twin import DEFAULT_HOST_BUDGET, LiveExecutor, host_experts
 from simulator.atomic import write_text
 from simulator.models import get_preset
 from simulator.runner import build_trace, derive_seed

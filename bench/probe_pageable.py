@@ -31,9 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibrate.executor_costs import _probe_model, probe_costs, probe_steps
-from calibrate.host_now import NOW_STEPS
-from calibrate.live import LiveExecutor, host_experts
+from calibrate.measurements.executor_costs import _probe_model, probe_costs, probe_steps
+from calibrate.measurements.host_now import NOW_STEPS
+from calibrate.executors.twin import LiveExecutor, host_experts
 from simulator.atomic import write_text
 from simulator.planner import LOAD, Planner
 from simulator.runner import build_trace, derive_seed

@@ -5,13 +5,13 @@ which are freed (and the device synchronised, so a CUDA error shows in the stage
 it) before the next:
 
 1. copies: host <-> device by size and memory kind; one vs two copy streams; coalesced vs
-   separate expert copies (:mod:`calibrate.copies`);
-2. expert compute on the device, per expert shape (:mod:`calibrate.compute`);
+   separate expert copies (:mod:`calibrate.measurements.copies`);
+2. expert compute on the device, per expert shape (:mod:`calibrate.measurements.compute`);
 3. expert compute on the host CPU (reused from 2 on the CPU device);
-4. host overheads: sync, dense launch, slot allocation, the sleep kernel (:mod:`calibrate.overheads`);
+4. host overheads: sync, dense launch, slot allocation, the sleep kernel (:mod:`calibrate.measurements.overheads`);
 5. (CUDA) the live executor's costs: expert-sized copy trains from cache-cold host pools, the
-   host time of its own calls inside its steps, its CPU-miss path (:mod:`calibrate.executor_costs`);
-6. the published study's table (:mod:`calibrate.study`).
+   host time of its own calls inside its steps, its CPU-miss path (:mod:`calibrate.measurements.executor_costs`);
+6. the published study's table (:mod:`calibrate.measurements.study`).
 
 Nothing is written until every stage has finished; the profile is then written atomically.
 """
@@ -28,15 +28,15 @@ import torch
 from simulator.errors import InputError
 from simulator.models import PRESETS, ModelSpec
 
-from . import provenance as prov_mod
-from .compute import expert_sweep
-from .copies import alloc_pools, coalescing, copy_sweep, stream_comparison
-from .executor_costs import copy_trains, cpu_path, executor_runs
-from .expert import torch_dtype
-from .overheads import host_overheads, sleep_rate, slot_allocation
-from .profile_writer import build_profile, check_writable, write_or_keep
-from .study import study_table
-from .timing import Timer
+from calibrate.measurements import provenance as prov_mod
+from calibrate.measurements.compute import expert_sweep
+from calibrate.measurements.copies import alloc_pools, coalescing, copy_sweep, stream_comparison
+from calibrate.measurements.executor_costs import copy_trains, cpu_path, executor_runs
+from calibrate.executors.expert import torch_dtype
+from calibrate.measurements.overheads import host_overheads, sleep_rate, slot_allocation
+from calibrate.profile_writer import build_profile, check_writable, write_or_keep
+from calibrate.measurements.study import study_table
+from calibrate.measurements.timing import Timer
 
 TRIALS, QUICK_TRIALS = 100, 10
 WARMUP, QUICK_WARMUP = 3, 1

@@ -17,8 +17,8 @@ from simulator.atomic import check_target, write_text
 from simulator.errors import InputError
 from simulator.profile import PROFILE_FORMAT, PROFILE_VERSION, parse_profile
 
-from .executor_costs import host_costs
-from .fit import compute_fit, copy_curve
+from calibrate.measurements.executor_costs import host_costs
+from calibrate.fit import compute_fit, copy_curve
 
 TWO_ENGINES_SPEEDUP = 1.25   # two copy streams this much faster than one: two copy engines
 BLOCKING_HOST_SHARE = 0.5    # pageable copies block the host if the call takes this share of the copy

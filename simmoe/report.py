@@ -265,7 +265,7 @@ def computation_vs_transfer(res: Results) -> Table:
     if show_pub:
         notes.append("The study measured its rows differently: its computation ran one expert FFN per batch item "
                      "over 512 tokens whatever the expert count, its transfer one pageable copy of batch x experts "
-                     "experts. `python -m calibrate.published` reproduces them as measured (docs/validation.md).")
+                     "experts. `python -m calibrate.validation.published` reproduces them as measured (docs/validation.md).")
     return Table(title, intro, headers, rows, notes)
 
 

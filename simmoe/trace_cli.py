@@ -269,7 +269,7 @@ def trace_predictors(trace, fmt, batch_sizes, policies, seed, json_out):
 def trace_record(model_path, prompts, random_n, length, max_new_tokens, device, seed, out):
     """Record the routing of a local MoE checkpoint through its router outputs (needs the
     optional extra: pip install 'simmoe[record]')."""
-    from calibrate.record import record_routing
+    from calibrate.models.record import record_routing
 
     if (prompts is None) == (random_n is None):
         raise InputError("command line", "--prompts", "give exactly one of --prompts and --random")

@@ -46,7 +46,7 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     from rich.console import Console
     from rich.table import Table
 
-    from calibrate.validate import validate, write_validation
+    from calibrate.validation.validate import validate, write_validation
     from simulator.names import results_dir
     from simulator.scenario import load_scenario
 

@@ -2,7 +2,7 @@
 
 The planner applies the scenario's policy objects to the trace and emits, per layer-step, the
 list of operations the host issues, in issue order. It never looks at time. The SimPy engine
-times these operations; the live GPU executor (``calibrate.live``) runs them on CUDA streams.
+times these operations; the live GPU executor (``calibrate.executors.twin``) runs them on CUDA streams.
 Both consume the same plans, so their decisions are identical by construction, and any
 difference between projection and measurement is timing alone.
 

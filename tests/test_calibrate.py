@@ -16,13 +16,13 @@ from scipy import stats as sps
 torch = pytest.importorskip("torch")
 
 from calibrate import calibrate as cal  # noqa: E402
-from calibrate import provenance  # noqa: E402
-from calibrate.expert import alloc_expert, expert_ffn, run_expert  # noqa: E402
+from calibrate.measurements import provenance  # noqa: E402
+from calibrate.executors.expert import alloc_expert, expert_ffn, run_expert  # noqa: E402
 from calibrate.fit import compute_fit, copy_curve, fit_copy_line  # noqa: E402
 from calibrate.profile_writer import write_atomic  # noqa: E402
-from calibrate.stats import compare, summary  # noqa: E402
-from calibrate.study import study_row  # noqa: E402
-from calibrate.timing import Timer, rotation_count  # noqa: E402
+from calibrate.measurements.stats import compare, summary  # noqa: E402
+from calibrate.measurements.study import study_row  # noqa: E402
+from calibrate.measurements.timing import Timer, rotation_count  # noqa: E402
 from simmoe.cli import main  # noqa: E402
 from simulator.errors import InputError  # noqa: E402
 from simulator.models import PRESETS, ModelSpec  # noqa: E402
@@ -301,7 +301,7 @@ def test_cuda_quick_calibration(tmp_path):
 def test_executor_runs_set_host_costs_and_the_pageable_expert_point():
     """What the executor's own steps measured becomes the profile's host costs (medians over
     models) and the pageable copy at each expert's size (the blocking call less its issue)."""
-    from calibrate.executor_costs import host_costs
+    from calibrate.measurements.executor_costs import host_costs
     from calibrate.profile_writer import with_executor_copies
 
     runs = {"a": {"compute_us": 100.0, "load_us": 40.0, "dense_us": 30.0, "pageable_copy_ms": 3.04,

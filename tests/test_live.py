@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 torch = pytest.importorskip("torch")
 
-from calibrate.validate import validate  # noqa: E402
+from calibrate.validation.validate import validate  # noqa: E402
 from simmoe.cli import main  # noqa: E402
 from simulator.profile import load_profile, parse_profile  # noqa: E402
 from simulator.scenario import parse_scenario  # noqa: E402
@@ -71,7 +71,7 @@ def test_live_cpu_decisions_identical(tmp_path):
 
 
 def test_validation_knows_its_host(tmp_path):
-    from calibrate.provenance import host_identity
+    from calibrate.measurements.provenance import host_identity
 
     doc = json.loads(tiny_profile(tmp_path).read_text())
     sc = parse_scenario(tiny_scenario(batch_sizes=[1], policies=POLICIES[1:2]))
@@ -136,7 +136,7 @@ def test_host_now_probes_every_row_on_cpu(tmp_path):
 
 
 def test_profile_now_replaces_only_the_host_terms(tmp_path):
-    from calibrate.host_now import cpu_probe_tokens, profile_now
+    from calibrate.measurements.host_now import cpu_probe_tokens, profile_now
     from simulator.models import get_preset
     from simulator.profile import CostModel
 
@@ -172,7 +172,7 @@ def test_profile_now_replaces_only_the_host_terms(tmp_path):
 
 
 def test_host_now_probes_within_a_long_replay(tmp_path, monkeypatch):
-    import calibrate.validate as v
+    import calibrate.validation.validate as v
 
     monkeypatch.setattr(v, "PROBE_EVERY_S", 0.0)        # every step is "long": a probe between each two
     sc = parse_scenario(tiny_scenario(batch_sizes=[2], policies=POLICIES[1:2]))
@@ -185,7 +185,7 @@ def test_host_bound_rows_replay_over_the_host_window(tmp_path, monkeypatch):
     """With host-now, a row the host paces (pageable loads, CPU-miss) alternates replays and probes
     until the window is spent (at most MAX_REPEATS replays); a copy-engine row keeps --repeats.
     The replay-to-replay spread is reported once there are two replays."""
-    import calibrate.validate as v
+    import calibrate.validation.validate as v
 
     monkeypatch.setattr(v, "MAX_REPEATS", 3)
     sc = parse_scenario(tiny_scenario(batch_sizes=[2], policies=[POLICIES[0], POLICIES[1], POLICIES[-1]]))

@@ -1,4 +1,4 @@
-"""The seed studies regenerated from the simulator (calibrate/published.py, docs/validation.md).
+"""The seed studies regenerated from the simulator (calibrate/validation/published.py, docs/validation.md).
 
 Seed 000 (the RTX 3090 study): its measured rows (computation and memory-transfer columns) and
 its dedup table, each within 2%. Seed 004 (dedup savings by batch size under the item-copy
@@ -10,10 +10,10 @@ import math
 import numpy as np
 import pytest
 
-from calibrate.published import (
+from calibrate.validation.published import (
     SEED000_DEDUP, SEED004, computation_by_batch, dedup_table, seed004_table, study_rows,
 )
-from calibrate.reference import PUBLISHED_ROWS, STUDY_EXPERT_BYTES, STUDY_TOKENS_PER_ITEM, study_compute_fit
+from calibrate.validation.reference import PUBLISHED_ROWS, STUDY_EXPERT_BYTES, STUDY_TOKENS_PER_ITEM, study_compute_fit
 from simulator.profile import load_profile
 from simulator.runner import run_scenario
 from simulator.scenario import parse_scenario

@@ -47,7 +47,7 @@ def checkpoints(tmp_path_factory):
 @pytest.mark.parametrize("name, moe_layers", [("mixtral", [0, 1, 2]), ("olmoe", [0, 1, 2]), ("qwen2_moe", [0, 1, 2]),
                                               ("deepseek_v2", [1, 2]), ("deepseek_v3", [1, 2])])
 def test_records_every_moe_layer_of_each_architecture(checkpoints, tmp_path, name, moe_layers):
-    from calibrate.record import record_routing
+    from calibrate.models.record import record_routing
 
     ss = record_routing(checkpoints[name], tmp_path / "r.npz", random_sequences=3, length=9, max_new_tokens=3, seed=1)
     assert ss.meta["moe_layers"] == moe_layers                  # DeepSeek's first layer is dense
@@ -63,7 +63,7 @@ def test_recorded_routing_is_the_routers_top_k(checkpoints, tmp_path, name):
     import torch
     import transformers as T
 
-    from calibrate.record import record_routing
+    from calibrate.models.record import record_routing
 
     prompts = tmp_path / "p.jsonl"
     ids = [[3, 14, 15, 9, 26, 5, 35], [8, 9, 7, 9, 3, 2]]
@@ -93,7 +93,7 @@ def test_cli_records_and_rejects_missing_prompts(checkpoints, tmp_path):
 
 
 def test_missing_transformers_is_a_clear_input_error(tmp_path, monkeypatch):
-    from calibrate.record import record_routing
+    from calibrate.models.record import record_routing
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(InputError, match=r"transformers is not installed: pip install 'simmoe\[record\]'"):

@@ -21,7 +21,7 @@ public architecture) this times, per decoder layer:
   grouped_mm. Each point records how many distinct experts were active; a line
   ``ms = base + per_expert x active`` is fitted per style (its errors kept).
 
-Timing: :class:`calibrate.timing.Timer` (CUDA events from an idle device, so the host's issue
+Timing: :class:`calibrate.measurements.timing.Timer` (CUDA events from an idle device, so the host's issue
 gaps count as a real step's do; ``perf_counter`` on the CPU), warm-ups first, the median of
 the trials kept with p10/p90 and the host time of the call. With ``max_seconds`` the work is
 budgeted: each table gets a share of what is left, and a table's points are taken coarse to
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from calibrate.models.build import EXPERTS_IMPLEMENTATION, BuiltModel, build_model
-from calibrate.timing import Timer
+from calibrate.measurements.timing import Timer
 
 ENGINE_FORMAT = "simmoe-engine"
 ENGINE_VERSION = 1
@@ -368,7 +368,7 @@ def _provenance(plan: EnginePlan) -> dict:
 
     import transformers
 
-    from calibrate.provenance import host_cpu
+    from calibrate.measurements.provenance import host_cpu
     dev = torch.device(plan.device)
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none"
     return {"device": plan.device, "gpu": gpu, "host_cpu": host_cpu(), "torch": torch.__version__,

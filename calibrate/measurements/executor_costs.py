@@ -26,7 +26,7 @@ from simulator.models import ModelSpec
 from simulator.scenario import PolicySpec
 from simulator.traces import generate
 
-from .stats import summary
+from calibrate.measurements.stats import summary
 
 TRAIN = 12
 MIN_TRAINS, TRAIN_BUDGET_S = 5, 4.0   # trains per point: up to ``trials``, within this budget
@@ -40,9 +40,9 @@ def copy_trains(device: torch.device, models: tuple[ModelSpec, ...], trials: int
     """``{kind: [{"bytes": expert bytes, "ms": per-copy summary, "train": TRAIN}, ...]}``.
 
     The host experts are allocated exactly as the live executor allocates them
-    (:func:`calibrate.live.host_experts`: one tensor per expert, up to its default budget):
+    (:func:`calibrate.executors.twin.host_experts`: one tensor per expert, up to its default budget):
     a pageable copy's speed depends on how its source memory was laid out."""
-    from .live import DEFAULT_HOST_BUDGET, host_experts
+    from calibrate.executors.twin import DEFAULT_HOST_BUDGET, host_experts
 
     stream = torch.cuda.Stream(device)
     out: dict = {}
@@ -105,7 +105,7 @@ def cpu_bursts(ex, key: int, tokens: int, burst: int, trials: int, budget_s: flo
 
 def cpu_executor(device: torch.device, m: ModelSpec, max_tokens: int, host):
     """A live executor whose ``_cpu`` is the CPU-miss path of ``m``, for up to ``max_tokens``."""
-    from .live import LiveExecutor
+    from calibrate.executors.twin import LiveExecutor
 
     trace = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k,
                      batch_size=max_tokens, steps=1, seed=0, generator="uniform")
@@ -122,7 +122,7 @@ def cpu_path(device: torch.device, models: tuple[ModelSpec, ...], tokens: list[i
     share of the trials and time, so that a host whose speed drifts over the sweep (as the
     shared VMs here do, by 10-20% within seconds) moves every point alike rather than bending
     the table."""
-    from .live import host_experts
+    from calibrate.executors.twin import host_experts
 
     out = {}
     for m in models:
@@ -175,10 +175,10 @@ def probe_policy(kind: str, pm: ModelSpec) -> PolicySpec:
 
 def probe_steps(device: torch.device, pm: ModelSpec, kind: str, host, steps: int = RUN_STEPS,
                 batches: tuple[int, ...] = (1, 4)) -> list:
-    """The executor's steps (:class:`calibrate.live.LiveStep`) of the ``kind`` probe on the
+    """The executor's steps (:class:`calibrate.executors.twin.LiveStep`) of the ``kind`` probe on the
     (cut) model ``pm``, a uniform synthetic trace at each batch size; the first step of each
     warms up and is dropped."""
-    from .live import LiveExecutor
+    from calibrate.executors.twin import LiveExecutor
 
     measured = []
     for b in batches:
@@ -222,7 +222,7 @@ def executor_runs(device: torch.device, models: tuple[ModelSpec, ...], quick: bo
     ``{model: {"compute_us", "load_us", "dense_us", "pageable_copy_ms", "pageable_compute_us",
     "expert_bytes"}}``.
     """
-    from .live import DEFAULT_HOST_BUDGET, host_experts
+    from calibrate.executors.twin import DEFAULT_HOST_BUDGET, host_experts
 
     out = {}
     for m in models:

@@ -1,6 +1,6 @@
 """Build the two reference profiles shipped in ``simulator/profiles`` from published figures.
 
-    python -m calibrate.reference ../shared/reference
+    python -m calibrate.validation.reference ../shared/reference
 
 - ``rtx3090-published``: the published RTX 3090 study (27.0 MiB fp32 experts, 100 trials per
   configuration). Its public benchmark timed, per (batch, experts) row, one pageable copy of

@@ -10,7 +10,7 @@ memory, so a configuration moves ``batch x experts`` copies. Here, per trial:
   memory, on a copy stream (CPU device: host-to-host copies).
 
 Both are timed as one unit per trial with CUDA events; the two samples are compared with
-Welch's t-test and Cohen's d (:func:`calibrate.stats.compare`).
+Welch's t-test and Cohen's d (:func:`calibrate.measurements.stats.compare`).
 """
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ import torch
 
 from simulator.models import PRESETS
 
-from .expert import alloc_expert, run_expert, torch_dtype
-from .stats import compare, summary
-from .timing import Timer
+from calibrate.executors.expert import alloc_expert, run_expert, torch_dtype
+from calibrate.measurements.stats import compare, summary
+from calibrate.measurements.timing import Timer
 
 BATCHES = (1, 2, 4)
 EXPERTS = (1, 10)

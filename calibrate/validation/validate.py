@@ -1,4 +1,4 @@
-"""Projection vs measurement: run a scenario live (calibrate.live) and simulated, side by side.
+"""Projection vs measurement: run a scenario live (calibrate.executors.twin) and simulated, side by side.
 
 For every (policy, batch size) of the scenario, replication 0's trace is run by the live
 executor and by the simulator with the same planner. Decisions must agree exactly (hits,
@@ -10,7 +10,7 @@ median over the replays, so a passing spike on the shared host does not decide a
 
 With ``host_now`` (the default on CUDA) the host terms are also measured beside each row, by
 calibration's own probes interleaved with the replays (before each, after the last, and every
-``PROBE_EVERY_S`` between the steps of a long one: :mod:`calibrate.host_now`), and the row
+``PROBE_EVERY_S`` between the steps of a long one: :mod:`calibrate.measurements.host_now`), and the row
 is simulated a second time with them: ``error_now_pct`` is the model's error once the host's
 drift since calibration is taken out; ``error_pct`` stays the profile's, as a user meets it.
 
@@ -138,9 +138,9 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
     ``host_window_s`` seconds (at most ``MAX_REPEATS`` replays)."""
     import torch
 
-    from .host_now import HostProbe, cpu_probe_tokens, profile_now
-    from .live import LiveExecutor, host_experts
-    from .provenance import host_identity
+    from calibrate.measurements.host_now import HostProbe, cpu_probe_tokens, profile_now
+    from calibrate.executors.twin import LiveExecutor, host_experts
+    from calibrate.measurements.provenance import host_identity
 
     dev = check_device(device)
     if not isinstance(profile, Profile):
@@ -259,7 +259,7 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
         "median_abs_error_pct": float(np.median(errs)), "worst_abs_error_pct": float(np.max(errs)),
         "decisions_identical": all(r.decisions_equal for r in rows),
         "host_now": {"median_abs_error_pct": float(np.median(now_errs)), "worst_abs_error_pct": float(np.max(now_errs)),
-                     "note": "simulated with the host terms measured beside each row (calibrate.host_now)"}
+                     "note": "simulated with the host terms measured beside each row (calibrate.measurements.host_now)"}
         if now_errs else None,
         "host_drift": host_drift(rows),
         "rows": [r.__dict__ for r in rows],

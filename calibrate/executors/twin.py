@@ -7,7 +7,7 @@ scenario, policy objects and trace, emits the same operations; here they run as:
   ``wait_event`` on the last compute that read the slot (coalesced: the group's copies back to
   back, one completion event). Host expert weights are real tensors in pinned or pageable
   memory, per the policy.
-- ``COMPUTE``: the gated expert FFN (:func:`calibrate.expert.expert_ffn`, the very code
+- ``COMPUTE``: the gated expert FFN (:func:`calibrate.executors.expert.expert_ffn`, the very code
   calibration timed) on ``tokens`` rows of real activations, on the compute stream, after
   ``wait_event`` on the slot's last load.
 - ``DENSE``: ``torch.cuda._sleep`` for the scenario's dense time per layer (cycles calibrated
@@ -42,7 +42,7 @@ from simulator.planner import COMPUTE, DENSE, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
 
-from .expert import expert_ffn, expert_views, torch_dtype
+from calibrate.executors.expert import expert_ffn, expert_views, torch_dtype
 
 DEFAULT_HOST_BUDGET = 8 << 30
 

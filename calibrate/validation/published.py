@@ -1,6 +1,6 @@
 """The seed studies re-run through the simulator on the ``rtx3090-published`` profile.
 
-``python -m calibrate.published`` prints the three tables; ``tests/test_published.py`` asserts
+``python -m calibrate.validation.published`` prints the three tables; ``tests/test_published.py`` asserts
 them (docs/validation.md, "The published RTX 3090 study through the simulator").
 
 1. **Seed 000, measured rows** (:func:`study_rows`): per (batch B, experts k) row, set up as
@@ -27,7 +27,7 @@ from simulator.runner import cost_model, run_scenario, simulate
 from simulator.scenario import parse_scenario
 from simulator.traces.trace import concat_steps
 
-from .reference import PUBLISHED_ROWS, STUDY_TOKENS_PER_ITEM
+from calibrate.validation.reference import PUBLISHED_ROWS, STUDY_TOKENS_PER_ITEM
 
 PROFILE = "rtx3090-published"
 MIB = 1 << 20

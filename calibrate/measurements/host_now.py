@@ -8,7 +8,7 @@ A profile calibrated minutes earlier carries host terms that are no longer this 
 host-bound row's error then measures the drift, not the model.
 
 So ``simmoe validate`` also measures the host terms *now*: calibration's own probes
-(:func:`calibrate.executor_costs.probe_steps`, :func:`~calibrate.executor_costs.cpu_bursts`),
+(:func:`calibrate.measurements.executor_costs.probe_steps`, :func:`~calibrate.measurements.executor_costs.cpu_bursts`),
 one before each of the row's live replays, one after the last, and one every few seconds between
 the steps of a long replay, on the validation's host pools. The medians replace the profile's host terms, and the row is simulated a second time
 (``error_now_pct``). The GPU terms (copy curves, expert compute) stay the profile's, and the
@@ -25,8 +25,8 @@ from simulator.models import ModelSpec
 from simulator.profile import Profile, parse_profile
 from simulator.scenario import PolicySpec
 
-from .executor_costs import _probe_model, cpu_bursts, cpu_executor, probe_costs, probe_steps
-from .profile_writer import with_executor_copies
+from calibrate.measurements.executor_costs import _probe_model, cpu_bursts, cpu_executor, probe_costs, probe_steps
+from calibrate.profile_writer import with_executor_copies
 
 NOW_STEPS = 4            # probe steps per batch size (the first warms up)
 CPU_TRIALS, CPU_BUDGET_S = 20, 0.1   # per token count, per sample

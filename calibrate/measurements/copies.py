@@ -4,7 +4,7 @@ Every copy is ``dst.copy_(src, non_blocking=True)`` issued on a dedicated copy s
 timed with CUDA events on that stream; the host time of the call is kept too (a copy from
 pageable memory blocks the host). Sources and destinations are slices of one pool per
 memory kind (device, pinned host, pageable host), all pages written before timing; small
-copies rotate through several slices (see :func:`calibrate.timing.rotation_count`).
+copies rotate through several slices (see :func:`calibrate.measurements.timing.rotation_count`).
 
 On the CPU device there is no pinned memory and no copy direction: the copies are
 host-to-host (pageable to a second host buffer), measured as ``h2d`` / ``pageable``.
@@ -18,8 +18,8 @@ import torch
 
 from simulator.models import PRESETS, ModelSpec
 
-from .stats import summary
-from .timing import Timer, rotation_count
+from calibrate.measurements.stats import summary
+from calibrate.measurements.timing import Timer, rotation_count
 
 STREAM_COPIES = 8
 COALESCE_MAX_EXPERTS = 8

@@ -1,6 +1,6 @@
 """Expert-FFN compute time by tokens routed, for one expert shape, on the device or the host CPU.
 
-Each point calls :func:`calibrate.expert.run_expert` (the live executor's code) on ``tokens``
+Each point calls :func:`calibrate.executors.expert.run_expert` (the live executor's code) on ``tokens``
 rows, rotating over several experts' weights (at least 2, and at least 256 MiB in all up to
 8 experts; on the host CPU, gigabytes: a server CPU's last-level cache holds hundreds of MiB)
 so that the weights do not sit in cache. On CUDA the calls go on a compute
@@ -18,9 +18,9 @@ import torch
 
 from simulator.models import ModelSpec
 
-from .expert import alloc_expert, run_expert, torch_dtype
-from .stats import summary
-from .timing import Timer, rotation_count
+from calibrate.executors.expert import alloc_expert, run_expert, torch_dtype
+from calibrate.measurements.stats import summary
+from calibrate.measurements.timing import Timer, rotation_count
 
 MAX_HOST_EXPERTS = 512
 

@@ -21,9 +21,9 @@ import torch
 
 from simulator.models import ModelSpec
 
-from .fit import fit_sleep_cycles
-from .stats import summary
-from .timing import Timer, time_host
+from calibrate.fit import fit_sleep_cycles
+from calibrate.measurements.stats import summary
+from calibrate.measurements.timing import Timer, time_host
 
 DENSE_SLEEP_CYCLES = 1000
 SLEEP_CYCLES = (100_000, 1_000_000, 4_000_000)
