@@ -100,3 +100,19 @@ def test_fast_engine_equals_reference_long_runs(load, memory):
     pol = PolicySpec(name="p", load=load, memory=memory, cache={"kind": "lru", "capacity": 20},
                      prefetch={"kind": "predicted", "accuracy": 0.6})
     _assert_same(pol, tr, COSTS[(35.0, True, False)], 0.05)
+
+
+@pytest.mark.parametrize("kind", ["history", "affinity"])
+@pytest.mark.parametrize("load", ["per-item", "coalesced"])
+def test_fast_engine_equals_reference_with_learned_prefetch(tmp_path, kind, load):
+    from simulator.traces.real import sequences_from_trace
+
+    corpus = generate(num_layers=M.num_layers, num_experts=M.num_experts, top_k=M.top_k, batch_size=12, steps=40,
+                      seed=8, generator="mixed", zipf=0.6, temporal=0.5, cross_layer=0.5)
+    path = tmp_path / "train.npz"
+    sequences_from_trace(corpus).save(path)
+    tr = generate(num_layers=M.num_layers, num_experts=M.num_experts, top_k=M.top_k, batch_size=4, steps=20,
+                  seed=9, generator="mixed", zipf=0.6, temporal=0.5, cross_layer=0.5)
+    pol = PolicySpec(name="p", load=load, cache={"kind": "lru", "capacity": 14},
+                     prefetch={"kind": kind, "options": {"train": {"path": str(path)}}})
+    _assert_same(pol, tr, COSTS[(0.0, True, False)], 0.05)
