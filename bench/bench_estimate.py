@@ -68,9 +68,13 @@ def fit_runs() -> list[dict]:
         dict(batch=(16,), steps=16, model={"num_layers": 4}), dict(batch=(16,), steps=16, model={"num_experts": 16}),
         dict(batch=(4,), steps=16, model={"num_experts": 1024, "top_k": 8}), dict(batch=(8,), steps=4, prefill=64),
     ]
+    heavy = [  # memory-heavy shapes (generator draws, per-step rows, one step's operations), fewer policies
+        dict(batch=(64,), steps=2, prefill=256), dict(batch=(1,), steps=3000, model={"num_layers": 2}),
+        dict(batch=(2048,), steps=2), dict(batch=(8,), steps=500),
+    ]
     runs = []
-    for i, sh in enumerate(shapes):
-        for p in POLICIES:
+    for i, sh in enumerate(shapes + heavy):
+        for p in POLICIES if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
             runs.append(scenario(f"fit{i}-{p['name']}", policies=[p], **sh))
     return runs
 
@@ -159,7 +163,8 @@ def _solve(rows: list[np.ndarray], measured: list[float], keys: list[str]) -> di
     b = np.ones(len(measured))
     used = A.any(axis=0)
     x = np.zeros(len(keys))
-    x[used] = nnls(A[:, used], b)[0]
+    scale = np.abs(A[:, used]).max(axis=0)          # columns of one magnitude: nnls is scale-sensitive
+    x[used] = nnls(A[:, used] / scale, b)[0] / scale
     pred = np.array(rows) @ x
     ratio = pred / np.array(measured)
     print(f"  fit over {len(measured)} runs: estimate / measured from {ratio.min():.2f} to {ratio.max():.2f}, "

@@ -72,6 +72,7 @@ COSTS: dict[str, float] = {
 }
 
 DEFAULT_MAX_SECONDS = 3600.0
+EXACT_BATCH_SIZES = 256   # a longer batch-size list is estimated from a sample of it
 RUN_BASE_S = 0.05   # fixed cost of a job (profile, output) below which no progress bar is drawn
 
 
@@ -85,8 +86,7 @@ class Estimate:
     units: tuple = field(default=(), repr=False)   # per progress unit, in run order: seconds
 
     def text(self) -> str:
-        t = fmt_seconds(self.seconds)
-        return f"{t if t.startswith('under') else 'about ' + t}, {fmt_bytes(self.bytes)}"
+        return f"{approx_seconds(self.seconds, 'about ')}, {fmt_bytes(self.bytes)}"
 
 
 def _c(key: str) -> float:
@@ -110,6 +110,11 @@ def fmt_seconds(s: float) -> str:
             return f"{s / div:.0f} {unit}"
     years = s / (365 * 86400)
     return f"{years:.0f} years" if years < 1e6 else f"{fmt_count(years)} years"
+
+
+def approx_seconds(s: float, prefix: str = "~") -> str:
+    t = fmt_seconds(s)
+    return t if t.startswith("under") else prefix + t
 
 
 def fmt_count(n: float) -> str:
@@ -206,11 +211,15 @@ def _trace_cost(sh: _Shape, synthetic: bool) -> tuple[float, float]:
     return secs, mem + sh.max_step_tokens * sh.E * _c("bytes_per_draw")
 
 
-def _policy_cost(sc, policy, sh: _Shape) -> tuple[float, float]:
-    """Seconds and peak transient bytes of simulating one policy over one trace."""
+def _policy_signature(sc, policy, sh: _Shape) -> tuple[str, tuple, int]:
+    """What a policy's cost depends on: load mode, cost extras, slots."""
     load, extras = _policy_keys(policy)
+    return load, tuple(extras), _slots(sc, policy, sh.max_step_tokens)
+
+
+def _policy_cost_of(load: str, extras: tuple, slots: int, sh: _Shape) -> tuple[float, float]:
+    """Seconds and peak transient bytes of simulating one policy over one trace."""
     served = sh.served(load)
-    slots = _slots(sc, policy, sh.max_step_tokens)
     secs = (served * (_c(f"sim_s_per_served.{load}") + sum(_c(f"sim_s_extra_per_served.{x}") for x in extras))
             + sh.routed * _c("sim_s_per_routed") + sh.n_steps * sh.L * _c("sim_s_per_layer_step")
             + sh.n_steps * _c("sim_s_per_step") + slots * _c("sim_s_per_slot") + _c("sim_s_per_run"))
@@ -240,46 +249,70 @@ def _size_text(sc) -> str:
     return " x ".join(parts)
 
 
+def _policy_groups(sc) -> list[tuple[object, list[int]]]:
+    """Policies that cost the same (load mode, extras, cache size and scope), each once, with
+    their positions in the scenario."""
+    groups: dict[tuple, tuple[object, list[int]]] = {}
+    for i, p in enumerate(sc.policies):
+        key = (p.load, tuple(_policy_keys(p)[1]), p.cache.kind, p.cache.capacity, p.cache.scope)
+        groups.setdefault(key, (p, []))[1].append(i)
+    return list(groups.values())
+
+
 def estimate_scenario(sc) -> Estimate:
     """Peak memory and CPU time of ``run_scenario(sc)`` (and writing its results)."""
     synthetic = sc.trace.generator is not None
+    groups = _policy_groups(sc)
+    n_pol = len(sc.policies)
     units: list[float] = []
     peak = 0.0
-    rows = 0
-    for B in sc.batch_sizes:
+    rows = 0.0
+    bs = sc.batch_sizes
+    if len(bs) > EXACT_BATCH_SIZES:    # a long list: price an even sample (and the largest), scaled
+        srt = sorted(bs)
+        bs = sorted(set(srt[::len(srt) // EXACT_BATCH_SIZES]) | {srt[-1]})
+    weight = len(sc.batch_sizes) / len(bs)
+    for B in bs:
         sh = _shape(sc, B)
         t_secs, t_mem = _trace_cost(sh, synthetic)
-        costs = [_policy_cost(sc, p, sh) for p in sc.policies]
-        per_rep = [s for s, _ in costs]
-        units_b = [t_secs + per_rep[0]] + per_rep[1:]      # the trace is built before the first policy
-        units.extend(units_b * sc.replications)
-        peak = max(peak, t_mem + max(m for _, m in costs))
-        rows += sh.n_steps * sc.replications * len(sc.policies)
+        per_pol = [0.0] * n_pol
+        mem = 0.0
+        for p, where in groups:
+            secs, m = _policy_cost_of(*_policy_signature(sc, p, sh), sh)
+            mem = max(mem, m)
+            for i in where:
+                per_pol[i] = secs
+        per_pol[0] += t_secs                # the trace is built before the first policy runs
+        units.extend(per_pol * sc.replications)
+        peak = max(peak, t_mem + mem)
+        rows += sh.n_steps * sc.replications * n_pol * weight
     mem = _c("bytes_base") + peak + rows * _c("bytes_per_row")
-    return Estimate(seconds=sum(units) + RUN_BASE_S, bytes=mem, size=_size_text(sc), units=tuple(units))
+    return Estimate(seconds=sum(units) * weight + RUN_BASE_S, bytes=mem, size=_size_text(sc),
+                    units=tuple(units) if weight == 1 else ())
 
 
 # --------------------------------------------------------------------------- blame
 def _scenario_variants(sc) -> dict[str, object]:
     """The scenario with one size field made small, per field that can make a run big."""
     t, m = sc.trace, sc.model
-    out = {
-        "trace.steps": sc.model_copy(update={"trace": t.model_copy(update={"steps": 1})}),
-        "batch_sizes": sc.model_copy(update={"batch_sizes": [1]}),
-        "replications": sc.model_copy(update={"replications": 1}),
-        "policies": sc.model_copy(update={"policies": sc.policies[:1]}),
-        "model.num_layers": sc.model_copy(update={"model": m.model_copy(update={"num_layers": 1})}),
-        "model.num_experts": sc.model_copy(update={"model": m.model_copy(update={"num_experts": m.top_k})}),
-        "model.top_k": sc.model_copy(update={"model": m.model_copy(update={"top_k": 1})}),
-    }
-    if t.prefill_tokens:
-        out["trace.prefill_tokens"] = sc.model_copy(update={"trace": t.model_copy(update={"prefill_tokens": 0})})
-    for i, p in enumerate(sc.policies):
+    out = {}
+    for i, p in enumerate(sc.policies):            # the specific fields first: they win ties
         if p.cache.capacity is not None:
             small = p.model_copy(update={"cache": p.cache.model_copy(update={"capacity": 1})})
             pols = list(sc.policies)
             pols[i] = small
             out[f"policies[{i}].cache.capacity"] = sc.model_copy(update={"policies": pols})
+    if t.prefill_tokens:
+        out["trace.prefill_tokens"] = sc.model_copy(update={"trace": t.model_copy(update={"prefill_tokens": 0})})
+    out.update({
+        "trace.steps": sc.model_copy(update={"trace": t.model_copy(update={"steps": 1})}),
+        "batch_sizes": sc.model_copy(update={"batch_sizes": [1]}),
+        "replications": sc.model_copy(update={"replications": 1}),
+        "model.top_k": sc.model_copy(update={"model": m.model_copy(update={"top_k": 1})}),
+        "model.num_experts": sc.model_copy(update={"model": m.model_copy(update={"num_experts": m.top_k})}),
+        "model.num_layers": sc.model_copy(update={"model": m.model_copy(update={"num_layers": 1})}),
+        "policies": sc.model_copy(update={"policies": sc.policies[:1]}),
+    })
     return out
 
 
@@ -287,12 +320,12 @@ def pick_blame(est: Estimate, variants: dict[str, Estimate], over: str, default:
     """The field whose variant (that field made small) shrinks ``over`` ('seconds' or
     'bytes') of ``est`` the most."""
     base = getattr(est, over)
-    best, ratio = default, 1.0
-    for fld, small in variants.items():
-        r = base / max(1e-12, getattr(small, over))
-        if r > ratio * 1.0001:
-            best, ratio = fld, r
-    return best
+    ratios = {f: base / max(1e-12, getattr(small, over)) for f, small in variants.items()}
+    top = max(ratios.values(), default=1.0)
+    if top <= 1.0001:
+        return default
+    # the first (variants list the specific fields first) within 2x of the largest lever
+    return next(f for f, r in ratios.items() if r >= top / 2)
 
 
 def blame_scenario(sc, est: Estimate, over: str) -> str:
@@ -368,10 +401,11 @@ def check(est: Estimate, source: str, blame: Callable[[str], str], force: bool =
     if over_mem:
         why.append(f"{fmt_bytes(lim.bytes)} of memory available")
     if over_time:
-        why.append(f"time limit {fmt_seconds(lim.seconds)} (SIMMOE_MAX_SECONDS)")
+        why.append(f"time limit {fmt_seconds(lim.seconds) if lim.seconds >= 1 else f'{lim.seconds:g} s'} "
+                   "(SIMMOE_MAX_SECONDS)")
     size = f"{est.size} needs" if est.size else "needs"
     raise InputError(source, blame("bytes" if over_mem else "seconds"),
-                     f"{size} ~{fmt_bytes(est.bytes)} and ~{fmt_seconds(est.seconds)} "
+                     f"{size} ~{fmt_bytes(est.bytes)} and {approx_seconds(est.seconds)} "
                      f"({' and '.join(why)}); --force to run anyway")
 
 
