@@ -5,9 +5,10 @@
 
 The fit: every cost in ``COSTS`` multiplies a count the estimator computes (served requests,
 generator draws, steps, slots, rows...). For each training run the bench computes those counts
-(the estimate with that one cost set to 1 and the others to 0), measures the run (CPU time: the
-best of ``--repeats``; memory: tracemalloc's peak, which sees Python and NumPy allocations), and
-solves a non-negative least-squares problem on relative error, separately for the time costs and
+(the estimate with that one cost set to 1 and the others to 0), measures the run and the writing
+of its results, as ``simmoe run`` does them (CPU time: the best of ``--repeats``; memory:
+tracemalloc's peak, which sees Python and NumPy allocations), and
+solves a bounded (non-negative) least-squares problem on relative error, separately for the time costs and
 the memory costs of ``simmoe run``, and for ``simmoe trace stats``. Paste the printed table into
 ``COSTS`` (costs the fit cannot see keep their values).
 
@@ -30,7 +31,7 @@ import tracemalloc
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import nnls
+from scipy.optimize import lsq_linear
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,19 +109,26 @@ def _features(sc, keys: list[str], what: str) -> np.ndarray:
         est_mod.COSTS.update(saved)
 
 
-def _measure_run(doc: dict, repeats: int, memory: bool) -> tuple[float, float]:
+def _run_and_write(sc) -> None:
+    """What ``simmoe run`` does: simulate, then write the results."""
+    from simulator.output import write_results
     from simulator.runner import run_scenario
 
+    with tempfile.TemporaryDirectory() as d:
+        write_results(run_scenario(sc), Path(d) / "out")
+
+
+def _measure_run(doc: dict, repeats: int, memory: bool) -> tuple[float, float]:
     sc = parse_scenario(doc)
     best = float("inf")
     for _ in range(repeats):
         t = time.process_time()
-        run_scenario(sc)
+        _run_and_write(sc)
         best = min(best, time.process_time() - t)
     peak = 0.0
     if memory:
         tracemalloc.start()
-        run_scenario(sc)
+        _run_and_write(sc)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return best, peak
@@ -153,18 +161,25 @@ def direct() -> dict[str, float]:
     return {"sim_s_per_slot": secs / n, "bytes_per_slot": slot_bytes / n, "bytes_per_op": peak / ops}
 
 
+def _rest(measured: float, fixed: float) -> float | None:
+    """What the fitted costs must explain; None when the direct costs explain most of it."""
+    return measured - fixed if measured - fixed > 0.25 * measured else None
+
+
 def _fixed(sc, fixed: dict[str, float], what: str) -> float:
     """The part of the estimate made by the directly measured costs."""
     return float(sum(fixed[k] * f for k, f in zip(fixed, _features(sc, list(fixed), what))))
 
 
 def _solve(rows: list[np.ndarray], measured: list[float], keys: list[str]) -> dict[str, float]:
+    keep = [i for i, m in enumerate(measured) if m is not None]      # runs the direct costs explain
+    rows, measured = [rows[i] for i in keep], [measured[i] for i in keep]
     A = np.array([r / m for r, m in zip(rows, measured)])
     b = np.ones(len(measured))
     used = A.any(axis=0)
     x = np.zeros(len(keys))
-    scale = np.abs(A[:, used]).max(axis=0)          # columns of one magnitude: nnls is scale-sensitive
-    x[used] = nnls(A[:, used] / scale, b)[0] / scale
+    scale = np.abs(A[:, used]).max(axis=0)          # columns of one magnitude
+    x[used] = lsq_linear(A[:, used] / scale, b, bounds=(0, np.inf), method="bvls").x / scale
     pred = np.array(rows) @ x
     ratio = pred / np.array(measured)
     print(f"  fit over {len(measured)} runs: estimate / measured from {ratio.min():.2f} to {ratio.max():.2f}, "
@@ -184,8 +199,8 @@ def fit(repeats: int) -> dict[str, float]:
         secs, peak = _measure_run(doc, repeats, memory=True)
         t_rows.append(_features(sc, TIME_KEYS, "seconds"))
         m_rows.append(_features(sc, MEM_KEYS, "bytes"))
-        times.append(max(1e-4, secs - _fixed(sc, fixed_t, "seconds")))
-        peaks.append(max(1.0, peak - _fixed(sc, fixed_m, "bytes")))
+        times.append(_rest(secs, _fixed(sc, fixed_t, "seconds")))
+        peaks.append(_rest(peak, _fixed(sc, fixed_m, "bytes")))
         print(f"  [{i + 1}/{len(runs)}] {doc['name']}: {secs:.3f} s, {peak / 2**20:.1f} MiB", file=sys.stderr)
     costs = dict(fixed)
     print("time of simmoe run:", file=sys.stderr)

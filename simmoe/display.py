@@ -20,10 +20,15 @@ def _bar(console: Console, *left, counts: bool = True) -> Progress:
     return Progress(*cols, TextColumn("{task.fields[what]}"), *left, console=console, transient=True)
 
 
+#: jobs estimated shorter than this get no estimate line and no bar (errors stay one line)
+ANNOUNCE_S = 2.0
+
+
 def announce(quiet: bool, label: str, est) -> Console:
-    """The one line printed at the start of a job: ``label: about 40 s, 300.0 MiB`` (stderr)."""
+    """The one line printed at the start of a job expected to take more than ANNOUNCE_S:
+    ``label: about 40 s, 300.0 MiB`` (stderr)."""
     console = Console(stderr=True)
-    if not quiet and est is not None:
+    if not quiet and est is not None and est.seconds >= ANNOUNCE_S:
         console.print(f"{label}: {est.text()}", highlight=False, soft_wrap=True)
     return console
 
@@ -48,7 +53,7 @@ def progress_bar(quiet: bool, label: str, est=None, announced: bool = False):
         return
     from simulator.estimate import Tracker, fmt_seconds
 
-    if not console.is_terminal:
+    if not console.is_terminal or est.seconds < ANNOUNCE_S:
         yield Tracker(est, lambda *a: None)
         return
     with _bar(console, TextColumn("{task.fields[left]}")) as prog:
@@ -69,7 +74,7 @@ def timed_bar(quiet: bool, label: str, est):
     from simulator.estimate import fmt_seconds
 
     console = announce(quiet, label, est)
-    if quiet or not console.is_terminal:
+    if quiet or not console.is_terminal or est.seconds < ANNOUNCE_S:
         yield
         return
     stop = threading.Event()

@@ -470,6 +470,8 @@ def estimate_sweep(doc: dict, source: str, folder: Path | None, workers: int) ->
     sample of its points; and the blame function for :func:`check`."""
     from .sweep import expand
 
+    if not isinstance(doc, dict):
+        expand(doc, source, folder)           # raises its one-line error
     n = count_points(doc, source)
     sample = expand(_sample_doc(doc, source), source, folder).points
     ests = [estimate_scenario(p.scenario) for p in sample]

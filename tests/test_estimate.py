@@ -102,7 +102,10 @@ def test_units_follow_run_order_and_sum_to_the_estimate():
     assert e.units[4] > e.units[0]     # batch 8 costs more than batch 1
 
 
-def test_estimate_within_limits_runs_and_reports(tmp_path):
+def test_estimate_within_limits_runs_and_reports(tmp_path, monkeypatch):
+    import simmoe.display
+
+    monkeypatch.setattr(simmoe.display, "ANNOUNCE_S", 0.0)      # announce even this short run
     p = tmp_path / "s.yaml"
     p.write_text(yaml.safe_dump(scenario_dict()))
     code, out, err = invoke(["run", p, "-o", tmp_path / "out"])
@@ -188,6 +191,13 @@ def test_force_runs_a_refused_job(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "summary.json").is_file()
 
 
+def test_short_jobs_print_no_estimate_line(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(scenario_dict(replications=1)))
+    code, out, err = invoke(["run", p, "-o", tmp_path / "out"])
+    assert code == 0 and err == ""
+
+
 # ---------------------------------------------------------------------- trace jobs
 @pytest.fixture
 def small_trace(tmp_path):
@@ -218,6 +228,9 @@ def test_trace_fit_bomb_refused(small_trace):
 
 
 def test_trace_gen_force_and_estimate_line(tmp_path, monkeypatch):
+    import simmoe.display
+
+    monkeypatch.setattr(simmoe.display, "ANNOUNCE_S", 0.0)
     monkeypatch.setenv("SIMMOE_MAX_SECONDS", "0.001")
     assert_refused(*invoke(["trace", "gen", "-b", 2, "-s", 4, "-o", tmp_path / "x.npz"]), None)
     code, out, err = invoke(["trace", "gen", "-b", 2, "-s", 4, "-o", tmp_path / "x.npz", "--force"])
