@@ -32,6 +32,7 @@ from typing import Callable
 #: constants from tracemalloc peaks of the same runs. After an engine change, rerun --fit.
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
+    "run_s_base": 0.1,                       # a run's fixed cost (profile, summary, writing the files)
     "sim_s_per_served.per-item": 2e-06,   # one served expert request, by load mode
     "sim_s_per_served.dedup": 5.28e-06,
     "sim_s_per_served.coalesced": 2.68e-06,
@@ -73,7 +74,7 @@ COSTS: dict[str, float] = {
 
 DEFAULT_MAX_SECONDS = 3600.0
 EXACT_BATCH_SIZES = 256   # a longer batch-size list is estimated from a sample of it
-RUN_BASE_S = 0.05   # fixed cost of a job (profile, output) below which no progress bar is drawn
+RUN_BASE_S = 0.05   # fixed cost of a trace job (imports aside)
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def estimate_scenario(sc) -> Estimate:
         peak = max(peak, t_mem + mem)
         rows += sh.n_steps * sc.replications * n_pol * weight
     mem = _c("bytes_base") + peak + rows * _c("bytes_per_row")
-    return Estimate(seconds=sum(units) * weight + RUN_BASE_S, bytes=mem, size=_size_text(sc),
+    return Estimate(seconds=sum(units) * weight + _c("run_s_base"), bytes=mem, size=_size_text(sc),
                     units=tuple(units) if weight == 1 else ())
 
 
