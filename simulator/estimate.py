@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Callable
 
 #: Per-unit costs, measured by ``python bench/bench_estimate.py --fit`` (which prints a fresh
-#: table to paste here) on the project's shared 2-vCPU VM (Python 3.11.7), 2026-12-01.
+#: table to paste here) on the project's shared 2-vCPU VM (Python 3.11.7), 2026-12-01. A cost
+#: of 0 is one the training runs could not tell apart from the others (gen_s_per_draw: small
+#: E in training; huge-E jobs are still caught by bytes_per_draw, measured directly).
 #: Seconds are CPU seconds of one process; bytes are peak bytes allocated above the
 #: process's resident memory before the job (tracemalloc for Python and NumPy objects).
 #: Times were fitted by non-negative least squares on relative error over a grid of small
@@ -32,38 +34,38 @@ from typing import Callable
 #: constants from tracemalloc peaks of the same runs. After an engine change, rerun --fit.
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
-    "run_s_base": 0.1,                       # a run's fixed cost (profile, summary, writing the files)
-    "sim_s_per_served.per-item": 2e-06,   # one served expert request, by load mode
-    "sim_s_per_served.dedup": 5.28e-06,
-    "sim_s_per_served.coalesced": 2.68e-06,
-    "sim_s_per_routed": 2.58e-06,             # one routed (token, layer, expert) pair
-    "sim_s_per_layer_step": 3.12e-05,         # one layer of one step
-    "sim_s_per_step": 0.000121,               # one step (records, sync)
-    "sim_s_per_run": 0.0809,                # one policy over one trace (planner, engine, frame)
+    "run_s_base": 0.0257,                       # a run's fixed cost (profile, summary, writing the files)
+    "sim_s_per_served.per-item": 4.1e-06,   # one served expert request, by load mode
+    "sim_s_per_served.dedup": 7.8e-06,
+    "sim_s_per_served.coalesced": 4.15e-06,
+    "sim_s_per_routed": 2.86e-06,             # one routed (token, layer, expert) pair
+    "sim_s_per_layer_step": 5.59e-05,         # one layer of one step
+    "sim_s_per_step": 7.53e-05,               # one step (records, sync)
+    "sim_s_per_run": 0.0257,                # one policy over one trace (planner, engine, frame)
     "sim_s_extra_per_served.prefetch": 0,   # prefetch on
-    "sim_s_extra_per_served.future": 5.72e-06,     # belady / static-hot: the request stream ahead
-    "sim_s_extra_per_served.pageable": 2.25e-05,   # pageable copies block the host
-    "sim_s_per_slot": 6.13e-08,               # building a cache's slot list
+    "sim_s_extra_per_served.future": 4.36e-06,     # belady / static-hot: the request stream ahead
+    "sim_s_extra_per_served.pageable": 1.8e-05,   # pageable copies block the host
+    "sim_s_per_slot": 5.96e-08,               # building a cache's slot list
     # synthetic generator
-    "gen_s_per_draw": 7.94e-09,               # one (token, layer, expert) Gumbel key
-    "gen_s_per_layer_step": 3.12e-05,
+    "gen_s_per_draw": 0,               # one (token, layer, expert) Gumbel key
+    "gen_s_per_layer_step": 5.59e-05,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
-    "bytes_base": 2.65e+06,                     # a job's fixed allocations (first-use caches, tables)
-    "bytes_per_draw": 13.9,                  # live bytes per (token, expert) key of one layer draw
-    "bytes_per_routed": 2.31,                 # trace arrays while built (int16, two copies)
+    "bytes_base": 2.75e+06,                     # a job's fixed allocations (first-use caches, tables)
+    "bytes_per_draw": 32.1,                  # live bytes per (token, expert) key of one layer draw
+    "bytes_per_routed": 0,                 # trace arrays while built (int16, two copies)
     "bytes_per_token": 8.0,                  # seq ids while built
     "bytes_per_op": 186,                   # one step's operations (plan tuples, engine ops, events)
     "bytes_per_slot": 40.2,                  # one cache slot (free list entry, slot map)
-    "bytes_per_future": 22.5,                # one request of the stream ahead (belady / static-hot)
+    "bytes_per_future": 19.2,                # one request of the stream ahead (belady / static-hot)
     "bytes_per_row": 1.11e+03,                 # one per-step row: records, frames, concat, summary
     # sweeps
     "sweep_s_per_point": 4.0e-04,            # expanding, validating and storing one point
     "sweep_bytes_per_point": 20000.0,        # one expanded point held in memory
     # trace statistics (simmoe trace stats / fit)
-    "stats_s_per_routed": 2.48e-07,           # counts, re-use distance, batching, per routed id
-    "stats_s_per_pair": 5.51e-08,             # (L-1) x E x E affinity counts and scores
-    "stats_s_per_lru_step": 1.49e-05,         # one step of the LRU stack-distance pass
+    "stats_s_per_routed": 4.08e-07,           # counts, re-use distance, batching, per routed id
+    "stats_s_per_pair": 8.3e-08,             # (L-1) x E x E affinity counts and scores
+    "stats_s_per_lru_step": 2.39e-05,         # one step of the LRU stack-distance pass
     "stats_s_per_lru_key": 0,          # one key of the LRU pass (incl. its sort of L x E)
     "stats_bytes_per_routed": 30.0,          # batched copies, sorts and index arrays
     "stats_bytes_per_pair": 24.0,            # affinity count arrays (int64, three live)
