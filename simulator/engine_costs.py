@@ -10,7 +10,9 @@ the per-step extra, from a profile's ``engine`` tables (``simmoe calibrate engin
 - Per step: embedding + LM head by batch, plus every dense decoder layer (DeepSeek-V2-Lite's
   first) from the ``dense_decode`` grid.
 - Per engine style, one layer's routed-expert call with every expert resident,
-  ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`).
+  ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`): ``hf-eager``
+  (transformers' per-expert loop), ``grouped`` (grouped_mm), ``offload`` (simmoe's own
+  real-model executor's dispatch: gather, FFN from a slot, scatter-add).
 
 The context grows with each decode step: step ``s`` attends over ``start + (decode steps
 before s)`` tokens, ``start`` being ``trace.prompt_tokens`` (default: ``trace.prefill_tokens``)
@@ -30,7 +32,7 @@ import numpy as np
 from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
-STYLES = ("twin", "hf-eager", "grouped", "graphs")
+STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload")
 PHASE_PREFILL = 1
 
 
@@ -91,6 +93,18 @@ def engine_tables(profile: Profile, model: str, source: str = "") -> ModelEngine
                          f"no engine tables for model {model!r} (profile has: "
                          f"{', '.join(sorted(profile.engine)) or 'none'}); measure them with "
                          f"simmoe calibrate engine --model {model} and merge them into the profile")
+    return t
+
+
+def require_style(profile: Profile, model: str, style: str, source: str = "") -> ModelEngine:
+    """The model's engine tables, which must hold the style's measured expert call (a style
+    the profile lacks would otherwise be priced with the twin's launch cost)."""
+    t = engine_tables(profile, model, source)
+    if style not in t.styles:
+        raise InputError(source or f"profile {profile.name}", f"engine.{model}.styles.{style}",
+                         f"engine style {style!r} not measured (profile has: {', '.join(sorted(t.styles)) or 'none'}); "
+                         f"measure it with simmoe calibrate engine --model {model} --style {style} and merge it "
+                         f"with simmoe calibrate engine-merge")
     return t
 
 
