@@ -71,12 +71,14 @@ def decode_trace(experts: np.ndarray, batch: int, num_experts: int) -> Trace:
 def row_scenario(sc_name: str, spec: ModelSpec, policy: PolicySpec, trace: Trace, prompt: int, profile: str,
                  style: str, dense_ms: float | None = None, seed: int = 0) -> Scenario:
     """The one-row scenario the projection of a live row runs: the model as built, one policy,
-    one batch, the row's steps and context."""
-    return parse_scenario({"name": "model-rows", "model": spec.model_dump(mode="json"), "profile": profile,
-                           "seed": seed, "replications": 1, "batch_sizes": [int(trace.max_step_tokens)],
-                           "trace": {"generator": "uniform", "steps": trace.num_steps, "prompt_tokens": prompt},
-                           "engine": {"style": style, "dense_ms_per_layer": dense_ms},
-                           "policies": [policy.model_dump(mode="json")]}, f"scenario {sc_name}")
+    one batch, the row's steps and context. The policy object is used as given (the
+    ``resident`` row's cache holds one slot more than a scenario may name)."""
+    sc = parse_scenario({"name": "model-rows", "model": spec.model_dump(mode="json"), "profile": profile,
+                         "seed": seed, "replications": 1, "batch_sizes": [int(trace.max_step_tokens)],
+                         "trace": {"generator": "uniform", "steps": trace.num_steps, "prompt_tokens": prompt},
+                         "engine": {"style": style, "dense_ms_per_layer": dense_ms},
+                         "policies": [{"name": policy.name}]}, f"scenario {sc_name}")
+    return sc.model_copy(update={"policies": [policy]})
 
 
 def project(sc: Scenario, trace: Trace, profile: Profile) -> list[float]:
