@@ -31,7 +31,7 @@ SCENARIO = """name: tiny_model_val
 model: olmoe-1b-7b
 profile: {profile}
 batch_sizes: [1, 3]
-trace: {{generator: uniform, steps: 3, prompt_tokens: 6}}
+trace: {{generator: uniform, steps: 2, prompt_tokens: 6}}
 engine: {{style: {style}}}
 policies:
   - {{name: dedup, load: dedup}}
@@ -128,7 +128,7 @@ def test_projection_rows_with_timing_forced(tiny_profile, tmp_path):
     assert [r["policy"] for r in rep["rows"]] == ["resident", "dedup"]
     res, dedup = rep["rows"]
     for r in rep["rows"]:
-        assert r["decisions_identical"] and r["sim_median_ms"] > 0 and len(r["sim_steps_ms"]) == 3
+        assert r["decisions_identical"] and r["sim_median_ms"] > 0 and len(r["sim_steps_ms"]) == 2
         assert r["error_pct"] == pytest.approx((r["sim_median_ms"] - r["live_median_ms"]) / r["live_median_ms"] * 100)
         assert r["sim_tokens_per_s"] == pytest.approx(2 / r["sim_median_ms"] * 1e3)
     assert res["copies_per_step"] == 0 and dedup["copies_per_step"] > 0
@@ -162,3 +162,11 @@ def test_cli_bad_inputs_exit_2(tmp_path, case, needle):
     err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
     assert len(err) == 1 and needle in err[0], r.output
     assert "Traceback" not in r.output
+
+
+def test_shipped_scenario_scales_to_the_tiny_model():
+    sc, _ = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "validate_olmoe_model.yaml")
+    assert sc.engine.style == "offload" and sc.batch_sizes == [1, 4, 16, 64]
+    scaled = {p.name: scaled_policy(p, sc.model, TINY) for p in sc.policies}
+    assert scaled["lru"].cache.capacity == 4 and scaled["layer-baseline"].cache.capacity == TINY.num_experts
+    assert scaled["layer-baseline"].memory == "pageable" and scaled["cpu-miss"].miss.kind == "cpu"
