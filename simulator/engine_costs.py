@@ -33,6 +33,7 @@ from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
 STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload")
+UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (nothing measures it yet)
 PHASE_PREFILL = 1
 
 
@@ -164,7 +165,12 @@ class DenseCost:
         """Built from a scenario's ``engine`` and ``trace`` keys and the profile's tables.
         ``prompt_lengths``: a recorded trace's per-sequence prompt lengths (0 = unknown)."""
         eng, model = scenario.engine, scenario.model
-        tables = None if eng.style == "twin" else engine_tables(profile, model.name, source)
+        if eng.style == "twin":
+            tables = None
+        elif eng.style in UNMEASURED:
+            tables = engine_tables(profile, model.name, source)
+        else:   # a measured style the profile lacks would be priced with the twin's launch cost
+            tables = require_style(profile, model.name, eng.style, source)
         return cls(style=eng.style, batch=batch, phases=phases, tokens=tokens, tables=tables,
                    start_context=start_context(scenario, prompt_lengths),
                    override_ms=eng.dense_ms_per_layer, twin_dense_ms=model.dense_ms_per_layer)

@@ -170,3 +170,11 @@ def test_shipped_scenario_scales_to_the_tiny_model():
     scaled = {p.name: scaled_policy(p, sc.model, TINY) for p in sc.policies}
     assert scaled["lru"].cache.capacity == 4 and scaled["layer-baseline"].cache.capacity == TINY.num_experts
     assert scaled["layer-baseline"].memory == "pageable" and scaled["cpu-miss"].miss.kind == "cpu"
+
+
+def test_merge_keeps_styles_the_new_run_did_not_measure(tiny_profile, tmp_path):
+    doc = json.loads((tiny_profile.parent / "engine.json").read_text())
+    doc["tables"]["experts"] = {"hf-eager": doc["tables"]["experts"]["offload"]}
+    (tmp_path / "eager.json").write_text(json.dumps(doc))
+    prof = merge_engine(tiny_profile, [tmp_path / "eager.json"], tmp_path / "both.json")
+    assert set(prof["engine"]["olmoe-1b-7b-tiny"]["styles"]) == {"offload", "hf-eager"}
