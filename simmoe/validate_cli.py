@@ -54,6 +54,12 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     Host-bound terms drift on a shared host between calibration and validation; with
     --host-now (the default on cuda) each row is also simulated with the host terms measured
     beside it, so that the table separates the model's error ("err now") from the drift.
+
+    --executor model runs the preset's real transformers model instead (random weights, its
+    routed experts offloaded, the same planner and policies), per (policy, batch, --prompt),
+    after a first row with every expert resident, and projects each row with the scenario's
+    engine.style on the routing it ran (--repeats and the host-now options are the twin's).
+    On --device cpu only the decisions are checked.
     """
     from rich.console import Console
     from rich.table import Table
