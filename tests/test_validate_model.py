@@ -142,6 +142,7 @@ def test_projection_rows_with_timing_forced(tiny_profile, tmp_path):
     ("twin", "engine.style: twin prices"),
     ("device", "--device: 'tpu'"),
     ("tiny-twin", "--tiny: only with --executor model"),
+    ("prompt", "--prompt: 1,000,000,000 tokens is past any context"),
 ])
 def test_cli_bad_inputs_exit_2(tmp_path, case, needle):
     sc = write_scenario(tmp_path)
@@ -153,6 +154,8 @@ def test_cli_bad_inputs_exit_2(tmp_path, case, needle):
     elif case == "twin":
         sc = write_scenario(tmp_path, style="twin")
         args = ["--executor", "model", "--device", "cuda"]
+    elif case == "prompt":
+        args += ["--prompt", "8,1000000000"]
     elif case == "device":
         args = ["--executor", "model", "--device", "tpu"]
     else:

@@ -33,7 +33,7 @@ from simulator.models import PRESETS, ModelSpec
 from simulator.planner import Planner
 from simulator.profile import Profile, load_profile
 from simulator.runner import build_trace, cost_model, simulate
-from simulator.scenario import PolicySpec, Scenario, parse_scenario
+from simulator.scenario import MAX_CONTEXT, PolicySpec, Scenario, parse_scenario
 from simulator.traces import Trace
 
 #: what the executor counts of its own work, checked against the planner's decisions
@@ -217,6 +217,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
         raise InputError(source, "trace.prefill_tokens", "the model executor runs decode steps after a prompt; "
                                                           "give the context as trace.prompt_tokens")
     prompts = prompts or [max(1, sc.trace.prompt_tokens or DEFAULT_PROMPT)]
+    if max(prompts) > MAX_CONTEXT:
+        raise InputError("command line", "--prompt", f"{max(prompts):,} tokens is past any context (at most {MAX_CONTEXT:,})")
     policies = [scaled_policy(p, sc.model, spec) for p in sc.policies]
     if resident:
         if any(p.name == "resident" for p in policies):
