@@ -32,40 +32,41 @@ from typing import Callable
 #: Times were fitted by non-negative least squares on relative error over a grid of small
 #: runs (batch, steps, layers, experts, top-k and load mode varied one at a time); memory
 #: constants from tracemalloc peaks of the same runs. After an engine change, rerun --fit.
+#: Refitted 2026-12-01 on the fast engine (bench/bench_estimate.py --fit --repeats 2).
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
-    "run_s_base": 0.0257,                       # a run's fixed cost (profile, summary, writing the files)
-    "sim_s_per_served.per-item": 4.1e-06,   # one served expert request, by load mode
-    "sim_s_per_served.dedup": 7.8e-06,
-    "sim_s_per_served.coalesced": 4.15e-06,
-    "sim_s_per_routed": 2.86e-06,             # one routed (token, layer, expert) pair
-    "sim_s_per_layer_step": 5.59e-05,         # one layer of one step
-    "sim_s_per_step": 7.53e-05,               # one step (records, sync)
-    "sim_s_per_run": 0.0257,                # one policy over one trace (planner, engine, frame)
-    "sim_s_extra_per_served.prefetch": 0,   # prefetch on
-    "sim_s_extra_per_served.future": 4.36e-06,     # belady / static-hot: the request stream ahead
-    "sim_s_extra_per_served.pageable": 1.8e-05,   # pageable copies block the host
-    "sim_s_per_slot": 5.96e-08,               # building a cache's slot list
+    "run_s_base": 0.0314,                       # a run's fixed cost (profile, summary, writing the files)
+    "sim_s_per_served.per-item": 0,   # one served expert request, by load mode
+    "sim_s_per_served.dedup": 9.72e-07,
+    "sim_s_per_served.coalesced": 1.46e-06,
+    "sim_s_per_routed": 3.68e-07,             # one routed (token, layer, expert) pair
+    "sim_s_per_layer_step": 1.09e-05,         # one layer of one step
+    "sim_s_per_step": 0.000158,               # one step (records, sync)
+    "sim_s_per_run": 0.0314,                # one policy over one trace (planner, engine, frame)
+    "sim_s_extra_per_served.prefetch": 1.89e-06,   # prefetch on
+    "sim_s_extra_per_served.future": 1.81e-06,     # belady / static-hot: the request stream ahead
+    "sim_s_extra_per_served.pageable": 2.45e-06,   # pageable copies block the host
+    "sim_s_per_slot": 4.97e-08,               # building a cache's slot list
     # synthetic generator
-    "gen_s_per_draw": 0,               # one (token, layer, expert) Gumbel key
-    "gen_s_per_layer_step": 5.59e-05,
+    "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key
+    "gen_s_per_layer_step": 1.09e-05,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
-    "bytes_base": 2.75e+06,                     # a job's fixed allocations (first-use caches, tables)
-    "bytes_per_draw": 32.1,                  # live bytes per (token, expert) key of one layer draw
+    "bytes_base": 2.89e+06,                     # a job's fixed allocations (first-use caches, tables)
+    "bytes_per_draw": 32.3,                  # live bytes per (token, expert) key of one layer draw
     "bytes_per_routed": 0,                 # trace arrays while built (int16, two copies)
     "bytes_per_token": 8.0,                  # seq ids while built
-    "bytes_per_op": 186,                   # one step's operations (plan tuples, engine ops, events)
+    "bytes_per_op": 176,                   # one step's operations (plan tuples, engine ops, events)
     "bytes_per_slot": 40.2,                  # one cache slot (free list entry, slot map)
-    "bytes_per_future": 19.2,                # one request of the stream ahead (belady / static-hot)
-    "bytes_per_row": 1.11e+03,                 # one per-step row: records, frames, concat, summary
+    "bytes_per_future": 22.5,                # one request of the stream ahead (belady / static-hot)
+    "bytes_per_row": 1.02e+03,                 # one per-step row: records, frames, concat, summary
     # sweeps
     "sweep_s_per_point": 4.0e-04,            # expanding, validating and storing one point
     "sweep_bytes_per_point": 20000.0,        # one expanded point held in memory
     # trace statistics (simmoe trace stats / fit)
-    "stats_s_per_routed": 4.08e-07,           # counts, re-use distance, batching, per routed id
-    "stats_s_per_pair": 8.3e-08,             # (L-1) x E x E affinity counts and scores
-    "stats_s_per_lru_step": 2.39e-05,         # one step of the LRU stack-distance pass
+    "stats_s_per_routed": 3.75e-07,           # counts, re-use distance, batching, per routed id
+    "stats_s_per_pair": 9.51e-08,             # (L-1) x E x E affinity counts and scores
+    "stats_s_per_lru_step": 2.5e-05,         # one step of the LRU stack-distance pass
     "stats_s_per_lru_key": 0,          # one key of the LRU pass (incl. its sort of L x E)
     "stats_bytes_per_routed": 30.0,          # batched copies, sorts and index arrays
     "stats_bytes_per_pair": 24.0,            # affinity count arrays (int64, three live)
