@@ -23,6 +23,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .traces.synthetic import CHUNK
+
 #: Per-unit costs, measured by ``python bench/bench_estimate.py --fit`` (which prints a fresh
 #: table to paste here) on the project's shared 2-vCPU VM (Python 3.11.7), 2026-12-01. A cost
 #: of 0 is one the training runs could not tell apart from the others (gen_s_per_draw: small
@@ -174,6 +176,19 @@ class _Shape:
     B: int
     steps: int
     prefill: int          # tokens per sequence in the prefill step (0: none)
+    temporal: bool = True     # the sampler's dependencies: which decode cells it draws together
+    cross: bool = True
+
+    @property
+    def wave_cells(self) -> int:
+        """Decode cells the sampler draws together (simulator/traces/synthetic.py)."""
+        if self.temporal and self.cross:
+            return min(self.steps, self.L)
+        if self.temporal:
+            return self.L
+        if self.cross:
+            return self.steps
+        return self.steps * self.L
 
     @property
     def tokens(self) -> int:
@@ -217,7 +232,11 @@ def _trace_cost(sh: _Shape, synthetic: bool) -> tuple[float, float]:
     if not synthetic:
         return sh.routed * _c("real_s_per_routed"), mem
     secs = sh.tokens * sh.L * sh.E * _c("gen_s_per_draw") + sh.n_steps * sh.L * _c("gen_s_per_layer_step")
-    return secs, mem + sh.max_step_tokens * sh.E * _c("bytes_per_draw")
+    # the sampler draws independent cells together, up to CHUNK keys at once (one cell at least)
+    decode_cells = sh.wave_cells * sh.B * sh.E
+    prefill = min(sh.max_step_tokens * sh.E, max(sh.E, CHUNK)) if sh.prefill else 0
+    draws = max(prefill, min(decode_cells, max(sh.B * sh.E, CHUNK)))
+    return secs, mem + draws * _c("bytes_per_draw")
 
 
 def _policy_signature(sc, policy, sh: _Shape) -> tuple[str, tuple, int]:
@@ -244,7 +263,8 @@ def _shape(sc, B: int) -> _Shape:
     prefill = t.prefill_tokens
     if t.sequences is not None and t.sequences.prefill:
         prefill = max(prefill, 1)   # recorded prompts: their length is in the file; one prompt step
-    return _Shape(L=m.num_layers, E=m.num_experts, k=m.top_k, B=B, steps=t.steps, prefill=prefill)
+    return _Shape(L=m.num_layers, E=m.num_experts, k=m.top_k, B=B, steps=t.steps, prefill=prefill,
+                  temporal=t.temporal > 0, cross=t.cross_layer > 0)
 
 
 def _size_text(sc) -> str:

@@ -45,7 +45,7 @@ GENERATORS = {
 GENERATOR_VERSIONS = (1, 2)
 GENERATOR_VERSION = 2
 _FORCE = 1e6
-_CHUNK = 1 << 22       # random keys drawn at once (floats): bounds the sampler's memory
+CHUNK = 1 << 20        # random keys drawn at once (floats): bounds the sampler's memory
 
 
 def generate(
@@ -130,7 +130,7 @@ class _Sampler:
         """The prefill step ``(B * P, L, k)``: layers in turn, rows in chunks."""
         n = self.B * self.P
         out = np.empty((n, self.L, self.k), dtype=self.dtype)
-        rows = max(1, _CHUNK // self.E)
+        rows = max(1, CHUNK // self.E)
         for l in range(self.L):
             layer = np.array([l])
             hot = self._hot(layer) if self.locality > 0 else None
@@ -157,7 +157,7 @@ class _Sampler:
             groups = np.split(order, np.arange(S, S * L, S))
         else:
             groups = [np.arange(S * L)]
-        per = max(1, _CHUNK // (self.B * self.E))
+        per = max(1, CHUNK // (self.B * self.E))
         for g in groups:
             for i in range(0, len(g), per):
                 part = g[i:i + per]
