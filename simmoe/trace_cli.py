@@ -15,7 +15,7 @@ from rich.table import Table
 
 from simulator.atomic import write_text
 from simulator.errors import InputError
-from simulator.traces.real import FORMATS
+from simulator.trace_formats import FORMATS
 
 #: tables print at full width into files and logs too
 console = Console() if Console().is_terminal else Console(width=160)

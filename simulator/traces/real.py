@@ -56,7 +56,7 @@ from .trace import MAX_META_BYTES, MAX_TRACE_BYTES, TRACE_FORMAT, RoutingShape, 
 
 SEQUENCES_FORMAT = "simmoe-sequences"
 SEQUENCES_VERSION = 1
-FORMATS = ("auto", "layer-csv", "long-csv", "parquet", "jsonl", "simmoe")
+from ..trace_formats import FORMATS  # noqa: E402  (re-exported)
 #: sequence ``i`` (in corpus order) is in the test split when ``i % TEST_EVERY == TEST_EVERY - 1``
 TEST_EVERY = 5
 _CHUNK_BYTES = 1 << 18
