@@ -52,7 +52,7 @@ def thrashing(row: dict, sc) -> str | None:
     served = max(1, row["hits"] + row["misses"])
     return (f"B={row['batch_size']} {row['policy']}: {where} of {slots:,} experts < one step's working set "
             f"({per_step:,.0f} distinct experts{' per layer' if where[0] == 'p' else ''}): it thrashes "
-            f"(demand hits {row['demand_hits'] / served:.1%})")
+            f"(demand hits {(row['hits'] - row['prefetches_used']) / served:.1%})")
 
 
 def decide(summary: list[dict], sc) -> dict:
@@ -75,7 +75,7 @@ def decide(summary: list[dict], sc) -> dict:
                  "baseline": base_name, "baseline_rule": rule, "baseline_latency_ms": _mean(base),
                  "speedup": best["speedup_vs_baseline"],
                  "runner_up": None, "distinguishable": None,
-                 "demand_hits": best["demand_hits"], "prefetch_hits": best["prefetch_hits"],
+                 "demand_hits": best["hits"] - best["prefetches_used"], "prefetch_hits": best["prefetches_used"],
                  "wasted_prefetch_bytes": best["prefetches_wasted"] * eb}
         if len(ranked) > 1:
             second = ranked[1]

@@ -1,0 +1,140 @@
+"""Answers, not tables (issue 14): the decision summary, the 80-column table, CSV export,
+provenance, and the rough edges of the command line."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import yaml
+from click.testing import CliRunner
+from rich.console import Console
+
+from simmoe.cli import main
+from simulator.decision import decide, decision_lines
+from simulator.errors import InputError
+from simulator.runner import run_scenario
+from simulator.scenario import parse_scenario
+
+from conftest import REPO, scenario_dict
+
+POLICIES = [
+    {"name": "per-item-pageable", "load": "per-item", "memory": "pageable"},
+    {"name": "dedup-pinned", "load": "dedup"},
+    {"name": "dedup-lru-tiny", "cache": {"kind": "lru", "capacity": 2}},
+    {"name": "dedup-lru-prefetch", "cache": {"kind": "lru", "capacity": 48}, "prefetch": {"kind": "oracle"}},
+]
+
+
+def invoke(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.stdout, r.stderr
+
+
+@pytest.fixture(scope="module")
+def result():
+    return run_scenario(parse_scenario(scenario_dict(policies=POLICIES)))
+
+
+# ------------------------------------------------------------------------ decision summary
+def test_decision_best_baseline_and_speedup(result):
+    by = {(r["policy"], r["batch_size"]): r for r in result.summary}
+    for d in result.decision["per_batch"]:
+        b = d["batch_size"]
+        rows = [r for r in result.summary if r["batch_size"] == b]
+        best = min(rows, key=lambda r: r["step_latency_ms"]["mean"])
+        assert d["best"] == best["policy"]
+        # default baseline: the fastest policy without a cache (per-item pageable is slower)
+        assert d["baseline"] == "dedup-pinned" and d["baseline_rule"] == "fastest policy without a cache"
+        assert d["speedup"] == pytest.approx(by[("dedup-pinned", b)]["step_latency_ms"]["mean"] /
+                                             best["step_latency_ms"]["mean"])
+        assert by[("per-item-pageable", b)]["speedup_vs_baseline"] < 1
+        assert by[("dedup-pinned", b)]["speedup_vs_baseline"] == 1
+        assert d["runner_up"] != d["best"] and d["distinguishable"] in (True, False)
+
+
+def test_demand_and_prefetch_hits_are_separated(result):
+    for r in result.summary:
+        assert r["demand_hits"] + r["prefetch_hits"] == r["hits"]
+        assert r["prefetch_hits"] == r["prefetches_used"]
+    pre = [r for r in result.summary if r["policy"] == "dedup-lru-prefetch"]
+    assert all(r["prefetch_hits"] > 0 for r in pre)
+    assert all(r["prefetch_hits"] == 0 for r in result.summary if r["policy"] != "dedup-lru-prefetch")
+
+
+def test_thrashing_warning_names_the_small_global_cache(result):
+    warns = result.decision["warnings"]
+    assert warns and all("dedup-lru-tiny" in w for w in warns), warns
+    assert "global cache of 2 experts < one step's working set" in warns[0]
+
+
+def test_named_baseline_and_unknown_baseline():
+    res = run_scenario(parse_scenario(scenario_dict(policies=POLICIES, baseline="per-item-pageable",
+                                                    replications=1, batch_sizes=[4])))
+    d = res.decision["per_batch"][0]
+    assert d["baseline"] == "per-item-pageable" and d["baseline_rule"] == "scenario key 'baseline'"
+    assert d["speedup"] > 1
+    with pytest.raises(InputError, match="baseline: 'nope' is not a policy of this scenario"):
+        parse_scenario(scenario_dict(policies=POLICIES, baseline="nope"))
+
+
+def _row(name, mean, lo, hi, b=1):
+    return {"policy": name, "batch_size": b, "steps": 1, "hits": 0, "misses": 1, "prefetches_used": 0,
+            "prefetches_wasted": 0, "unique_requests": 1, "step_latency_ms": {"mean": mean, "ci95": [lo, hi]}}
+
+
+@pytest.mark.parametrize("second_lo, verdict", [(2.5, True), (1.5, False)])
+def test_ci_verdict(second_lo, verdict):
+    sc = parse_scenario(scenario_dict(policies=POLICIES[:2]))
+    d = decide([_row("dedup-pinned", 1.0, 0.0, 2.0), _row("per-item-pageable", 3.0, second_lo, 4.0)], sc)
+    assert d["per_batch"][0]["distinguishable"] is verdict
+    text = " ".join(decision_lines(d))
+    assert ("beats per-item-pageable beyond the 95% CIs" in text) is verdict
+    assert ("not distinguishable from per-item-pageable" in text) is not verdict
+
+
+def test_every_policy_cached_falls_back_to_the_first_and_says_so():
+    pols = [POLICIES[2], POLICIES[3]]
+    res = run_scenario(parse_scenario(scenario_dict(policies=pols, replications=1, batch_sizes=[1])))
+    d = res.decision["per_batch"][0]
+    assert d["baseline"] == "dedup-lru-tiny" and "first policy" in d["baseline_rule"]
+
+
+# -------------------------------------------------------------------- files and the table
+def test_run_writes_decision_provenance_and_csv(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(scenario_dict(policies=POLICIES)))
+    r = subprocess.run([sys.executable, "-m", "simmoe", "run", str(p), "-o", str(tmp_path / "o")],
+                       capture_output=True, text=True, env={**os.environ, "COLUMNS": "80"}, timeout=120)
+    assert r.returncode == 0, r.stderr               # python -m simmoe works
+    out = r.stdout
+    assert max(len(line) for line in out.splitlines() if not line.startswith("wrote")) <= 80
+    doc = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert [d["batch_size"] for d in doc["decision"]["per_batch"]] == [1, 4]
+    prov = doc["provenance"]
+    assert prov["command"][1:3] == ["run", str(p)] and prov["simmoe_version"] == doc["simmoe_version"]
+    assert prov["time_utc"].endswith("+00:00")
+    assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
+    csv = pd.read_csv(tmp_path / "o" / "summary.csv")
+    assert list(csv["policy"]) == [r["policy"] for r in doc["results"]]
+    assert list(csv["latency_mean_ms"]) == pytest.approx([r["step_latency_ms"]["mean"] for r in doc["results"]])
+    assert {"demand_hits", "prefetch_hits", "speedup_vs_baseline", "baseline"} <= set(csv.columns)
+    assert "Decision (speed-up vs the baseline: fastest policy without a cache)" in out
+    assert "warning: B=" in out
+
+
+def test_table_fits_80_columns_with_whole_policy_names(result):
+    from simmoe.display import LEGEND, summary_table
+
+    buf = io.StringIO()
+    Console(file=buf, width=80).print(summary_table(result))
+    lines = buf.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    text = buf.getvalue()
+    for p in POLICIES:
+        assert p["name"] in text          # not cut to "dedu..."
+    assert "…" not in text and "x base" in text and "x base" in LEGEND
