@@ -138,3 +138,17 @@ def test_table_fits_80_columns_with_whole_policy_names(result):
     for p in POLICIES:
         assert p["name"] in text          # not cut to "dedu..."
     assert "…" not in text and "x base" in text and "x base" in LEGEND
+
+
+def test_report_leads_with_the_decision(tmp_path, result):
+    from simmoe.report import write_report
+    from simulator.output import write_results
+
+    write_results(result, tmp_path / "run")
+    write_report(tmp_path / "run")
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert md.index("## Decision") < md.index("## Computation")
+    for d in result.decision["per_batch"]:
+        verdict = "yes" if d["distinguishable"] else "not distinguishable"
+        assert f"| {d['batch_size']} | {d['best']} |" in md and f"| {verdict} |" in md
+    assert "_Warning: B=" in md and "dedup-lru-tiny" in md
