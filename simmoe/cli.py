@@ -224,13 +224,16 @@ def profile_list():
 
 @profile_group.command("show")
 @click.argument("profile")
-def profile_show(profile):
-    """Print a profile (built-in name or path) as JSON."""
+@click.option("--json", "as_json", is_flag=True, help="Print the whole profile as JSON (every measured point).")
+def profile_show(profile, as_json):
+    """Summarise PROFILE (a built-in name or a profile JSON path): where it comes from, copy
+    bandwidth and latency, host overheads, and the expert shapes and engines it has timings for."""
     import json
 
-    from simulator.profile import load_profile
+    from simulator.profile import load_profile, profile_summary
 
-    click.echo(json.dumps(load_profile(profile).to_json(), indent=1))
+    p = load_profile(profile, source="PROFILE")
+    click.echo(json.dumps(p.to_json(), indent=1) if as_json else "\n".join(profile_summary(p)))
 
 
 @main.command("models")
