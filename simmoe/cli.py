@@ -187,15 +187,35 @@ def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_localit
 @trace_group.command("show")
 @click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
 def trace_show(trace):
-    """Print a trace file's shape and metadata."""
+    """Print the shape and metadata of a trace (from `trace gen`) or of a sequence set (from
+    `trace import`)."""
     import json
+    import zipfile
 
+    import numpy as np
+
+    from simulator.safe_load import check_input_file
     from simulator.traces import load_trace
+    from simulator.traces.real import SEQUENCES_FORMAT, _npz_format, load_sequences
 
-    tr = load_trace(trace)
-    click.echo(f"{trace}: {tr.num_steps} steps ({int(tr.phase.sum())} prefill), {tr.num_tokens} tokens, "
-               f"{tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}")
-    click.echo(json.dumps(tr.meta, indent=1, sort_keys=True))
+    if not zipfile.is_zipfile(check_input_file(trace, "trace")):
+        raise InputError(str(trace), "trace", "not a simmoe .npz (a trace from `simmoe trace gen` or sequences "
+                                              "from `simmoe trace import`); recorded routing in CSV, JSONL or "
+                                              "Parquet is read by `simmoe trace import`")
+    if _npz_format(trace) == SEQUENCES_FORMAT:
+        ss = load_sequences(trace)
+        n = ss.lengths
+        click.echo(f"{trace}: sequence set (from `trace import`) of {ss.num_sequences} sequences, {ss.num_tokens} "
+                   f"tokens (per sequence {int(n.min())} to {int(n.max())}, median {float(np.median(n)):g}; "
+                   f"{int(ss.prompt_lengths.sum())} prompt tokens), {ss.num_layers} layers, top-{ss.top_k} of "
+                   f"{ss.num_experts}. Scenarios read it under trace.sequences.path.")
+        meta = ss.meta
+    else:
+        tr = load_trace(trace)
+        click.echo(f"{trace}: trace of {tr.num_steps} steps ({int(tr.phase.sum())} prefill), {tr.num_tokens} tokens, "
+                   f"{tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}")
+        meta = tr.meta
+    click.echo(json.dumps(meta, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------------- profiles/models
