@@ -35,8 +35,9 @@ def _mean(r: dict) -> float:
     return r["step_latency_ms"]["mean"]
 
 
-def thrashing(row: dict, sc) -> str | None:
-    """A warning when the row's cache holds fewer experts than one step's working set."""
+def thrashing(row: dict, sc) -> tuple[str, int, float] | None:
+    """(cache kind, slots, working set) when the row's cache holds fewer experts than one step's
+    working set, else None."""
     pol = next(p for p in sc.policies if p.name == row["policy"])
     slots = pol.cache.slots(sc.model.expert_bytes)
     if pol.cache.kind == "none" or slots is None or not row["steps"]:
@@ -44,15 +45,25 @@ def thrashing(row: dict, sc) -> str | None:
     per_step = row["unique_requests"] / row["steps"]
     if pol.cache.scope == "per-layer":
         per_step /= sc.model.num_layers
-        where = "per-layer cache"
-    else:
-        where = "global cache"
-    if slots >= per_step:
-        return None
-    served = max(1, row["hits"] + row["misses"])
-    return (f"B={row['batch_size']} {row['policy']}: {where} of {slots:,} experts < one step's working set "
-            f"({per_step:,.0f} distinct experts{' per layer' if where[0] == 'p' else ''}): it thrashes "
-            f"(demand hits {(row['hits'] - row['prefetches_used']) / served:.1%})")
+    return (pol.cache.scope, slots, per_step) if slots < per_step else None
+
+
+def thrashing_warnings(summary: list[dict], sc) -> list[str]:
+    """One warning per batch size and cache size that thrashes, naming its policies."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in summary:
+        t = thrashing(r, sc)
+        if t is not None:
+            groups.setdefault((r["batch_size"], t[0], t[1]), []).append((r, t[2]))
+    out = []
+    for (b, scope, slots), rows in groups.items():
+        per_step = rows[0][1]
+        layer = " per layer" if scope == "per-layer" else ""
+        hits = ", ".join(f"{r['policy']} {(r['hits'] - r['prefetches_used']) / max(1, r['hits'] + r['misses']):.0%}"
+                         for r, _ in rows)
+        out.append(f"B={b}: a {scope} cache of {slots:,} experts is smaller than one step's working set "
+                   f"({per_step:,.0f} distinct experts{layer}): it thrashes (demand hits: {hits})")
+    return out
 
 
 def decide(summary: list[dict], sc) -> dict:
@@ -83,8 +94,7 @@ def decide(summary: list[dict], sc) -> dict:
             entry["runner_up_latency_ms"] = _mean(second)
             entry["distinguishable"] = best["step_latency_ms"]["ci95"][1] < second["step_latency_ms"]["ci95"][0]
         out.append(entry)
-    warnings = [w for w in (thrashing(r, sc) for r in summary) if w]
-    return {"per_batch": out, "warnings": warnings}
+    return {"per_batch": out, "warnings": thrashing_warnings(summary, sc)}
 
 
 def decision_lines(decision: dict) -> list[str]:

@@ -64,6 +64,8 @@ class SequencesSpec(_Strict):
     max_sequences: int | None = Field(None, gt=0, le=10**9)
     prefill: bool = False
     split: Literal["all", "train", "test"] = "all"
+    download: str | None = Field(None, max_length=500,
+                                 description="where to get the trace; the error for a missing path says it")
 
 
 KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")

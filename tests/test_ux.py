@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -68,8 +69,8 @@ def test_demand_and_prefetch_hits_are_separated(result):
 
 def test_thrashing_warning_names_the_small_global_cache(result):
     warns = result.decision["warnings"]
-    assert warns and all("dedup-lru-tiny" in w for w in warns), warns
-    assert "global cache of 2 experts < one step's working set" in warns[0]
+    assert len(warns) == 2 and all("dedup-lru-tiny" in w and "prefetch" not in w for w in warns), warns
+    assert warns[0].startswith("B=1: a global cache of 2 experts is smaller than one step's working set")
 
 
 def test_named_baseline_and_unknown_baseline():
@@ -152,3 +153,46 @@ def test_report_leads_with_the_decision(tmp_path, result):
         verdict = "yes" if d["distinguishable"] else "not distinguishable"
         assert f"| {d['batch_size']} | {d['best']} |" in md and f"| {verdict} |" in md
     assert "_Warning: B=" in md and "dedup-lru-tiny" in md
+
+
+# ------------------------------------------------------------------------------ rough edges
+def test_cli_imports_neither_pandas_nor_scipy():
+    code = ("import sys, simmoe.cli; heavy = [m for m in ('pandas', 'scipy', 'simulator.runner', 'simpy') "
+            "if m in sys.modules]; print(heavy); sys.exit(bool(heavy))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_profile_show_summary_json_and_unknown_name():
+    code, out, _ = invoke("profile", "show", "h100-pcie5")
+    assert code == 0 and out.startswith("h100-pcie5: calibrated")
+    assert "copy h2d pinned:" in out and "compute gpu 768x3072-fp32-gated:" in out and len(out) < 5000
+    code, out, _ = invoke("profile", "show", "h100-pcie5", "--json")
+    assert code == 0 and json.loads(out)["name"] == "h100-pcie5"
+    code, _, err = invoke("profile", "show", "nope")
+    assert code == 2 and err.startswith("error: command line: PROFILE: unknown profile 'nope'") and "--profile" not in err
+
+
+def test_trace_show_reads_an_import_and_names_other_files(tmp_path):
+    from simulator.traces.real import SequenceWriter
+
+    rng = np.random.default_rng(0)
+    with SequenceWriter(tmp_path / "seq.npz", num_experts=8) as w:
+        for i, n in enumerate((3, 5)):
+            w.add(np.stack([rng.permutation(8)[:4].reshape(2, 2) for _ in range(n)]), f"s{i}")
+    code, out, err = invoke("trace", "show", tmp_path / "seq.npz")
+    assert code == 0, err
+    assert "sequence set (from `trace import`) of 2 sequences, 8 tokens (per sequence 3 to 5" in out
+    (tmp_path / "r.csv").write_text("Layer ID,Token\n1,a\n")
+    code, _, err = invoke("trace", "show", tmp_path / "r.csv")
+    assert code == 2 and "r.csv: trace: not a simmoe .npz" in err and "simmoe trace import" in err
+
+
+def test_real_trace_scenario_outside_the_layout_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("SIMMOE_TRACE_DIR", raising=False)
+    p = tmp_path / "scenarios" / "ds.yaml"
+    p.parent.mkdir()
+    p.write_text((REPO / "scenarios" / "deepseek_v2_lite_real.yaml").read_text())
+    code, _, err = invoke("run", p, "-o", tmp_path / "o", "-q")
+    assert code == 2 and "trace.sequences.path: not found; get it from https://github.com/ngavhane/moe-beyond" in err
+    assert not (tmp_path / "o").exists()
