@@ -82,6 +82,8 @@ def trace_stats_cmd(trace, fmt, batch_sizes, lru_batch, per_layer, json_out, plo
     st = trace_stats(ss, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), lru_batch=lru_batch)
     st["source"] = str(trace)
     print_stats(st, per_layer)
+    for w in st["warnings"]:
+        console.print(f"[yellow]warning: {w}[/]", highlight=False)
     written = []
     if json_out:
         _write_json(st, json_out)

@@ -196,3 +196,19 @@ def test_real_trace_scenario_outside_the_layout_says_where_to_get_it(tmp_path, m
     code, _, err = invoke("run", p, "-o", tmp_path / "o", "-q")
     assert code == 2 and "trace.sequences.path: not found; get it from https://github.com/ngavhane/moe-beyond" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_trace_stats_warns_when_the_batch_repeats_sequences(tmp_path):
+    from simulator.traces.real import SequenceWriter
+
+    rng = np.random.default_rng(1)
+    with SequenceWriter(tmp_path / "seq.npz", num_experts=8) as w:
+        for i in range(3):
+            w.add(np.stack([rng.permutation(8)[:4].reshape(2, 2) for _ in range(6)]), f"s{i}")
+    code, out, err = invoke("trace", "stats", tmp_path / "seq.npz", "-b", "1,8", "--json", tmp_path / "st.json")
+    assert code == 0, err
+    st = json.loads((tmp_path / "st.json").read_text())
+    by = {r["batch_size"]: r for r in st["batch_dedup"]}
+    assert by[1]["repeated"] == 0 and by[8]["repeated"] == by[8]["sequences_admitted"] - 3 > 0
+    assert st["warnings"] == [w for w in st["warnings"] if w.startswith("batch dedup at B=8")] and st["warnings"]
+    assert "warning: batch dedup at B=8: the batch decoded" in out and "B=1:" not in out
