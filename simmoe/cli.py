@@ -273,6 +273,22 @@ def models_cmd():
                    f"{m.expert_bytes / 2**20:7.2f} MiB/expert  key {m.shape_key}")
 
 
+@main.command("schema")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write it to this file [default: stdout].")
+def schema_cmd(out):
+    """Print the JSON Schema of a scenario file, for editors (docs/scenario.schema.json holds a
+    copy; docs/scenarios.md says how to point an editor at it)."""
+    from simulator.schema import schema_text
+
+    if out is None:
+        click.echo(schema_text(), nl=False)
+        return
+    from simulator.atomic import write_text
+
+    write_text(out, schema_text())
+    click.echo(f"wrote {out}")
+
+
 # -------------------------------------------------------- commands from other modules
 # Each module exposes register(main) and adds its commands; a module not yet present is
 # skipped so the core CLI works on its own.

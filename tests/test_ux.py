@@ -212,3 +212,27 @@ def test_trace_stats_warns_when_the_batch_repeats_sequences(tmp_path):
     assert by[1]["repeated"] == 0 and by[8]["repeated"] == by[8]["sequences_admitted"] - 3 > 0
     assert st["warnings"] == [w for w in st["warnings"] if w.startswith("batch dedup at B=8")] and st["warnings"]
     assert "warning: batch dedup at B=8: the batch decoded" in out and "B=1:" not in out
+
+
+# ----------------------------------------------------------------------------- JSON Schema
+def test_shipped_schema_is_current_and_checks_the_shipped_scenarios(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    from simulator.schema import schema_text
+
+    shipped = (REPO / "docs" / "scenario.schema.json").read_text()
+    assert shipped == schema_text(), "regenerate: simmoe schema -o docs/scenario.schema.json"
+    code, out, _ = invoke("schema")
+    assert code == 0 and out == shipped
+    schema = json.loads(shipped)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    v = jsonschema.Draft202012Validator(schema)
+    scenarios = [p for p in sorted((REPO / "scenarios").glob("*.yaml")) if "policies" in yaml.safe_load(p.read_text())]
+    assert len(scenarios) >= 5
+    for p in scenarios:
+        assert not list(v.iter_errors(yaml.safe_load(p.read_text()))), p
+    good = scenario_dict(policies=POLICIES, baseline="dedup-pinned")
+    assert not list(v.iter_errors(good))
+    for bad in ({**good, "bogus": 1}, {**good, "model": "gpt-5"},
+                {**good, "policies": [{"name": "x", "cache": {"kind": "nope", "capacity": 4}}]},
+                {**good, "policies": [{"name": "x", "cache": {"kind": "lru", "capacity": "4 gigs"}}]}):
+        assert list(v.iter_errors(bad))
