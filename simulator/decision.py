@@ -107,7 +107,7 @@ def decision_lines(decision: dict) -> list[str]:
         sp = f"{d['speedup']:.2f}x" if d["speedup"] else "-"
         s = f"  B={d['batch_size']}: {d['best']}, {sp} vs {d['baseline']}"
         if d["runner_up"] is not None:
-            s += (f"; beats {d['runner_up']} beyond the 95% CIs" if d["distinguishable"] else
+            s += (f"; beats {d['runner_up']} (95% CIs apart)" if d["distinguishable"] else
                   f"; not distinguishable from {d['runner_up']} (95% CIs overlap)")
         lines.append(s)
         if d["prefetch_hits"] or d["wasted_prefetch_bytes"]:

@@ -94,7 +94,7 @@ def test_ci_verdict(second_lo, verdict):
     d = decide([_row("dedup-pinned", 1.0, 0.0, 2.0), _row("per-item-pageable", 3.0, second_lo, 4.0)], sc)
     assert d["per_batch"][0]["distinguishable"] is verdict
     text = " ".join(decision_lines(d))
-    assert ("beats per-item-pageable beyond the 95% CIs" in text) is verdict
+    assert ("beats per-item-pageable (95% CIs apart)" in text) is verdict
     assert ("not distinguishable from per-item-pageable" in text) is not verdict
 
 
