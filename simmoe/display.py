@@ -33,15 +33,6 @@ def progress_bar(quiet: bool, label: str):
         yield cb
 
 
-def fmt_bytes(n: float) -> str:
-    """Binary units (KiB, MiB, ...), as everywhere else in simmoe."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024:
-            return f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
-
-
 LEGEND = ("* best at its batch size; ms/step: mean step latency ± half its 95% CI; x base: speed-up over "
           "the baseline named below (base: the baseline itself); hit d/p: demand / prefetch hits per "
           "served request; dedup: routed requests that repeat an expert in their layer-step; "
