@@ -33,6 +33,10 @@ class SimmoeGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("interrupted: nothing was written", err=True)
             ctx.exit(130)
+        except MemoryError:
+            click.echo("error: out of memory: the job needs more memory than this machine could give "
+                       "(see the estimate printed at its start)", err=True)
+            ctx.exit(EXIT_BAD_INPUT)
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:                                  # the group's own flags, e.g. ``simmoe --bogus``
@@ -51,6 +55,10 @@ def usage_error(e: click.UsageError, where: str):
     where = e.ctx.command_path if e.ctx else where
     click.echo(f"error: command line: {e.format_message()} (see '{where} --help')", err=True)
     sys.exit(EXIT_BAD_INPUT)
+
+
+FORCE_HELP = ("Run even when the estimate says the job needs more memory than is available or more time "
+              "than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
 
 
 def parse_int_list(value: str | None, flag: str) -> list[int] | None:
@@ -95,14 +103,20 @@ def main():
 @click.option("--timeline", is_flag=True, help="Also write a Perfetto/Chrome trace (timeline.json) of the "
               "first replication of each policy at the smallest batch size.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
-def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet):
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet, force):
     """Simulate SCENARIO (YAML) for every policy and batch size.
 
     Prints a table (step latency with 95% CI, throughput, hit rate, dedup savings, bytes
     moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
     and the profile used. Same scenario and seed give the same numbers, bit for bit.
+
+    Before running, the memory and time the run needs are estimated from the scenario's sizes
+    and printed; a run that would not fit in the available memory or exceed the time limit
+    (SIMMOE_MAX_SECONDS, default 1 hour) is refused, naming the field (--force runs it anyway).
     """
     from simulator.names import results_dir
+    from simulator.estimate import check_scenario
     from simulator.output import write_results
     from simulator.runner import run_scenario
     from simulator.scenario import load_scenario
@@ -118,7 +132,8 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     if bs:
         overrides["batch_sizes"] = bs
     sc, base = load_scenario(scenario, overrides)
-    with progress_bar(quiet, "simulating") as cb:
+    est = check_scenario(sc, str(scenario), force)
+    with progress_bar(quiet, "simulating", est) as cb:
         result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)
     out = out or results_dir(sc.name)
     extra_files = {}
@@ -155,8 +170,10 @@ def trace_group():
 @click.option("--prefill-tokens", type=click.IntRange(0), default=0, help="Prompt tokens per sequence (a prefill step).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path), help="Output .npz.")
+@click.option("--quiet", "-q", is_flag=True, help="No estimate line and no progress bar.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_locality, batch_pool, cross_layer,
-              locality, prefill_tokens, seed, out):
+              locality, prefill_tokens, seed, out, quiet, force):
     """Write a seeded synthetic routing trace (.npz, see docs/traces.md)."""
     from pydantic import ValidationError
 
@@ -172,16 +189,31 @@ def trace_gen(model_name, batch, steps, generator, zipf, temporal, batch_localit
                          batch_locality=batch_locality, batch_pool=batch_pool, cross_layer=cross_layer,
                          locality=locality, prefill_tokens=prefill_tokens)
     except ValidationError as e:
-        msg = e.errors()[0]["msg"].removeprefix("Value error, ")
-        raise InputError("command line", "--generator", msg) from None
-    tr = generate(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, batch_size=batch,
-                  steps=steps, seed=seed, generator=generator, prefill_tokens=prefill_tokens, **spec.knobs)
+        err = e.errors()[0]
+        msg = err["msg"].removeprefix("Value error, ")
+        loc = [str(x) for x in err["loc"]]
+        flag = "--" + loc[0].replace("_", "-") if loc and loc[0] in TraceSpec.model_fields else "--generator"
+        raise InputError("command line", flag, msg) from None
+    from simulator.estimate import check_call, estimate_generate
+
+    from .display import timed_bar
+
+    shape = dict(num_layers=m.num_layers, num_experts=m.num_experts, top_k=m.top_k, batch_size=batch,
+                 steps=steps, prefill_tokens=prefill_tokens)
+    est = check_call(estimate_generate, shape, GEN_SMALL, "--batch", force=force)
+    with timed_bar(quiet, "generating", est):
+        tr = generate(**shape, seed=seed, generator=generator, **spec.knobs)
     tr.meta["model"] = m.name
     try:
         tr.save(out)
     except OSError as e:
         raise InputError(str(out), "--out", f"cannot write: {e.strerror or e}") from None
     click.echo(f"wrote {out}: {tr.num_steps} steps, {tr.num_tokens} tokens, {tr.num_requests} routed requests")
+
+
+#: per flag of ``trace gen``, the value that makes it small (to name the flag that makes a job big)
+GEN_SMALL = {"--batch": {"batch_size": 1}, "--steps": {"steps": 1}, "--prefill-tokens": {"prefill_tokens": 0},
+             "--model": {"num_layers": 1, "num_experts": 2, "top_k": 1}}
 
 
 @trace_group.command("show")

@@ -1,6 +1,7 @@
 """The ``simmoe sweep`` and ``simmoe report`` commands (registered by :mod:`simmoe.cli`)."""
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -19,8 +20,10 @@ import click
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Results folder [default: results/<sweep name>].")
 @click.option("--retry-failed", is_flag=True, help="Run again the points that failed in an earlier run.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet):
+@click.option("--quiet", "-q", is_flag=True, help="No estimate line and no progress bar.")
+@click.option("--force", is_flag=True, help="Run even when the estimate says the sweep needs more memory than is "
+              "available or more time than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
+def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, force):
     """Run every point of SWEEP.yaml: a base scenario with a grid of overrides.
 
     \b
@@ -47,16 +50,27 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet):
     the rest run; a kill at any moment (even kill -9) loses only the points in flight.
     A point that raises is recorded with its error and the sweep goes on. Results are the
     same, bit for bit, for any backend and worker count. Then: simmoe report OUT.
+
+    Before anything runs, the sweep's time and memory are estimated from a sample of its
+    points (the number of points is counted, not expanded) and printed; a sweep beyond the
+    available memory or the time limit is refused, naming the axis or field (--force).
     """
     from simulator.names import results_dir
-    from simulator.sweep import load_sweep, sweep
+    from simulator.estimate import check, estimate_sweep
+    from simulator.sweep import _read_yaml, expand, sweep
 
-    from .display import progress_bar
+    from .display import announce, progress_bar
 
-    sw = load_sweep(sweep_file)
+    doc = _read_yaml(sweep_file, "sweep")
+    folder = sweep_file.resolve().parent
+    est, blame = estimate_sweep(doc, str(sweep_file), folder, workers)
+    check(est, str(sweep_file), blame, force)
+    console = announce(quiet, "sweep", est)
+    with console.status(f"expanding and checking the points of {sweep_file}") if not quiet else _nothing():
+        sw = expand(doc, str(sweep_file), folder)
     out = out or results_dir(sw.name)
     try:
-        with progress_bar(quiet, "sweep") as cb:
+        with progress_bar(quiet, "sweep", est, announced=True) as cb:
             df = sweep(sw, backend=backend, workers=workers, address=address, out=out,
                        retry_failed=retry_failed, notice=lambda m: click.echo(m, err=True),
                        progress=(lambda done, total, failed: cb(done, total, f"{failed} failed")) if cb else None)
@@ -102,6 +116,11 @@ def report_cmd(folder, out):
     written = write_report(folder, out)
     click.echo(f"wrote {written[0]} and {written[1]} ({len(written) - 2} plot files in {written[2].parent})"
                if len(written) > 2 else f"wrote {written[0]} and {written[1]}")
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def register(main: click.Group) -> None:

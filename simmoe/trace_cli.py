@@ -24,6 +24,17 @@ _FORMAT = click.option("--format", "fmt", type=click.Choice(FORMATS), default="a
                        help="Source layout (auto: from the extension and the CSV header).")
 
 
+_QUIET = click.option("--quiet", "-q", is_flag=True, help="No estimate line and no progress bar.")
+_FORCE = click.option("--force", is_flag=True, help="Run even when the estimate says the job needs more memory than "
+                      "is available or more time than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
+
+
+def _corpus(ss) -> dict:
+    """A routing corpus's sizes, as the estimates of stats and fit take them."""
+    return dict(tokens=ss.num_tokens, sequences=ss.num_sequences, num_layers=ss.num_layers,
+                num_experts=ss.num_experts, top_k=ss.top_k)
+
+
 def _int_list(value: str, flag: str) -> list[int]:
     from .cli import parse_int_list
 
@@ -46,13 +57,21 @@ def _pct(x: float) -> str:
               help="Output .npz (a simmoe sequences file).")
 @click.option("--num-experts", type=click.IntRange(1), default=None,
               help="Experts per layer [default: largest id seen + 1]; ids beyond it are errors.")
-def trace_import(src, fmt, out, num_experts):
+@_QUIET
+@_FORCE
+def trace_import(src, fmt, out, num_experts, quiet, force):
     """Convert recorded routing SRC (folder or file) into a simmoe sequences file, streaming
     (memory holds one sequence at a time)."""
+    from simulator.estimate import check, estimate_import
     from simulator.traces.real import import_sequences
 
+    from .display import timed_bar
+
+    est = estimate_import(src)
+    check(est, str(src), lambda over: "source", force)
     try:
-        ss = import_sequences(src, out, fmt, num_experts)
+        with timed_bar(quiet, "importing", est):
+            ss = import_sequences(src, out, fmt, num_experts)
     except OSError as e:
         raise InputError(str(out), "--out", f"cannot write: {e.strerror or e}") from None
     lengths = ss.lengths
@@ -72,14 +91,23 @@ def trace_import(src, fmt, out, num_experts):
 @click.option("--per-layer", is_flag=True, help="Also print per-layer skew, re-use and cross-layer tables.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write all statistics as JSON.")
 @click.option("--plots", type=click.Path(file_okay=False, path_type=Path), help="Write PNG plots into this folder.")
-def trace_stats_cmd(trace, fmt, batch_sizes, lru_batch, per_layer, json_out, plots):
+@_QUIET
+@_FORCE
+def trace_stats_cmd(trace, fmt, batch_sizes, lru_batch, per_layer, json_out, plots, quiet, force):
     """Routing statistics of TRACE: popularity skew, temporal re-use, re-use distance,
     cross-layer predictability, batch dedup vs the uniform formula, LRU hit rate by capacity."""
+    from simulator.estimate import check_call, estimate_stats
     from simulator.traces.real import open_sequences
     from simulator.traces.stats import trace_stats, write_stats_plots
 
+    from .display import timed_bar
+
+    bs = _int_list(batch_sizes, "--batch-sizes")
     ss = open_sequences(trace, fmt)
-    st = trace_stats(ss, batch_sizes=_int_list(batch_sizes, "--batch-sizes"), lru_batch=lru_batch)
+    est = check_call(estimate_stats, {**_corpus(ss), "batch_sizes": bs, "lru_batch": lru_batch},
+                     {"--batch-sizes": {"batch_sizes": [1]}, "--lru-batch": {"lru_batch": 1}}, "TRACE", force=force)
+    with timed_bar(quiet, "statistics", est):
+        st = trace_stats(ss, batch_sizes=bs, lru_batch=lru_batch)
     st["source"] = str(trace)
     print_stats(st, per_layer)
     for w in st["warnings"]:
@@ -167,15 +195,23 @@ def print_stats(st: dict, per_layer: bool = False) -> None:
 @click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write the fitted scenario 'trace:' section (YAML).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the fit as JSON.")
-def trace_fit(trace, fmt, batch, steps, seeds, seed, out, json_out):
+@_QUIET
+@_FORCE
+def trace_fit(trace, fmt, batch, steps, seeds, seed, out, json_out, quiet, force):
     """Fit the 'mixed' synthetic generator to TRACE's statistics; print real vs fitted."""
     import yaml
 
+    from simulator.estimate import check_call, estimate_fit
     from simulator.traces.fit import fit_generator
     from simulator.traces.real import open_sequences
 
+    from .display import timed_bar
+
     ss = open_sequences(trace, fmt)
-    with console.status("fitting (a few dozen synthetic traces)..."):
+    est = check_call(estimate_fit, {**_corpus(ss), "batch_size": batch, "steps": steps, "seeds": seeds},
+                     {"--batch": {"batch_size": 1}, "--steps": {"steps": 8}, "--seeds": {"seeds": 1}}, "--batch",
+                     force=force)
+    with timed_bar(quiet, "fitting (a few dozen synthetic traces)", est):
         res = fit_generator(ss, batch_size=batch, steps=steps, seeds=seeds, seed=seed)
     t = Table(title=f"{trace}: real vs fitted generator (fitted checked on a fresh seed)")
     for col in ("statistic", "real", "fitted", "difference", "tolerance", "ok"):

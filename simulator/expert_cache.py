@@ -64,7 +64,8 @@ class ExpertCache:
 
     def release(self, key: int) -> None:
         """The hold on resident ``key`` has ended (see :meth:`EvictionPolicy.on_release`)."""
-        self.policy.on_release(key)
+        if key in self.policy.parked:
+            self.policy.on_release(key)
 
     def preload(self, keys: list[int]) -> list[tuple[int, int]]:
         out = []

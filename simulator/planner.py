@@ -214,7 +214,7 @@ class Planner:
         E, eb = self.E, self.expert_bytes
         cache = self.cache_of_layer[l]
         slot_of = cache.slot_of
-        on_hit, on_release = cache.policy.on_hit, cache.policy.on_release
+        on_hit, on_release, parked = cache.policy.on_hit, cache.policy.on_release, cache.policy.parked
         pending = self.pending
         coalesce = self.load.coalesce
         on_cpu = None if self.miss_copies else self.miss.on_cpu
@@ -241,7 +241,8 @@ class Planner:
                 if pending:
                     held = pending.pop(key, None)
                     if held is not None:
-                        on_release(key)
+                        if key in parked:
+                            on_release(key)
                         if held[2] >= 0:              # arrives by a prefetch copy
                             used += 1
                             arriving[key] = held[2]

@@ -290,8 +290,8 @@ class Scenario(_Strict):
     @field_validator("policies")
     @classmethod
     def _names(cls, v):
-        names = [p.name for p in v]
-        dup = {n for n in names if names.count(n) > 1}
+        seen: set[str] = set()
+        dup = {p.name for p in v if p.name in seen or seen.add(p.name)}
         if dup:
             raise ValueError(f"policy name {sorted(dup)[0]!r} used twice")
         return v

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Iterable, Sequence
+from types import MappingProxyType
+from typing import Callable, ClassVar, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -107,8 +108,13 @@ class EvictionPolicy(ABC):
     @abstractmethod
     def on_remove(self, key: int) -> None: ...
 
+    #: held residents this policy has set aside; ``on_release`` is needed only for these (a
+    #: policy that parks overrides this with its own, live, mapping)
+    parked: Mapping[int, object] = MappingProxyType({})
+
     def on_release(self, key: int) -> None:
-        """The hold on resident ``key`` has ended (it may be a victim again)."""
+        """The hold on resident ``key`` has ended (it may be a victim again). Called for the
+        keys in :attr:`parked`."""
 
     @abstractmethod
     def victim(self, protected, t: int) -> int:

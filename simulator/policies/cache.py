@@ -1,7 +1,8 @@
 """GPU expert-cache eviction policies: none, LRU, FIFO, LFU, static-hot, Belady."""
 from __future__ import annotations
 
-from heapq import heapify, heappop, heappush
+from collections import OrderedDict
+from heapq import heappop, heappush
 from itertools import count
 from bisect import bisect_right
 
@@ -10,68 +11,78 @@ import numpy as np
 from .base import EvictionPolicy, NoVictim, PlanContext, register_eviction
 
 
-_KEY_BITS = 40
-_KEY_MASK = (1 << _KEY_BITS) - 1
-
-
 class _Stamped(EvictionPolicy):
-    """Residents ordered by a stamp (a counter: LRU restamps on every use, FIFO only on
-    insertion), in a lazy min-heap of ``stamp << 40 | key`` ints. A held resident met at the
-    head is parked until its hold ends, so no victim search walks past it twice; stale heap
-    entries (used again or evicted since) are skipped."""
+    """Residents in recency order (LRU: last use; FIFO: insertion) in an ordered dict, oldest
+    first. A held resident met at the head by a victim search is parked until its hold ends, so
+    no search walks past it twice; released, it rejoins the order at its old place: a parked
+    resident is older than everything still in the order, so released ones wait in a small heap
+    by stamp ahead of it."""
 
     retains = True
     restamp_on_hit = False
 
     def __init__(self, capacity, **options):
         super().__init__(capacity)
-        self._code: dict[int, int] = {}       # resident -> its heap entry
-        self._heap: list[int] = []
-        self._parked: dict[int, int] = {}     # held residents taken off the heap -> entry
+        self._order: OrderedDict[int, int] = OrderedDict()   # resident -> stamp, oldest first
+        self.parked: dict[int, int] = {}     # held residents set aside -> stamp
+        self._front: list[tuple[int, int]] = []   # released residents (stamp, key): oldest of all
+        self._in_front: dict[int, int] = {}
         self._tick = count(1)
-        self._compact_at = 64
         if self.restamp_on_hit:
-            self.on_hit = self._push          # no extra call per hit
+            self.on_hit = self._restamp       # no extra call per hit
 
-    def _push(self, key, t=None):
-        self._code[key] = c = (next(self._tick) << _KEY_BITS) | key
-        heap = self._heap
-        heappush(heap, c)
-        if len(heap) > self._compact_at:         # drop stale entries now and then
-            parked = self._parked
-            self._heap = [c for k, c in self._code.items() if parked.get(k) != c]
-            heapify(self._heap)
-            self._compact_at = 4 * len(self._heap) + 64
+    def _restamp(self, key, t):
+        order = self._order
+        if key in order:
+            order.move_to_end(key)
+        else:                                 # parked or released: it is the newest now
+            self.parked.pop(key, None)
+            self._in_front.pop(key, None)
+        order[key] = next(self._tick)
 
     def on_hit(self, key, t):
         pass
 
     def on_insert(self, key, t):
-        self._push(key)
+        self._order[key] = next(self._tick)
 
     def on_remove(self, key):
-        del self._code[key]
-        if self._parked:
-            self._parked.pop(key, None)
+        if self._order.pop(key, None) is None:
+            self._in_front.pop(key, None)
+            self.parked.pop(key, None)
 
     def on_release(self, key):
-        c = self._parked.pop(key, None)
-        if c is not None and self._code.get(key) == c:
-            heappush(self._heap, c)
+        stamp = self.parked.pop(key, None)
+        if stamp is not None:
+            heappush(self._front, (stamp, key))
+            self._in_front[key] = stamp
 
     def victim(self, protected, t):
-        heap, code = self._heap, self._code
-        while heap:
-            c = heap[0]
-            k = c & _KEY_MASK
-            if code.get(k) != c:
-                heappop(heap)               # stale: used again or evicted since
+        front = self._front
+        while front:
+            stamp, k = front[0]
+            if self._in_front.get(k) != stamp:
+                heappop(front)              # stale: used again or evicted since
             elif k in protected:
-                heappop(heap)
-                self._parked[k] = c
+                heappop(front)
+                del self._in_front[k]
+                self.parked[k] = stamp
             else:
                 return k
-        raise NoVictim
+        order = self._order
+        held = None
+        for k in order:
+            if k not in protected:
+                break
+            (held := held or []).append(k)
+        else:
+            k = None
+        if held:
+            for h in held:
+                self.parked[h] = order.pop(h)
+        if k is None:
+            raise NoVictim
+        return k
 
 
 @register_eviction("none")
@@ -100,13 +111,13 @@ class _ParkingHeap:
 
     def _init_heap(self):
         self._heap: list[tuple] = []
-        self._parked: dict[int, tuple] = {}
+        self.parked: dict[int, tuple] = {}
 
     def _valid(self, entry) -> bool:
         raise NotImplementedError
 
     def on_release(self, key):
-        entry = self._parked.pop(key, None)
+        entry = self.parked.pop(key, None)
         if entry is not None and self._valid(entry):
             heappush(self._heap, entry)
 
@@ -118,7 +129,7 @@ class _ParkingHeap:
                 heappop(heap)
             elif entry[-1] in protected:
                 heappop(heap)
-                self._parked[entry[-1]] = entry
+                self.parked[entry[-1]] = entry
             else:
                 return entry[-1]
         raise NoVictim
@@ -156,7 +167,7 @@ class LFU(_ParkingHeap, EvictionPolicy):
     def on_remove(self, key):
         del self._freq[key]
         del self._last[key]
-        self._parked.pop(key, None)
+        self.parked.pop(key, None)
 
 
 @register_eviction("static-hot")
@@ -187,12 +198,7 @@ class StaticHot(_Stamped):
 
     def on_insert(self, key, t):
         if key not in self.hot:
-            self._push(key)
-
-    def on_remove(self, key):
-        self._code.pop(key, None)
-        self._parked.pop(key, None)
-
+            self._order[key] = next(self._tick)
 
 @register_eviction("belady")
 class Belady(_ParkingHeap, EvictionPolicy):
@@ -239,4 +245,4 @@ class Belady(_ParkingHeap, EvictionPolicy):
 
     def on_remove(self, key):
         del self._next[key]
-        self._parked.pop(key, None)
+        self.parked.pop(key, None)
