@@ -107,9 +107,13 @@ def main():
 def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet, force):
     """Simulate SCENARIO (YAML) for every policy and batch size.
 
-    Prints a table (step latency with 95% CI, throughput, hit rate, dedup savings, bytes
-    moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
-    and the profile used. Same scenario and seed give the same numbers, bit for bit.
+    Prints a table (step latency with 95% CI, throughput, speed-up over the baseline, demand
+    and prefetch hits, dedup savings, bytes moved) and the decision: per batch size, the best
+    policy, its speed-up over the baseline (the scenario's `baseline:`, default the fastest
+    policy without a cache) and whether it beats the runner-up beyond the 95% CIs. Writes
+    OUT/summary.json (with the decision and the run's provenance), OUT/summary.csv,
+    OUT/steps.parquet (or .csv), the effective scenario and the profile used. Same scenario and
+    seed give the same numbers, bit for bit.
 
     Before running, the memory and time the run needs are estimated from the scenario's sizes
     and printed; a run that would not fit in the available memory or exceed the time limit
