@@ -34,6 +34,12 @@ def git_commit(where: Path) -> str | None:
     return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
 
 
+def _program() -> str:
+    """The command's name: ``simmoe``, or ``python -m simmoe`` for a package run with -m."""
+    p = Path(sys.argv[0])
+    return f"python -m {p.parent.name}" if p.name == "__main__.py" else p.name
+
+
 def provenance() -> dict:
     """Where a result comes from: UTC time, the command line, the simmoe version and, when simmoe
     runs from a git checkout, its commit. The one part of summary.json that differs between two
@@ -41,7 +47,7 @@ def provenance() -> dict:
     from . import __version__
 
     return {"time_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": [Path(sys.argv[0]).name, *sys.argv[1:]], "simmoe_version": __version__,
+            "command": [_program(), *sys.argv[1:]], "simmoe_version": __version__,
             "git_commit": git_commit(Path(__file__).resolve().parent)}
 
 

@@ -117,7 +117,7 @@ def test_run_writes_decision_provenance_and_csv(tmp_path):
     doc = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert [d["batch_size"] for d in doc["decision"]["per_batch"]] == [1, 4]
     prov = doc["provenance"]
-    assert prov["command"][1:3] == ["run", str(p)] and prov["simmoe_version"] == doc["simmoe_version"]
+    assert prov["command"][:3] == ["python -m simmoe", "run", str(p)] and prov["simmoe_version"] == doc["simmoe_version"]
     assert prov["time_utc"].endswith("+00:00")
     assert prov["git_commit"] is None or len(prov["git_commit"]) == 40
     csv = pd.read_csv(tmp_path / "o" / "summary.csv")
