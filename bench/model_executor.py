@@ -6,6 +6,8 @@ for each batch size with every expert resident, copies the routed experts to hos
 calibrate.executors.model.ModelExecutor and reports the median step latency (first step left
 out), tokens/s, copies, bytes, the achieved copy rate and whether the router agreed with the
 recorded trace at every layer. The decisions are checked against the simulator's planner.
+``simmoe validate --executor model`` runs the same rows (calibrate.validation.model_rows) from
+a scenario and projects them.
 
     python bench/model_executor.py --model olmoe-1b-7b --batch 1,4,16 --steps 12 --out run.json
     python bench/model_executor.py --model olmoe-1b-7b --tiny --device cpu --steps 3   # CPU smoke
@@ -19,31 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 
 import torch
 
-from calibrate.executors.model import ModelExecutor, host_experts, record_routing
+from calibrate.executors.model import record_routing
 from calibrate.models.build import build_model
-from simulator.planner import Planner
-from simulator.scenario import PolicySpec
-
-COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
-
-
-def policies(E: int, L: int, capacity: int, memory: str) -> dict[str, PolicySpec]:
-    lru = {"kind": "lru", "capacity": capacity}
-    return {
-        "resident": PolicySpec(name="resident", load="dedup", memory=memory,
-                               cache={"kind": "static-hot", "capacity": E * L + 1, "staging": 1}),
-        "layer": PolicySpec(name="layer", load="layer", memory=memory, cache={"kind": "none", "capacity": E}),
-        "dedup": PolicySpec(name="dedup", load="dedup", memory=memory),
-        "lru": PolicySpec(name="lru", load="dedup", memory=memory, cache=lru),
-        "lru-prefetch": PolicySpec(name="lru-prefetch", load="dedup", memory=memory, cache=lru,
-                                   prefetch={"kind": "oracle"}),
-        "cpu-miss": PolicySpec(name="cpu-miss", load="dedup", memory=memory, cache=lru, miss="cpu"),
-    }
+from calibrate.validation.model_rows import host_pools, live_summary, model_policies, run_live
 
 
 def main() -> None:
@@ -65,7 +49,7 @@ def main() -> None:
     t0 = time.perf_counter()
     built = build_model(a.model, tiny=a.tiny, layers=a.layers, device=a.device)
     E, L = built.spec.num_experts, built.spec.num_layers
-    pols = policies(E, L, a.capacity or max(2, E * L // 4), a.memory)
+    pols = model_policies(E, L, a.capacity or max(2, E * L // 4), a.memory)
     chosen = a.policy or list(pols)
     traces = {b: record_routing(built, batch=b, steps=a.steps, prompt_tokens=a.prompt, device=a.device)
               for b in batches}
@@ -73,32 +57,19 @@ def main() -> None:
         import numpy as np
 
         np.savez_compressed(a.save_traces, **{f"b{b}": tr.experts for b, tr in traces.items()})
-    host = host_experts(built, pinned=a.memory == "pinned" and a.device.startswith("cuda"))
+    hosts = host_pools(built, [pols[n] for n in chosen], a.device)
     print(f"built {built.spec.name} ({len(built.decoder_layers)} layers, {L} MoE) and host experts "
           f"in {time.perf_counter() - t0:.1f}s")
     rows = []
     for name in chosen:
         pol = pols[name]
         for b in batches:
-            tr = traces[b]
-            ex = ModelExecutor(built, pol, tr, device=a.device, host=host, prompt_tokens=a.prompt)
-            sim = Planner(built.spec, pol, tr)
-            steps = []
-            same = True
-            for s in range(tr.num_steps):
-                st, _ = ex.run_step(s)
-                want = sim.plan_step(s)[1].as_dict()
-                same &= all(st.executed[c] == want[c] for c in COUNTED)
-                steps.append(st)
-            timed = steps[1:] or steps
-            lat = statistics.median(st.latency_ms for st in timed)
-            moved = sum(st.executed["bytes_h2d"] for st in timed)
-            row = {"policy": name, "batch": b, "prompt": a.prompt, "step_ms": lat,
-                   "steps_ms": [st.latency_ms for st in steps], "tokens_per_s": b / lat * 1e3,
-                   "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
-                   "GB_per_step": moved / len(timed) / 1e9,
-                   "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3),
-                   "decisions_identical": same,
+            steps, same = run_live(built, pol, traces[b], device=a.device, host=hosts[pol.memory], prompt=a.prompt)
+            s = live_summary(steps, b)
+            row = {"policy": name, "batch": b, "prompt": a.prompt, "step_ms": s["live_median_ms"],
+                   "steps_ms": s["live_steps_ms"], "tokens_per_s": s["live_tokens_per_s"],
+                   "copies_per_step": s["copies_per_step"], "GB_per_step": s["GB_per_step"],
+                   "copy_GBps": s["copy_GBps"], "decisions_identical": same,
                    "router_agrees": all(st.executed["router_agrees"] == L for st in steps)}
             rows.append(row)
             print(json.dumps(row))

@@ -34,8 +34,8 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--model", "-m", "model", required=True,
               help="Model preset with an architecture: olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b.")
 @click.option("--device", "-d", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
-@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped"]),
-              help="Expert dispatch style to time; repeat [default: hf-eager and grouped].")
+@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload"]),
+              help="Expert dispatch style to time; repeat [default: hf-eager, grouped and offload].")
 @click.option("--batch", "batches", multiple=True, help="Decode batch sizes, e.g. 1,8,32 [default: 1..256, powers of 2].")
 @click.option("--context", "contexts", multiple=True, help="KV-cache lengths [default: 128..32768, powers of 2].")
 @click.option("--prompt", "prompts", multiple=True, help="Prefill prompt lengths [default: 16,64,256,1024,4096].")
@@ -52,7 +52,8 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
     Per decoder layer: the non-expert work of decode (attention over a KV cache, norms,
     router and top-k, shared experts) over batch x context; prefill by prompt tokens;
     embedding + LM head per step; one layer's routed-expert call per engine style
-    (hf-eager: transformers' per-expert loop; grouped: grouped_mm). CUDA events on the
+    (hf-eager: transformers' per-expert loop; grouped: grouped_mm; offload: simmoe's
+    real-model executor, every expert resident). CUDA events on the
     GPU, perf_counter on the CPU; the median of the trials with p10/p90 is kept.
     The file appears only when the run is done.
     """

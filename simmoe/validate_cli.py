@@ -28,8 +28,20 @@ def register(main: click.Group) -> None:
               help="With --host-now, a row paced by the host (pageable loads, CPU-miss) alternates replays and "
                    "probes for at least this many seconds (at most 20 replays), so both sides average over the "
                    "host's second-to-second swings.")
+@click.option("--executor", type=click.Choice(["twin", "model"]), default="twin", show_default=True,
+              help="twin: simmoe's twin executor (any model); model: the preset's real transformers model with its "
+                   "experts offloaded (needs a preset with an architecture and transformers).")
+@click.option("--tiny", is_flag=True, help="--executor model: the architecture at small dimensions (CPU tests).")
+@click.option("--layers", type=click.IntRange(1, 1000), help="--executor model: keep the first N decoder layers.")
+@click.option("--routing", type=click.Choice(["own", "trace"]), default="own", show_default=True,
+              help="--executor model: the model's own router (recorded per batch size), or the scenario's trace forced.")
+@click.option("--prompt", "prompts", help="--executor model: prompt tokens (the context), e.g. 256,4096 "
+                                          "[default: the scenario's trace.prompt_tokens].")
+@click.option("--resident/--no-resident", default=True, show_default=True,
+              help="--executor model: add a first row with every expert resident (the engine alone).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, quiet):
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window,
+                 executor, tiny, layers, routing, prompts, resident, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -42,6 +54,12 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     Host-bound terms drift on a shared host between calibration and validation; with
     --host-now (the default on cuda) each row is also simulated with the host terms measured
     beside it, so that the table separates the model's error ("err now") from the drift.
+
+    --executor model runs the preset's real transformers model instead (random weights, its
+    routed experts offloaded, the same planner and policies), per (policy, batch, --prompt),
+    after a first row with every expert resident, and projects each row with the scenario's
+    engine.style on the routing it ran (--repeats and the host-now options are the twin's).
+    On --device cpu only the decisions are checked.
     """
     from rich.console import Console
     from rich.table import Table
@@ -55,6 +73,14 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
 
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
+    if executor == "model":
+        return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
+                               routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
+                               quiet=quiet)
+    if tiny or layers or prompts or routing != "own":
+        from simulator.errors import InputError
+        raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing",
+                         "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
                           row_budget_s=row_budget, host_now=host_now, host_window_s=host_window)
@@ -105,3 +131,49 @@ def print_decisions_only(sc, report: dict, written) -> None:
     click.echo(f"decisions identical: {report['decisions_identical']} (--device cpu checks decisions only: "
                "CPU timings say nothing of a GPU's, so no latency error is reported)")
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet):
+    """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
+    from calibrate.validation.model_rows import validate_model, write_model_validation
+    from simulator.errors import InputError
+    from simulator.names import results_dir
+
+    from .display import progress_bar
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError("command line", "--device", f"{device!r}: use cuda, cuda:N or cpu")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
+    with progress_bar(quiet, "validating") as cb:
+        report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
+                                prompts=prompts, resident=resident, base_dir=base, source=str(path),
+                                progress=cb)
+    written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
+    if not quiet:
+        timing = report["timing"]
+        click.echo(f"{sc.name}: {report['model']} ({report['moe_layers']} MoE layers) on "
+                   f"{report['environment']['gpu'] if timing else device}, style {report['style']}, "
+                   f"profile {report['profile']}, routing {report['routing']}")
+        if not timing:
+            click.echo("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), "
+                       "so nothing is projected")
+        head = f"{'policy':22s} {'batch':>5s} {'prompt':>6s} {'copies/step':>11s}"
+        head += f" {'live ms':>9s} {'sim ms':>9s} {'error':>7s} {'live tok/s':>10s} {'sim tok/s':>10s}" if timing else ""
+        click.echo(head + "  decisions")
+        for r in report["rows"]:
+            line = f"{r['policy']:22s} {r['batch_size']:5d} {r['prompt']:6d} {r['copies_per_step']:11.1f}"
+            if timing:
+                line += (f" {r['live_median_ms']:9.2f} {r['sim_median_ms']:9.2f} {r['error_pct']:+6.1f}% "
+                         f"{r['live_tokens_per_s']:10.1f} {r['sim_tokens_per_s']:10.1f}")
+            click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
+        if timing:
+            click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%, "
+                       f"tokens/s median |error| {report['median_abs_tokens_error_pct']:.2f}% over {len(report['rows'])} rows")
+        click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
+    if not report["decisions_identical"]:
+        bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]
+        raise click.ClickException(f"decisions differ from the simulator's in {', '.join(bad)}")

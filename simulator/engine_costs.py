@@ -10,7 +10,9 @@ the per-step extra, from a profile's ``engine`` tables (``simmoe calibrate engin
 - Per step: embedding + LM head by batch, plus every dense decoder layer (DeepSeek-V2-Lite's
   first) from the ``dense_decode`` grid.
 - Per engine style, one layer's routed-expert call with every expert resident,
-  ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`).
+  ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`): ``hf-eager``
+  (transformers' per-expert loop), ``grouped`` (grouped_mm), ``offload`` (simmoe's own
+  real-model executor's dispatch: gather, FFN from a slot, scatter-add).
 
 The context grows with each decode step: step ``s`` attends over ``start + (decode steps
 before s)`` tokens, ``start`` being ``trace.prompt_tokens`` (default: ``trace.prefill_tokens``)
@@ -30,7 +32,8 @@ import numpy as np
 from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
-STYLES = ("twin", "hf-eager", "grouped", "graphs")
+STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload")
+UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (nothing measures it yet)
 PHASE_PREFILL = 1
 
 
@@ -94,6 +97,18 @@ def engine_tables(profile: Profile, model: str, source: str = "") -> ModelEngine
     return t
 
 
+def require_style(profile: Profile, model: str, style: str, source: str = "") -> ModelEngine:
+    """The model's engine tables, which must hold the style's measured expert call (a style
+    the profile lacks would otherwise be priced with the twin's launch cost)."""
+    t = engine_tables(profile, model, source)
+    if style not in t.styles:
+        raise InputError(source or f"profile {profile.name}", f"engine.{model}.styles.{style}",
+                         f"engine style {style!r} not measured (profile has: {', '.join(sorted(t.styles)) or 'none'}); "
+                         f"measure it with simmoe calibrate engine --model {model} --style {style} and merge it "
+                         f"with simmoe calibrate engine-merge")
+    return t
+
+
 def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
     """Context (cached tokens) each step attends over: ``start`` plus the decode steps before it."""
     decode = (np.asarray(phases) != PHASE_PREFILL).astype(np.int64)
@@ -150,7 +165,12 @@ class DenseCost:
         """Built from a scenario's ``engine`` and ``trace`` keys and the profile's tables.
         ``prompt_lengths``: a recorded trace's per-sequence prompt lengths (0 = unknown)."""
         eng, model = scenario.engine, scenario.model
-        tables = None if eng.style == "twin" else engine_tables(profile, model.name, source)
+        if eng.style == "twin":
+            tables = None
+        elif eng.style in UNMEASURED:
+            tables = engine_tables(profile, model.name, source)
+        else:   # a measured style the profile lacks would be priced with the twin's launch cost
+            tables = require_style(profile, model.name, eng.style, source)
         return cls(style=eng.style, batch=batch, phases=phases, tokens=tokens, tables=tables,
                    start_context=start_context(scenario, prompt_lengths),
                    override_ms=eng.dense_ms_per_layer, twin_dense_ms=model.dense_ms_per_layer)

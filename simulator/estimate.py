@@ -193,6 +193,8 @@ class _Shape:
     def served(self, load: str) -> float:
         if load == "per-item":
             return float(self.routed)
+        if load == "layer":                     # every expert of every layer, each step
+            return float(self.L * self.E * (self.steps + (1 if self.prefill else 0)))
         u = self.steps * expected_unique(self.E, self.k, self.B)
         if self.prefill:
             u += expected_unique(self.E, self.k, self.B * self.prefill)
@@ -201,7 +203,10 @@ class _Shape:
     def step_ops(self, load: str) -> float:
         """Operations of the largest step (all layers): about two per served request."""
         n = self.max_step_tokens
-        per_layer = n * self.k if load == "per-item" else expected_unique(self.E, self.k, n)
+        if load == "layer":
+            per_layer = self.E
+        else:
+            per_layer = n * self.k if load == "per-item" else expected_unique(self.E, self.k, n)
         return 2.0 * self.L * per_layer + self.L
 
 
@@ -223,7 +228,8 @@ def _policy_signature(sc, policy, sh: _Shape) -> tuple[str, tuple, int]:
 def _policy_cost_of(load: str, extras: tuple, slots: int, sh: _Shape) -> tuple[float, float]:
     """Seconds and peak transient bytes of simulating one policy over one trace."""
     served = sh.served(load)
-    secs = (served * (_c(f"sim_s_per_served.{load}") + sum(_c(f"sim_s_extra_per_served.{x}") for x in extras))
+    priced_as = "coalesced" if load == "layer" else load   # layer: coalesced copies of every expert
+    secs = (served * (_c(f"sim_s_per_served.{priced_as}") + sum(_c(f"sim_s_extra_per_served.{x}") for x in extras))
             + sh.routed * _c("sim_s_per_routed") + sh.n_steps * sh.L * _c("sim_s_per_layer_step")
             + sh.n_steps * _c("sim_s_per_step") + slots * _c("sim_s_per_slot") + _c("sim_s_per_run"))
     mem = sh.step_ops(load) * _c("bytes_per_op") + slots * _c("bytes_per_slot")

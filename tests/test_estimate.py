@@ -302,3 +302,15 @@ def test_formatting():
     assert est.fmt_count(2_500_000) == "2.5 x 10^6"
     assert est.fmt_bytes(2.5 * 2**40) == "2.5 TiB"
     assert est.fmt_seconds(40 * 86400) == "40 days" and est.fmt_seconds(45) == "45 s"
+
+
+def test_every_load_mode_is_priced():
+    """A load mode the cost table does not name is priced, not a KeyError (layer: coalesced
+    copies of every expert of every layer, each step)."""
+    from simulator.policies import LOAD_MODES
+
+    for load in LOAD_MODES:
+        d = copy.deepcopy(LOCALITY)
+        d["policies"] = [{"name": "p", "load": load, "cache": {"kind": "none", "capacity": 128}}]
+        e = est.estimate_scenario(parse_scenario(d, "s.yaml"))
+        assert e.seconds > 0 and e.bytes > 0

@@ -201,14 +201,20 @@ class ModelExecutor:
         for blk, mod in zip(self.b.moe_blocks(), saved):
             blk.experts = mod
 
-    def run_step(self, s: int):
-        """One decode step; returns (ModelStep, the planner's Decisions)."""
-        if self.cache is None:
-            self.start()
+    def prepare_step(self, s: int):
+        """Plan step ``s`` and zero its counters (the MoE layers then execute the plan);
+        returns the planner's Decisions."""
         self._ops, decisions = self.planner.plan_step(s)
         self._step = s
         self._executed = dict.fromkeys(("transfers", "copies", "bytes_h2d", "cpu_computes", "computes",
                                         "computed_tokens", "prefetch_copies", "denses", "router_agrees"), 0)
+        return decisions
+
+    def run_step(self, s: int):
+        """One decode step; returns (ModelStep, the planner's Decisions)."""
+        if self.cache is None:
+            self.start()
+        decisions = self.prepare_step(s)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()

@@ -18,8 +18,12 @@ public architecture) this times, per decoder layer:
 - ``experts``: per engine style, one MoE layer's routed-expert call
   (``experts(hidden, top_k_index, top_k_weights)``) by batch, with the router's own choice on
   random activations: ``hf-eager`` is transformers' per-expert loop, ``grouped`` its
-  grouped_mm. Each point records how many distinct experts were active; a line
-  ``ms = base + per_expert x active`` is fitted per style (its errors kept).
+  grouped_mm, ``offload`` simmoe's own real-model executor
+  (:class:`calibrate.executors.model.ModelExecutor`: gather an expert's tokens, its FFN from a
+  GPU slot, scatter-add) with every expert resident, preloaded into its slots as the
+  ``resident`` policy has them, so only the executor's dispatch is timed. Each point records
+  how many distinct experts were active; a line ``ms = base + per_expert x active`` is fitted
+  per style (its errors kept), and another on the host time of the call (``host_fit``).
 
 Timing: :class:`calibrate.measurements.timing.Timer` (CUDA events from an idle device, so the host's issue
 gaps count as a real step's do; ``perf_counter`` on the CPU), warm-ups first, the median of
@@ -38,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrate.executors.model import host_experts
 from calibrate.models.build import EXPERTS_IMPLEMENTATION, BuiltModel, build_model
 from calibrate.measurements.timing import Timer
 
@@ -46,7 +51,7 @@ ENGINE_VERSION = 1
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 PROMPTS = [16, 64, 256, 1024, 4096]
-STYLES = ["hf-eager", "grouped"]
+STYLES = ["hf-eager", "grouped", "offload"]  # offload last: it replaces the experts modules
 # share of the time budget per table (after the model is built)
 SHARES = {"head": 0.05, "experts": 0.25, "prefill": 0.1, "dense_decode": 0.1, "decode": 0.5}
 KV_COPIES = 2  # a DynamicCache append copies the layer's whole cache: old and new side by side
@@ -252,33 +257,58 @@ class EngineMeasurer:
                 _, w, idx = block.gate(h)
             inputs[B] = (h, idx, w, int(torch.unique(idx).numel()))
         out = {}
-        for style in self.plan.styles:
-            self.b.config._experts_implementation = EXPERTS_IMPLEMENTATION[style]
+        styles = sorted(self.plan.styles, key=lambda s: s == "offload")  # offload replaces the modules
+        for style in styles:
+            if style == "offload":
+                host = host_experts(self.b, pinned=False)   # copied into the slots once per executor
+                act_fn = block.experts.act_fn
+                make = lambda h, idx, w: self._offload_call(host, act_fn, h, idx, w)  # noqa: E731
+            else:
+                self.b.config._experts_implementation = EXPERTS_IMPLEMENTATION[style]
+                make = lambda h, idx, w: (lambda: block.experts(h, idx, w))  # noqa: E731
             pts = []
             for B in order:
                 if budget.spent():
                     self._skip("experts", "time budget", style=style, batch=B)
                     continue
-                h, idx, w, active = inputs[B]
 
-                def call(h=h, idx=idx, w=w):
+                h, idx, w, active = inputs[B]
+                fn = make(h, idx, w)
+
+                def call(fn=fn):
                     with torch.no_grad():
-                        return block.experts(h, idx, w)
+                        return fn()
                 pts.append({"batch": B, "active": active, **self._time(call, self._left(budget))})
+                fn = None
             pts.sort(key=lambda r: r["batch"])
-            out[style] = {"points": pts, "fit": fit_per_expert(pts)}
+            out[style] = {"points": pts, "fit": fit_per_expert(pts), "host_fit": fit_per_expert(pts, "host_ms")}
         return out
+
+    def _offload_call(self, host, act_fn, h, idx, w):
+        """One MoE layer of :class:`ModelExecutor` on this routing, every expert resident
+        (the ``resident`` policy: a cache of them all, preloaded), its first step planned."""
+        from calibrate.executors.model import ModelExecutor
+        from calibrate.validation.model_rows import decode_trace, resident_policy
+
+        spec, L = self.b.spec, len(self.b.moe_layers)
+        routes = idx.to("cpu").numpy().astype(np.int16)
+        tr = decode_trace(np.repeat(routes[:, None, :], L, axis=1), len(routes), spec.num_experts)
+        ex = ModelExecutor(self.b, resident_policy(spec.num_experts, L), tr, device=str(self.device), host=host)
+        ex.prepare_step(0)
+        return lambda: ex._run_layer(0, h, idx, w, act_fn)
 
     def _left(self, budget: Budget) -> float | None:
         return None if budget.deadline == math.inf else max(0.0, budget.deadline - time.perf_counter())
 
 
-def fit_per_expert(points: list[dict]) -> dict | None:
-    """Least-squares ``ms = base_ms + per_expert_ms x active`` with each point's relative error."""
+def fit_per_expert(points: list[dict], key: str = "ms") -> dict | None:
+    """Least-squares ``key = base_ms + per_expert_ms x active`` with each point's relative error."""
     if len(points) < 2 or len({p["active"] for p in points}) < 2:
         return None
     x = np.array([p["active"] for p in points], float)
-    y = np.array([p["ms"] for p in points], float)
+    y = np.array([p[key] for p in points], float)
+    if not (y > 0).all():
+        return None
     slope, base = np.polyfit(x, y, 1)
     err = ((base + slope * x) - y) / y
     return {"base_ms": float(base), "per_expert_ms": float(slope),
@@ -317,7 +347,7 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
     t0 = time.perf_counter()
     spec = get_preset(plan.preset)
     for s in plan.styles:
-        if s not in EXPERTS_IMPLEMENTATION or s == "graphs":
+        if s not in STYLES:
             raise ValueError(f"engine style {s!r} cannot be measured yet; measurable: {', '.join(STYLES)}")
     arch = spec.arch
     if arch is None:

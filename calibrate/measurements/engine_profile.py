@@ -94,7 +94,8 @@ def engine_section(doc: dict) -> dict:
 def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dict:
     """The profile at ``profile_path`` with the engine tables of each document merged in
     (one per model, keyed by preset; a ``--tiny`` measurement as ``<preset>-tiny``; a model
-    already there is replaced), validated; written to ``out``."""
+    already there has its tables replaced, but keeps the expert styles the new document did
+    not measure), validated; written to ``out``."""
     from calibrate.profile_writer import write_atomic
 
     prof = _read_json(profile_path, "profile")
@@ -105,7 +106,11 @@ def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dic
             raise InputError(str(p), "format", f"not a simmoe engine measurement (expected format {ENGINE_FORMAT!r})")
         try:
             key = doc["model"] + ("-tiny" if doc.get("tiny") else "")  # a tiny model's tables are its own
-            prof.setdefault("engine", {})[key] = engine_section(doc)
+            new = engine_section(doc)
+            old = prof.setdefault("engine", {}).get(key) or {}
+            # styles the new document did not measure stay (``--style offload`` adds one)
+            new["styles"] = {**old.get("styles", {}), **new["styles"]}
+            prof["engine"][key] = new
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(str(p), "tables", f"cannot use: {e}") from None
     parse_profile(prof, str(out))

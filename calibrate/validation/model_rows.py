@@ -1,36 +1,57 @@
-"""Real model vs projection, row by row: the live rows of ``bench/model_executor.py`` (the
-transformers model with its experts offloaded, on the GPU) against the simulator on the very
-routing those rows ran (the recorded traces), with the same policy objects.
+"""Real model vs projection, row by row (``simmoe validate --executor model``).
 
-Torch-free: the projection runs anywhere, from the files a GPU run brought back::
+A preset's transformers model (random weights, its public architecture) runs live with its
+routed experts offloaded (:class:`calibrate.executors.model.ModelExecutor`, the same planner
+and policy objects as the simulator), on its own recorded routing or forced from the
+scenario's trace; each (policy, batch, prompt) row is then simulated, with the scenario's
+profile and ``engine.style``, on the very routing the row ran. Decisions (hits, misses,
+transfers, copies, bytes, CPU experts) are checked step by step against the planner.
+
+:func:`validate_model` is the command's engine (torch only inside the live run);
+:func:`compare` projects rows a GPU run brought back, torch-free::
 
     python -m calibrate.validation.model_rows live-olmoe.json traces-olmoe.npz --profile h200
 
-Error % = (projected - live) / live, of the median step latency over the steps after the first
-(the same steps on both sides).
+Error % = (projected - live) / live, of the median step latency over the steps after the
+warm-up (at least the first step; the same steps on both sides).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
+import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from simulator.models import PRESETS
-from simulator.profile import load_profile
-from simulator.runner import cost_model, simulate
-from simulator.scenario import PolicySpec, parse_scenario
+from simulator.engine_costs import require_style
+from simulator.errors import InputError
+from simulator.models import PRESETS, ModelSpec
+from simulator.planner import Planner
+from simulator.profile import Profile, load_profile
+from simulator.runner import build_trace, cost_model, simulate
+from simulator.scenario import MAX_CONTEXT, PolicySpec, Scenario, parse_scenario
 from simulator.traces import Trace
+
+#: what the executor counts of its own work, checked against the planner's decisions
+COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
+DEFAULT_PROMPT = 4
+
+
+def resident_policy(E: int, L: int, memory: str = "pinned") -> PolicySpec:
+    """Every expert cached and preloaded: the engine alone."""
+    return PolicySpec(name="resident", load="dedup", memory=memory,
+                      cache={"kind": "static-hot", "capacity": E * L + 1, "staging": 1})
 
 
 def model_policies(E: int, L: int, capacity: int, memory: str) -> dict[str, PolicySpec]:
     """The policies a real-model run compares (``bench/model_executor.py --policy``)."""
     lru = {"kind": "lru", "capacity": capacity}
     return {
-        "resident": PolicySpec(name="resident", load="dedup", memory=memory,
-                               cache={"kind": "static-hot", "capacity": E * L + 1, "staging": 1}),
+        "resident": resident_policy(E, L, memory),
         "layer": PolicySpec(name="layer", load="layer", memory=memory, cache={"kind": "none", "capacity": E}),
         "dedup": PolicySpec(name="dedup", load="dedup", memory=memory),
         "lru": PolicySpec(name="lru", load="dedup", memory=memory, cache=lru),
@@ -47,27 +68,227 @@ def decode_trace(experts: np.ndarray, batch: int, num_experts: int) -> Trace:
                  num_experts=num_experts).validate("recorded trace")
 
 
+def row_scenario(sc_name: str, spec: ModelSpec, policy: PolicySpec, trace: Trace, prompt: int, profile: str,
+                 style: str, dense_ms: float | None = None, seed: int = 0) -> Scenario:
+    """The one-row scenario the projection of a live row runs: the model as built, one policy,
+    one batch, the row's steps and context. The policy object is used as given (the
+    ``resident`` row's cache holds one slot more than a scenario may name)."""
+    sc = parse_scenario({"name": "model-rows", "model": spec.model_dump(mode="json"), "profile": profile,
+                         "seed": seed, "replications": 1, "batch_sizes": [int(trace.max_step_tokens)],
+                         "trace": {"generator": "uniform", "steps": trace.num_steps, "prompt_tokens": prompt},
+                         "engine": {"style": style, "dense_ms_per_layer": dense_ms},
+                         "policies": [{"name": policy.name}]}, f"scenario {sc_name}")
+    return sc.model_copy(update={"policies": [policy]})
+
+
+def project(sc: Scenario, trace: Trace, profile: Profile) -> list[float]:
+    """Simulated latency (ms) of each step of ``trace`` under the one-row scenario ``sc``."""
+    df = simulate(sc, sc.policies[0], trace, cost_model(sc, profile, trace.max_step_tokens), seed=sc.seed)
+    return [float(x) for x in df["latency_ms"]]
+
+
 def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str = "hf-eager",
             capacity: int | None = None, memory: str = "pinned") -> list[dict]:
+    """Rows of a ``bench/model_executor.py --out`` file against the projection."""
     m = PRESETS[live["model"]]
     E, L = m.num_experts, m.num_layers
     pols = model_policies(E, L, capacity or max(2, E * L // 4), memory)
     prof = load_profile(profile)
     rows = []
     for r in live["rows"]:
-        b, prompt = r["batch"], r.get("prompt", 4)
+        b, prompt = r["batch"], r.get("prompt", DEFAULT_PROMPT)
         tr = decode_trace(traces[b], b, E)
-        sc = parse_scenario({"name": "model-rows", "model": live["model"], "profile": profile, "replications": 1,
-                             "batch_sizes": [b], "trace": {"generator": "uniform", "steps": tr.num_steps,
-                                                           "prompt_tokens": prompt},
-                             "engine": {"style": style}, "policies": [pols[r["policy"]].model_dump()]})
-        cost = cost_model(sc, prof, tr.max_step_tokens)
-        df = simulate(sc, pols[r["policy"]], tr, cost, seed=0)
-        sim = statistics.median(df["latency_ms"].to_numpy()[1:])
+        sim = statistics.median(project(row_scenario("model-rows", m, pols[r["policy"]], tr, prompt, profile, style),
+                                        tr, prof)[1:])
         rows.append({"policy": r["policy"], "batch": b, "prompt": prompt, "live_ms": r["step_ms"], "sim_ms": sim,
                      "error_pct": (sim - r["step_ms"]) / r["step_ms"] * 100,
                      "decisions_identical": r["decisions_identical"]})
     return rows
+
+
+# ------------------------------------------------------------------------------- live rows
+def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int):
+    """Every step of ``trace`` through :class:`ModelExecutor`; returns the steps and whether
+    every step's decisions and executed work equal the planner's."""
+    from calibrate.executors.model import ModelExecutor
+
+    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt)
+    ref = Planner(built.spec, policy, trace)
+    steps, same = [], True
+    for s in range(trace.num_steps):
+        st, dec = ex.run_step(s)
+        want = ref.plan_step(s)[1].as_dict()
+        same &= dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
+        steps.append(st)
+    return steps, same
+
+
+def live_summary(steps, batch: int, warm: int = 1) -> dict:
+    """Median step latency and tokens/s after ``warm`` steps; copies, bytes and copy rate."""
+    timed = steps[warm:] or steps
+    lat = statistics.median(st.latency_ms for st in timed)
+    moved = sum(st.executed["bytes_h2d"] for st in timed)
+    return {"live_median_ms": lat, "live_tokens_per_s": batch / lat * 1e3,
+            "live_steps_ms": [st.latency_ms for st in steps],
+            "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
+            "GB_per_step": moved / len(timed) / 1e9,
+            "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3)}
+
+
+def host_pools(built, policies, device: str) -> dict:
+    """The routed experts in host memory once per memory kind the policies use (pinned only on CUDA)."""
+    from calibrate.executors.model import host_experts
+
+    cuda = device.startswith("cuda")
+    kinds = {p.memory == "pinned" and cuda for p in policies}
+    pools = {pinned: host_experts(built, pinned) for pinned in sorted(kinds)}
+    return {p.memory: pools[p.memory == "pinned" and cuda] for p in policies}
+
+
+def write_model_validation(report: dict, out_dir: Path) -> list[Path]:
+    """validation.json (and, with timing, validation.png: live vs projected), written atomically."""
+    if report["timing"]:
+        from calibrate.validation.validate import write_validation
+        return write_validation(report, out_dir)
+    from simulator.atomic import atomic_files
+    with atomic_files(Path(out_dir), "--out") as tmp:
+        (tmp / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
+    return [Path(out_dir) / "validation.json"]
+
+
+# ----------------------------------------------------------------- scenario -> built model
+def scaled_policy(policy: PolicySpec, full: ModelSpec, built: ModelSpec) -> PolicySpec:
+    """A full-size scenario's policy on a smaller built model (``--tiny``, ``--layers``): cache
+    capacities (in experts; bytes of the full-size expert are first counted in experts) and
+    prefetch budgets scaled by the share of experts kept, rounded up. A per-layer pool (cache
+    ``none``, ``scope: per-layer``) and a prefetch budget scale by the experts per layer."""
+    if (full.num_experts, full.num_layers) == (built.num_experts, built.num_layers):
+        return policy
+    per_layer = built.num_experts / full.num_experts
+    total = built.num_experts * built.num_layers / (full.num_experts * full.num_layers)
+    d = policy.model_dump(mode="json")
+    c = policy.cache
+    if c.capacity is not None:
+        f = per_layer if c.kind == "none" or c.scope == "per-layer" else total
+        d["cache"]["capacity"] = max(1, math.ceil(c.slots(full.expert_bytes) * f))
+        if c.staging:
+            d["cache"]["staging"] = max(1, math.ceil(c.staging * f))
+    if policy.prefetch.budget:
+        d["prefetch"]["budget"] = max(1, math.ceil(policy.prefetch.budget * per_layer))
+    return PolicySpec.model_validate(d)
+
+
+def built_spec(sc: Scenario, tiny: bool, layers: int | None, source: str) -> ModelSpec:
+    """The model ``--executor model`` builds for the scenario (without building it)."""
+    from calibrate.models.build import keep_layers, tiny_spec
+
+    m = sc.model
+    if m.arch is None:
+        known = ", ".join(n for n, p in PRESETS.items() if p.arch is not None)
+        raise InputError(source, "model", f"{m.name!r} has no architecture to build (--executor model needs a "
+                                          f"preset with one: {known}; --executor twin runs any model)")
+    spec = tiny_spec(m) if tiny else m
+    if layers is not None:
+        try:
+            spec = keep_layers(spec, layers)
+        except ValueError as e:
+            raise InputError("command line", "--layers", str(e)) from None
+    return spec
+
+
+def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device: str = "cuda", tiny: bool = False,
+                   layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
+                   resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
+                   progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None) -> dict:
+    """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
+
+    ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
+    expert resident) or ``trace`` (the scenario's trace, built for the model as built, forced).
+    ``resident``: a first row ``resident`` with every expert cached and preloaded (the engine
+    alone; a scenario cannot name it: a cache there holds at most every expert, staging included).
+    On the CPU (``device='cpu'``) only the decisions are checked: CPU timing is not a GPU's,
+    so no projection is made (``timing``: default, not on the CPU; tests force it on the CPU)."""
+    from calibrate.validation.validate import check_device
+
+    style = sc.engine.style
+    timing = not device.startswith("cpu") if timing is None else timing
+    spec = built_spec(sc, tiny, layers, source)
+    if sc.trace.prefill_tokens:
+        raise InputError(source, "trace.prefill_tokens", "the model executor runs decode steps after a prompt; "
+                                                          "give the context as trace.prompt_tokens")
+    prompts = prompts or [max(1, sc.trace.prompt_tokens or DEFAULT_PROMPT)]
+    if max(prompts) > MAX_CONTEXT:
+        raise InputError("command line", "--prompt", f"{max(prompts):,} tokens is past any context (at most {MAX_CONTEXT:,})")
+    policies = [scaled_policy(p, sc.model, spec) for p in sc.policies]
+    if resident:
+        if any(p.name == "resident" for p in policies):
+            raise InputError(source, "policies", "a policy is named 'resident', the row --resident adds; rename it")
+        policies.insert(0, resident_policy(spec.num_experts, spec.num_layers))
+    warm = max(1, sc.engine.warmup_steps)
+    if warm >= sc.trace.steps:
+        raise InputError(source, "trace.steps", f"{sc.trace.steps} step(s) leave none after the "
+                                                f"{warm}-step warm-up to measure")
+    prof = profile if isinstance(profile, Profile) else load_profile(profile or sc.profile)
+    prof_name = profile if isinstance(profile, str) else (sc.profile or prof.name)
+    if timing:
+        if style == "twin":
+            raise InputError(source, "engine.style", "twin prices simmoe's twin executor, not a real model's engine; "
+                                                     "set engine.style (hf-eager, grouped or offload)")
+        require_style(prof, spec.name, style, f"profile {prof_name}")
+    check_device(device)
+    import torch
+
+    from calibrate.models.build import build_model
+
+    t0 = time.perf_counter()
+    built = build_model(sc.model, tiny=tiny, layers=layers, device=device, seed=sc.seed)
+    traces = {}
+    for prompt in prompts:
+        for b in sc.batch_sizes:
+            if routing == "own":
+                from calibrate.executors.model import record_routing
+                traces[prompt, b] = record_routing(built, batch=b, steps=sc.trace.steps, prompt_tokens=prompt,
+                                                   seed=sc.seed, device=device)
+            else:
+                traces[prompt, b] = build_trace(sc.model_copy(update={"model": built.spec}), b, 0, base_dir)
+    if timing:   # the compute tables of the built expert shape: before the long live part
+        project_sc = row_scenario(sc.name, built.spec, policies[0], traces[prompts[0], sc.batch_sizes[0]], prompts[0],
+                                  prof_name, style, sc.engine.dense_ms_per_layer, sc.seed)
+        cost_model(project_sc, prof, 1)
+    hosts = host_pools(built, policies, device)
+    build_s = time.perf_counter() - t0
+    rows = []
+    total = len(policies) * len(traces)
+    for pol in policies:
+        for (prompt, b), tr in traces.items():
+            if progress:
+                progress(len(rows), total, f"{pol.name} B={b} prompt {prompt}")
+            steps, same = run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt)
+            row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps,
+                   "decisions_identical": same, **live_summary(steps, b, warm),
+                   "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers for st in steps)}
+            if timing:
+                sim = project(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
+                                           sc.engine.dense_ms_per_layer, sc.seed), tr, prof)
+                med = statistics.median(sim[warm:])
+                row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
+                           error_pct=(med - row["live_median_ms"]) / row["live_median_ms"] * 100,
+                           tokens_error_pct=(b / med - b / row["live_median_ms"]) / (b / row["live_median_ms"]) * 100)
+            rows.append(row)
+    if progress:
+        progress(total, total, "done")
+    errs = np.abs([r["error_pct"] for r in rows]) if timing else np.zeros(0)
+    tok = np.abs([r["tokens_error_pct"] for r in rows]) if timing else np.zeros(0)
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
+    return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
+            "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
+            "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
+            "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__},
+            "build_s": build_s, "rows": rows, "host_now": None,
+            "decisions_identical": all(r["decisions_identical"] for r in rows),
+            "median_abs_error_pct": float(np.median(errs)) if timing else None,
+            "worst_abs_error_pct": float(errs.max()) if timing else None,
+            "median_abs_tokens_error_pct": float(np.median(tok)) if timing else None}
 
 
 def main() -> None:

@@ -1,0 +1,183 @@
+"""`simmoe validate --executor model` and the `offload` engine style, on tiny real models (CPU)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from click.testing import CliRunner  # noqa: E402
+
+from calibrate.measurements.engine import EnginePlan, measure_engine  # noqa: E402
+from calibrate.measurements.engine_profile import merge_engine  # noqa: E402
+from calibrate.models.build import tiny_spec  # noqa: E402
+from calibrate.validation.model_rows import scaled_policy, validate_model  # noqa: E402
+from simmoe.cli import main  # noqa: E402
+from simulator.engine_costs import require_style  # noqa: E402
+from simulator.errors import InputError  # noqa: E402
+from simulator.models import PRESETS  # noqa: E402
+from simulator.profile import load_profile  # noqa: E402
+from simulator.runner import run_scenario  # noqa: E402
+from simulator.scenario import PolicySpec, load_scenario, parse_scenario  # noqa: E402
+
+OLMOE = PRESETS["olmoe-1b-7b"]
+TINY = tiny_spec(OLMOE)
+H200 = Path(__file__).resolve().parents[1] / "simulator" / "profiles" / "h200.json"
+
+SCENARIO = """name: tiny_model_val
+model: olmoe-1b-7b
+profile: {profile}
+batch_sizes: [1, 3]
+trace: {{generator: uniform, steps: 2, prompt_tokens: 6}}
+engine: {{style: {style}}}
+policies:
+  - {{name: dedup, load: dedup}}
+  - {{name: lru, load: dedup, cache: {{kind: lru, capacity: 256}}}}
+"""
+
+
+def write_scenario(tmp_path: Path, profile="h200", style="offload", name="sc.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(SCENARIO.format(profile=profile, style=style))
+    return p
+
+
+@pytest.fixture(scope="module")
+def tiny_profile(tmp_path_factory) -> Path:
+    """h200 plus the tiny OLMoE's engine tables measured here (offload style included) and a
+    compute table for its expert shape (copied from a real one: only the plumbing is tested)."""
+    d = tmp_path_factory.mktemp("prof")
+    doc = measure_engine(EnginePlan("olmoe-1b-7b", device="cpu", tiny=True, batches=[1, 4], contexts=[8, 32],
+                                    prompts=[8], trials=3, warmup=1, styles=["offload"]))
+    (d / "engine.json").write_text(json.dumps(doc))
+    prof = json.loads(H200.read_text())
+    for side in ("gpu", "cpu"):
+        prof["compute"][side][TINY.shape_key] = prof["compute"][side][OLMOE.shape_key]
+    (d / "base.json").write_text(json.dumps(prof))
+    merge_engine(d / "base.json", [d / "engine.json"], d / "tiny.json")
+    return d / "tiny.json"
+
+
+def test_offload_style_measured_fitted_and_merged(tiny_profile):
+    doc = json.loads((tiny_profile.parent / "engine.json").read_text())
+    ex = doc["tables"]["experts"]
+    assert list(ex) == ["offload"]
+    pts = ex["offload"]["points"]
+    assert [p["batch"] for p in pts] == [1, 4] and all(p["host_ms"] > 0 and p["active"] >= 1 for p in pts)
+    assert pts[0]["active"] < pts[1]["active"]
+    assert ex["offload"]["fit"] is not None and ex["offload"]["host_fit"] is not None
+    st = load_profile(str(tiny_profile)).engine["olmoe-1b-7b-tiny"].styles["offload"]
+    assert st.base_ms + st.per_expert_ms * pts[1]["active"] > 0 and len(st.points) == 2
+
+
+def test_scenario_with_offload_style_runs(tiny_profile):
+    """A scenario priced with engine.style offload: its host cost per expert is the style's."""
+    doc = {"name": "tiny_offload", "model": TINY.model_dump(mode="json"), "profile": str(tiny_profile),
+           "replications": 1, "batch_sizes": [2], "trace": {"generator": "uniform", "steps": 4, "prompt_tokens": 8},
+           "policies": [{"name": "dedup", "load": "dedup"}]}
+    ms = {}
+    for style in ("offload", "twin"):
+        res = run_scenario(parse_scenario({**doc, "engine": {"style": style}}))
+        ms[style] = float(res.steps["latency_ms"].median())
+    assert ms["offload"] > ms["twin"]  # the engine around the experts and the dispatch are priced
+
+
+def test_require_style_names_the_missing_style():
+    prof = load_profile("h200")
+    assert "hf-eager" in require_style(prof, "olmoe-1b-7b", "hf-eager").styles
+    with pytest.raises(InputError, match=r"engine\.olmoe-1b-7b\.styles\.offload.*--style offload"):
+        require_style(prof, "olmoe-1b-7b", "offload")
+
+
+def test_scaled_policy_keeps_the_share_of_experts():
+    lru = PolicySpec(name="lru", cache={"kind": "lru", "capacity": 256}, prefetch={"kind": "oracle", "budget": 8})
+    s = scaled_policy(lru, OLMOE, TINY)  # 1024 experts -> 16: a quarter stays a quarter
+    assert s.cache.capacity == 4 and s.prefetch.budget == 1
+    layer = PolicySpec(name="layer", load="layer", cache={"kind": "none", "capacity": 64})
+    assert scaled_policy(layer, OLMOE, TINY).cache.capacity == TINY.num_experts  # a whole layer still fits
+    assert scaled_policy(lru, OLMOE, OLMOE) is lru
+
+
+def test_cli_tiny_cpu_decisions_only(tmp_path):
+    sc = write_scenario(tmp_path)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["validate", str(sc), "--executor", "model", "--tiny", "--device", "cpu",
+                                  "--no-resident", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [ln for ln in r.output.splitlines() if ln.split()[:1] in (["dedup"], ["lru"])]
+    assert len(rows) == 4 and all(ln.endswith("identical") for ln in rows)
+    assert "timing is not meaningful" in r.output
+    rep = json.loads((out / "validation.json").read_text())
+    assert rep["executor"] == "model" and rep["timing"] is False and rep["decisions_identical"]
+    assert {(x["policy"], x["batch_size"]) for x in rep["rows"]} == {(p, b) for p in ("dedup", "lru") for b in (1, 3)}
+    assert all(x["router_agrees"] for x in rep["rows"])  # recorded routing, replayed: the router agrees
+    lru1 = next(x for x in rep["rows"] if x["policy"] == "lru" and x["batch_size"] == 1)
+    dedup1 = next(x for x in rep["rows"] if x["policy"] == "dedup" and x["batch_size"] == 1)
+    assert lru1["copies_per_step"] < dedup1["copies_per_step"]  # the cache hits some of the routed experts
+
+
+def test_projection_rows_with_timing_forced(tiny_profile, tmp_path):
+    """The projection side, forced on the CPU with a profile that has the tiny model's tables:
+    the resident row first, errors and tokens/s per row, forced scenario routing."""
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    assert [r["policy"] for r in rep["rows"]] == ["resident", "dedup"]
+    res, dedup = rep["rows"]
+    for r in rep["rows"]:
+        assert r["decisions_identical"] and r["sim_median_ms"] > 0 and len(r["sim_steps_ms"]) == 2
+        assert r["error_pct"] == pytest.approx((r["sim_median_ms"] - r["live_median_ms"]) / r["live_median_ms"] * 100)
+        assert r["sim_tokens_per_s"] == pytest.approx(2 / r["sim_median_ms"] * 1e3)
+    assert res["copies_per_step"] == 0 and dedup["copies_per_step"] > 0
+    assert dedup["sim_median_ms"] > res["sim_median_ms"]
+    assert rep["median_abs_error_pct"] >= 0 and rep["worst_abs_error_pct"] >= rep["median_abs_error_pct"]
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("no-arch", "model: 'olmoe-1b-7b+custom' has no architecture"),
+    ("style", "engine.olmoe-1b-7b.styles.offload"),
+    ("twin", "engine.style: twin prices"),
+    ("device", "--device: 'tpu'"),
+    ("tiny-twin", "--tiny: only with --executor model"),
+    ("prompt", "--prompt: 1,000,000,000 tokens is past any context"),
+])
+def test_cli_bad_inputs_exit_2(tmp_path, case, needle):
+    sc = write_scenario(tmp_path)
+    args = ["--executor", "model", "--tiny", "--device", "cpu"]
+    if case == "no-arch":
+        sc.write_text(sc.read_text().replace("model: olmoe-1b-7b", "model: {preset: olmoe-1b-7b, num_layers: 4}"))
+    elif case == "style":   # h200 has no offload tables (yet): a GPU run stops before building anything
+        args = ["--executor", "model", "--device", "cuda"]
+    elif case == "twin":
+        sc = write_scenario(tmp_path, style="twin")
+        args = ["--executor", "model", "--device", "cuda"]
+    elif case == "prompt":
+        args += ["--prompt", "8,1000000000"]
+    elif case == "device":
+        args = ["--executor", "model", "--device", "tpu"]
+    else:
+        args = ["--tiny"]
+    r = CliRunner().invoke(main, ["validate", str(sc), *args])
+    assert r.exit_code == 2, r.output
+    err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and needle in err[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_shipped_scenario_scales_to_the_tiny_model():
+    sc, _ = load_scenario(Path(__file__).resolve().parents[1] / "scenarios" / "validate_olmoe_model.yaml")
+    assert sc.engine.style == "offload" and sc.batch_sizes == [1, 4, 16, 64]
+    scaled = {p.name: scaled_policy(p, sc.model, TINY) for p in sc.policies}
+    assert scaled["lru"].cache.capacity == 4 and scaled["layer-baseline"].cache.capacity == TINY.num_experts
+    assert scaled["layer-baseline"].memory == "pageable" and scaled["cpu-miss"].miss.kind == "cpu"
+
+
+def test_merge_keeps_styles_the_new_run_did_not_measure(tiny_profile, tmp_path):
+    doc = json.loads((tiny_profile.parent / "engine.json").read_text())
+    doc["tables"]["experts"] = {"hf-eager": doc["tables"]["experts"]["offload"]}
+    (tmp_path / "eager.json").write_text(json.dumps(doc))
+    prof = merge_engine(tiny_profile, [tmp_path / "eager.json"], tmp_path / "both.json")
+    assert set(prof["engine"]["olmoe-1b-7b-tiny"]["styles"]) == {"offload", "hf-eager"}
