@@ -6,11 +6,21 @@ Python API::
     result = simmoe.run("scenarios/locality_high.yaml")     # or a Scenario / dict
     result.summary_df          # one row per (policy, batch size)
     result.steps               # one row per simulated step
+
+The API is imported on first use, so the command line (``simmoe --help``) starts without
+pandas, scipy or the simulator.
 """
 from simulator import __version__
 
-from .api import Result, load, run
+__all__ = ["run", "load", "sweep", "Result", "__version__"]
 
+
+def __getattr__(name: str):
+    if name in ("run", "load", "Result"):
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'simmoe' has no attribute {name!r}")
 
 
 def sweep(*args, **kwargs):
@@ -18,6 +28,3 @@ def sweep(*args, **kwargs):
     from simulator.sweep import sweep as _sweep
 
     return _sweep(*args, **kwargs)
-
-
-__all__ = ["run", "load", "sweep", "Result", "__version__"]

@@ -31,6 +31,12 @@ class Result:
         return self.raw.summary
 
     @property
+    def decision(self) -> dict:
+        """Per batch size: the best policy, its speed-up over the baseline, the CI verdict;
+        thrashing warnings (see :mod:`simulator.decision`)."""
+        return self.raw.decision
+
+    @property
     def summary_df(self) -> pd.DataFrame:
         """One row per (policy, batch size); the same columns as a sweep's results."""
         from simulator.sweep import flatten_summary

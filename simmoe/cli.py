@@ -107,9 +107,13 @@ def main():
 def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet, force):
     """Simulate SCENARIO (YAML) for every policy and batch size.
 
-    Prints a table (step latency with 95% CI, throughput, hit rate, dedup savings, bytes
-    moved) and writes OUT/summary.json, OUT/steps.parquet (or .csv), the effective scenario
-    and the profile used. Same scenario and seed give the same numbers, bit for bit.
+    Prints a table (step latency with 95% CI, throughput, speed-up over the baseline, demand
+    and prefetch hits, dedup savings, bytes moved) and the decision: per batch size, the best
+    policy, its speed-up over the baseline (the scenario's `baseline:`, default the fastest
+    policy without a cache) and whether it beats the runner-up beyond the 95% CIs. Writes
+    OUT/summary.json (with the decision and the run's provenance), OUT/summary.csv,
+    OUT/steps.parquet (or .csv), the effective scenario and the profile used. Same scenario and
+    seed give the same numbers, bit for bit.
 
     Before running, the memory and time the run needs are estimated from the scenario's sizes
     and printed; a run that would not fit in the available memory or exceed the time limit
@@ -219,15 +223,35 @@ GEN_SMALL = {"--batch": {"batch_size": 1}, "--steps": {"steps": 1}, "--prefill-t
 @trace_group.command("show")
 @click.argument("trace", type=click.Path(dir_okay=False, path_type=Path))
 def trace_show(trace):
-    """Print a trace file's shape and metadata."""
+    """Print the shape and metadata of a trace (from `trace gen`) or of a sequence set (from
+    `trace import`)."""
     import json
+    import zipfile
 
+    import numpy as np
+
+    from simulator.safe_load import check_input_file
     from simulator.traces import load_trace
+    from simulator.traces.real import SEQUENCES_FORMAT, _npz_format, load_sequences
 
-    tr = load_trace(trace)
-    click.echo(f"{trace}: {tr.num_steps} steps ({int(tr.phase.sum())} prefill), {tr.num_tokens} tokens, "
-               f"{tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}")
-    click.echo(json.dumps(tr.meta, indent=1, sort_keys=True))
+    if not zipfile.is_zipfile(check_input_file(trace, "trace")):
+        raise InputError(str(trace), "trace", "not a simmoe .npz (a trace from `simmoe trace gen` or sequences "
+                                              "from `simmoe trace import`); recorded routing in CSV, JSONL or "
+                                              "Parquet is read by `simmoe trace import`")
+    if _npz_format(trace) == SEQUENCES_FORMAT:
+        ss = load_sequences(trace)
+        n = ss.lengths
+        click.echo(f"{trace}: sequence set (from `trace import`) of {ss.num_sequences} sequences, {ss.num_tokens} "
+                   f"tokens (per sequence {int(n.min())} to {int(n.max())}, median {float(np.median(n)):g}; "
+                   f"{int(ss.prompt_lengths.sum())} prompt tokens), {ss.num_layers} layers, top-{ss.top_k} of "
+                   f"{ss.num_experts}. Scenarios read it under trace.sequences.path.")
+        meta = ss.meta
+    else:
+        tr = load_trace(trace)
+        click.echo(f"{trace}: trace of {tr.num_steps} steps ({int(tr.phase.sum())} prefill), {tr.num_tokens} tokens, "
+                   f"{tr.num_layers} layers, top-{tr.top_k} of {tr.num_experts}")
+        meta = tr.meta
+    click.echo(json.dumps(meta, indent=1, sort_keys=True))
 
 
 # ---------------------------------------------------------------------- profiles/models
@@ -256,13 +280,16 @@ def profile_list():
 
 @profile_group.command("show")
 @click.argument("profile")
-def profile_show(profile):
-    """Print a profile (built-in name or path) as JSON."""
+@click.option("--json", "as_json", is_flag=True, help="Print the whole profile as JSON (every measured point).")
+def profile_show(profile, as_json):
+    """Summarise PROFILE (a built-in name or a profile JSON path): where it comes from, copy
+    bandwidth and latency, host overheads, and the expert shapes and engines it has timings for."""
     import json
 
-    from simulator.profile import load_profile
+    from simulator.profile import load_profile, profile_summary
 
-    click.echo(json.dumps(load_profile(profile).to_json(), indent=1))
+    p = load_profile(profile, source="PROFILE")
+    click.echo(json.dumps(p.to_json(), indent=1) if as_json else "\n".join(profile_summary(p)))
 
 
 @main.command("models")
@@ -280,6 +307,22 @@ def models_cmd():
         click.echo(f"{m.name:18s} {m.num_layers:3d} layers  {m.num_experts:4d} experts  top-{m.top_k}  "
                    f"{m.hidden}x{m.ffn} {m.dtype} {'gated' if m.gated else 'plain'}  "
                    f"{m.expert_bytes / 2**20:7.2f} MiB/expert  key {m.shape_key}")
+
+
+@main.command("schema")
+@click.option("--out", "-o", type=click.Path(dir_okay=False, path_type=Path), help="Write it to this file [default: stdout].")
+def schema_cmd(out):
+    """Print the JSON Schema of a scenario file, for editors (docs/scenario.schema.json holds a
+    copy; docs/scenarios.md says how to point an editor at it)."""
+    from simulator.schema import schema_text
+
+    if out is None:
+        click.echo(schema_text(), nl=False)
+        return
+    from simulator.atomic import write_text
+
+    write_text(out, schema_text())
+    click.echo(f"wrote {out}")
 
 
 # -------------------------------------------------------- commands from other modules

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -10,9 +12,9 @@ from rich.table import Table
 
 
 def _console() -> Console:
-    """Wide enough for the results table when output is not a terminal (files, CI logs)."""
+    """The terminal's width, or $COLUMNS, or 100 columns when output is not a terminal."""
     c = Console()
-    return c if c.is_terminal else Console(width=160)
+    return c if c.is_terminal or "COLUMNS" in os.environ else Console(width=100)
 
 
 def _bar(console: Console, *left, counts: bool = True) -> Progress:
@@ -97,31 +99,55 @@ def timed_bar(quiet: bool, label: str, est):
             th.join()
 
 
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000:
-            return f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
+LEGEND = ("* best at its batch size; ms/step: mean step latency ± half its 95% CI; x base: speed-up over "
+          "the baseline named below (base: the baseline itself); hit d/p: demand / prefetch hits per "
+          "served request; dedup: routed requests that repeat an expert in their layer-step; "
+          "GiB/st: copied per step; stall: step time waiting for copies")
+
+
+def _ms_ci(mean: float, half: float) -> str:
+    """``mean±half`` to three significant digits of the mean or more: 1753±0, 110.9±1.2, 8.35±1.77."""
+    d = 0 if mean >= 100 else 1 if mean >= 10 else 2
+    return f"{mean:.{d}f}±{half:.{d}f}"
+
+
+def summary_table(result) -> Table:
+    """The results table, one section per batch size; fits 80 columns (long policy names fold)."""
+    sc = result.scenario
+    best = {d["batch_size"]: d["best"] for d in result.decision["per_batch"]}
+    t = Table(title=f"{sc.name}: {sc.model.name} on {result.meta.get('profile')} "
+                    f"({result.meta.get('profile_kind')}); {sc.replications} replication(s)",
+              box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1), pad_edge=False)
+    t.add_column("policy", overflow="fold", min_width=12)
+    for col in ("B", "ms/step", "tok/s", "x base", "hit d/p", "dedup", "GiB/st", "stall"):
+        t.add_column(col, justify="right", no_wrap=True)
+    last = None
+    for r in result.summary:
+        b = r["batch_size"]
+        if last is not None and b != last:
+            t.add_section()
+        last = b
+        lat = r["step_latency_ms"]
+        lo, hi = lat["ci95"]
+        sp = r.get("speedup_vs_baseline")
+        served = max(1, r["hits"] + r["misses"])
+        mark = "*" if best.get(b) == r["policy"] else " "
+        t.add_row(
+            f"{mark}{r['policy']}", str(b), _ms_ci(lat["mean"], (hi - lo) / 2), f"{r['tokens_per_s']:.0f}",
+            "base" if r.get("baseline") == r["policy"] else (f"{sp:.2f}" if sp else "-"),
+            f"{r['demand_hits'] / served:.0%}/{r['prefetch_hits'] / served:.0%}", f"{r['dedup_savings']:.0%}",
+            f"{r['bytes_h2d'] / max(1, r['steps']) / 2**30:.2f}", f"{r['stall_ms'] / lat['mean']:.0%}" if lat["mean"] else "-",
+        )
+    return t
 
 
 def print_summary(result) -> None:
-    sc = result.scenario
-    t = Table(title=f"{sc.name}: {sc.model.name} on {result.meta.get('profile')} "
-                    f"({result.meta.get('profile_kind')}); {sc.replications} replication(s)")
-    for col, just in [("policy", "left"), ("batch", "right"), ("step ms (95% CI)", "right"), ("p99 ms", "right"),
-                      ("tok/s", "right"), ("speed-up", "right"), ("hit rate", "right"), ("dedup", "right"),
-                      ("moved/step", "right"), ("stall", "right")]:
-        t.add_column(col, justify=just)
-    for r in result.summary:
-        lat = r["step_latency_ms"]
-        lo, hi = lat["ci95"]
-        sp = r["speedup_vs_first"]
-        steps = max(1, r["steps"])
-        t.add_row(
-            r["policy"], str(r["batch_size"]), f"{lat['mean']:.3f} ±{(hi - lo) / 2:.3f}", f"{lat['p99']:.3f}",
-            f"{r['tokens_per_s']:.1f}", f"{sp:.2f}x" if sp else "-", f"{r['hit_rate']:.1%}",
-            f"{r['dedup_savings']:.1%}", fmt_bytes(r["bytes_h2d"] / steps),
-            f"{r['stall_ms'] / lat['mean']:.0%}" if lat["mean"] else "-",
-        )
-    _console().print(t)
+    """The results table, its legend, then the decision summary."""
+    from simulator.decision import decision_lines
+
+    c = _console()
+    c.print(summary_table(result))
+    c.print(LEGEND, style="dim", highlight=False)
+    for line in decision_lines(result.decision):
+        c.print(line, style="bold yellow" if line.startswith("warning") else None, highlight=False,
+                soft_wrap=False)

@@ -59,6 +59,7 @@ class Results:
     axes: list[str]
     published: dict[tuple[int, int], tuple[float, float]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    decision: dict | None = None    # a run's decision summary (simulator.decision)
 
     @property
     def ok(self) -> pd.DataFrame:
@@ -158,7 +159,21 @@ def _load_run(folder: Path) -> Results:
         published = _published(profile)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(str(prof_path), "measurements.published_rows", f"mistyped ({type(e).__name__}: {e})") from None
-    return Results("run", folder, pd.DataFrame(rows), [], published, notes)
+    return Results("run", folder, pd.DataFrame(rows), [], published, notes, _decision(rows, sc, notes))
+
+
+def _decision(rows: list[dict], sc, notes: list[str]) -> dict | None:
+    """The run's decision summary from its checked rows (a summary that lacks a count the
+    decision needs gets a note instead)."""
+    from simulator.decision import decide
+
+    nested = [{**r, "step_latency_ms": {"mean": r["latency_mean_ms"],
+                                        "ci95": [r["latency_ci95_lo"], r["latency_ci95_hi"]]}} for r in rows]
+    try:
+        return decide(nested, sc)
+    except (KeyError, TypeError, ValueError, ZeroDivisionError, StopIteration) as e:
+        notes.append(f"No decision summary: summary.json lacks what it needs ({type(e).__name__}: {e}).")
+        return None
 
 
 def _load_sweep(folder: Path) -> Results:
@@ -334,6 +349,23 @@ def policy_comparison(res: Results) -> Table:
     return Table(title, intro, headers, rows, notes)
 
 
+def decision_table(res: Results) -> Table | None:
+    """Per batch size: the policy to use, its speed-up over the stated baseline, the CI verdict."""
+    if res.decision is None:
+        return None
+    per = res.decision["per_batch"]
+    rule = per[0]["baseline_rule"] if per else ""
+    headers = ["Batch", "Best policy", "Step latency (ms)", "Speed-up", "Baseline", "Runner-up", "Beyond 95% CIs",
+               "Demand hits", "Prefetch hits", "Prefetched in vain"]
+    rows = [[str(d["batch_size"]), d["best"], fmt_ms(d["best_latency_ms"]), fmt_ratio(d["speedup"]), d["baseline"],
+             d["runner_up"] or "-", "-" if d["runner_up"] is None else "yes" if d["distinguishable"] else
+             "not distinguishable", f"{d['demand_hits']:,}", f"{d['prefetch_hits']:,}",
+             f"{d['wasted_prefetch_bytes'] / 2**20:,.1f} MiB"] for d in per]
+    intro = (f"Speed-up = baseline step latency / best policy's, same batch size; baseline: {rule}. "
+             "'Beyond 95% CIs': the best's interval lies wholly below the runner-up's.")
+    return Table("Decision", intro, headers, rows, [f"Warning: {w}" for w in res.decision["warnings"]])
+
+
 def failures(res: Results) -> Table | None:
     bad = res.rows[res.rows["status"] != "ok"]
     if bad.empty:
@@ -421,9 +453,9 @@ def to_html(title: str, header: list[str], tables: list[Table], plots: dict[str,
 
 
 def build_tables(res: Results) -> list[Table]:
-    tables = [computation_vs_transfer(res), dedup_savings(res), policy_comparison(res)]
-    fail = failures(res)
-    return tables + ([fail] if fail else [])
+    tables = [decision_table(res), computation_vs_transfer(res), dedup_savings(res), policy_comparison(res),
+              failures(res)]
+    return [t for t in tables if t is not None]
 
 
 def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path]:

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from simulator.atomic import write_text
 from simulator.errors import InputError
-from simulator.traces.real import FORMATS
+from simulator.trace_formats import FORMATS
 
 #: tables print at full width into files and logs too
 console = Console() if Console().is_terminal else Console(width=160)
@@ -110,6 +110,8 @@ def trace_stats_cmd(trace, fmt, batch_sizes, lru_batch, per_layer, json_out, plo
         st = trace_stats(ss, batch_sizes=bs, lru_batch=lru_batch)
     st["source"] = str(trace)
     print_stats(st, per_layer)
+    for w in st["warnings"]:
+        console.print(f"[yellow]warning: {w}[/]", highlight=False)
     written = []
     if json_out:
         _write_json(st, json_out)

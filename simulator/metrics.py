@@ -51,6 +51,11 @@ def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
         row["dedup_savings_prefill"] = _savings(g[g["phase"] == 1]) if (g["phase"] == 1).any() else None
         served = row["hits"] + row["misses"]
         row["hit_rate"] = row["hits"] / served if served else 0.0
+        # a hit on an expert that arrived by prefetch is a prefetch hit; the rest were resident
+        row["prefetch_hits"] = row["prefetches_used"]
+        row["demand_hits"] = row["hits"] - row["prefetches_used"]
+        row["demand_hit_rate"] = row["demand_hits"] / served if served else 0.0
+        row["wasted_prefetch_bytes"] = row["prefetches_wasted"] * expert_bytes
         lat = g["latency_ms"].to_numpy()
         rep_means = g.groupby("replication")["latency_ms"].mean().to_numpy()
         # replications have equal step counts, so the pooled mean is the mean of their means

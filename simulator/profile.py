@@ -253,8 +253,9 @@ def parse_profile(doc: Any, source: str) -> Profile:
         raise InputError(source, field, msg) from None
 
 
-def load_profile(name_or_path: str | Path | None = None) -> Profile:
-    """A built-in profile by name, or a profile JSON file by path."""
+def load_profile(name_or_path: str | Path | None = None, source: str = "--profile") -> Profile:
+    """A built-in profile by name, or a profile JSON file by path; ``source`` names where the
+    name came from in an unknown-name error (a flag, an argument)."""
     ref = str(name_or_path or DEFAULT_PROFILE)
     if ref in builtin_profiles():
         text = (resources.files("simulator") / "profiles" / f"{ref}.json").read_text()
@@ -263,11 +264,37 @@ def load_profile(name_or_path: str | Path | None = None) -> Profile:
     if not p.exists():
         if p.suffix == "" and "/" not in ref:
             raise InputError(
-                "--profile", "profile",
+                "command line", source,
                 f"unknown profile {ref!r}; built in: {', '.join(builtin_profiles())}, or give a path",
             )
         raise InputError(str(p), "profile", "file not found")
     return parse_profile(load_json(p, "profile"), str(p))
+
+
+def profile_summary(p: Profile) -> list[str]:
+    """A profile in a few lines (``simmoe profile show``; ``--json`` prints everything)."""
+    prov = p.provenance
+    where = ", ".join(str(prov[k]) for k in ("gpu", "pcie", "date") if prov.get(k))
+    lines = [f"{p.name}: {prov.get('kind', '?')}" + (f" ({where})" if where else "")]
+    for direction in ("h2d", "d2h"):
+        curves = getattr(p.copy_, direction)
+        for memory in ("pinned", "pageable"):
+            c = getattr(curves, memory) if curves is not None else None
+            if c is None:
+                continue
+            lines.append(f"  copy {direction} {memory}: {c.bandwidth_GBps:.1f} GB/s, {c.latency_us:.1f} us latency"
+                         f" ({len(c.table)} measured sizes)")
+    h = p.host
+    lau = h.launch_us
+    lines.append(f"  copy engines: {p.copy_.copy_engines}; host: issue copy {lau.copy_:.1f} us, expert "
+                 f"{lau.expert:.1f} us, dense {lau.dense:.1f} us; sync {h.sync_us:.1f} us")
+    for side, table in (("gpu", p.compute.gpu), ("cpu", p.compute.cpu)):
+        for shape, pts in sorted((table or {}).items()):
+            lines.append(f"  compute {side} {shape}: {len(pts)} token counts, {pts[0][0]}..{pts[-1][0]} tokens "
+                         f"({pts[0][1]:.3f}..{pts[-1][1]:.3f} ms)")
+    if p.engine:
+        lines.append(f"  engine tables: {', '.join(sorted(p.engine))}")
+    return lines
 
 
 # --------------------------------------------------------------------------- cost model

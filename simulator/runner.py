@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
+from .decision import decide
 from .engine import Engine
 from .errors import InputError
 from .metrics import summarise
@@ -98,6 +99,7 @@ class RunResult:
     steps: pd.DataFrame
     summary: list[dict]
     meta: dict = field(default_factory=dict)
+    decision: dict = field(default_factory=dict)
 
 
 def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir: Path | None = None,
@@ -134,5 +136,5 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
     summary = summarise(steps, sc, expert_bytes=sc.model.expert_bytes)
     for row in summary:
         row["gpu_slots"] = slots[(row["policy"], row["batch_size"])]
-    return RunResult(scenario=sc, profile=profile, steps=steps, summary=summary,
+    return RunResult(scenario=sc, profile=profile, steps=steps, summary=summary, decision=decide(summary, sc),
                      meta={"profile": profile.name, "profile_kind": profile.provenance.get("kind")})

@@ -64,6 +64,8 @@ class SequencesSpec(_Strict):
     max_sequences: int | None = Field(None, gt=0, le=10**9)
     prefill: bool = False
     split: Literal["all", "train", "test"] = "all"
+    download: str | None = Field(None, max_length=500,
+                                 description="where to get the trace; the error for a missing path says it")
 
 
 KNOBS = ("zipf", "temporal", "batch_locality", "batch_pool", "cross_layer", "locality")
@@ -241,6 +243,8 @@ class Scenario(_Strict):
     trace: TraceSpec
     policies: list[PolicySpec] = Field(min_length=1, max_length=MAX_LIST)
     engine: EngineSpec = Field(default_factory=EngineSpec)
+    baseline: str | None = Field(None, description="policy the decision summary's speed-up is relative to "
+                                                   "(default: the fastest policy without a cache)")
 
     @field_validator("name")
     @classmethod
@@ -324,9 +328,9 @@ def _error_from_pydantic(err: ValidationError, source: str) -> InputError:
 
 
 def check_bounds(sc: Scenario, source: str) -> Scenario:
-    """The bounds that depend on two fields: a cache holds no more slots than the model has
-    experts (in all layers; per layer for ``per-layer``), a prefetch budget no more than a
-    layer's experts, and the warm-up leaves at least one step to measure."""
+    """The bounds that depend on two fields: the baseline names a policy, a cache holds no more
+    slots than the model has experts (in all layers; per layer for ``per-layer``), a prefetch
+    budget no more than a layer's experts, and the warm-up leaves at least one step to measure."""
     m = sc.model
     for i, pol in enumerate(sc.policies):
         c = pol.cache
@@ -341,6 +345,9 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
         if pol.prefetch.budget is not None and pol.prefetch.budget > m.num_experts:
             raise InputError(source, f"policies[{i}].prefetch.budget",
                              f"{pol.prefetch.budget} is more than the {m.num_experts} experts of a layer")
+    names = [p.name for p in sc.policies]
+    if sc.baseline is not None and sc.baseline not in names:
+        raise InputError(source, "baseline", f"{sc.baseline!r} is not a policy of this scenario; known: {', '.join(names)}")
     if sc.trace.path is None and sc.engine.warmup_steps >= sc.trace.steps:
         raise InputError(source, "engine.warmup_steps",
                          f"{sc.engine.warmup_steps} leaves none of the trace's {sc.trace.steps} steps "

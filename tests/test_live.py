@@ -90,7 +90,9 @@ def test_validate_cli_on_cpu(tmp_path):
     assert r.exit_code == 0, r.stderr
     rep = json.loads((out / "validation.json").read_text())
     assert rep["decisions_identical"] and (out / "validation.png").stat().st_size > 1000
-    assert "median |error|" in r.stdout
+    # a CPU's timings say nothing of a GPU's: decisions only, no latency error
+    assert "median |error|" not in r.stdout and "decisions identical: True" in r.stdout
+    assert "checks decisions only" in r.stdout
 
 
 def test_validate_errors(tmp_path):

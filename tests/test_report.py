@@ -51,6 +51,7 @@ def test_report_has_the_sections_and_numbers_from_summary_json(run_folder):
     md = (run_folder / "report.md").read_text()
     for s in SECTIONS:
         assert s in md
+    md = md[md.index("## Computation"):]      # the study's tables (the decision table is tests/test_ux.py's)
     summary = {(r["policy"], r["batch_size"]): r for r in json.loads((run_folder / "summary.json").read_text())["results"]}
     steps = pd.read_parquet(run_folder / "steps.parquet")
     for b in (1, 4, 8):

@@ -278,7 +278,7 @@ def test_timeline_is_built_before_any_result_is_written(tmp_path, monkeypatch):
     monkeypatch.undo()
     code, _, stderr = invoke("run", p, "-o", out, "-q", "--timeline")
     assert code == 0, stderr
-    assert tree(out) == {"summary.json", "steps.parquet", "scenario.yaml", "profile.json", "timeline.json"}
+    assert tree(out) == {"summary.json", "summary.csv", "steps.parquet", "scenario.yaml", "profile.json", "timeline.json"}
     assert json.loads((out / "timeline.json").read_text())["traceEvents"]
 
 

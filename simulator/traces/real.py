@@ -56,7 +56,7 @@ from .trace import MAX_META_BYTES, MAX_TRACE_BYTES, TRACE_FORMAT, RoutingShape, 
 
 SEQUENCES_FORMAT = "simmoe-sequences"
 SEQUENCES_VERSION = 1
-FORMATS = ("auto", "layer-csv", "long-csv", "parquet", "jsonl", "simmoe")
+from ..trace_formats import FORMATS  # noqa: E402  (re-exported)
 #: sequence ``i`` (in corpus order) is in the test split when ``i % TEST_EVERY == TEST_EVERY - 1``
 TEST_EVERY = 5
 _CHUNK_BYTES = 1 << 18
@@ -945,8 +945,9 @@ def batch_sequences(spec, *, model, batch_size: int, steps: int, seed: int, repl
     path, from_env = resolve_source(spec.path, base_dir)
     if not path.exists():
         where = "SIMMOE_TRACE_DIR" if from_env else "trace.sequences.path"
-        raise InputError(str(path), where, "not found: point SIMMOE_TRACE_DIR or trace.sequences.path at an "
-                                           "imported .npz or a trace folder (docs/traces.md)")
+        get = f"; get it from {spec.download}" if getattr(spec, "download", None) else ""
+        raise InputError(str(path), where, f"not found{get}: point SIMMOE_TRACE_DIR or trace.sequences.path at "
+                                           "an imported .npz or a trace folder (docs/traces.md)")
     fmt = detect_format(path) if from_env or spec.format == "auto" else spec.format
     ss = open_sequences(path, fmt)
     if ss.num_experts > model.num_experts:

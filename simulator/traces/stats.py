@@ -260,8 +260,26 @@ def batch_dedup(ss: SequenceSet, counts: RoutingCounts, batch_sizes=BATCH_SIZES,
         uniform = expected_unique_uniform(E, k, B)
         indep = float((1 - (1 - p) ** B).sum(axis=1).mean())
         out.append({"batch_size": B, "unique": uniq, "uniform_formula": uniform, "independent_formula": indep,
-                    "dedup_savings": 1 - uniq / (B * k), "uniform_savings": 1 - uniform / (B * k)})
+                    "dedup_savings": 1 - uniq / (B * k), "uniform_savings": 1 - uniform / (B * k),
+                    **repeats(tr)})
     return out
+
+
+def repeats(tr) -> dict:
+    """How many of a batched trace's admissions repeat a sequence already decoded (the batch
+    order wraps around when the sequences run out): ``sequences_admitted``, ``repeated``."""
+    admitted, available = tr.meta["sequences_admitted"], tr.meta["sequences_available"]
+    return {"sequences_admitted": admitted, "repeated": max(0, admitted - available)}
+
+
+def repeat_warnings(stats: dict) -> list[str]:
+    """A warning for each statistic whose batch repeated sequences: a sequence beside a copy of
+    itself shares every expert, so dedup savings and hit rates come out higher than real."""
+    rows = [(f"batch dedup at B={r['batch_size']}", r) for r in stats["batch_dedup"]]
+    rows.append((f"LRU curve at B={stats['lru']['batch_size']}", stats["lru"]))
+    return [f"{what}: the batch decoded {r['sequences_admitted']} sequences of only {stats['sequences']}, so "
+            f"{r['repeated']} are repeats that share every expert with their original: savings are overstated"
+            for what, r in rows if r.get("repeated")]
 
 
 def stack_distance_histogram(trace) -> tuple[np.ndarray, int]:
@@ -300,6 +318,7 @@ def lru_curve(ss: SequenceSet, batch_size: int = 1, seed: int = 0, fractions=CAP
     caps = sorted({max(1, int(round(f * M))) for f in fractions})
     grid = sorted({int(c) for c in np.unique(np.round(np.geomspace(1, M, 40)))} | set(caps))
     return {"batch_size": batch_size, "requests": n, "distinct_keys": M, "compulsory_miss_rate": first / n,
+            **repeats(tr),
             "table": [{"capacity": c, "fraction": c / M, "hit_rate": float(hits[c] / n)} for c in caps],
             "curve": [{"capacity": c, "hit_rate": float(hits[c] / n)} for c in grid]}
 
@@ -310,13 +329,15 @@ def trace_stats(ss: SequenceSet, *, batch_sizes=BATCH_SIZES, lru_batch: int = 1,
     train, test, in_sample = split_sets(ss)
     xl = cross_layer(routing_counts(train), test)
     xl["in_sample"] = in_sample
-    return {
+    st = {
         "source": ss.meta.get("source", ""), "sequences": ss.num_sequences, "tokens": ss.num_tokens,
         "layers": ss.num_layers, "num_experts": ss.num_experts, "top_k": ss.top_k,
         "skew": skew(counts), "temporal": temporal_reuse(counts), "reuse_distance": reuse_distance(ss),
         "cross_layer": xl, "batch_dedup": batch_dedup(ss, counts, batch_sizes, seed),
         "lru": lru_curve(ss, lru_batch, seed),
     }
+    st["warnings"] = repeat_warnings(st)
+    return st
 
 
 # ----------------------------------------------------------------------------------- plots
