@@ -8,11 +8,11 @@ is the obvious implementation.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import simpy
 
 from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Decisions, Planner
+from simulator.engine import StepRecord  # noqa: F401  (records of both engines)
 from simulator.profile import CostModel
 
 ROUTE_ID_BYTES = 4   # one int32 expert id per (token, choice), copied to the host each layer
@@ -79,18 +79,7 @@ def wait_for(env: simpy.Environment, op: Op) -> simpy.Event:
     return op.ev
 
 
-@dataclass
-class StepRecord:
-    step: int
-    phase: int
-    start_ms: float
-    latency_ms: float
-    compute_ms: float
-    transfer_ms: float
-    stall_ms: float
-    cpu_ms: float
-    host_ms: float
-    decisions: Decisions
+# the step records are the fast engine's own type, so the two compare field by field
 
 
 class Engine:
