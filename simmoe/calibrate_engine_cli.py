@@ -43,9 +43,12 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--max-seconds", type=click.FloatRange(1, 86_400), help="Time budget: the grid is trimmed, coarse to fine, to fit.")
 @click.option("--layers", type=click.IntRange(1, 1000), help="Decoder layers to build [default: up to the first MoE layer].")
 @click.option("--tiny", is_flag=True, help="The architecture at small dimensions (CPU tests).")
+@click.option("--in-situ", "in_situ", is_flag=True,
+              help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
+                   "and keep how they meet the isolated tables (engine.<model>.in_situ).")
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
-def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, quick, out):
+def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, quick, out):
     """Time the engine around the experts on the real model of a preset (random weights).
 
     \b
@@ -88,7 +91,7 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
         except ValueError as e:
             raise InputError("command line", "--layers", str(e)) from None
     check_writable(out)
-    plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, **kw)
+    plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, in_situ=in_situ, **kw)
     console = Console(stderr=True)
     doc = measure_engine(plan, progress=lambda t: console.print(f"measuring {t}"))
     doc["command"] = shlex.join(["simmoe", *sys.argv[1:]]) if "engine" in sys.argv else "simmoe calibrate engine"

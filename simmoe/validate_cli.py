@@ -162,17 +162,25 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
             click.echo("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), "
                        "so nothing is projected")
         head = f"{'policy':22s} {'batch':>5s} {'prompt':>6s} {'copies/step':>11s}"
+        now = timing and report.get("median_abs_error_now_pct") is not None
         head += f" {'live ms':>9s} {'sim ms':>9s} {'error':>7s} {'live tok/s':>10s} {'sim tok/s':>10s}" if timing else ""
+        head += f" {'err now':>7s}" if now else ""
         click.echo(head + "  decisions")
         for r in report["rows"]:
             line = f"{r['policy']:22s} {r['batch_size']:5d} {r['prompt']:6d} {r['copies_per_step']:11.1f}"
             if timing:
                 line += (f" {r['live_median_ms']:9.2f} {r['sim_median_ms']:9.2f} {r['error_pct']:+6.1f}% "
                          f"{r['live_tokens_per_s']:10.1f} {r['sim_tokens_per_s']:10.1f}")
+                if now:
+                    e = r.get("error_now_pct")
+                    line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
             click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
         if timing:
             click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%, "
                        f"tokens/s median |error| {report['median_abs_tokens_error_pct']:.2f}% over {len(report['rows'])} rows")
+            if now:
+                click.echo(f"with the host's dispatch speed probed beside each step (err now): median |error| "
+                           f"{report['median_abs_error_now_pct']:.2f}%, worst {report['worst_abs_error_now_pct']:.2f}%")
         click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]

@@ -108,6 +108,7 @@ class Engine:
             dc = self.dense_ms
             dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
             expert_base, l_expert = dc.expert_host_ms(l_expert)
+            l_copy = dc.load_host_ms(l_copy)
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         gpu_ms = cost.gpu_expert.tolist()

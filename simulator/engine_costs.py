@@ -135,6 +135,7 @@ class DenseCost:
         n = len(phases)
         self.contexts = step_contexts(phases, start_context)
         self.notes: set[str] = set()
+        self.k_experts = 1.0
         if style == "twin" or tables is None:
             if style != "twin":
                 raise ValueError(f"engine style {style!r} needs the profile's engine tables")
@@ -142,6 +143,9 @@ class DenseCost:
             self._dense = np.full(n, const)
             self._extra = np.zeros(n)
             return
+        situ = tables.in_situ
+        k_dense = situ.dense if situ is not None else 1.0            # the step as a whole meets the table
+        self.k_experts = situ.experts if situ is not None and situ.experts else 1.0
         decode = GridCost(tables.decode, self.notes)
         dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
         self._dense = np.empty(n)
@@ -153,8 +157,8 @@ class DenseCost:
                 layer = curve_ms(tables.prefill, t) if tables.prefill else decode.ms(batch, c)
                 dense_layer = layer  # a dense layer's prefill: priced as a MoE layer's non-expert part
             else:
-                layer = decode.ms(batch, c)
-                dense_layer = dense_grid.ms(batch, c) if dense_grid else 0.0
+                layer = decode.ms(batch, c) * k_dense
+                dense_layer = (dense_grid.ms(batch, c) if dense_grid else 0.0) * k_dense
             self._dense[s] = layer if override_ms is None else override_ms
             head = curve_ms(tables.head, batch) if tables.head else 0.0
             self._extra[s] = head + tables.dense_layers * dense_layer
@@ -197,12 +201,22 @@ class DenseCost:
     def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
         """``(per layer, per expert)`` host time of the style's routed-expert call, as the
         engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
-        measured style pays its fitted ``base_ms`` once per MoE layer and ``per_expert_ms`` per
-        expert it computes (the per-expert loop is host-bound in eager transformers)."""
+        style whose host time was measured (``offload``: the executor's own call) pays its
+        host fit; another measured style its fitted ``base_ms`` once per MoE layer and
+        ``per_expert_ms`` per expert it computes (the per-expert loop is host-bound in eager
+        transformers)."""
         st = self.tables.styles.get(self.style) if self.tables else None
         if st is None:
             return 0.0, default_launch_ms
-        return st.base_ms, st.per_expert_ms
+        k = self.k_experts
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            return st.host_base_ms * k, st.host_per_expert_ms * k
+        return st.base_ms * k, st.per_expert_ms * k
+
+    def load_host_ms(self, default_launch_ms: float) -> float:
+        """Host time per copy issued: the style's measured one (``offload``), else the profile's."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
 
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:

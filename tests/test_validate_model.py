@@ -88,8 +88,8 @@ def test_scenario_with_offload_style_runs(tiny_profile):
 def test_require_style_names_the_missing_style():
     prof = load_profile("h200")
     assert "hf-eager" in require_style(prof, "olmoe-1b-7b", "hf-eager").styles
-    with pytest.raises(InputError, match=r"engine\.olmoe-1b-7b\.styles\.offload.*--style offload"):
-        require_style(prof, "olmoe-1b-7b", "offload")
+    with pytest.raises(InputError, match=r"engine\.mixtral-8x7b\.styles\.offload.*--style offload"):
+        require_style(prof, "mixtral-8x7b", "offload")
 
 
 def test_scaled_policy_keeps_the_share_of_experts():

@@ -107,12 +107,12 @@ def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str 
 
 
 # ------------------------------------------------------------------------------- live rows
-def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int):
+def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False):
     """Every step of ``trace`` through :class:`ModelExecutor`; returns the steps and whether
     every step's decisions and executed work equal the planner's."""
     from calibrate.executors.model import ModelExecutor
 
-    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt)
+    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
     for s in range(trace.num_steps):
@@ -133,6 +133,43 @@ def live_summary(steps, batch: int, warm: int = 1) -> dict:
             "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
             "GB_per_step": moved / len(timed) / 1e9,
             "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3)}
+
+
+HOST_SCALED = ("launch_us", "sync_us", "pageable_tail_us")
+
+
+def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
+    """The profile with its host-bound terms scaled by ``factor`` (the host's dispatch speed
+    now against calibration's, :mod:`calibrate.measurements.host_speed`): the host's issue
+    costs, and the model's engine tables, whose eager decode is host-bound (every table entry:
+    the non-expert layer, the embedding and head, prefill, and each style's call). The GPU's
+    terms (copy curves, expert compute) stay as measured."""
+    d = profile.model_dump(mode="json", by_alias=True)
+    h = d["host"]
+    h["launch_us"] = {k: v * factor for k, v in h["launch_us"].items()}
+    h["sync_us"] *= factor
+    h["pageable_tail_us"] *= factor
+    e = d["engine"][model]
+    for g in ("decode", "dense_decode"):
+        if e.get(g):
+            e[g]["ms"] = [[v * factor for v in row] for row in e[g]["ms"]]
+    for t in ("prefill", "head"):
+        e[t] = [[x, v * factor] for x, v in e[t]]
+    for st in e["styles"].values():
+        for k in ("base_ms", "per_expert_ms", "host_base_ms", "host_per_expert_ms", "host_per_load_ms"):
+            if st.get(k) is not None:
+                st[k] *= factor
+    return Profile.model_validate(d)
+
+
+def probe_factor(steps, prof: Profile, model: str, warm: int) -> tuple[float | None, float | None]:
+    """(the median probe of the timed steps in µs, its ratio to calibration's), or Nones."""
+    vals = [st.probe["dispatch_us"] for st in steps[warm:] if st.probe and st.probe.get("dispatch_us")]
+    cal = (prof.engine.get(model).source or {}).get("host_probe_dispatch_us") if model in prof.engine else None
+    if not vals:
+        return None, None
+    now = statistics.median(vals)
+    return now, (now / cal if cal else None)
 
 
 def host_pools(built, policies, device: str) -> dict:
@@ -263,21 +300,31 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
         for (prompt, b), tr in traces.items():
             if progress:
                 progress(len(rows), total, f"{pol.name} B={b} prompt {prompt}")
-            steps, same = run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt)
+            steps, same = run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt,
+                                   probe=timing)
             row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps,
                    "decisions_identical": same, **live_summary(steps, b, warm),
-                   "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers for st in steps)}
+                   "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers for st in steps),
+                   "probes": [st.probe for st in steps]}
             if timing:
-                sim = project(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
-                                           sc.engine.dense_ms_per_layer, sc.seed), tr, prof)
+                one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
+                                   sc.engine.dense_ms_per_layer, sc.seed)
+                sim = project(one, tr, prof)
                 med = statistics.median(sim[warm:])
+                live_ms = row["live_median_ms"]
                 row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
-                           error_pct=(med - row["live_median_ms"]) / row["live_median_ms"] * 100,
-                           tokens_error_pct=(b / med - b / row["live_median_ms"]) / (b / row["live_median_ms"]) * 100)
+                           error_pct=(med - live_ms) / live_ms * 100,
+                           tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
+                now, factor = probe_factor(steps, prof, built.spec.name, warm)
+                row.update(probe_dispatch_us=now, host_factor=factor)
+                if factor is not None:   # the host terms at the speed the probe met beside the row
+                    now_ms = statistics.median(project(one, tr, host_scaled(prof, built.spec.name, factor))[warm:])
+                    row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
             rows.append(row)
     if progress:
         progress(total, total, "done")
     errs = np.abs([r["error_pct"] for r in rows]) if timing else np.zeros(0)
+    now_errs = np.abs([r["error_now_pct"] for r in rows if r.get("error_now_pct") is not None])
     tok = np.abs([r["tokens_error_pct"] for r in rows]) if timing else np.zeros(0)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
@@ -288,6 +335,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "median_abs_error_pct": float(np.median(errs)) if timing else None,
             "worst_abs_error_pct": float(errs.max()) if timing else None,
+            "median_abs_error_now_pct": float(np.median(now_errs)) if len(now_errs) else None,
+            "worst_abs_error_now_pct": float(now_errs.max()) if len(now_errs) else None,
             "median_abs_tokens_error_pct": float(np.median(tok)) if timing else None}
 
 
