@@ -90,7 +90,7 @@ def test_host_scaled_scales_host_terms_not_gpu_terms():
 def test_engine_section_keeps_the_offload_host_terms_and_in_situ():
     import json
     from pathlib import Path
-    doc = json.loads(Path("docs/validation/runs/engine-h200-offload/engine-offload-olmoe-1b-7b.json").read_text())
+    doc = json.loads((Path(__file__).parent.parent / "docs/validation/runs/engine-h200-offload/engine-offload-olmoe-1b-7b.json").read_text())
     sec = engine_section(doc)
     st = sec["styles"]["offload"]
     assert st["host_per_expert_ms"] > 0 and st["host_per_load_ms"] is not None
