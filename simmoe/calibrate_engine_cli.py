@@ -46,9 +46,10 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--in-situ", "in_situ", is_flag=True,
               help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
                    "and keep how they meet the isolated tables (engine.<model>.in_situ).")
+@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (validate on the same ones).")
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
-def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, quick, out):
+def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, cpus, quick, out):
     """Time the engine around the experts on the real model of a preset (random weights).
 
     \b
@@ -90,6 +91,12 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
             keep_layers(tiny_spec(spec) if tiny else spec, layers)
         except ValueError as e:
             raise InputError("command line", "--layers", str(e)) from None
+    if cpus:
+        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
+        try:
+            pin_cpus(parse_cpus(cpus))
+        except ValueError as e:
+            raise InputError("command line", "--cpus", str(e)) from None
     check_writable(out)
     plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, in_situ=in_situ, **kw)
     console = Console(stderr=True)

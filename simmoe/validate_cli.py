@@ -17,8 +17,10 @@ def register(main: click.Group) -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for validation.json and validation.png [default: results/<scenario>-validation].")
 @click.option("--batch-sizes", "-b", help="Override batch sizes, e.g. 1,4.")
-@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
-              help="Live replays per row (within --row-budget); a step's latency is its median over them.")
+@click.option("--repeats", type=click.IntRange(1, 50),
+              help="Twin: live replays per row (within --row-budget), a step's latency its median over them "
+                   "[default: 3]. --executor model: passes over all rows, interleaved (row 1..N, then again), "
+                   "a row's latency the median of every pass's timed steps [default: 1].")
 @click.option("--row-budget", type=click.FloatRange(0), default=15.0, show_default=True,
               help="Seconds a row may spend on further replays.")
 @click.option("--host-now/--no-host-now", default=None,
@@ -39,8 +41,10 @@ def register(main: click.Group) -> None:
                                           "[default: the scenario's trace.prompt_tokens].")
 @click.option("--resident/--no-resident", default=True, show_default=True,
               help="--executor model: add a first row with every expert resident (the engine alone).")
+@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
+                             "step moves when its thread moves between cores).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window,
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
                  executor, tiny, layers, routing, prompts, resident, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
@@ -73,10 +77,18 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
 
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
+    if cpus:
+        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
+        from simulator.errors import InputError
+        try:
+            pin_cpus(parse_cpus(cpus))
+        except ValueError as e:
+            raise InputError("command line", "--cpus", str(e)) from None
     if executor == "model":
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
-                               quiet=quiet)
+                               quiet=quiet, passes=repeats or 1)
+    repeats = repeats or 3
     if tiny or layers or prompts or routing != "own":
         from simulator.errors import InputError
         raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing",
@@ -133,7 +145,8 @@ def print_decisions_only(sc, report: dict, written) -> None:
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet):
+def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
+                    passes=1):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -151,7 +164,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
     with progress_bar(quiet, "validating") as cb:
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
-                                progress=cb)
+                                progress=cb, passes=passes)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         timing = report["timing"]

@@ -37,9 +37,27 @@ UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (not
 PHASE_PREFILL = 1
 
 
+def isotonic(y) -> np.ndarray:
+    """The non-decreasing sequence nearest ``y`` in least squares (pool adjacent violators):
+    a point that dips below its predecessor is averaged with it, so one noisy high point
+    is pooled with its neighbours instead of raising every later one (as a running max does)."""
+    blocks: list[list[float]] = []          # [mean, count]
+    for v in np.asarray(y, float):
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, n2 = blocks.pop()
+            m1, n1 = blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, n in blocks]) if blocks else np.zeros(0)
+
+
 def monotone_grid(ms: np.ndarray) -> np.ndarray:
-    """Running maximum along both axes: non-decreasing in batch and in context."""
-    return np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+    """Non-decreasing in batch and in context: each row, then each column, made isotonic
+    (:func:`isotonic`); a running maximum along both axes then removes what the second pass
+    may have undone in the first."""
+    g = np.apply_along_axis(isotonic, 1, np.asarray(ms, float))
+    g = np.apply_along_axis(isotonic, 0, g)
+    return np.maximum.accumulate(np.maximum.accumulate(g, axis=0), axis=1)
 
 
 @dataclass
@@ -109,6 +127,25 @@ def require_style(profile: Profile, model: str, style: str, source: str = "") ->
     return t
 
 
+def situ_factor(situ, key: str, batch: float) -> float:
+    """How a whole step met the isolated tables at ``batch`` (``calibrate engine --in-situ``):
+    the measured points' factors interpolated in log batch (clamped at the ends; a batch's
+    points over several contexts averaged), else their median, else 1."""
+    if situ is None:
+        return 1.0
+    by_b: dict[int, list[float]] = {}
+    for p in situ.points:
+        v = p.get(key)
+        if isinstance(v, (int, float)) and v > 0 and p.get("batch", 0) > 0:
+            by_b.setdefault(int(p["batch"]), []).append(float(v))
+    if not by_b:
+        v = getattr(situ, key)
+        return float(v) if v else 1.0
+    bs = sorted(by_b)
+    vals = [sum(by_b[b]) / len(by_b[b]) for b in bs]
+    return float(np.interp(math.log(max(batch, 1)), [math.log(b) for b in bs], vals))
+
+
 def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
     """Context (cached tokens) each step attends over: ``start`` plus the decode steps before it."""
     decode = (np.asarray(phases) != PHASE_PREFILL).astype(np.int64)
@@ -143,9 +180,8 @@ class DenseCost:
             self._dense = np.full(n, const)
             self._extra = np.zeros(n)
             return
-        situ = tables.in_situ
-        k_dense = situ.dense if situ is not None else 1.0            # the step as a whole meets the table
-        self.k_experts = situ.experts if situ is not None and situ.experts else 1.0
+        k_dense = situ_factor(tables.in_situ, "dense", batch)          # the step as a whole meets the tables
+        self.k_experts = situ_factor(tables.in_situ, "experts", batch)
         decode = GridCost(tables.decode, self.notes)
         dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
         self._dense = np.empty(n)

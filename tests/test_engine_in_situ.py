@@ -66,6 +66,7 @@ def test_dense_cost_applies_the_in_situ_factors():
     t = prof.engine[MODEL]
     plain = t.model_copy(update={"in_situ": None})
     situ = ModelEngine.model_validate({**t.model_dump(mode="json"), "in_situ": {"dense": 1.25, "experts": 1.5}})
+    assert not situ.in_situ.points
     kw = dict(style="offload", batch=4, phases=np.zeros(3, np.uint8), tokens=np.full(3, 4), start_context=256)
     a, b = DenseCost(tables=plain, **kw), DenseCost(tables=situ, **kw)
     assert b.dense_ms(1, 0) == pytest.approx(1.25 * a.dense_ms(1, 0))
@@ -96,3 +97,31 @@ def test_engine_section_keeps_the_offload_host_terms_and_in_situ():
     assert st["host_per_expert_ms"] > 0 and st["host_per_load_ms"] is not None
     assert 0.3 < sec["in_situ"]["dense"] < 3 and sec["source"]["host_probe_dispatch_us"] > 0
     ModelEngine.model_validate(sec)
+
+
+def test_cpu_lists_parse_and_bad_ones_say_why():
+    from calibrate.measurements.host_speed import parse_cpus
+    assert parse_cpus("0-3,8") == [0, 1, 2, 3, 8] and parse_cpus("2,2") == [2]
+    for bad in ("x", "3-1", "1-", "-1", "0-99999"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
+
+
+def test_in_situ_steps_run_on_a_tiny_model():
+    from calibrate.measurements.engine_step import measure_in_situ
+    step = measure_in_situ(MODEL, device="cpu", tiny=True, batches=[1, 2], contexts=[8], steps=2, warmup=1)
+    assert [p["batch"] for p in step["points"]] == [1, 2]
+    assert all(p["null_ms"] > 0 and p["resident_ms"] > 0 and 1 <= p["active"] for p in step["points"])
+
+
+def test_in_situ_factor_by_batch():
+    from simulator.engine_costs import situ_factor
+    from simulator.profile import InSitu
+    s = InSitu(dense=1.0, experts=2.0, points=[{"batch": 1, "context": 256, "dense": 0.8, "experts": 1.5},
+                                              {"batch": 16, "context": 256, "dense": 1.2, "experts": -0.3}])
+    assert situ_factor(s, "dense", 1) == pytest.approx(0.8) and situ_factor(s, "dense", 16) == pytest.approx(1.2)
+    assert situ_factor(s, "dense", 4) == pytest.approx(1.0)               # halfway in log batch
+    assert situ_factor(s, "dense", 256) == pytest.approx(1.2)             # clamped
+    assert situ_factor(s, "experts", 64) == pytest.approx(1.5)            # the negative point left out
+    assert situ_factor(None, "dense", 4) == 1.0
+    assert situ_factor(InSitu(dense=1.3), "dense", 4) == pytest.approx(1.3)  # no points: the median

@@ -36,6 +36,7 @@ out, points whose KV cache would not fit ``kv_budget_bytes`` and contexts past t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -396,8 +397,14 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
     layers = plan.layers or default_layers(2 if plan.tiny else arch.total_layers, arch.dense_layers)
     built = build_model(spec, layers=layers, tiny=plan.tiny, dtype=plan.dtype, device=plan.device, seed=plan.seed)
     build_s = time.perf_counter() - t0
-    plan.contexts = edge_contexts(plan.contexts, built.arch.max_positions)
+    asked = list(plan.contexts)
+    plan.contexts = edge_contexts(asked, built.arch.max_positions)
     m = EngineMeasurer(plan, built)
+    for c in asked:
+        if c not in plan.contexts:
+            m._skip("decode", f"context past the model's {built.arch.max_positions} positions"
+                              + (f" (measured at {plan.contexts[-1]} instead)" if plan.contexts[-1] not in asked else ""),
+                    context=c)
     from calibrate.measurements.host_speed import host_probe
     probes = [host_probe(plan.device)]
     tables = ["head", "experts", "prefill"] + (["dense_decode"] if built.arch.dense_layers else []) + ["decode"]
@@ -457,4 +464,5 @@ def _provenance(plan: EnginePlan) -> dict:
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none"
     return {"device": plan.device, "gpu": gpu, "host_cpu": host_cpu(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads()}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
+            "cpus": len(os.sched_getaffinity(0))}

@@ -53,3 +53,35 @@ def sm_clock(dev: torch.device) -> float | None:
         return float(torch.cuda.clock_rate(dev))
     except Exception:  # no pynvml / NVML: the clock is simply not recorded
         return None
+
+
+def parse_cpus(spec: str) -> list[int]:
+    """``"0-7"``, ``"2,4,6"`` or ``"0-3,8"`` -> sorted CPU ids; ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        lo, sep, hi = part.partition("-")
+        if not lo.isdigit() or (sep and not hi.isdigit()):
+            raise ValueError(f"{spec!r} is not a CPU list such as 0-7 or 2,4,6")
+        a, b = int(lo), int(hi) if sep else int(lo)
+        if b < a or b - a > 4096:
+            raise ValueError(f"{part!r}: an empty or absurd range")
+        cpus.update(range(a, b + 1))
+    return sorted(cpus)
+
+
+def pin_cpus(cpus: list[int]) -> list[int]:
+    """Pin this process (and the threads it starts) to ``cpus``, with as many torch threads;
+    returns the CPUs now allowed. A host-bound eager step moves by a quarter when the
+    scheduler moves its thread between cores (docs/validation.md): calibrate and validate
+    on the same pinned cores."""
+    import os
+    have = os.sched_getaffinity(0)
+    bad = [c for c in cpus if c not in have]
+    if bad:
+        more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
+        raise ValueError(f"CPU(s) {', '.join(map(str, bad[:4]))}{more} not available (this process may use "
+                         f"{len(have)}: {min(have)}-{max(have)})")
+    os.sched_setaffinity(0, cpus)
+    torch.set_num_threads(len(cpus))
+    return sorted(os.sched_getaffinity(0))

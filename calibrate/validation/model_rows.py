@@ -236,7 +236,8 @@ def built_spec(sc: Scenario, tiny: bool, layers: int | None, source: str) -> Mod
 def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device: str = "cuda", tiny: bool = False,
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
-                   progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None) -> dict:
+                   progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
+                   passes: int = 1) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -295,32 +296,40 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     hosts = host_pools(built, policies, device)
     build_s = time.perf_counter() - t0
     rows = []
-    total = len(policies) * len(traces)
-    for pol in policies:
-        for (prompt, b), tr in traces.items():
+    cells = [(pol, prompt, b, tr) for pol in policies for (prompt, b), tr in traces.items()]
+    total = len(cells) * passes
+    ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
+    done = 0
+    for p in range(passes):
+        for i, (pol, prompt, b, tr) in enumerate(cells):
             if progress:
-                progress(len(rows), total, f"{pol.name} B={b} prompt {prompt}")
-            steps, same = run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt,
-                                   probe=timing)
-            row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps,
-                   "decisions_identical": same, **live_summary(steps, b, warm),
-                   "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers for st in steps),
-                   "probes": [st.probe for st in steps]}
-            if timing:
-                one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
-                                   sc.engine.dense_ms_per_layer, sc.seed)
-                sim = project(one, tr, prof)
-                med = statistics.median(sim[warm:])
-                live_ms = row["live_median_ms"]
-                row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
-                           error_pct=(med - live_ms) / live_ms * 100,
-                           tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
-                now, factor = probe_factor(steps, prof, built.spec.name, warm)
-                row.update(probe_dispatch_us=now, host_factor=factor)
-                if factor is not None:   # the host terms at the speed the probe met beside the row
-                    now_ms = statistics.median(project(one, tr, host_scaled(prof, built.spec.name, factor))[warm:])
-                    row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
-            rows.append(row)
+                progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
+            ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing))
+            done += 1
+    for i, (pol, prompt, b, tr) in enumerate(cells):
+        same = all(ok for _, ok in ran[i])
+        steps = [st for one, _ in ran[i] for st in one[warm:]]          # every pass's timed steps
+        row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps, "passes": passes,
+               "decisions_identical": same, **live_summary(steps, b, 0),
+               "warmup_steps_ms": [st.latency_ms for one, _ in ran[i] for st in one[:warm]],
+               "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers
+                                    for one, _ in ran[i] for st in one),
+               "probes": [st.probe for st in steps]}
+        if timing:
+            one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
+                               sc.engine.dense_ms_per_layer, sc.seed)
+            sim = project(one, tr, prof)
+            med = statistics.median(sim[warm:])
+            live_ms = row["live_median_ms"]
+            row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
+                       error_pct=(med - live_ms) / live_ms * 100,
+                       tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
+            now, factor = probe_factor(steps, prof, built.spec.name, 0)
+            row.update(probe_dispatch_us=now, host_factor=factor)
+            if factor is not None:   # the host terms at the speed the probe met beside the row
+                now_ms = statistics.median(project(one, tr, host_scaled(prof, built.spec.name, factor))[warm:])
+                row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
+        rows.append(row)
     if progress:
         progress(total, total, "done")
     errs = np.abs([r["error_pct"] for r in rows]) if timing else np.zeros(0)
@@ -330,7 +339,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
-            "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__},
+            "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                                "cpus": _cpus()},
             "build_s": build_s, "rows": rows, "host_now": None,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "median_abs_error_pct": float(np.median(errs)) if timing else None,
@@ -338,6 +348,18 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "median_abs_error_now_pct": float(np.median(now_errs)) if len(now_errs) else None,
             "worst_abs_error_now_pct": float(now_errs.max()) if len(now_errs) else None,
             "median_abs_tokens_error_pct": float(np.median(tok)) if timing else None}
+
+
+def _cpus() -> str:
+    """The CPUs this process may run on, as a range list (``0-15``)."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))
+    runs, start = [], cpus[0]
+    for a, b in zip(cpus, cpus[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}-{a}" if a > start else str(a))
+            start = b
+    return ",".join(runs)
 
 
 def main() -> None:
