@@ -34,8 +34,8 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--model", "-m", "model", required=True,
               help="Model preset with an architecture: olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b.")
 @click.option("--device", "-d", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
-@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload"]),
-              help="Expert dispatch style to time; repeat [default: hf-eager, grouped and offload].")
+@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload", "offload-grouped"]),
+              help="Expert dispatch style to time; repeat [default: hf-eager, grouped, offload and offload-grouped].")
 @click.option("--batch", "batches", multiple=True, help="Decode batch sizes, e.g. 1,8,32 [default: 1..256, powers of 2].")
 @click.option("--context", "contexts", multiple=True, help="KV-cache lengths [default: 128..32768, powers of 2].")
 @click.option("--prompt", "prompts", multiple=True, help="Prefill prompt lengths [default: 16,64,256,1024,4096].")

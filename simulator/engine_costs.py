@@ -32,7 +32,7 @@ import numpy as np
 from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
-STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload")
+STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped")
 UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (nothing measures it yet)
 PHASE_PREFILL = 1
 
@@ -248,6 +248,23 @@ class DenseCost:
         if st.host_base_ms is not None and st.host_per_expert_ms is not None:
             return st.host_base_ms * k, st.host_per_expert_ms * k
         return st.base_ms * k, st.per_expert_ms * k
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the style issues a layer's ready experts in one call (:mod:`simulator.engine_styles`)."""
+        from .engine_styles import GROUPED_STYLES
+        return self.style in GROUPED_STYLES
+
+    def group_ms(self, active: int) -> tuple[float, float]:
+        """``(host, GPU)`` ms of one grouped call over ``active`` experts: the host its measured
+        host time (else the whole call), the GPU what the measured call took beyond it."""
+        st = self.tables.styles[self.style]
+        wall = st.base_ms + st.per_expert_ms * active
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            host = (st.host_base_ms + st.host_per_expert_ms * active) * self.k_experts
+        else:
+            host = wall * self.k_experts
+        return host, max(0.0, wall - host)
 
     def load_host_ms(self, default_launch_ms: float) -> float:
         """Host time per copy issued: the style's measured one (``offload``), else the profile's."""

@@ -155,7 +155,7 @@ def test_passes_interleave_rows_and_pool_their_timed_steps(tiny_profile, tmp_pat
 @pytest.mark.parametrize("case, needle", [
     ("no-arch", "model: 'olmoe-1b-7b+custom' has no architecture"),
     ("style", "engine.olmoe-1b-7b-tiny"),
-    ("twin", "engine.style: twin prices"),
+    ("twin", "engine.style: twin does not price what the model executor runs"),
     ("device", "--device: 'tpu'"),
     ("tiny-twin", "--tiny: only with --executor model"),
     ("prompt", "--prompt: 1,000,000,000 tokens is past any context"),

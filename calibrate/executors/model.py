@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from calibrate.models.build import BuiltModel
+from simulator.engine_styles import GROUP, group_layer
 from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
@@ -62,11 +63,14 @@ class ModelExecutor:
 
     def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
                  seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None,
-                 probe: bool = False):
+                 probe: bool = False, dispatch: str = "loop"):
         if (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
+        if dispatch not in ("loop", "grouped"):
+            raise ValueError(f"dispatch {dispatch!r}: loop (one FFN per expert) or grouped (one grouped GEMM per call)")
+        self.grouped = dispatch == "grouped"   # engine style offload-grouped (simulator/engine_styles.py)
         self.spec = built.spec
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -118,9 +122,20 @@ class ModelExecutor:
         tok = order_dev // k                                  # the pair's token
         w = top_k_weights.reshape(-1)[order_dev]              # its routing weight
         out = torch.zeros_like(hidden)
-        for op in self._ops[l]:
+        for op in (group_layer(self._ops[l]) if self.grouped else self._ops[l]):
             kind = op[0]
-            if kind == DENSE:
+            if kind == GROUP:
+                runs = [(c[1], *self._take(nxt, end, c[2] % self.E, c[3])) for c in op[2]]
+                runs = [r for r in runs if r[2] > r[1]]
+                if runs:
+                    for sl in op[1]:
+                        self._wait_load(sl)
+                    self._grouped_ffn(out, hidden, runs, order, k, top_k_weights, act_fn)
+                    for sl in op[1]:
+                        self._mark_read(sl)
+                ex["computes"] += len(runs)
+                ex["computed_tokens"] += sum(b - a for _, a, b in runs)
+            elif kind == DENSE:
                 ex["denses"] += 1
             elif kind == LOAD:
                 self._load(op[1], op[2])
@@ -207,6 +222,27 @@ class ModelExecutor:
         y = torch.nn.functional.linear(act_fn(gate) * up, down) * w[:, None]
         out.index_add_(0, tok, y.to(out.dtype))
 
+    def _grouped_ffn(self, out, hidden, runs, order: np.ndarray, k: int, weights, act_fn):
+        """One grouped GEMM pair over the slot pool: ``runs`` = (slot, a, b), the pairs
+        ``order[a:b]`` served from ``slot``; rows sorted by slot, ``offs`` the cumulative rows
+        per slot (empty slots: empty groups), as transformers' grouped_mm experts do."""
+        runs = sorted(runs)
+        sel = np.concatenate([order[a:b] for _, a, b in runs])
+        counts = np.zeros(self.pool.shape[0], np.int64)
+        for slot, a, b in runs:
+            counts[slot] += b - a
+        offs = self._to_device(np.cumsum(counts).astype(np.int32))
+        sel_dev = self._to_device(sel)
+        tok = sel_dev // k
+        w = weights.reshape(-1)[sel_dev]
+        n, F, H = self.pool.shape[0], self.F, self.H
+        gate_up = self.pool[:, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
+        down = self.pool[:, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
+        x = hidden.index_select(0, tok).to(self.dtype)
+        gate, up = grouped_mm(x, gate_up, offs).chunk(2, dim=-1)
+        y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+
     def _cpu(self, out, hidden, tok: np.ndarray, weights, pairs: np.ndarray, host_flat, act_fn):
         """The FFN on the host: the layer's activations and weights down, the result up."""
         h = hidden.to("cpu")
@@ -263,6 +299,14 @@ class ModelExecutor:
     def run(self, steps: range | None = None):
         steps = range(self.trace.num_steps) if steps is None else steps
         return [self.run_step(s) for s in steps]
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows sorted by group) times each group's ``w[g]`` (groups, in, out), ``offs`` the
+    cumulative rows: torch's grouped GEMM (``torch.nn.functional.grouped_mm`` or
+    ``torch._grouped_mm``)."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offs)
 
 
 def host_experts(built: BuiltModel, pinned: bool) -> list[list[torch.Tensor]]:

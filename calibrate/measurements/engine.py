@@ -46,13 +46,15 @@ import torch
 from calibrate.executors.model import host_experts
 from calibrate.models.build import EXPERTS_IMPLEMENTATION, BuiltModel, build_model
 from calibrate.measurements.timing import Timer
+from simulator.engine_styles import EXECUTOR_DISPATCH
 
 ENGINE_FORMAT = "simmoe-engine"
 ENGINE_VERSION = 1
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 PROMPTS = [16, 64, 256, 1024, 4096]
-STYLES = ["hf-eager", "grouped", "offload"]  # offload last: it replaces the experts modules
+STYLES = ["hf-eager", "grouped", "offload", "offload-grouped"]  # the executor's last: they replace the experts modules
+EXECUTOR_STYLES = EXECUTOR_DISPATCH   # style -> ModelExecutor dispatch
 # share of the time budget per table (after the model is built)
 SHARES = {"head": 0.05, "experts": 0.25, "prefill": 0.1, "dense_decode": 0.1, "decode": 0.5}
 KV_COPIES = 2  # a DynamicCache append copies the layer's whole cache: old and new side by side
@@ -259,21 +261,25 @@ class EngineMeasurer:
                 _, w, idx = block.gate(h)
             inputs[B] = (h, idx, w, int(torch.unique(idx).numel()))
         out = {}
-        styles = sorted(self.plan.styles, key=lambda s: s == "offload")  # offload replaces the modules
+        styles = sorted(self.plan.styles, key=lambda s: s in EXECUTOR_STYLES)  # the executor's replace the modules
+        host = act_fn = None
         for style in styles:
-            if style == "offload":
-                pinned = self.device.type == "cuda"
-                host = host_experts(self.b, pinned=pinned)   # copied into the slots once per executor
-                act_fn = block.experts.act_fn
-                make = lambda h, idx, w: self._offload_call(host, act_fn, h, idx, w)  # noqa: E731
+            dispatch = EXECUTOR_STYLES.get(style)
+            if dispatch:
+                if host is None:
+                    host = host_experts(self.b, pinned=self.device.type == "cuda")  # into the slots per executor
+                    act_fn = block.experts.act_fn
+
+                def make(h, idx, w, loaded=False, dispatch=dispatch):
+                    return self._offload_call(host, act_fn, h, idx, w, loaded=loaded, dispatch=dispatch)
             else:
                 self.b.config._experts_implementation = EXPERTS_IMPLEMENTATION[style]
                 make = lambda h, idx, w: (lambda: block.experts(h, idx, w))  # noqa: E731
             pts = self._expert_points(style, order, inputs, make, budget)
             out[style] = {"points": pts, "fit": fit_per_expert(pts), "host_fit": fit_per_expert(pts, "host_ms")}
-            if style == "offload":  # the same layer, every active expert copied in first (dedup, no cache)
-                make = lambda h, idx, w: self._offload_call(host, act_fn, h, idx, w, loaded=True)  # noqa: E731
-                loaded = self._expert_points("offload-loaded", order, inputs, make, budget)
+            if dispatch:  # the same layer, every active expert copied in first (dedup, no cache)
+                loaded = self._expert_points(f"{style}-loaded", order, inputs,
+                                             lambda h, idx, w: make(h, idx, w, loaded=True), budget)
                 out[style]["loaded"] = {"points": loaded, "host_fit": fit_per_expert(loaded, "host_ms")}
                 out[style]["host_per_load_ms"] = per_load_ms(pts, loaded)
         return out
@@ -294,7 +300,7 @@ class EngineMeasurer:
             fn = None
         return sorted(pts, key=lambda r: r["batch"])
 
-    def _offload_call(self, host, act_fn, h, idx, w, loaded: bool = False):
+    def _offload_call(self, host, act_fn, h, idx, w, loaded: bool = False, dispatch: str = "loop"):
         """One MoE layer of :class:`ModelExecutor` on this routing, its first step planned:
         every expert resident (the ``resident`` policy: a cache of them all, preloaded), or,
         ``loaded``, every active expert copied from pinned host memory first (dedup, no cache),
@@ -308,7 +314,7 @@ class EngineMeasurer:
         tr = decode_trace(np.repeat(routes[:, None, :], L, axis=1), len(routes), spec.num_experts)
         pol = (PolicySpec(name="dedup", load="dedup", memory="pinned") if loaded
                else resident_policy(spec.num_experts, L))
-        ex = ModelExecutor(self.b, pol, tr, device=str(self.device), host=host)
+        ex = ModelExecutor(self.b, pol, tr, device=str(self.device), host=host, dispatch=dispatch)
         ex.prepare_step(0)
         return lambda: ex._run_layer(0, h, idx, w, act_fn)
 

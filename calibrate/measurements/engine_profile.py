@@ -92,7 +92,7 @@ def engine_section(doc: dict) -> dict:
                                 "max_abs_error": fit["max_abs_error"] if fit else None,
                                 "points": [[p["batch"], p["active"], p["ms"]] for p in pts]}
         hf = e.get("host_fit")
-        if style == "offload" and hf and hf["base_ms"] >= 0 and hf["per_expert_ms"] >= 0:
+        if style.startswith("offload") and hf and hf["base_ms"] >= 0 and hf["per_expert_ms"] >= 0:
             # the executor's host time as the engine charges it: per layer, per compute, per copy
             out["styles"][style].update(host_base_ms=hf["base_ms"], host_per_expert_ms=hf["per_expert_ms"],
                                         host_per_load_ms=e.get("host_per_load_ms"))

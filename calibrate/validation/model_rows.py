@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from simulator.engine_costs import require_style
+from simulator.engine_styles import EXECUTOR_DISPATCH as EXECUTOR_STYLES
 from simulator.errors import InputError
 from simulator.models import PRESETS, ModelSpec
 from simulator.planner import Planner
@@ -107,12 +108,14 @@ def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str 
 
 
 # ------------------------------------------------------------------------------- live rows
-def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False):
+def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False,
+             dispatch: str = "loop"):
     """Every step of ``trace`` through :class:`ModelExecutor`; returns the steps and whether
     every step's decisions and executed work equal the planner's."""
     from calibrate.executors.model import ModelExecutor
 
-    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe)
+    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe,
+                       dispatch=dispatch)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
     for s in range(trace.num_steps):
@@ -269,9 +272,10 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     prof = profile if isinstance(profile, Profile) else load_profile(profile or sc.profile)
     prof_name = profile if isinstance(profile, str) else (sc.profile or prof.name)
     if timing:
-        if style == "twin":
-            raise InputError(source, "engine.style", "twin prices simmoe's twin executor, not a real model's engine; "
-                                                     "set engine.style (hf-eager, grouped or offload)")
+        if style not in EXECUTOR_STYLES:
+            raise InputError(source, "engine.style", f"{style} does not price what the model executor runs; set "
+                                                     f"engine.style to offload (its per-expert loop) or offload-grouped "
+                                                     f"(one grouped GEMM per call)")
         require_style(prof, spec.name, style, f"profile {prof_name}")
     check_device(device)
     import torch
@@ -304,7 +308,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
         for i, (pol, prompt, b, tr) in enumerate(cells):
             if progress:
                 progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
-            ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing))
+            ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
+                                   dispatch=EXECUTOR_STYLES.get(style, "loop")))
             done += 1
     for i, (pol, prompt, b, tr) in enumerate(cells):
         same = all(ok for _, ok in ran[i])
