@@ -197,3 +197,14 @@ def test_merge_keeps_styles_the_new_run_did_not_measure(tiny_profile, tmp_path):
     (tmp_path / "eager.json").write_text(json.dumps(doc))
     prof = merge_engine(tiny_profile, [tmp_path / "eager.json"], tmp_path / "both.json")
     assert set(prof["engine"]["olmoe-1b-7b-tiny"]["styles"]) == {"offload", "hf-eager"}
+
+
+def test_host_copies_that_would_not_fit_are_refused_before_building():
+    from calibrate.validation.model_rows import check_host_memory
+    from simulator.models import get_preset
+    spec = get_preset("qwen3-30b-a3b")          # 48 x 128 experts of 9.4 MB: 54 GiB per copy
+    both = [PolicySpec(name="a", memory="pinned"), PolicySpec(name="b", memory="pageable")]
+    check_host_memory(spec, both[:1], "cuda", "s.yaml", available=120 * 2**30)       # one copy fits
+    with pytest.raises(InputError, match=r"s.yaml: policies: .*pageable and pinned.*GiB available"):
+        check_host_memory(spec, both, "cuda", "s.yaml", available=120 * 2**30)
+    check_host_memory(spec, both, "cpu", "s.yaml", available=120 * 2**30)            # CPU: one pageable copy

@@ -175,6 +175,34 @@ def probe_factor(steps, prof: Profile, model: str, warm: int) -> tuple[float | N
     return now, (now / cal if cal else None)
 
 
+HOST_MEMORY_SHARE = 0.85   # of the memory available, what the host copies of the experts may take
+
+
+def host_memory_available() -> int | None:
+    """``MemAvailable`` of /proc/meminfo in bytes (None where there is none)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(spec: ModelSpec, policies, device: str, source: str, available: int | None = None) -> None:
+    """Refuse, before anything is built, a run whose host copies of the routed experts (one
+    per memory kind the policies use) would not fit the host's available memory."""
+    cuda = device.startswith("cuda")
+    kinds = sorted({"pinned" if p.memory == "pinned" and cuda else "pageable" for p in policies})
+    need = spec.expert_bytes * spec.num_experts * spec.num_layers * len(kinds)
+    avail = host_memory_available() if available is None else available
+    if avail is not None and need > HOST_MEMORY_SHARE * avail:
+        raise InputError(source, "policies", f"the routed experts in host memory ({' and '.join(kinds)}) take "
+                                             f"{need / 2**30:.1f} GiB, over {HOST_MEMORY_SHARE:.0%} of the "
+                                             f"{avail / 2**30:.1f} GiB available; use one memory kind for every "
+                                             f"policy, or fewer layers (--layers)")
+
+
 def host_pools(built, policies, device: str) -> dict:
     """The routed experts in host memory once per memory kind the policies use (pinned only on CUDA)."""
     from calibrate.executors.model import host_experts
@@ -278,6 +306,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                                                      f"(one grouped GEMM per call)")
         require_style(prof, spec.name, style, f"profile {prof_name}")
     check_device(device)
+    check_host_memory(spec, policies, device, source)
     import torch
 
     from calibrate.models.build import build_model
