@@ -92,6 +92,7 @@ class Engine:
 
     def run(self, planner: Planner, steps: range | None = None) -> list[StepRecord]:
         records: list[StepRecord] = []
+        self.records = records          # read between steps by a driver that yields ``steps`` lazily
         steps = range(planner.trace.num_steps) if steps is None else steps
         self.env.process(self._host(planner, steps, records))
         self.env.run()
@@ -106,7 +107,7 @@ class Engine:
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
-            dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
+            dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
