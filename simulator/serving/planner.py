@@ -31,7 +31,7 @@ NEEDS_FUTURE = {"cache": ("belady", "static-hot"), "prefetch": ("history", "affi
 class StepTrace:
     """The routing of the steps scheduled so far (a :class:`~simulator.traces.Trace`'s reading
     side: ``step``, ``phase``, shape). ``max_step_tokens`` is the scheduler's token budget.
-    A step's rows are dropped once the planner has planned it (``keep=False``)."""
+    A step's rows are dropped once the planner has planned the next (``keep=False``)."""
 
     def __init__(self, num_layers: int, num_experts: int, top_k: int, token_budget: int, keep: bool = False):
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
@@ -59,8 +59,9 @@ class StepTrace:
         return self.rows[s]
 
     def done(self, s: int) -> None:
-        if not self.keep:
-            self.rows[s] = self.kinds[s] = self.seqs[s] = None
+        """Step ``s`` is planned: drop the step before it (a live executor still reads ``s``)."""
+        if not self.keep and s > 0:
+            self.rows[s - 1] = self.kinds[s - 1] = self.seqs[s - 1] = None
 
 
 class ServingPlanner(Planner):
