@@ -36,7 +36,8 @@ def serving_table(rows: list[dict], title: str):
     from rich.table import Table
 
     t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    for c in ("policy", "B", "TTFT ms", "p90", "TPOT ms", "p90", "e2e p90", "tok/s", "good/s", "SLO", "hit p/d"):
+    for c in ("policy", "B", "TTFT ms", "p90", "TPOT ms", "p90", "e2e p90", "tok/s", "prompt/s", "good/s", "SLO",
+              "hit p/d"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in rows:
         hp, hd = r["hit_rate_prefill_steps"], r["hit_rate_decode_steps"]
@@ -44,13 +45,16 @@ def serving_table(rows: list[dict], title: str):
         ci = r["ttft_ms"]["mean_ci95"]
         t.add_row(r["policy"], str(r["max_batch"]), f"{r['ttft_ms']['mean']:.0f}±{(ci[1] - ci[0]) / 2:.0f}",
                   f"{r['ttft_ms']['p90']:.0f}", f"{r['tpot_ms']['mean']:.1f}", f"{r['tpot_ms']['p90']:.1f}",
-                  f"{r['e2e_ms']['p90']:.0f}", f"{r['tokens_per_s']:.0f}", f"{r['goodput_rps']:.2f}",
+                  f"{r['e2e_ms']['p90']:.0f}", f"{r['tokens_per_s']:.0f}",
+                  f"{r['prompt_tokens_per_s']:.0f}" if r["prompt_tokens_per_s"] is not None else "-",
+                  f"{r['goodput_rps']:.2f}",
                   f"{r['slo_attainment'] * 100:.0f}%", hits)
     return t
 
 
 LEGEND = ("TTFT: time to first token (mean ± half its 95% CI; p90); TPOT: time per output token after "
-          "the first; e2e: arrival to last token; tok/s: output tokens per second; good/s: requests "
+          "the first; e2e: arrival to last token; tok/s: output tokens per second; prompt/s: prompt "
+          "tokens per second of the steps holding them; good/s: requests "
           "per second meeting the SLO; SLO: share meeting it; hit p/d: cache hit rate in steps with "
           "prefill tokens / decode-only steps")
 
@@ -75,8 +79,8 @@ def print_serving(result) -> None:
                     f"({mem['expert_slot_bytes'] / 2**30:.2f} GiB) + KV cache of {mem['kv_tokens']:,} tokens "
                     f"({mem['kv_bytes'] / 2**30:.2f} GiB); peak {r['peak_kv_tokens']:,} KV tokens, "
                     f"batch {r['peak_batch']}", highlight=False)
-        for n in r["notes"]:
-            c.print(f"  note: {r['policy']}: {n}", style="dim", highlight=False)
+    for n in sorted({n for r in result.summary for n in r["notes"]}):
+        c.print(f"note: {n}", style="dim", highlight=False)
 
 
 def register(main) -> None:

@@ -9,7 +9,9 @@ Per (policy, max batch), over all replications' requests:
 - ``throughput``: output tokens/s and requests/s over the run's span (first arrival to last
   finish, per replication, then averaged); ``goodput_rps``: requests meeting the SLO per
   second; ``slo_attainment``: their share.
-- ``littles_law``: the time-average number of requests in the system against arrival rate x
+- ``prompt_tokens_per_s``: prompt tokens over the summed latency of the steps holding prompt
+  tokens (prompt throughput; those steps may hold decode tokens too);
+- ``mean_in_system`` and ``arrival_rate_x_e2e`` (Little's law): the time-average number of requests in the system against arrival rate x
   mean time in system (equal for a run where every request finishes).
 """
 from __future__ import annotations
@@ -109,12 +111,12 @@ def summarise_serving(requests: pd.DataFrame, steps: pd.DataFrame, sc, infos: di
             p = st[st["phase"] == ph]
             s = int((p["hits"] + p["misses"]).sum())
             row[f"hit_rate_{name}_steps"] = float(p["hits"].sum() / s) if s else None
-        pre = st["prefill_tokens"].sum()
-        pre_ms = float(st.loc[st["prefill_tokens"] > 0, "latency_ms"].sum())
-        row["prefill_steps_tokens_per_s"] = float((st.loc[st["prefill_tokens"] > 0, "prefill_tokens"].sum()
-                                                    + st.loc[st["prefill_tokens"] > 0, "decode_tokens"].sum())
-                                                   / pre_ms * 1e3) if pre_ms > 0 else None
-        row["prompt_tokens_simulated"] = int(pre)
+        pre_steps, dec_steps = st[st["prefill_tokens"] > 0], st[st["prefill_tokens"] == 0]
+        pre_ms = float(pre_steps["latency_ms"].sum())
+        # prompt throughput: prompt tokens over the time of the steps that hold them
+        row["prompt_tokens_per_s"] = float(pre_steps["prefill_tokens"].sum() / pre_ms * 1e3) if pre_ms > 0 else None
+        row["prefill_step_latency_ms_mean"] = float(pre_steps["latency_ms"].mean()) if len(pre_steps) else None
+        row["decode_step_latency_ms_mean"] = float(dec_steps["latency_ms"].mean()) if len(dec_steps) else None
         row["step_latency_ms_mean"] = float(st["latency_ms"].mean())
         info = [infos[(pol, b, r)] for r in sorted(g["replication"].unique())]
         row["memory"] = {k: info[0][k] for k in ("gpu_memory_bytes", "expert_slots", "expert_slot_bytes",
