@@ -26,6 +26,8 @@ def plot_latency_cdf(requests: pd.DataFrame, path: Path) -> None:
             v = np.sort(g[col].to_numpy())
             if len(v):
                 ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=key)
+        if col != "tpot_ms":
+            ax.set_xscale("log")          # queueing makes TTFT and e2e heavy-tailed
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("share of requests")
         ax.grid(alpha=0.3)

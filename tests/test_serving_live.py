@@ -92,3 +92,14 @@ def test_batched_requests_get_the_logits_they_get_alone(built, host, tmp_path):
         assert len(seq) == len(side.logits[rid]) >= 2
         for a, b in zip(seq, side.logits[rid]):
             assert torch.allclose(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_live_vs_projected_comparison_runs(built, host, tiny_profile, tmp_path):
+    from calibrate.executors.serving import compare
+
+    sc = scenario(built, tmp_path, POLICIES[:1], n=3)
+    out = compare(sc, "lru-bypass", device="cpu", profile=tiny_profile, built=built, host=host)
+    assert out["requests"] == 3
+    for col in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        v = out[f"{col}_mean"]
+        assert v["live"] > 0 and v["projected"] > 0 and v["error"] == pytest.approx(v["projected"] / v["live"] - 1)

@@ -144,3 +144,62 @@ def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: s
                 ex.drop(it.rid)
         steps.append((plan.items, step, dec))
     return request_table(sched, w.slo), steps, ex
+
+
+def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: int = 0, device: str = "cuda",
+            tiny: bool = False, layers: int | None = None, profile=None, base_dir=None, built=None,
+            host=None) -> dict:
+    """Live vs projected per-request latency of one policy: the scenario's requests served live
+    on the built model (the scheduler on measured step times) and simulated (on projected
+    ones); TTFT, TPOT and end-to-end mean and p90 of both, and the relative errors."""
+    from calibrate.models.build import build_model
+    from simulator.profile import load_profile
+    from simulator.serving.runner import serve_one
+
+    if built is None:
+        built = build_model(sc.model.name, tiny=tiny, layers=layers, device=device, style=_style(sc))
+    if built.spec != sc.model:
+        sc = sc.model_copy(update={"model": built.spec})
+    idx = [p.name for p in sc.policies].index(policy_name)
+    pol = sc.policies[idx]
+    b = max_batch or sc.batch_sizes[0]
+    live, _, _ = serve_live(sc, pol, b, replication, built, device=device, base_dir=base_dir, host=host)
+    prof = profile if profile is not None and not isinstance(profile, str) else load_profile(profile or sc.profile)
+    sim = serve_one(sc, pol, b, replication, prof, index=idx, base_dir=base_dir).requests
+    out = {"policy": policy_name, "max_batch": b, "requests": len(live), "device": device}
+    for col in ("ttft_ms", "tpot_ms", "e2e_ms"):
+        for q in ("mean", "p90"):
+            lv = float(live[col].mean() if q == "mean" else live[col].quantile(0.9))
+            pv = float(sim[col].mean() if q == "mean" else sim[col].quantile(0.9))
+            out[f"{col}_{q}"] = {"live": lv, "projected": pv, "error": (pv - lv) / lv if lv else None}
+    return out
+
+
+def _style(sc) -> str:
+    return sc.engine.style if sc.engine.style in ("hf-eager", "grouped", "graphs") else "hf-eager"
+
+
+def main(argv=None) -> None:
+    """``python -m calibrate.executors.serving SCENARIO --policy NAME [--device cuda]``: one
+    policy's requests live and projected, side by side (JSON on stdout)."""
+    import argparse
+    import json
+
+    from simulator.scenario import load_scenario
+
+    ap = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    ap.add_argument("scenario")
+    ap.add_argument("--policy", required=True)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-batch", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--profile")
+    a = ap.parse_args(argv)
+    sc, base = load_scenario(a.scenario)
+    print(json.dumps(compare(sc, a.policy, max_batch=a.max_batch, device=a.device, tiny=a.tiny, layers=a.layers,
+                             profile=a.profile, base_dir=base), indent=1))
+
+
+if __name__ == "__main__":
+    main()
