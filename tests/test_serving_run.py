@@ -115,3 +115,16 @@ def test_cli_serve_sweep(tmp_path):
     assert (out / "throughput_latency.png").stat().st_size > 0 and (out / "attainment.png").exists()
     bad = CliRunner().invoke(main, ["serve-sweep", str(p), "--rates", "1,x"])
     assert bad.exit_code == 2 and "--rates" in bad.output
+
+
+def test_python_api_serve_and_run_refusal():
+    import simmoe
+
+    res = simmoe.serve(serving_dict(), replications=1)
+    assert len(res.requests) == 12 and res.summary[0]["policy"] == "lru"
+    with pytest.raises(InputError, match="serving scenario"):
+        simmoe.run(serving_dict())
+    from conftest import scenario_dict
+
+    with pytest.raises(InputError, match="not a serving scenario"):
+        simmoe.serve(scenario_dict())
