@@ -172,3 +172,50 @@ def test_effective_scenario_of_plain_runs_unchanged():
     eff = parse_scenario(scenario_dict()).effective()
     assert "workload" not in eff and all("serving" not in p for p in eff["policies"])
     assert json.dumps(parse_scenario(eff).effective()) == json.dumps(eff)
+
+
+def test_recorded_sequences_route_one_per_request(tmp_path):
+    from simulator.traces.real import SequenceWriter
+
+    g = np.random.Generator(np.random.PCG64(0))
+    seqs = [np.stack([np.stack([g.choice(16, 2, replace=False) for _ in range(4)]) for _ in range(n)])
+            for n in (5, 9, 3)]
+    path = tmp_path / "seqs.npz"
+    with SequenceWriter(path, num_experts=16) as w:
+        for i, s in enumerate(seqs):
+            w.add(s.astype(np.int16), f"s{i}", 2)
+    sc = serving_scenario(trace={"sequences": {"path": str(path)}})
+    src = routing_source(sc, 1, 0)
+    reqs = make_requests(sc.workload, sc.seed, 0)
+    used = set()
+    for r in reqs:
+        rows = src.rows(r)
+        assert rows.shape[0] == r.kv_tokens
+        match = [i for i, s in enumerate(seqs) if np.array_equal(rows[:min(len(s), len(rows))], s[:len(rows)])]
+        assert len(match) == 1                       # the rows are one recorded sequence's, from its start
+        s = seqs[match[0]]
+        if len(rows) > len(s):                        # a longer request reuses them cyclically
+            assert np.array_equal(rows[len(s):2 * len(s)][:len(rows) - len(s)], s[:len(rows) - len(s)])
+        used.add(match[0])
+    assert used == {0, 1, 2}
+
+
+def test_batched_trace_and_item_copy_are_refused():
+    with pytest.raises(InputError, match="trace.generator or trace.sequences"):
+        routing_source(serving_scenario(trace={"path": "x.npz"}), 1, 0)
+    with pytest.raises(InputError) as e:
+        routing_source(serving_scenario(trace={"generator": "item_copy", "locality": 0.5}), 1, 0)
+    assert e.value.field == "trace.generator"
+
+
+@pytest.mark.parametrize("arrivals,prompt", [
+    ({"kind": "burst", "rate": 40, "on_s": 0.2, "off_s": 0.3}, {"kind": "empirical", "values": [4, 20], "weights": [1, 2]}),
+    ({"kind": "gamma", "rate": 30, "cv": 2.5}, {"kind": "lognormal", "mean": 12, "sigma": 0.7, "min": 2, "max": 40}),
+])
+def test_every_arrival_kind_serves_every_request(arrivals, prompt):
+    from simulator.serving.runner import serve_scenario
+
+    res = serve_scenario(serving_scenario(workload={"arrivals": arrivals, "prompt": prompt}))
+    r = res.requests
+    assert len(r) == 12 and (r["e2e_ms"] >= r["ttft_ms"]).all()
+    assert r["prompt_tokens"].max() <= 40
