@@ -6,9 +6,9 @@ from __future__ import annotations
 from ..estimate import Estimate, check
 from .spec import LengthSpec
 
-#: CPU seconds per simulated (token, MoE layer) pair and per request-table row, measured on
-#: scenarios/serving_olmoe.yaml (bench/bench_serving.py prints the current figure)
-SECONDS_PER_TOKEN_LAYER = 1.5e-5
+#: CPU seconds per simulated (token, MoE layer) pair, measured on scenarios/serving_olmoe.yaml
+#: (bench/bench_serving.py prints the current figure; BENCHMARKS.md); bytes per table row
+SECONDS_PER_TOKEN_LAYER = 1.9e-5
 BYTES_PER_REQUEST_ROW = 400
 BYTES_PER_STEP_ROW = 600
 
