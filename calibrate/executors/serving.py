@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from calibrate.executors.model import ModelExecutor, ModelStep
-from simulator.serving.planner import ServingPlanner, StepTrace
+from simulator.serving.planner import ServingPlanner
 from simulator.serving.runner import Driver, request_table
-from simulator.serving.scheduler import DECODE, Scheduler
+from simulator.serving.scheduler import DECODE
 
 
 class ServingExecutor(ModelExecutor):
@@ -119,21 +119,16 @@ def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: s
     ModelStep, Decisions), executor)``; the scheduler's clock runs on the measured step times.
     ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``)."""
     from simulator.runner import derive_seed
-    from simulator.serving.workload import make_requests, routing_source
+    from simulator.serving.runner import setup_run
 
-    w, m = sc.workload, built.spec
-    reqs = requests if requests is not None else make_requests(w, sc.seed, replication, base_dir)
-    routing = routing_source(sc, derive_seed(sc.seed, replication, 11), replication, base_dir)
-    trace = StepTrace(m.num_layers, m.num_experts, m.top_k, w.scheduler.token_budget)
-    planner = ServingPlanner(m, policy, trace, seed=derive_seed(sc.seed, replication, max_batch, 7))
-    from simulator.serving.runner import memory_split
-
-    split = memory_split(sc, planner.total_slots, "policy.cache.capacity")
-    sched = Scheduler(reqs, max_batch, w.scheduler.token_budget, w.scheduler.chunk, split["kv_tokens"])
+    if sc.model != built.spec:
+        raise ValueError(f"scenario model {sc.model.name} is not the built model {built.spec.name}")
+    run = setup_run(sc, policy, max_batch, replication, base_dir=base_dir, requests=requests)
+    reqs, sched, planner = run.requests, run.sched, run.planner
     ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host)
     ex.keep_logits = keep_logits
     ex._prompt = {r.rid: r.prompt for r in reqs}
-    drive = Driver(sched, trace, routing)
+    drive = Driver(sched, run.trace, run.routing)
     steps = []
     for plan, s in drive.steps():
         step, dec = ex.run_plan(plan, s)
@@ -143,7 +138,7 @@ def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: s
             if it.rid not in live:
                 ex.drop(it.rid)
         steps.append((plan.items, step, dec))
-    return request_table(sched, w.slo), steps, ex
+    return request_table(sched, sc.workload.slo), steps, ex
 
 
 def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: int = 0, device: str = "cuda",

@@ -24,11 +24,8 @@ from ..errors import InputError
 from ..profile import Profile, load_profile
 from ..runner import cost_model, derive_seed
 from .planner import ServingPlanner, StepTrace
-from .scheduler import DECODE, PREFILL, Scheduler
+from .scheduler import DECODE, Scheduler
 from .workload import make_requests, routing_source
-
-STEP_COUNTS = ("tokens", "requests", "unique_requests", "served", "hits", "misses", "transfers", "copies",
-               "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes")
 
 
 def kv_bytes_per_token(sc) -> int:
@@ -66,9 +63,22 @@ class ServeRun:
     info: dict = field(default_factory=dict)
 
 
-def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *, index: int = 0,
-              base_dir: Path | None = None, requests=None, tick: Callable[[int], None] | None = None) -> ServeRun:
-    """One policy at one max batch over one replication's requests."""
+@dataclass
+class Setup:
+    """What one serving run (simulated or live) starts from."""
+
+    requests: list
+    routing: object
+    trace: StepTrace
+    planner: ServingPlanner
+    split: dict
+    sched: Scheduler
+
+
+def setup_run(sc, policy, max_batch: int, replication: int, *, index: int = 0, base_dir: Path | None = None,
+              requests=None) -> Setup:
+    """Requests, routing, the growing trace, the planner, the memory split and the scheduler of
+    one policy at one max batch over one replication (the same seeds live and simulated)."""
     w, m = sc.workload, sc.model
     where = f"policies[{index}]"
     reqs = requests if requests is not None else make_requests(w, sc.seed, replication, base_dir)
@@ -80,13 +90,22 @@ def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *,
         sched = Scheduler(reqs, max_batch, w.scheduler.token_budget, w.scheduler.chunk, split["kv_tokens"])
     except ValueError as e:
         raise InputError(f"scenario {sc.name}", where, str(e)) from None
+    return Setup(reqs, routing, trace, planner, split, sched)
+
+
+def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *, index: int = 0,
+              base_dir: Path | None = None, requests=None, tick: Callable[[int], None] | None = None) -> ServeRun:
+    """One policy at one max batch over one replication's requests."""
+    w = sc.workload
+    run = setup_run(sc, policy, max_batch, replication, index=index, base_dir=base_dir, requests=requests)
+    trace, planner, split, sched = run.trace, run.planner, run.split, run.sched
     cost = cost_model(sc, profile, w.scheduler.token_budget)
     if policy.miss.kind == "cpu" or policy.serving.upload_budget is not None:
         cost.require_cpu()
     dense = sc.dense_ms if sc.engine.style == "twin" else MixedStepCost.from_scenario(sc, profile, f"scenario {sc.name}")
     engine = Engine(cost, policy.memory, dense)
     step_rows: list[dict] = []
-    drive = Driver(sched, trace, routing, dense if isinstance(dense, MixedStepCost) else None)
+    drive = Driver(sched, trace, run.routing, dense if isinstance(dense, MixedStepCost) else None)
 
     def steps():
         for plan, s in drive.steps():
