@@ -132,3 +132,36 @@ def test_bypass_wins_back_decode_hits_on_a_serving_run():
     assert hit["bypass"] > hit["lru"] + 0.02
     assert tpot["bypass"] < tpot["lru"] and ttft["bypass"] < ttft["lru"]
     assert runs["bypass"].info["staged_loads"] > 0 and runs["lru"].info["staged_loads"] == 0
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from simulator.planner import COMPUTE, CPU  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 10**6), mode=st.sampled_from(["cache", "bypass", "warm"]),
+       budget=st.one_of(st.none(), st.integers(0, 12)), phase=st.sampled_from(["prefill", "all"]),
+       prefetch=st.sampled_from([None, "oracle"]), cache=st.integers(2, 40), staging=st.integers(1, 6))
+def test_every_routed_expert_is_served_once_whatever_the_phase_policy(seed, mode, budget, phase, prefetch,
+                                                                     cache, staging):
+    serving = {"prefill": mode, "staging": staging, "keep_top": 2, "budget_phase": phase}
+    if budget is not None:
+        serving["upload_budget"] = budget
+    p, tr = planner(serving, cache=cache, prefetch={"kind": prefetch} if prefetch else None)
+    g = np.random.Generator(np.random.PCG64(seed))
+    for s in range(6):
+        n = int(g.integers(1, 12))
+        rows = np.stack([np.stack([g.choice(E, K, replace=False) for _ in range(L)]) for _ in range(n)])
+        kinds = (g.random(n) < 0.5).astype(np.uint8)
+        layers, d = p.plan_step(tr.append(rows, kinds, np.arange(n)))
+        copies = 0
+        for l, ops in enumerate(layers):
+            served = [op[2] for op in ops if op[0] == COMPUTE] + [op[1] for op in ops if op[0] == CPU]
+            assert sorted(served) == sorted(set((l * E + rows[:, l, :]).ravel().tolist()))   # each once (dedup)
+            copies += sum(len(op[2]) for op in ops if op[0] == LOAD)
+        assert copies == d.transfers
+        if budget is not None and (phase == "all" or kinds.any()):
+            assert d.transfers <= budget
+        assert len(p.caches[0].slot_of) <= cache
