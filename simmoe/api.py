@@ -64,3 +64,16 @@ def run(scenario: str | Path | dict | Scenario, profile: str | Profile | None = 
     """Simulate a scenario: ``simmoe.run("scenarios/locality_high.yaml", batch_sizes=[1, 8])``."""
     sc, base = load(scenario, **overrides)
     return Result(run_scenario(sc, profile=profile, base_dir=base))
+
+
+def serve(scenario: str | Path | dict | Scenario, profile: str | Profile | None = None, **overrides: Any):
+    """Simulate a serving scenario (one with ``workload:``, docs/serving.md): a
+    :class:`~simulator.serving.runner.ServingResult` with ``requests`` (one row per request),
+    ``steps`` and ``summary``."""
+    from simulator.errors import InputError
+    from simulator.serving.runner import serve_scenario
+
+    sc, base = load(scenario, **overrides)
+    if sc.workload is None:
+        raise InputError(f"scenario {sc.name}", "workload", "not a serving scenario (no workload: section); use simmoe.run")
+    return serve_scenario(sc, profile=profile, base_dir=base)

@@ -136,6 +136,12 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     if bs:
         overrides["batch_sizes"] = bs
     sc, base = load_scenario(scenario, overrides)
+    if sc.workload is not None:     # a serving scenario (docs/serving.md)
+        if timeline:
+            raise InputError("command line", "--timeline", "not available for serving scenarios yet")
+        from .serve_cli import run_serving
+
+        return run_serving(sc, base, str(scenario), profile, out, fmt, quiet, force)
     est = check_scenario(sc, str(scenario), force)
     with progress_bar(quiet, "simulating", est) as cb:
         result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)
@@ -328,7 +334,8 @@ def schema_cmd(out):
 # -------------------------------------------------------- commands from other modules
 # Each module exposes register(main) and adds its commands; a module not yet present is
 # skipped so the core CLI works on its own.
-for _mod in ("simmoe.calibrate_cli", "simmoe.validate_cli", "simmoe.trace_cli", "simmoe.sweep_cli"):
+for _mod in ("simmoe.calibrate_cli", "simmoe.validate_cli", "simmoe.trace_cli", "simmoe.sweep_cli",
+             "simmoe.serve_cli"):
     try:
         importlib.import_module(_mod).register(main)
     except ModuleNotFoundError as _e:

@@ -93,6 +93,7 @@ class Engine:
 
     def run(self, planner: Planner, steps: range | None = None) -> list[StepRecord]:
         records: list[StepRecord] = []
+        self.records = records          # read between steps by a driver that yields ``steps`` lazily
         steps = range(planner.trace.num_steps) if steps is None else steps
         self.env.process(self._host(planner, steps, records))
         self.env.run()
@@ -108,7 +109,7 @@ class Engine:
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
-            dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
+            dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
             grouped = dc.grouped                    # a layer's ready experts in one call

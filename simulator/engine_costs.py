@@ -226,6 +226,11 @@ class DenseCost:
         return cls.from_scenario(scenario, profile, batch=batch, phases=trace.phase, tokens=tokens,
                                  prompt_lengths=prompt_lengths, source=source)
 
+    def per_step(self) -> tuple[list[float], list[float]]:
+        """The dense op's duration and the per-step extra of every step, as lists (the engine
+        indexes them by step)."""
+        return self._dense.tolist(), self._extra.tolist()
+
     def dense_ms(self, step: int, layer: int) -> float:
         """The dense (non-expert) op of MoE layer ``layer`` at ``step``."""
         return float(self._dense[step])
@@ -287,3 +292,61 @@ def start_context(scenario, prompt_lengths=None) -> int:
             return int(round(sum(known) / len(known)))
     tr = scenario.trace
     return tr.prompt_tokens if tr.prompt_tokens is not None else tr.prefill_tokens
+
+
+class MixedStepCost:
+    """The engine's dense-op and per-step prices for steps built one at a time (a serving run):
+    a step may mix decode tokens (priced by the decode grid at their batch and mean context)
+    with prefill chunks (priced by the prefill curve at their token count); the two parts add
+    up, per MoE layer and for the dense layers, and the LM head is priced by the step's
+    sequences. The twin style keeps its constant. :meth:`add` appends one step;
+    :meth:`per_step` returns the growing lists the engine reads."""
+
+    def __init__(self, *, style: str, tables: ModelEngine | None, override_ms: float | None, twin_dense_ms: float):
+        self.style, self.tables, self.override = style, tables, override_ms
+        self.const = twin_dense_ms if override_ms is None else override_ms
+        self.notes: set[str] = set()
+        self.dense: list[float] = []
+        self.extra: list[float] = []
+        if style != "twin":
+            self.decode = GridCost(tables.decode, self.notes)
+            self.dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
+
+    @classmethod
+    def from_scenario(cls, scenario, profile: Profile, source: str = "scenario") -> "MixedStepCost":
+        eng, model = scenario.engine, scenario.model
+        tables = None
+        if eng.style in UNMEASURED:
+            tables = engine_tables(profile, model.name, source)
+        elif eng.style != "twin":
+            tables = require_style(profile, model.name, eng.style, source)
+        return cls(style=eng.style, tables=tables, override_ms=eng.dense_ms_per_layer,
+                   twin_dense_ms=model.dense_ms_per_layer)
+
+    def price(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int) -> tuple[float, float]:
+        """``(dense op ms per MoE layer, per-step extra ms)`` of one mixed step."""
+        if self.style == "twin":
+            return self.const, 0.0
+        t = self.tables
+        layer = dense_layer = 0.0
+        if decode_batch:
+            layer += self.decode.ms(decode_batch, max(1.0, context))
+            dense_layer += self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0
+        if prefill_tokens:
+            p = curve_ms(t.prefill, prefill_tokens) if t.prefill else self.decode.ms(prefill_tokens, 1)
+            layer += p
+            dense_layer += p
+        head = curve_ms(t.head, sequences) if t.head and sequences else 0.0
+        return (layer if self.override is None else self.override), head + t.dense_layers * dense_layer
+
+    def add(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int) -> None:
+        d, x = self.price(decode_batch, context, prefill_tokens, sequences)
+        self.dense.append(d)
+        self.extra.append(x)
+
+    def per_step(self) -> tuple[list[float], list[float]]:
+        return self.dense, self.extra
+
+    def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return (0.0, default_launch_ms) if st is None else (st.base_ms, st.per_expert_ms)

@@ -105,6 +105,9 @@ class RunResult:
 def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir: Path | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> RunResult:
     """Run every (batch size, replication, policy) of a scenario."""
+    if sc.workload is not None:
+        raise InputError(f"scenario {sc.name}", "workload", "a serving scenario: run it with simmoe run, "
+                                                            "simmoe.serve() or simulator.serving.runner.serve_scenario")
     if not isinstance(profile, Profile):
         profile = load_profile(profile or sc.profile)
     frames = []

@@ -21,6 +21,7 @@ from .models import MAX_DENSE_MS, MAX_EXPERTS, MAX_LAYERS, PRESETS, ModelSpec
 from .names import check_name
 from .safe_load import load_yaml
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
+from .serving.spec import PhaseSpec, WorkloadSpec, check_workload
 from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 
 
@@ -197,6 +198,11 @@ class MissSpec(_Strict):
         return _known("miss", MISS_POLICIES, v)
 
 
+class ServingPolicySpec(PhaseSpec):
+    prefill_prefetch: PrefetchSpec | None = Field(None, description="prefetch of steps with prefill tokens "
+                                                                   "(default: the policy's prefetch)")
+
+
 class PolicySpec(_Strict):
     name: str
     load: str = "dedup"
@@ -204,6 +210,8 @@ class PolicySpec(_Strict):
     prefetch: PrefetchSpec = Field(default_factory=PrefetchSpec)
     miss: MissSpec = Field(default_factory=MissSpec)
     memory: Literal["pinned", "pageable"] = "pinned"
+    serving: ServingPolicySpec = Field(default_factory=ServingPolicySpec,
+                                       description="phase-aware knobs of a serving run (docs/serving.md)")
 
     @field_validator("load")
     @classmethod
@@ -246,6 +254,8 @@ class Scenario(_Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     baseline: str | None = Field(None, description="policy the decision summary's speed-up is relative to "
                                                    "(default: the fastest policy without a cache)")
+    workload: WorkloadSpec | None = Field(None, description="serving: request arrivals, lengths, scheduler, "
+                                                           "SLO (docs/serving.md); each batch size is a max batch")
 
     @field_validator("name")
     @classmethod
@@ -304,7 +314,16 @@ class Scenario(_Strict):
 
     def effective(self) -> dict:
         """The scenario with every default filled in (written next to results)."""
-        return self.model_dump(mode="json")
+        doc = self.model_dump(mode="json")
+        if self.workload is None:           # a plain (lockstep) run's effective scenario as before
+            doc.pop("workload")
+            for p in doc["policies"]:
+                if p["serving"] == _DEFAULT_SERVING:
+                    p.pop("serving")
+        return doc
+
+
+_DEFAULT_SERVING = ServingPolicySpec().model_dump(mode="json")
 
 
 def _error_from_pydantic(err: ValidationError, source: str) -> InputError:
@@ -346,6 +365,7 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
         if pol.prefetch.budget is not None and pol.prefetch.budget > m.num_experts:
             raise InputError(source, f"policies[{i}].prefetch.budget",
                              f"{pol.prefetch.budget} is more than the {m.num_experts} experts of a layer")
+    check_workload(sc, source)
     names = [p.name for p in sc.policies]
     if sc.baseline is not None and sc.baseline not in names:
         raise InputError(source, "baseline", f"{sc.baseline!r} is not a policy of this scenario; known: {', '.join(names)}")

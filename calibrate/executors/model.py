@@ -63,8 +63,10 @@ class ModelExecutor:
 
     def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
                  seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None,
-                 probe: bool = False, dispatch: str = "loop"):
-        if (trace.phase != 0).any():
+                 probe: bool = False, dispatch: str = "loop", planner: Planner | None = None):
+        """``planner``: a planner of the caller's (a serving run's, over steps it builds; see
+        :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``."""
+        if planner is None and (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
@@ -75,7 +77,7 @@ class ModelExecutor:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.E, self.H, self.F = self.spec.num_experts, self.spec.hidden, self.spec.ffn
-        self.planner = Planner(self.spec, policy, trace, seed=seed)
+        self.planner = planner if planner is not None else Planner(self.spec, policy, trace, seed=seed)
         blocks = built.moe_blocks()
         # host[layer][expert]: flat weights; shared between runs with ``host`` (host_experts)
         self.host = host if host is not None else host_experts(built, policy.memory == "pinned" and self.cuda)
@@ -89,8 +91,10 @@ class ModelExecutor:
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
         self.last_load: dict[int, object] = {}
         self.last_read: dict[int, object] = {}
-        self.prompt, self.next_ids = decode_inputs(built.arch.vocab, int(trace.max_step_tokens), trace.num_steps,
-                                                   prompt_tokens, seed, self.device)
+        self.prompt = self.next_ids = None
+        if planner is None:
+            self.prompt, self.next_ids = decode_inputs(built.arch.vocab, int(trace.max_step_tokens), trace.num_steps,
+                                                       prompt_tokens, seed, self.device)
         self.cache = None
         self._ops: list[list[tuple]] = []
         self._executed: dict = {}

@@ -1,0 +1,146 @@
+"""Serving commands: ``simmoe run`` of a scenario with a ``workload:`` section (dispatched
+here) and ``simmoe serve-sweep`` (the highest arrival rate meeting the SLO). docs/serving.md."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from simulator.errors import InputError
+
+
+def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool) -> None:
+    """Simulate a serving scenario; print its table; write its results folder."""
+    from simulator.names import results_dir
+    from simulator.serving.estimate import check_serving
+    from simulator.serving.output import write_serving_results
+    from simulator.serving.runner import serve_scenario
+
+    from .display import progress_bar
+
+    est = check_serving(sc, source, force)
+    with progress_bar(quiet, "serving", est) as cb:
+        result = serve_scenario(sc, profile=profile, base_dir=base, progress=cb)
+    from .serve_plots import plot_latency_cdf
+
+    extra = {"latency_cdf.png": lambda p: plot_latency_cdf(result.requests, p)}
+    written = write_serving_results(result, out or results_dir(sc.name), fmt, extra_files=extra)
+    if not quiet:
+        print_serving(result)
+        click.echo(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def serving_table(rows: list[dict], title: str):
+    from rich import box
+    from rich.table import Table
+
+    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
+    for c in ("policy", "B", "TTFT ms", "p90", "TPOT ms", "p90", "e2e p90", "tok/s", "prompt/s", "good/s", "SLO",
+              "hit p/d"):
+        t.add_column(c, justify="left" if c == "policy" else "right")
+    for r in rows:
+        hp, hd = r["hit_rate_prefill_steps"], r["hit_rate_decode_steps"]
+        hits = f"{hp * 100:.0f}%/{hd * 100:.0f}%" if hp is not None and hd is not None else "-"
+        ci = r["ttft_ms"]["mean_ci95"]
+        t.add_row(r["policy"], str(r["max_batch"]), f"{r['ttft_ms']['mean']:.0f}±{(ci[1] - ci[0]) / 2:.0f}",
+                  f"{r['ttft_ms']['p90']:.0f}", f"{r['tpot_ms']['mean']:.1f}", f"{r['tpot_ms']['p90']:.1f}",
+                  f"{r['e2e_ms']['p90']:.0f}", f"{r['tokens_per_s']:.0f}",
+                  f"{r['prompt_tokens_per_s']:.0f}" if r["prompt_tokens_per_s"] is not None else "-",
+                  f"{r['goodput_rps']:.2f}",
+                  f"{r['slo_attainment'] * 100:.0f}%", hits)
+    return t
+
+
+LEGEND = ("TTFT: time to first token (mean ± half its 95% CI; p90); TPOT: time per output token after "
+          "the first; e2e: arrival to last token; tok/s: output tokens per second; prompt/s: prompt "
+          "tokens per second of the steps holding them; good/s: requests "
+          "per second meeting the SLO; SLO: share meeting it; hit p/d: cache hit rate in steps with "
+          "prefill tokens / decode-only steps")
+
+
+def print_serving(result) -> None:
+    from .display import _console
+
+    sc = result.scenario
+    w = sc.workload
+    c = _console()
+    a = w.arrivals
+    arr = f"{a.kind} {a.rate:g}/s" if a.rate is not None else f"file {a.path}"
+    c.print(serving_table(result.summary, f"{sc.name}: {w.requests} requests ({arr}) on {result.profile.name}; "
+                                          f"{sc.replications} replication(s)"))
+    c.print(LEGEND, style="dim", highlight=False)
+    c.print(f"SLO: TTFT <= {w.slo.ttft_ms:g} ms and TPOT <= {w.slo.tpot_ms:g} ms for "
+            f"{w.slo.attainment * 100:g}% of requests", highlight=False)
+    for r in result.summary:
+        mem = r["memory"]
+        if mem["kv_tokens"] is not None:
+            c.print(f"  {r['policy']} B={r['max_batch']}: {mem['expert_slots']:,} expert slots "
+                    f"({mem['expert_slot_bytes'] / 2**30:.2f} GiB) + KV cache of {mem['kv_tokens']:,} tokens "
+                    f"({mem['kv_bytes'] / 2**30:.2f} GiB); peak {r['peak_kv_tokens']:,} KV tokens, "
+                    f"batch {r['peak_batch']}", highlight=False)
+    for n in sorted({n for r in result.summary for n in r["notes"]}):
+        c.print(f"note: {n}", style="dim", highlight=False)
+
+
+def register(main) -> None:
+    @main.command("serve-sweep")
+    @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+    @click.option("--rates", help="Arrival rates (requests/s), e.g. 0.5,1,2,4 [default: workload.rates].")
+    @click.option("--bisect", type=click.IntRange(0, 30), default=4, show_default=True,
+                  help="Bisection steps between the highest passing and the first failing grid rate.")
+    @click.option("--profile", "-p", help="Built-in profile name or profile JSON path.")
+    @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
+                  help="Results folder [default: results/<scenario name>-rates].")
+    @click.option("--quiet", "-q", is_flag=True)
+    @click.option("--force", is_flag=True, help="Run even when the estimate exceeds the limits.")
+    def serve_sweep(scenario, rates, bisect, profile, out, quiet, force):
+        """Find the highest arrival rate whose requests meet the SLO, per policy and max batch.
+
+        Runs SCENARIO (with a workload: section) at every rate of a grid, then bisects between
+        the highest passing rate and the first failing one (a rate passes when at least
+        workload.slo.attainment of the requests meet TTFT and TPOT). Writes OUT/rates.json
+        (every run's latency and throughput, the best rate per policy),
+        OUT/throughput_latency.png and OUT/attainment.png.
+        """
+        from simulator.atomic import atomic_files
+        from simulator.estimate import Estimate, check
+        from simulator.names import results_dir
+        from simulator.output import provenance
+        from simulator.scenario import load_scenario
+        from simulator.serving.estimate import estimate_serving
+        from simulator.serving.sweep import search_rate
+
+        from .display import progress_bar
+        from .serve_plots import plot_attainment, plot_throughput_latency
+
+        sc, base = load_scenario(scenario)
+        if sc.workload is None:
+            raise InputError(str(scenario), "workload", "serve-sweep needs a serving scenario (a workload: section)")
+        grid = None
+        if rates:
+            try:
+                grid = [float(x) for x in rates.split(",") if x.strip()]
+            except ValueError:
+                raise InputError("command line", "--rates", f"{rates!r} is not a list of numbers") from None
+            if not grid or any(not 0 < r <= 1e6 for r in grid):
+                raise InputError("command line", "--rates", "needs rates in (0, 1e6] requests/s")
+        n = len(grid or sc.workload.rates or [1]) + bisect
+        one = estimate_serving(sc)
+        est = Estimate(seconds=one.seconds * n, bytes=one.bytes, size=f"{n} rates x ({one.size})")
+        check(est, str(scenario), lambda over: "workload.requests", force)
+        with progress_bar(quiet, "rates", est) as cb:
+            res = search_rate(sc, grid, bisect, profile=profile, base_dir=base, progress=cb)
+        res["provenance"] = provenance()
+        res["scenario"] = sc.name
+        folder = out or results_dir(sc.name + "-rates")
+        with atomic_files(folder, "--out") as tmp:
+            (tmp / "rates.json").write_text(json.dumps(res, indent=1) + "\n")
+            plot_throughput_latency(res["rows"], tmp / "throughput_latency.png")
+            plot_attainment(res["rows"], sc.workload.slo.attainment, tmp / "attainment.png")
+        if not quiet:
+            for b in res["best"]:
+                rate = "none of the grid" if b["max_rate"] is None else f"{b['max_rate']:.3g} req/s"
+                click.echo(f"{b['policy']} B={b['max_batch']}: highest rate meeting the SLO: {rate} "
+                           f"({b['method']}{'' if b['monotone'] else '; attainment not monotone over the grid'})")
+            click.echo(f"wrote {folder}/rates.json, throughput_latency.png, attainment.png")
