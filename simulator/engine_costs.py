@@ -127,12 +127,17 @@ def require_style(profile: Profile, model: str, style: str, source: str = "") ->
     return t
 
 
-def situ_factor(situ, key: str, batch: float) -> float:
-    """How a whole step met the isolated tables at ``batch`` (``calibrate engine --in-situ``):
-    the measured points' factors interpolated in log batch (clamped at the ends; a batch's
-    points over several contexts averaged), else their median, else 1."""
+def situ_factor(situ, key: str, batch: float | None = None) -> float:
+    """How a whole step met the isolated tables (``calibrate engine --in-situ``): the median of
+    the measured points (what the engine uses: on the H200 the points scatter with the host's
+    speed, 0.87-1.87 for OLMoE, more than they vary with batch), or, given ``batch``, the
+    points' factors interpolated in log batch (clamped at the ends; a batch's points over
+    several contexts averaged); 1 without a measurement."""
     if situ is None:
         return 1.0
+    if batch is None:
+        v = getattr(situ, key)
+        return float(v) if v else 1.0
     by_b: dict[int, list[float]] = {}
     for p in situ.points:
         v = p.get(key)
@@ -152,7 +157,61 @@ def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
     return start + np.concatenate([[0], np.cumsum(decode)[:-1]]) if len(decode) else np.zeros(0, np.int64)
 
 
-class DenseCost:
+class StyleCost:
+    """What an engine style's expert work costs the host and the GPU, from the profile's
+    ``engine.<model>.styles`` and ``in_situ`` (shared by :class:`DenseCost` and
+    :class:`MixedStepCost`). ``style``, ``tables`` and ``k_experts`` (the in situ factor on
+    the style's host terms) are set by the subclass."""
+
+    style: str
+    tables: ModelEngine | None
+    k_experts: float = 1.0
+
+    def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
+        """``(per layer, per expert)`` host time of the style's routed-expert call, as the
+        engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
+        style whose host time was measured (``offload``: the executor's own call) pays its
+        host fit; another measured style its fitted ``base_ms`` once per MoE layer and
+        ``per_expert_ms`` per expert it computes (the per-expert loop is host-bound in eager
+        transformers)."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        if st is None:
+            return 0.0, default_launch_ms
+        k = self.k_experts
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            return st.host_base_ms * k, st.host_per_expert_ms * k
+        return st.base_ms * k, st.per_expert_ms * k
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the style issues a layer's ready experts in one call (:mod:`simulator.engine_styles`)."""
+        from .engine_styles import GROUPED_STYLES
+        return self.style in GROUPED_STYLES
+
+    def group_ms(self, active: int) -> tuple[float, float]:
+        """``(host, GPU)`` ms of one grouped call over ``active`` experts: the host its measured
+        host time (else the whole call), the GPU what the measured call took beyond it."""
+        st = self.tables.styles[self.style]
+        wall = st.base_ms + st.per_expert_ms * active
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            host = (st.host_base_ms + st.host_per_expert_ms * active) * self.k_experts
+        else:
+            host = wall * self.k_experts
+        return host, max(0.0, wall - host)
+
+    def load_host_ms(self, default_launch_ms: float) -> float:
+        """Host time per copy issued: the style's measured one (``offload``), else the profile's."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
+
+    def expert_call_ms(self, active: int) -> float | None:
+        """One layer's routed-expert call with every expert resident, in this style (None:
+        not measured for the style, or the twin)."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return None if st is None else st.base_ms + st.per_expert_ms * active
+
+
+class DenseCost(StyleCost):
     """The dense-op duration of each (step, layer) and the per-step extra, for one run
     (one batch size over one trace).
 
@@ -180,8 +239,8 @@ class DenseCost:
             self._dense = np.full(n, const)
             self._extra = np.zeros(n)
             return
-        k_dense = situ_factor(tables.in_situ, "dense", batch)          # the step as a whole meets the tables
-        self.k_experts = situ_factor(tables.in_situ, "experts", batch)
+        k_dense = situ_factor(tables.in_situ, "dense")          # how a whole step meets the tables
+        self.k_experts = situ_factor(tables.in_situ, "experts")
         decode = GridCost(tables.decode, self.notes)
         dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
         self._dense = np.empty(n)
@@ -239,48 +298,6 @@ class DenseCost:
         """Per step, outside the MoE layers: embedding + LM head and the dense decoder layers."""
         return float(self._extra[step])
 
-    def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
-        """``(per layer, per expert)`` host time of the style's routed-expert call, as the
-        engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
-        style whose host time was measured (``offload``: the executor's own call) pays its
-        host fit; another measured style its fitted ``base_ms`` once per MoE layer and
-        ``per_expert_ms`` per expert it computes (the per-expert loop is host-bound in eager
-        transformers)."""
-        st = self.tables.styles.get(self.style) if self.tables else None
-        if st is None:
-            return 0.0, default_launch_ms
-        k = self.k_experts
-        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
-            return st.host_base_ms * k, st.host_per_expert_ms * k
-        return st.base_ms * k, st.per_expert_ms * k
-
-    @property
-    def grouped(self) -> bool:
-        """Whether the style issues a layer's ready experts in one call (:mod:`simulator.engine_styles`)."""
-        from .engine_styles import GROUPED_STYLES
-        return self.style in GROUPED_STYLES
-
-    def group_ms(self, active: int) -> tuple[float, float]:
-        """``(host, GPU)`` ms of one grouped call over ``active`` experts: the host its measured
-        host time (else the whole call), the GPU what the measured call took beyond it."""
-        st = self.tables.styles[self.style]
-        wall = st.base_ms + st.per_expert_ms * active
-        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
-            host = (st.host_base_ms + st.host_per_expert_ms * active) * self.k_experts
-        else:
-            host = wall * self.k_experts
-        return host, max(0.0, wall - host)
-
-    def load_host_ms(self, default_launch_ms: float) -> float:
-        """Host time per copy issued: the style's measured one (``offload``), else the profile's."""
-        st = self.tables.styles.get(self.style) if self.tables else None
-        return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
-
-    def expert_call_ms(self, active: int) -> float | None:
-        """One layer's routed-expert call with every expert resident, in this style (None:
-        not measured for the style, or the twin)."""
-        st = self.tables.styles.get(self.style) if self.tables else None
-        return None if st is None else st.base_ms + st.per_expert_ms * active
 
 
 def start_context(scenario, prompt_lengths=None) -> int:
@@ -294,7 +311,7 @@ def start_context(scenario, prompt_lengths=None) -> int:
     return tr.prompt_tokens if tr.prompt_tokens is not None else tr.prefill_tokens
 
 
-class MixedStepCost:
+class MixedStepCost(StyleCost):
     """The engine's dense-op and per-step prices for steps built one at a time (a serving run):
     a step may mix decode tokens (priced by the decode grid at their batch and mean context)
     with prefill chunks (priced by the prefill curve at their token count); the two parts add
@@ -308,9 +325,11 @@ class MixedStepCost:
         self.notes: set[str] = set()
         self.dense: list[float] = []
         self.extra: list[float] = []
+        self.k_experts = 1.0
         if style != "twin":
             self.decode = GridCost(tables.decode, self.notes)
             self.dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
+            self.k_experts = situ_factor(tables.in_situ, "experts")
 
     @classmethod
     def from_scenario(cls, scenario, profile: Profile, source: str = "scenario") -> "MixedStepCost":
@@ -330,8 +349,9 @@ class MixedStepCost:
         t = self.tables
         layer = dense_layer = 0.0
         if decode_batch:
-            layer += self.decode.ms(decode_batch, max(1.0, context))
-            dense_layer += self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0
+            k = situ_factor(t.in_situ, "dense")   # how a whole step meets the table
+            layer += self.decode.ms(decode_batch, max(1.0, context)) * k
+            dense_layer += (self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0) * k
         if prefill_tokens:
             p = curve_ms(t.prefill, prefill_tokens) if t.prefill else self.decode.ms(prefill_tokens, 1)
             layer += p
@@ -347,6 +367,3 @@ class MixedStepCost:
     def per_step(self) -> tuple[list[float], list[float]]:
         return self.dense, self.extra
 
-    def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
-        st = self.tables.styles.get(self.style) if self.tables else None
-        return (0.0, default_launch_ms) if st is None else (st.base_ms, st.per_expert_ms)
