@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 
 from simulator.atomic import write_text
+from simulator.units import fmt_bytes
 from simulator.errors import InputError
 from simulator.profile import builtin_profiles, load_profile, parse_profile
 from simulator.safe_load import check_input_file, load_json, load_yaml
@@ -336,14 +337,14 @@ def policy_comparison(res: Results) -> Table:
         notes.append(f"No per-item policy in these results: speed-up is over `{first}`.")
     base_lat = {tuple(r[group]): r["latency_mean_ms"] for _, r in base.iterrows()}
     headers = cfg + ["Batch", "Policy", "Step latency (ms, mean ± 95% CI)", "Tokens/s", "Hit rate",
-                     "MB moved / token", "Speed-up vs per-item"]
+                     "Moved / token", "Speed-up vs per-item"]
     rows = []
     for _, r in df.sort_values(group, kind="stable").iterrows():
         half = (r["latency_ci95_hi"] - r["latency_ci95_lo"]) / 2
         b = base_lat.get(tuple(r[group]))
         rows.append([str(r[c]) for c in cfg] + [
             str(r["batch_size"]), str(r["policy"]), f"{fmt_ms(r['latency_mean_ms'])} ± {fmt_ms(half)}",
-            f"{r['tokens_per_s']:.1f}", fmt_pct(r["hit_rate"]), f"{r['bytes_per_token'] / 1e6:.1f}",
+            f"{r['tokens_per_s']:.1f}", fmt_pct(r["hit_rate"]), fmt_bytes(r['bytes_per_token']),
             fmt_ratio(b / r["latency_mean_ms"] if b and r["latency_mean_ms"] > 0 else None)])
     intro = "Speed-up = per-item baseline latency / policy latency, same batch size and configuration."
     return Table(title, intro, headers, rows, notes)
@@ -360,7 +361,7 @@ def decision_table(res: Results) -> Table | None:
     rows = [[str(d["batch_size"]), d["best"], fmt_ms(d["best_latency_ms"]), fmt_ratio(d["speedup"]), d["baseline"],
              d["runner_up"] or "-", "-" if d["runner_up"] is None else "yes" if d["distinguishable"] else
              "not distinguishable", f"{d['demand_hits']:,}", f"{d['prefetch_hits']:,}",
-             f"{d['wasted_prefetch_bytes'] / 2**20:,.1f} MiB"] for d in per]
+             fmt_bytes(d['wasted_prefetch_bytes'])] for d in per]
     intro = (f"Speed-up = baseline step latency / best policy's, same batch size; baseline: {rule}. "
              "'Beyond 95% CIs': the best's interval lies wholly below the runner-up's.")
     return Table("Decision", intro, headers, rows, [f"Warning: {w}" for w in res.decision["warnings"]])

@@ -20,10 +20,13 @@ import click
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Results folder [default: results/<sweep name>].")
 @click.option("--retry-failed", is_flag=True, help="Run again the points that failed in an earlier run.")
+@click.option("--what-if", "what_if", multiple=True, metavar="KEY=VALUE",
+              help="Hardware what-if for every point, repeatable (as on `simmoe run`: the sweep's "
+                   "set: what_if.KEY), e.g. --what-if pcie_GBps=25.")
 @click.option("--quiet", "-q", is_flag=True, help="No estimate line and no progress bar.")
 @click.option("--force", is_flag=True, help="Run even when the estimate says the sweep needs more memory than is "
               "available or more time than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
-def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, force):
+def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, what_if, quiet, force):
     """Run every point of SWEEP.yaml: a base scenario with a grid of overrides.
 
     \b
@@ -62,6 +65,8 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, f
     from .display import announce, progress_bar
 
     doc = _read_yaml(sweep_file, "sweep")
+    if what_if:
+        doc = with_what_if(doc, what_if)
     folder = sweep_file.resolve().parent
     est, blame = estimate_sweep(doc, str(sweep_file), folder, workers)
     check(est, str(sweep_file), blame, force)
@@ -116,6 +121,26 @@ def report_cmd(folder, out):
     written = write_report(folder, out)
     click.echo(f"wrote {written[0]} and {written[1]} ({len(written) - 2} plot files in {written[2].parent})"
                if len(written) > 2 else f"wrote {written[0]} and {written[1]}")
+
+
+def with_what_if(doc, flags: tuple[str, ...]):
+    """The sweep document with ``set: {what_if.KEY: VALUE}`` for each ``--what-if`` (and the
+    knob's exclusive partner cleared, as on ``simmoe run``)."""
+    from simulator.errors import InputError
+    from simulator.what_if import PARTNER, parse_what_if_flags
+
+    knobs = parse_what_if_flags(flags)
+    if not isinstance(doc, dict):
+        return doc                       # expand() reports it
+    fixed = doc.get("set") or {}
+    if not isinstance(fixed, dict):
+        raise InputError("command line", "--what-if", "the sweep's set: is not a mapping")
+    fixed = dict(fixed)
+    for k, v in knobs.items():
+        fixed[f"what_if.{k}"] = v
+        if k in PARTNER:
+            fixed[f"what_if.{PARTNER[k]}"] = None
+    return {**doc, "set": fixed}
 
 
 @contextlib.contextmanager

@@ -121,12 +121,14 @@ def print_decisions_only(sc, report: dict, written) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from simulator.units import fmt_bytes
+
     t = Table(title=f"{sc.name} on cpu: decisions of the live executor vs the simulator")
     for c in ("policy", "batch", "transfers", "hits", "copied"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in report["rows"]:
         t.add_row(r["policy"], str(r["batch_size"]), str(r["transfers"]), str(r["hits"]),
-                  f"{r['bytes_h2d'] / 2**20:,.1f} MiB")
+                  fmt_bytes(r['bytes_h2d']))
     Console().print(t)
     click.echo(f"decisions identical: {report['decisions_identical']} (--device cpu checks decisions only: "
                "CPU timings say nothing of a GPU's, so no latency error is reported)")

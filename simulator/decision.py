@@ -19,16 +19,21 @@ Every summary row also gets ``baseline`` and ``speedup_vs_baseline``.
 """
 from __future__ import annotations
 
+from .units import fmt_bytes
+
 
 def baseline_of(rows: list[dict], sc) -> tuple[str, str]:
     """The baseline policy of one batch size's rows and the rule that chose it."""
-    if sc.baseline is not None:
+    ran = [r["policy"] for r in rows]
+    if sc.baseline is not None and sc.baseline in ran:
         return sc.baseline, "scenario key 'baseline'"
+    why = f" (the baseline {sc.baseline} was skipped)" if sc.baseline is not None else ""
     no_cache = {p.name for p in sc.policies if p.cache.kind == "none"}
     candidates = [r for r in rows if r["policy"] in no_cache]
     if candidates:
-        return min(candidates, key=_mean)["policy"], "fastest policy without a cache"
-    return sc.policies[0].name, "first policy (every policy has a cache)"
+        return min(candidates, key=_mean)["policy"], "fastest policy without a cache" + why
+    first = next(p.name for p in sc.policies if p.name in ran)
+    return first, "first policy (every policy has a cache)" + why
 
 
 def _mean(r: dict) -> float:
@@ -112,6 +117,6 @@ def decision_lines(decision: dict) -> list[str]:
         lines.append(s)
         if d["prefetch_hits"] or d["wasted_prefetch_bytes"]:
             lines.append(f"    hits: {d['demand_hits']:,} demand + {d['prefetch_hits']:,} prefetch; "
-                         f"{d['wasted_prefetch_bytes'] / 2**20:,.1f} MiB prefetched in vain")
+                         f"{fmt_bytes(d['wasted_prefetch_bytes'])} prefetched in vain")
     lines += [f"warning: {w}" for w in decision["warnings"]]
     return lines

@@ -109,9 +109,12 @@ def max_reuse_factors(steps: pd.DataFrame, warmup_steps: int) -> dict[tuple[str,
 
 def scenario_context(sc: Scenario, profile: Profile) -> dict:
     """Columns describing a point's scenario (the same for all its rows)."""
+    from .what_if import describe
+
     m = sc.model
     return {"scenario": sc.name, "model": m.name, "num_layers": m.num_layers, "num_experts": m.num_experts,
-            "top_k": m.top_k, "expert_bytes": m.expert_bytes, "profile_name": profile.name}
+            "top_k": m.top_k, "expert_bytes": m.expert_bytes, "profile_name": profile.name,
+            "profile_source": describe(profile)}
 
 
 def policy_context(sc: Scenario, policy: str) -> dict:
@@ -380,7 +383,7 @@ def run_point(point: Point, base_dir: Path | None) -> list[dict]:
         reuse = max_reuse_factors(res.steps, sc.engine.warmup_steps)
     except Exception as e:  # noqa: BLE001  a failing point is recorded and the sweep goes on
         return [{**lead, "status": "error", "error": f"{type(e).__name__}: {e}"}]
-    ctx = scenario_context(sc, point.profile)
+    ctx = scenario_context(sc, res.profile)     # the profile it ran on (what-ifs applied)
     rows = []
     for r in res.summary:
         row = dict(lead)
