@@ -276,7 +276,8 @@ def profile_list():
     """List the hardware profiles shipped inside simmoe.
 
     Each line: the name to pass to --profile (or `profile:` in a scenario), where its numbers
-    come from (calibrated on a real GPU, a one-off probe, or published measurements), the GPU,
+    come from (calibrated on a real GPU, a one-off probe, published measurements, or "from
+    specs": the h200 calibration scaled to a GPU's public specifications, not measured), the GPU,
     and the expert shapes it has compute timings for. A scenario whose model has another
     expert shape needs a profile calibrated for it: simmoe calibrate --model PRESET.
     """
@@ -285,7 +286,9 @@ def profile_list():
     for name in builtin_profiles():
         p = load_profile(name)
         mark = " (default)" if name == DEFAULT_PROFILE else ""
-        click.echo(f"{name}{mark}: {p.provenance.get('kind')}, {p.provenance.get('gpu', '?')}, "
+        kind = p.provenance.get("kind")
+        kind = f"{kind} (not measured)" if p.provenance.get("source") == "from specs" else kind
+        click.echo(f"{name}{mark}: {kind}, {p.provenance.get('gpu', '?')}, "
                    f"shapes: {', '.join(sorted(p.compute.gpu))}")
 
 

@@ -141,7 +141,8 @@ def _read_steps(path: Path, warmup: int) -> dict:
 def _load_run(folder: Path) -> Results:
     sc_path, sum_path, prof_path = folder / "scenario.yaml", folder / "summary.json", folder / "profile.json"
     sc = parse_scenario(load_yaml(sc_path, "scenario.yaml"), str(sc_path))
-    summary = _summary_rows(load_json(sum_path, "summary.json"), sc, str(sum_path))
+    summary_doc = load_json(sum_path, "summary.json")
+    summary = _summary_rows(summary_doc, sc, str(sum_path))
     profile = parse_profile(load_json(prof_path, "profile.json"), str(prof_path))
     notes = []
     steps_file = next((folder / f for f in ("steps.parquet", "steps.csv") if (folder / f).exists()), None)
@@ -160,7 +161,22 @@ def _load_run(folder: Path) -> Results:
         published = _published(profile)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(str(prof_path), "measurements.published_rows", f"mistyped ({type(e).__name__}: {e})") from None
-    return Results("run", folder, pd.DataFrame(rows), [], published, notes, _decision(rows, sc, notes))
+    decision = _decision(rows, sc, notes)
+    if decision is not None:
+        decision["skipped"] = _skipped(summary_doc, str(sum_path))
+        decision["warnings"] += [f"policy {s['policy']} skipped: {s['reason']}" for s in decision["skipped"]]
+    return Results("run", folder, pd.DataFrame(rows), [], published, notes, decision)
+
+
+def _skipped(summary_doc: dict, src: str) -> list[dict]:
+    """summary.json's ``decision.skipped`` (policies the profile could not time), checked."""
+    dec = summary_doc.get("decision")
+    skipped = dec.get("skipped", []) if isinstance(dec, dict) else []
+    if not isinstance(skipped, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("policy"), str) and isinstance(s.get("reason"), str)
+            for s in skipped):
+        raise InputError(src, "decision.skipped", "must be a list of {policy, reason} texts")
+    return skipped
 
 
 def _decision(rows: list[dict], sc, notes: list[str]) -> dict | None:
@@ -389,7 +405,8 @@ PLOT_CAPTIONS = {
 def _header(res: Results) -> list[str]:
     ok = res.ok
     lines = [f"Source: `{res.folder}` ({res.kind})."]
-    for col, what in (("scenario", "Scenario"), ("model", "Model"), ("profile_name", "Profile")):
+    prof = "profile_source" if "profile_source" in ok.columns else "profile_name"
+    for col, what in (("scenario", "Scenario"), ("model", "Model"), (prof, "Profile")):
         if col in ok.columns and not ok.empty:
             lines.append(f"{what}: {', '.join(sorted(map(str, ok[col].unique())))}.")
     if res.kind == "sweep":

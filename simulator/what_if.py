@@ -151,7 +151,8 @@ def _copy_factors(p: Profile, w: WhatIf) -> tuple[float, float]:
     return lat, bw
 
 
-def _scaled_copy(p: Profile, lat: float, bw: float):
+def scaled_copy(p: Profile, lat: float, bw: float):
+    """Every copy curve of ``p``: latency times ``lat``, link bandwidth times ``bw``."""
     sec = p.copy_
     directions = {}
     for name in ("h2d", "d2h"):
@@ -170,9 +171,11 @@ def _times(table: dict[str, list], f: float) -> dict[str, list]:
     return {k: [(t, max(1e-9, ms * f)) for t, ms in pts] for k, pts in table.items()}
 
 
-def _scaled_engine(engine: dict, gpu: float, host: float) -> dict:
-    """The engine tables' GPU terms times ``gpu``; the styles' per-layer host time times ``host``."""
-    if gpu == 1 and host == 1:
+def scaled_engine(engine: dict, gpu: float, host: float, prefill: float | None = None) -> dict:
+    """The engine tables' GPU terms times ``gpu`` (prefill times ``prefill``, default ``gpu``);
+    the styles' per-layer host time times ``host``."""
+    prefill = gpu if prefill is None else prefill
+    if gpu == 1 and host == 1 and prefill == 1:
         return engine
 
     def grid(g):
@@ -184,7 +187,7 @@ def _scaled_engine(engine: dict, gpu: float, host: float) -> dict:
                   for s, st in e.styles.items()}
         out[name] = e.model_copy(update={
             "decode": grid(e.decode), "dense_decode": grid(e.dense_decode),
-            "prefill": [(t, ms * gpu) for t, ms in e.prefill], "head": [(b, ms * gpu) for b, ms in e.head],
+            "prefill": [(t, ms * prefill) for t, ms in e.prefill], "head": [(b, ms * gpu) for b, ms in e.head],
             "styles": styles})
     return out
 
@@ -213,8 +216,8 @@ def apply_what_if(p: Profile, w: WhatIf | dict | None) -> Profile:
     compute = p.compute.model_copy(update={"gpu": _times(p.compute.gpu, gpu), "cpu": _times(p.compute.cpu, cpu)})
     prov = {**p.provenance, "what_if": given, "what_if_of": p.name}
     out = p.model_copy(update={
-        "name": f"{p.name}+what-if", "provenance": prov, "copy_": _scaled_copy(p, lat, bw), "compute": compute,
-        "host": new_host, "engine": _scaled_engine(p.engine, gpu, host),
+        "name": f"{p.name}+what-if", "provenance": prov, "copy_": scaled_copy(p, lat, bw), "compute": compute,
+        "host": new_host, "engine": scaled_engine(p.engine, gpu, host),
         "fit": {}, "measurements": {"what_if_of": p.name}})
     # checked again as a whole: a scaled term past a profile's bounds is one line, not a bad profile
     from .profile import parse_profile
