@@ -214,7 +214,15 @@ def _load_sweep(folder: Path) -> Results:
     for name in rows["profile_name"].dropna().unique() if "profile_name" in rows.columns else []:
         if name in builtin_profiles():
             published.update(_published(load_profile(name)))
-    return Results("sweep", folder, rows, [a["path"] for a in manifest["axes"]], published, notes)
+    axes = [a["path"] for a in manifest["axes"]]
+    decision = None
+    if "baseline" in ok.columns:
+        from simulator.decision import sweep_decision
+
+        decision = sweep_decision(ok.to_dict("records"), axes)
+    else:
+        notes.append("No decision summary: these results predate it (run the sweep again into a new folder).")
+    return Results("sweep", folder, rows, axes, published, notes, decision)
 
 
 def load_results(folder: str | Path) -> Results:
@@ -370,6 +378,8 @@ def decision_table(res: Results) -> Table | None:
     """Per batch size: the policy to use, its speed-up over the stated baseline, the CI verdict."""
     if res.decision is None:
         return None
+    if "per_point" in res.decision:
+        return sweep_decision_table(res.decision)
     per = res.decision["per_batch"]
     rule = per[0]["baseline_rule"] if per else ""
     headers = ["Batch", "Best policy", "Step latency (ms)", "Speed-up", "Baseline", "Runner-up", "Beyond 95% CIs",
@@ -381,6 +391,27 @@ def decision_table(res: Results) -> Table | None:
     intro = (f"Speed-up = baseline step latency / best policy's, same batch size; baseline: {rule}. "
              "'Beyond 95% CIs': the best's interval lies wholly below the runner-up's.")
     return Table("Decision", intro, headers, rows, [f"Warning: {w}" for w in res.decision["warnings"]])
+
+
+def sweep_decision_table(dec: dict) -> Table:
+    """Per configuration (sweep point) and batch size: the policy to use and by how much."""
+    from simulator.decision import point_label
+
+    headers = ["Configuration", "Batch", "Best policy", "Step latency (ms)", "Speed-up", "Baseline", "Runner-up",
+               "Beyond 95% CIs"]
+    rows = [[point_label(e, dec["axes"]), str(e["batch_size"]), e["best"], fmt_ms(e["best_latency_ms"]),
+             fmt_ratio(e["speedup"]), e["baseline"], e["runner_up"] or "-",
+             "-" if e["runner_up"] is None else "yes" if e["distinguishable"] else "not distinguishable"]
+            for e in dec["per_point"]]
+    tally = ", ".join(f"`{p}` in {n}" for p, n in dec["best_counts"].items())
+    rules = "; ".join(sorted({e["baseline_rule"] for e in dec["per_point"] if e["baseline_rule"]}))
+    intro = (f"Best policy: {tally} of {len(rows)} configurations x batch sizes. Speed-up = the point's "
+             f"baseline step latency / the best policy's ({rules}). 'Beyond 95% CIs': the best's interval "
+             "lies wholly below the runner-up's.")
+    warn = dec["warnings"]
+    notes = [f"Warning: {w}" for w in warn[:10]] + ([f"... {len(warn) - 10} more warnings in decision.json."]
+                                                    if len(warn) > 10 else [])
+    return Table("Decision", intro, headers, rows, notes)
 
 
 def failures(res: Results) -> Table | None:

@@ -91,7 +91,13 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, what_if,
         click.echo(f"  point {r['point']}: {r['error']}", err=True)
     if len(errors) > 5:
         click.echo(f"  ... {len(errors) - 5} more failed points in {out / 'results.parquet'}", err=True)
-    click.echo(f"wrote {out / 'results.parquet'}; next: simmoe report {out}")
+    if not quiet:
+        from simulator.decision import sweep_decision_lines
+
+        for line in sweep_decision_lines(df.attrs["decision"], where=str(out / "decision.csv")):
+            click.echo(line)
+    click.echo(f"wrote {out / 'results.parquet'}, {out / 'decision.json'}, {out / 'decision.csv'}; "
+               f"next: simmoe report {out}")
 
 
 @click.command("report")
