@@ -43,7 +43,7 @@ from simulator.sweep import (
     flatten_summary, max_reuse_factors, policy_context, read_results, scenario_context,
 )
 
-from .plots import distinct_axes, make_plots, uniform_dedup_savings
+from .plots import config_columns, make_plots, uniform_dedup_savings
 
 STUDY_GRID = [(1, 1), (1, 10), (2, 1), (2, 10), (4, 1), (4, 10)]
 STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
@@ -252,17 +252,6 @@ def fmt_ratio(x: float | None) -> str:
     return "-" if x is None or pd.isna(x) else f"{x:.2f}x"
 
 
-def config_columns(df: pd.DataFrame, axes: list[str], keys: list[str], metrics: list[str]) -> list[str]:
-    """The varying axes (not batch size) that a table needs beside its ``keys``: those the keys
-    do not determine and that change at least one of the table's ``metrics``."""
-    cols = distinct_axes(df, axes, keys, ("batch_sizes",))
-    for c in list(cols):
-        others = keys + [k for k in cols if k != c]
-        if df.groupby(others, dropna=False)[metrics].nunique(dropna=False).max().max() <= 1:
-            cols.remove(c)
-    return cols
-
-
 @dataclass
 class Table:
     title: str
@@ -427,8 +416,9 @@ def failures(res: Results) -> Table | None:
 PLOT_CAPTIONS = {
     "latency": "Latency per step vs batch size (95% CI bands)",
     "dedup": "Dedup savings vs batch size, with the uniform-routing formula",
-    "hit_rate": "Hit rate vs cache capacity",
-    "time_split": "Computation vs transfer time per configuration",
+    "latency_capacity": "Latency per step vs cache capacity (95% CI bands; dotted: policies without a cache)",
+    "hit_rate": "Hit rate (demand + prefetch hits) vs cache capacity, or vs batch size when capacity is fixed",
+    "time_split": "Busy time per step of the compute and copy streams (overlaid, not added) and the step latency",
     "bytes_per_token": "Bytes moved per token",
 }
 
