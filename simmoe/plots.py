@@ -378,14 +378,17 @@ PLOTS = {"latency": plot_latency, "latency_capacity": plot_latency_capacity, "de
          "hit_rate": plot_hit_rate, "time_split": plot_time_split, "bytes_per_token": plot_bytes_per_token}
 
 
-def make_plots(df: pd.DataFrame, axes: list[str], out_dir: str | Path) -> dict[str, list[Path]]:
-    """Write every plot that the rows support; returns plot name -> [PNG, SVG] paths."""
+def make_plots(df: pd.DataFrame, axes: list[str], out_dir: str | Path, progress=None) -> dict[str, list[Path]]:
+    """Write every plot that the rows support; returns plot name -> [PNG, SVG] paths.
+    ``progress(done, total, what)`` is called before each plot."""
     out_dir = Path(out_dir)
     ok = df[df["status"] == "ok"] if "status" in df.columns else df
     if ok.empty:
         return {}
     written = {}
-    for name, fn in PLOTS.items():
+    for i, (name, fn) in enumerate(PLOTS.items()):
+        if progress:
+            progress(i, len(PLOTS), name)
         fig = fn(ok, axes)
         if fig is not None:
             written[name] = _save(fig, out_dir, name)

@@ -497,15 +497,16 @@ def build_tables(res: Results) -> list[Table]:
     return [t for t in tables if t is not None]
 
 
-def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html`` and ``plots/`` into ``out`` (default: the folder)."""
+def write_report(folder: str | Path, out: str | Path | None = None, progress=None) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and ``plots/`` into ``out`` (default: the folder);
+    ``progress(done, total, what)`` follows the plots."""
     res = load_results(folder)
     out = Path(out) if out else res.folder
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(str(out), "--out", f"cannot write here: {e.strerror or e}") from None
-    plots = make_plots(res.rows, res.axes, out / "plots")
+    plots = make_plots(res.rows, res.axes, out / "plots", progress)
     tables = build_tables(res)
     title = f"simmoe report: {res.folder.name}"
     header = _header(res)

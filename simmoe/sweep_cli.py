@@ -104,7 +104,8 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, what_if,
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the report [default: DIR].")
-def report_cmd(folder, out):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def report_cmd(folder, out, quiet):
     """Write a report of a run or sweep folder: DIR/report.md, DIR/report.html, DIR/plots/.
 
     \b
@@ -118,13 +119,18 @@ def report_cmd(folder, out):
         reuse factor, the uniform-routing expectation;
       - the policy comparison, with speed-up over the per-item baseline.
     What the folder cannot give (e.g. study configurations not simulated) is listed.
-    Plots (PNG and SVG): latency vs batch size with CI bands, dedup savings vs batch size,
-    hit rate vs cache capacity, computation vs transfer, bytes moved per token. The HTML
-    file embeds them and stands alone.
+    The decision comes first: per batch size (for a sweep, per point and batch size), the
+    policy to use, its speed-up over the baseline and whether it beats the runner-up beyond
+    the 95% CIs. Plots (PNG and SVG): latency vs batch size with CI bands (vs cache capacity
+    when capacity is swept), dedup savings vs batch size, hit rate vs capacity (or vs batch
+    size), busy time of the compute and copy streams (overlaid, not added), bytes moved per
+    token; many series are split into panels. The HTML file embeds them and stands alone.
     """
+    from .display import progress_bar
     from .report import write_report
 
-    written = write_report(folder, out)
+    with progress_bar(quiet, "report (plots)") as cb:
+        written = write_report(folder, out, cb)
     click.echo(f"wrote {written[0]} and {written[1]} ({len(written) - 2} plot files in {written[2].parent})"
                if len(written) > 2 else f"wrote {written[0]} and {written[1]}")
 
