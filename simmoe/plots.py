@@ -82,7 +82,7 @@ def _labels(df: pd.DataFrame, cols: list[str], policy: bool) -> pd.Series:
     parts = [df["policy"].astype(str)] if policy else []
     parts += [f"{names[c]}=" + df[c].astype(str) for c in cols]
     if not parts:
-        return pd.Series("all", index=df.index)
+        return pd.Series("simulated", index=df.index)
     out = parts[0]
     for p in parts[1:]:
         out = out + ", " + p
@@ -180,10 +180,16 @@ def _figure_legend(fig, axs) -> None:
 
 
 def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
+    """PNG and SVG. The constrained layout (which fits labels, titles and the outside legend in
+    the figure) runs once, then is frozen: each save would otherwise run it again."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    fig.set_layout_engine("none")
     paths = []
     for ext, opts in _SAVE.items():
         p = out_dir / f"{name}.{ext}"
-        write_with(p, lambda tmp: fig.savefig(tmp, format=ext, bbox_inches="tight", **opts), "--out")
+        write_with(p, lambda tmp: fig.savefig(tmp, format=ext, **opts), "--out")
         paths.append(p)
     return paths
 
