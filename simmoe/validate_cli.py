@@ -73,6 +73,11 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
 
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
+    if sc.what_if is not None and sc.what_if.given():
+        from simulator.errors import InputError
+
+        raise InputError(str(scenario), "what_if", "validate measures this machine as it is: a hardware what-if "
+                                                   "has nothing live to compare with (remove it, or use simmoe run)")
     if executor == "model":
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,

@@ -232,3 +232,10 @@ def test_no_other_byte_formatter_in_the_sources():
                 if pat.search(line):
                     offenders.append(f"{p.relative_to(REPO)}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_validate_refuses_a_what_if(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text(yaml.safe_dump(scenario_dict(what_if={"pcie_scale": 2})))
+    code, _, err = invoke("validate", p, "--device", "cpu")
+    assert code == 2 and err.startswith(f"error: {p}: what_if: validate measures this machine as it is")
