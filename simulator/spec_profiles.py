@@ -14,6 +14,7 @@ the numbers and their sources):
   bounds at its token count ``t``, ``max(weight bytes / memory bandwidth, 2 x matrices x
   hidden x ffn x t / peak FLOPS)`` (bf16 tensor FLOPS for 16- and 8-bit experts, FP32
   non-tensor FLOPS for fp32 ones: calibration runs fp32 at ``highest`` precision, no TF32);
+  a point the base measured at its dearest so far stays the dearest so far;
 - **engine tables** (the work around the experts): decode, LM head and per-expert dispatch
   times the memory-bandwidth ratio (decode is bandwidth-bound), prefill times the bf16 FLOPS
   ratio; the styles' per-layer host time unchanged;
@@ -93,10 +94,17 @@ def scaled_expert_table(key: str, pts: list[tuple[int, float]], spec: GpuSpec,
     the fixed overhead kept, the work scaled by the roofline ratio."""
     t0, ms0 = pts[0]
     overhead = max(0.0, ms0 - roofline_ms(key, t0, base_spec))
-    out = []
+    out: list[tuple[int, float]] = []
+    base_most = most = 0.0
     for t, ms in pts:
         fixed = min(ms, overhead)
-        out.append((t, fixed + (ms - fixed) * roofline_ms(key, t, spec) / roofline_ms(key, t, base_spec)))
+        v = fixed + (ms - fixed) * roofline_ms(key, t, spec) / roofline_ms(key, t, base_spec)
+        # where the base's bound turns from memory to compute before the target's does, the
+        # ratio drops: a point the base measured at its dearest so far stays the dearest
+        if ms >= base_most:
+            v = max(v, most)
+        base_most, most = max(base_most, ms), max(most, v)
+        out.append((t, v))
     return out
 
 

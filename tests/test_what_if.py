@@ -239,3 +239,15 @@ def test_validate_refuses_a_what_if(tmp_path):
     p.write_text(yaml.safe_dump(scenario_dict(what_if={"pcie_scale": 2})))
     code, _, err = invoke("validate", p, "--device", "cpu")
     assert code == 2 and err.startswith(f"error: {p}: what_if: validate measures this machine as it is")
+
+
+def test_spec_expert_tables_do_not_drop_where_the_base_does_not():
+    for name in SPECS:
+        p = load_profile(name)
+        for key, pts in H200.compute.gpu.items():
+            derived = [ms for _, ms in p.compute.gpu[key]]
+            base_most = most = 0.0
+            for (_, ms), v in zip(pts, derived):
+                if ms >= base_most:
+                    assert v >= most, (name, key)
+                base_most, most = max(base_most, ms), max(most, v)
