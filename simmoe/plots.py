@@ -13,8 +13,8 @@ logarithmic.
   policies, with the policies without a cache as dotted reference lines (when capacity varies);
 - ``dedup``: deduplication savings vs batch size, with the uniform-routing expectation
   ``1 - E (1 - (1 - k/E)^B) / (k B)`` overlaid for each (experts E, top-k k) in the results;
-- ``hit_rate``: cache hit rate (demand and prefetch hits) vs cache capacity when capacity
-  varies, else vs batch size; policies with a cache;
+- ``hit_rate``: cache hit rate (demand and prefetch hits; dotted: demand hits alone, where
+  they differ) vs cache capacity when capacity varies, else vs batch size; cached policies;
 - ``time_split``: per configuration, the compute stream's, copy stream's and CPU's busy time
   per step as overlaid bars from zero (they run at the same time: not a sum) and the step
   latency as a tick; one panel per batch size;
@@ -197,9 +197,11 @@ def _save(fig: Figure, out_dir: Path, name: str) -> list[Path]:
 # ------------------------------------------------------------------------ line plots
 def line_plot(df: pd.DataFrame, *, x: str, y: str, cols: list[str], policy: bool, title: str, xlabel: str,
               ylabel: str, scale: float = 1.0, band: tuple[str, str] | None = None,
-              ylim: tuple[float, float] | None = None, extra=None) -> Figure:
+              ylim: tuple[float, float] | None = None, extra=None, second: tuple[str, str] | None = None) -> Figure:
     """``y`` (times ``scale``) against ``x`` (a log-2 integer axis), one line per series, split
-    into panels when series are many; ``extra(ax, panel_rows)`` draws more in each panel."""
+    into panels when series are many; ``extra(ax, panel_rows)`` draws more in each panel;
+    ``second = (column, suffix)`` also draws that column, dotted in the series' colour, for the
+    series where it differs from ``y``."""
     labels, panel = split(df, cols, policy)
     order = {lab: i for i, lab in enumerate(dict.fromkeys(labels))}
     keys = list(dict.fromkeys(panel)) if panel is not None else [None]
@@ -210,6 +212,9 @@ def line_plot(df: pd.DataFrame, *, x: str, y: str, cols: list[str], policy: bool
             g = g.sort_values(x)
             st = style(order[lab])
             ax.plot(g[x], g[y] * scale, label=lab, markersize=4, **st)
+            if second and second[0] in g.columns and (g[second[0]] != g[y]).any():
+                ax.plot(g[x], g[second[0]] * scale, label=f"{lab} {second[1]}", color=st["color"], linestyle=":",
+                        marker=st["marker"], markersize=3, markerfacecolor="none")
             if band:
                 ax.fill_between(g[x], g[band[0]] * scale, g[band[1]] * scale, color=st["color"], alpha=0.15)
         if extra:
@@ -304,8 +309,8 @@ def plot_hit_rate(df: pd.DataFrame, axes: list[str]) -> Figure | None:
     cached = df[df["cache"] != "none"]
     if cached.empty:
         return None
-    common = dict(y="hit_rate", scale=100, policy=True, ylim=(0, 100),
-                  ylabel="hit rate (% of served requests; demand + prefetch hits)")
+    common = dict(y="hit_rate", scale=100, policy=True, ylim=(0, 100), second=("demand_hit_rate", "(demand hits only)"),
+                  ylabel="hit rate (% served; dotted: demand hits only)")
     if _capacity_rows(df) is not None:
         return line_plot(cached, x="gpu_slots", cols=_capacity_cols(cached, axes, ["hit_rate"]),
                          title="Cache hit rate vs cache capacity", xlabel="cache capacity (GPU expert slots)",
