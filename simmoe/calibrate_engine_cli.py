@@ -34,8 +34,8 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--model", "-m", "model", required=True,
               help="Model preset with an architecture: olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b.")
 @click.option("--device", "-d", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
-@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload"]),
-              help="Expert dispatch style to time; repeat [default: hf-eager, grouped and offload].")
+@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload", "offload-grouped"]),
+              help="Expert dispatch style to time; repeat [default: hf-eager, grouped, offload and offload-grouped].")
 @click.option("--batch", "batches", multiple=True, help="Decode batch sizes, e.g. 1,8,32 [default: 1..256, powers of 2].")
 @click.option("--context", "contexts", multiple=True, help="KV-cache lengths [default: 128..32768, powers of 2].")
 @click.option("--prompt", "prompts", multiple=True, help="Prefill prompt lengths [default: 16,64,256,1024,4096].")
@@ -43,9 +43,13 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--max-seconds", type=click.FloatRange(1, 86_400), help="Time budget: the grid is trimmed, coarse to fine, to fit.")
 @click.option("--layers", type=click.IntRange(1, 1000), help="Decoder layers to build [default: up to the first MoE layer].")
 @click.option("--tiny", is_flag=True, help="The architecture at small dimensions (CPU tests).")
+@click.option("--in-situ", "in_situ", is_flag=True,
+              help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
+                   "and keep how they meet the isolated tables (engine.<model>.in_situ).")
+@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (validate on the same ones).")
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
-def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, quick, out):
+def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, cpus, quick, out):
     """Time the engine around the experts on the real model of a preset (random weights).
 
     \b
@@ -87,8 +91,14 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
             keep_layers(tiny_spec(spec) if tiny else spec, layers)
         except ValueError as e:
             raise InputError("command line", "--layers", str(e)) from None
+    if cpus:
+        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
+        try:
+            pin_cpus(parse_cpus(cpus))
+        except ValueError as e:
+            raise InputError("command line", "--cpus", str(e)) from None
     check_writable(out)
-    plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, **kw)
+    plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, in_situ=in_situ, **kw)
     console = Console(stderr=True)
     doc = measure_engine(plan, progress=lambda t: console.print(f"measuring {t}"))
     doc["command"] = shlex.join(["simmoe", *sys.argv[1:]]) if "engine" in sys.argv else "simmoe calibrate engine"

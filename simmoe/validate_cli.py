@@ -17,8 +17,10 @@ def register(main: click.Group) -> None:
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Folder for validation.json and validation.png [default: results/<scenario>-validation].")
 @click.option("--batch-sizes", "-b", help="Override batch sizes, e.g. 1,4.")
-@click.option("--repeats", type=click.IntRange(1, 50), default=3, show_default=True,
-              help="Live replays per row (within --row-budget); a step's latency is its median over them.")
+@click.option("--repeats", type=click.IntRange(1, 50),
+              help="Twin: live replays per row (within --row-budget), a step's latency its median over them "
+                   "[default: 3]. --executor model: passes over all rows, interleaved (row 1..N, then again), "
+                   "a row's latency the median of every pass's timed steps [default: 1].")
 @click.option("--row-budget", type=click.FloatRange(0), default=15.0, show_default=True,
               help="Seconds a row may spend on further replays.")
 @click.option("--host-now/--no-host-now", default=None,
@@ -39,8 +41,10 @@ def register(main: click.Group) -> None:
                                           "[default: the scenario's trace.prompt_tokens].")
 @click.option("--resident/--no-resident", default=True, show_default=True,
               help="--executor model: add a first row with every expert resident (the engine alone).")
+@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
+                             "step moves when its thread moves between cores).")
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window,
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
                  executor, tiny, layers, routing, prompts, resident, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
@@ -73,15 +77,23 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
 
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
-    if sc.what_if is not None and sc.what_if.given():
-        from simulator.errors import InputError
+    from simulator.errors import InputError
 
+    if sc.what_if is not None and sc.what_if.given():
         raise InputError(str(scenario), "what_if", "validate measures this machine as it is: a hardware what-if "
                                                    "has nothing live to compare with (remove it, or use simmoe run)")
+    if cpus:
+        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
+
+        try:
+            pin_cpus(parse_cpus(cpus))
+        except ValueError as e:
+            raise InputError("command line", "--cpus", str(e)) from None
     if executor == "model":
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
-                               quiet=quiet)
+                               quiet=quiet, passes=repeats or 1)
+    repeats = repeats or 3
     if tiny or layers or prompts or routing != "own":
         from simulator.errors import InputError
         raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing",
@@ -140,7 +152,8 @@ def print_decisions_only(sc, report: dict, written) -> None:
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet):
+def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
+                    passes=1):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -158,7 +171,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
     with progress_bar(quiet, "validating") as cb:
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
-                                progress=cb)
+                                progress=cb, passes=passes)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         timing = report["timing"]
@@ -169,17 +182,25 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
             click.echo("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), "
                        "so nothing is projected")
         head = f"{'policy':22s} {'batch':>5s} {'prompt':>6s} {'copies/step':>11s}"
+        now = timing and report.get("median_abs_error_now_pct") is not None
         head += f" {'live ms':>9s} {'sim ms':>9s} {'error':>7s} {'live tok/s':>10s} {'sim tok/s':>10s}" if timing else ""
+        head += f" {'err now':>7s}" if now else ""
         click.echo(head + "  decisions")
         for r in report["rows"]:
             line = f"{r['policy']:22s} {r['batch_size']:5d} {r['prompt']:6d} {r['copies_per_step']:11.1f}"
             if timing:
                 line += (f" {r['live_median_ms']:9.2f} {r['sim_median_ms']:9.2f} {r['error_pct']:+6.1f}% "
                          f"{r['live_tokens_per_s']:10.1f} {r['sim_tokens_per_s']:10.1f}")
+                if now:
+                    e = r.get("error_now_pct")
+                    line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
             click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
         if timing:
             click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%, "
                        f"tokens/s median |error| {report['median_abs_tokens_error_pct']:.2f}% over {len(report['rows'])} rows")
+            if now:
+                click.echo(f"with the host's dispatch speed probed beside each step (err now): median |error| "
+                           f"{report['median_abs_error_now_pct']:.2f}%, worst {report['worst_abs_error_now_pct']:.2f}%")
         click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]

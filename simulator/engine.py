@@ -40,6 +40,7 @@ from heapq import heappush
 import simpy
 from simpy.core import NORMAL
 
+from .engine_styles import GROUP, group_layer
 from .planner import COMPUTE, CPU, DENSE, LOAD, Decisions, Planner
 from .profile import CostModel
 
@@ -102,12 +103,17 @@ class Engine:
         memory, blocking, tail = self.memory, self.blocking_copies, cost.pageable_tail
         l_copy, l_expert, l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
         sync_ms = cost.sync
+        grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
             expert_base, l_expert = dc.expert_host_ms(l_expert)
+            l_copy = dc.load_host_ms(l_copy)
+            grouped = dc.grouped                    # a layer's ready experts in one call
+            if grouped:
+                expert_base, group_of = 0.0, {}     # active -> (host, GPU) ms of one call
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         gpu_ms = cost.gpu_expert.tolist()
@@ -122,6 +128,8 @@ class Engine:
         busy_c = busy_x = 0.0
         for s in steps:
             layers, dec = planner.plan_step(s)
+            if grouped:
+                layers = [group_layer(ops) for ops in layers]
             t0 = now
             host = t0
             busy_c0, busy_x0 = busy_c, busy_x
@@ -197,6 +205,25 @@ class Engine:
                             now = end
                         yield env.at(now)
                         host = now + route_ms + expert_base
+                    elif kind == GROUP:             # one grouped call over a layer's ready experts
+                        hg = group_of.get(op[4])
+                        if hg is None:
+                            hg = group_of[op[4]] = dc.group_ms(op[4])
+                        host += hg[0]
+                        dur = hg[1]
+                        t = comp_free if comp_free > now else now
+                        if host > t:
+                            t = t + (host - t)
+                        for sl in op[1]:
+                            dep = load_end.get(sl)
+                            if dep is not None and dep > t:
+                                t = dep
+                        comp_free = end = t + dur
+                        busy_c += dur
+                        for sl in op[1]:
+                            read_end[sl] = end
+                        if tl is not None:
+                            tl.append(("compute", t, end, COMPUTE, f"group of {op[4]}", False))
                     else:  # CPU: activations down, FFN on the host, result up; host blocked
                         if host > now:
                             now = now + (host - now)

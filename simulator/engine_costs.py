@@ -32,14 +32,32 @@ import numpy as np
 from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
-STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload")
+STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped")
 UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (nothing measures it yet)
 PHASE_PREFILL = 1
 
 
+def isotonic(y) -> np.ndarray:
+    """The non-decreasing sequence nearest ``y`` in least squares (pool adjacent violators):
+    a point that dips below its predecessor is averaged with it, so one noisy high point
+    is pooled with its neighbours instead of raising every later one (as a running max does)."""
+    blocks: list[list[float]] = []          # [mean, count]
+    for v in np.asarray(y, float):
+        blocks.append([float(v), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            m2, n2 = blocks.pop()
+            m1, n1 = blocks.pop()
+            blocks.append([(m1 * n1 + m2 * n2) / (n1 + n2), n1 + n2])
+    return np.concatenate([np.full(int(n), m) for m, n in blocks]) if blocks else np.zeros(0)
+
+
 def monotone_grid(ms: np.ndarray) -> np.ndarray:
-    """Running maximum along both axes: non-decreasing in batch and in context."""
-    return np.maximum.accumulate(np.maximum.accumulate(ms, axis=0), axis=1)
+    """Non-decreasing in batch and in context: each row, then each column, made isotonic
+    (:func:`isotonic`); a running maximum along both axes then removes what the second pass
+    may have undone in the first."""
+    g = np.apply_along_axis(isotonic, 1, np.asarray(ms, float))
+    g = np.apply_along_axis(isotonic, 0, g)
+    return np.maximum.accumulate(np.maximum.accumulate(g, axis=0), axis=1)
 
 
 @dataclass
@@ -109,6 +127,25 @@ def require_style(profile: Profile, model: str, style: str, source: str = "") ->
     return t
 
 
+def situ_factor(situ, key: str, batch: float) -> float:
+    """How a whole step met the isolated tables at ``batch`` (``calibrate engine --in-situ``):
+    the measured points' factors interpolated in log batch (clamped at the ends; a batch's
+    points over several contexts averaged), else their median, else 1."""
+    if situ is None:
+        return 1.0
+    by_b: dict[int, list[float]] = {}
+    for p in situ.points:
+        v = p.get(key)
+        if isinstance(v, (int, float)) and v > 0 and p.get("batch", 0) > 0:
+            by_b.setdefault(int(p["batch"]), []).append(float(v))
+    if not by_b:
+        v = getattr(situ, key)
+        return float(v) if v else 1.0
+    bs = sorted(by_b)
+    vals = [sum(by_b[b]) / len(by_b[b]) for b in bs]
+    return float(np.interp(math.log(max(batch, 1)), [math.log(b) for b in bs], vals))
+
+
 def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
     """Context (cached tokens) each step attends over: ``start`` plus the decode steps before it."""
     decode = (np.asarray(phases) != PHASE_PREFILL).astype(np.int64)
@@ -135,6 +172,7 @@ class DenseCost:
         n = len(phases)
         self.contexts = step_contexts(phases, start_context)
         self.notes: set[str] = set()
+        self.k_experts = 1.0
         if style == "twin" or tables is None:
             if style != "twin":
                 raise ValueError(f"engine style {style!r} needs the profile's engine tables")
@@ -142,6 +180,8 @@ class DenseCost:
             self._dense = np.full(n, const)
             self._extra = np.zeros(n)
             return
+        k_dense = situ_factor(tables.in_situ, "dense", batch)          # the step as a whole meets the tables
+        self.k_experts = situ_factor(tables.in_situ, "experts", batch)
         decode = GridCost(tables.decode, self.notes)
         dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
         self._dense = np.empty(n)
@@ -153,8 +193,8 @@ class DenseCost:
                 layer = curve_ms(tables.prefill, t) if tables.prefill else decode.ms(batch, c)
                 dense_layer = layer  # a dense layer's prefill: priced as a MoE layer's non-expert part
             else:
-                layer = decode.ms(batch, c)
-                dense_layer = dense_grid.ms(batch, c) if dense_grid else 0.0
+                layer = decode.ms(batch, c) * k_dense
+                dense_layer = (dense_grid.ms(batch, c) if dense_grid else 0.0) * k_dense
             self._dense[s] = layer if override_ms is None else override_ms
             head = curve_ms(tables.head, batch) if tables.head else 0.0
             self._extra[s] = head + tables.dense_layers * dense_layer
@@ -197,12 +237,39 @@ class DenseCost:
     def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
         """``(per layer, per expert)`` host time of the style's routed-expert call, as the
         engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
-        measured style pays its fitted ``base_ms`` once per MoE layer and ``per_expert_ms`` per
-        expert it computes (the per-expert loop is host-bound in eager transformers)."""
+        style whose host time was measured (``offload``: the executor's own call) pays its
+        host fit; another measured style its fitted ``base_ms`` once per MoE layer and
+        ``per_expert_ms`` per expert it computes (the per-expert loop is host-bound in eager
+        transformers)."""
         st = self.tables.styles.get(self.style) if self.tables else None
         if st is None:
             return 0.0, default_launch_ms
-        return st.base_ms, st.per_expert_ms
+        k = self.k_experts
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            return st.host_base_ms * k, st.host_per_expert_ms * k
+        return st.base_ms * k, st.per_expert_ms * k
+
+    @property
+    def grouped(self) -> bool:
+        """Whether the style issues a layer's ready experts in one call (:mod:`simulator.engine_styles`)."""
+        from .engine_styles import GROUPED_STYLES
+        return self.style in GROUPED_STYLES
+
+    def group_ms(self, active: int) -> tuple[float, float]:
+        """``(host, GPU)`` ms of one grouped call over ``active`` experts: the host its measured
+        host time (else the whole call), the GPU what the measured call took beyond it."""
+        st = self.tables.styles[self.style]
+        wall = st.base_ms + st.per_expert_ms * active
+        if st.host_base_ms is not None and st.host_per_expert_ms is not None:
+            host = (st.host_base_ms + st.host_per_expert_ms * active) * self.k_experts
+        else:
+            host = wall * self.k_experts
+        return host, max(0.0, wall - host)
+
+    def load_host_ms(self, default_launch_ms: float) -> float:
+        """Host time per copy issued: the style's measured one (``offload``), else the profile's."""
+        st = self.tables.styles.get(self.style) if self.tables else None
+        return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
 
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:

@@ -178,6 +178,18 @@ class EngineStyle(_Strict):
     per_expert_ms: float = Field(ge=0)
     max_abs_error: float | None = None
     points: list[tuple[int, int, float]] = Field(default_factory=list, description="[batch, active, ms]")
+    host_base_ms: float | None = Field(None, ge=0, description="host ms per MoE layer (after the router sync)")
+    host_per_expert_ms: float | None = Field(None, ge=0, description="host ms per expert compute issued")
+    host_per_load_ms: float | None = Field(None, ge=0, description="host ms per copy issued")
+
+
+class InSitu(_Strict):
+    """How a whole decode step meets the isolated tables: factors on the decode table
+    (``dense``) and on the style's expert host terms (``experts``), medians of ``points``."""
+
+    dense: float = Field(gt=0, le=100)
+    experts: float | None = Field(None, gt=0, le=100)
+    points: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class ModelEngine(_Strict):
@@ -190,6 +202,7 @@ class ModelEngine(_Strict):
     head: list[tuple[int, float]] = Field(default_factory=list, description="[batch, ms] per step")
     styles: dict[str, EngineStyle] = Field(default_factory=dict)
     source: dict[str, Any] = Field(default_factory=dict)
+    in_situ: InSitu | None = Field(None, description="the tables against a whole step (calibrate engine --in-situ)")
 
     @model_validator(mode="after")
     def _tables_ok(self):

@@ -15,7 +15,8 @@ A what-if names a few knobs (the scenario's ``what_if:`` key, ``--what-if KEY=VA
                               scenario term: set ``engine.dense_ms_per_layer`` for it)
 ``cpu_compute_scale``         CPU expert times times this
 ``host_scale``                host overheads times this: issue costs, the synchronise, the pageable
-                              tail, and the engine styles' per-layer host time
+                              tail, and the engine styles' host terms (per layer, per expert, per
+                              copy); in-situ factors are ratios and stay
 ============================  =====================================================================
 
 Copy curves are ``latency + bytes / bandwidth`` plus measured tables. A measured point of
@@ -171,6 +172,10 @@ def _times(table: dict[str, list], f: float) -> dict[str, list]:
     return {k: [(t, max(1e-9, ms * f)) for t, ms in pts] for k, pts in table.items()}
 
 
+#: an engine style's host terms (measured as the executor meets them), scaled with the host
+HOST_STYLE_TERMS = ("host_base_ms", "host_per_expert_ms", "host_per_load_ms")
+
+
 def scaled_engine(engine: dict, gpu: float, host: float, prefill: float | None = None) -> dict:
     """The engine tables' GPU terms times ``gpu`` (prefill times ``prefill``, default ``gpu``);
     the styles' per-layer host time times ``host``."""
@@ -182,9 +187,10 @@ def scaled_engine(engine: dict, gpu: float, host: float, prefill: float | None =
         return None if g is None else g.model_copy(update={"ms": [[v * gpu for v in r] for r in g.ms]})
     out = {}
     for name, e in engine.items():
-        styles = {s: st.model_copy(update={"base_ms": st.base_ms * host, "per_expert_ms": st.per_expert_ms * gpu,
-                                           "points": []})
-                  for s, st in e.styles.items()}
+        styles = {s: st.model_copy(update={
+            "base_ms": st.base_ms * host, "per_expert_ms": st.per_expert_ms * gpu, "points": [],
+            **{k: getattr(st, k) * host for k in HOST_STYLE_TERMS if getattr(st, k, None) is not None}})
+            for s, st in e.styles.items()}
         out[name] = e.model_copy(update={
             "decode": grid(e.decode), "dense_decode": grid(e.dense_decode),
             "prefill": [(t, ms * prefill) for t, ms in e.prefill], "head": [(b, ms * gpu) for b, ms in e.head],

@@ -27,8 +27,8 @@ POLICIES = [
 COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
 
 
-def check_against_simulator(built, policy, trace):
-    ex = ModelExecutor(built, policy, trace)
+def check_against_simulator(built, policy, trace, dispatch="loop"):
+    ex = ModelExecutor(built, policy, trace, dispatch=dispatch)
     sim = Planner(built.spec, policy, trace)
     L, k = built.spec.num_layers, built.spec.top_k
     steps = []
@@ -60,8 +60,17 @@ def test_forced_routing_from_a_synthetic_trace():
     check_against_simulator(b, POLICIES[1], trace)
 
 
-def test_outputs_equal_the_models_own():
-    """Offloaded experts computed from slots and host weights give the model's own logits."""
+def test_grouped_dispatch_decisions_equal_the_simulators():
+    b = build_model("qwen3-30b-a3b", tiny=True, dtype="fp32")
+    trace = record_routing(b, batch=B, steps=STEPS)
+    for policy in POLICIES:
+        check_against_simulator(build_model("qwen3-30b-a3b", tiny=True, dtype="fp32"), policy, trace, "grouped")
+
+
+@pytest.mark.parametrize("dispatch, policy", [("loop", 3), ("grouped", 1), ("grouped", 0), ("grouped", 2)])
+def test_outputs_equal_the_models_own(dispatch, policy):
+    """Offloaded experts computed from slots and host weights give the model's own logits,
+    one FFN per expert or one grouped GEMM per call."""
     name = "deepseek-v2-lite"
     trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
     ref = build_model(name, tiny=True, dtype="fp32")
@@ -70,7 +79,7 @@ def test_outputs_equal_the_models_own():
     with torch.no_grad():
         ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
         want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
-    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), POLICIES[3], trace)
+    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), POLICIES[policy], trace, dispatch=dispatch)
     for s in range(STEPS):
         ex.run_step(s)
         torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)

@@ -88,8 +88,8 @@ def test_scenario_with_offload_style_runs(tiny_profile):
 def test_require_style_names_the_missing_style():
     prof = load_profile("h200")
     assert "hf-eager" in require_style(prof, "olmoe-1b-7b", "hf-eager").styles
-    with pytest.raises(InputError, match=r"engine\.olmoe-1b-7b\.styles\.offload.*--style offload"):
-        require_style(prof, "olmoe-1b-7b", "offload")
+    with pytest.raises(InputError, match=r"engine\.mixtral-8x7b\.styles\.offload.*--style offload"):
+        require_style(prof, "mixtral-8x7b", "offload")
 
 
 def test_scaled_policy_keeps_the_share_of_experts():
@@ -136,10 +136,26 @@ def test_projection_rows_with_timing_forced(tiny_profile, tmp_path):
     assert rep["median_abs_error_pct"] >= 0 and rep["worst_abs_error_pct"] >= rep["median_abs_error_pct"]
 
 
+def test_passes_interleave_rows_and_pool_their_timed_steps(tiny_profile, tmp_path):
+    """--repeats N on the model executor: N passes over the rows, each row's median over every
+    pass's timed steps (warm-up steps of each pass left out, kept apart); the host probe of each."""
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    order = []
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, passes=2,
+                         progress=lambda i, n, what: order.append(what))
+    warm, steps = rep["warmup_steps"], sc.trace.steps
+    assert [w.split()[0] for w in order[:-1]] == ["resident", "dedup", "resident", "dedup"]   # interleaved
+    for r in rep["rows"]:
+        assert r["passes"] == 2 and len(r["live_steps_ms"]) == 2 * (steps - warm)
+        assert len(r["warmup_steps_ms"]) == 2 * warm and len(r["probes"]) == 2 * (steps - warm)
+        assert r["probe_dispatch_us"] > 0
+
+
 @pytest.mark.parametrize("case, needle", [
     ("no-arch", "model: 'olmoe-1b-7b+custom' has no architecture"),
-    ("style", "engine.olmoe-1b-7b.styles.offload"),
-    ("twin", "engine.style: twin prices"),
+    ("style", "engine.olmoe-1b-7b-tiny"),
+    ("twin", "engine.style: twin does not price what the model executor runs"),
     ("device", "--device: 'tpu'"),
     ("tiny-twin", "--tiny: only with --executor model"),
     ("prompt", "--prompt: 1,000,000,000 tokens is past any context"),
@@ -149,8 +165,8 @@ def test_cli_bad_inputs_exit_2(tmp_path, case, needle):
     args = ["--executor", "model", "--tiny", "--device", "cpu"]
     if case == "no-arch":
         sc.write_text(sc.read_text().replace("model: olmoe-1b-7b", "model: {preset: olmoe-1b-7b, num_layers: 4}"))
-    elif case == "style":   # h200 has no offload tables (yet): a GPU run stops before building anything
-        args = ["--executor", "model", "--device", "cuda"]
+    elif case == "style":   # h200 has no tables of the tiny model: a GPU run stops before building anything
+        args = ["--executor", "model", "--tiny", "--device", "cuda"]
     elif case == "twin":
         sc = write_scenario(tmp_path, style="twin")
         args = ["--executor", "model", "--device", "cuda"]

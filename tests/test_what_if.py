@@ -69,6 +69,10 @@ def test_latency_compute_and_host_scales():
     assert e.decode.ms[0][0] == pytest.approx(e0.decode.ms[0][0] / 2)
     st, st0 = e.styles["hf-eager"], e0.styles["hf-eager"]
     assert (st.base_ms, st.per_expert_ms) == pytest.approx((st0.base_ms / 4, st0.per_expert_ms / 2))
+    off, off0 = e.styles["offload"], e0.styles["offload"]        # host terms measured in the executor
+    assert (off.host_base_ms, off.host_per_expert_ms, off.host_per_load_ms) == pytest.approx(
+        (off0.host_base_ms / 4, off0.host_per_expert_ms / 4, off0.host_per_load_ms / 4))
+    assert e.in_situ == e0.in_situ                                 # ratios: unchanged
     # the base profile is untouched (pure function) and an empty what-if is the identity
     assert load_profile("h200").to_json() == H200.to_json()
     assert apply_what_if(H200, {}) is H200

@@ -27,13 +27,13 @@ served by exactly one compute: a plan that missed a pair or served one twice rai
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from calibrate.models.build import BuiltModel
+from simulator.engine_styles import GROUP, group_layer
 from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
@@ -44,6 +44,7 @@ class ModelStep:
     step: int
     latency_ms: float
     executed: dict = field(default_factory=dict)
+    probe: dict | None = None  # the host-speed probe just before the step (``probe=True``)
 
 
 class OffloadedExperts(torch.nn.Module):
@@ -61,10 +62,15 @@ class ModelExecutor:
     """Runs one policy over one decode trace on a built model (``cuda[:N]`` or ``cpu``)."""
 
     def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
-                 seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None):
+                 seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None,
+                 probe: bool = False, dispatch: str = "loop"):
         if (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
         self.b, self.policy, self.trace = built, policy, trace
+        self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
+        if dispatch not in ("loop", "grouped"):
+            raise ValueError(f"dispatch {dispatch!r}: loop (one FFN per expert) or grouped (one grouped GEMM per call)")
+        self.grouped = dispatch == "grouped"   # engine style offload-grouped (simulator/engine_styles.py)
         self.spec = built.spec
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -96,21 +102,40 @@ class ModelExecutor:
 
     # ----------------------------------------------------------------- one MoE layer
     def _run_layer(self, l, hidden, top_k_index, top_k_weights, act_fn):
+        """One MoE layer: the router's choice comes to the host (the layer's one sync), the
+        (token, choice) pairs are grouped by expert on the host (one stable argsort) and sent
+        to the GPU in one copy; each planned compute then reads a contiguous run of them, so no
+        compute waits on the host or copies anything."""
         ex = self._executed
-        own = top_k_index.to("cpu")  # the router's choice comes to the host, as a runtime's must
-        forced = torch.as_tensor(self.trace.step(self._step)[:, l, :].astype(np.int64))
+        own = top_k_index.to("cpu").numpy()  # the router's choice comes to the host, as a runtime's must
+        forced = self.trace.step(self._step)[:, l, :]
         if forced.shape != own.shape:
             raise ValueError(f"trace step {self._step} routes {tuple(forced.shape)}, the model {tuple(own.shape)}")
-        ex["router_agrees"] += int(torch.equal(forced.sort(-1).values, own.sort(-1).values))
-        routes = forced.tolist()
-        queues: dict[int, deque] = {}
-        for t, row in enumerate(routes):          # token-major, as the load modes request
-            for j, e in enumerate(row):
-                queues.setdefault(e, deque()).append((t, j))
+        ex["router_agrees"] += int(np.array_equal(np.sort(forced, axis=-1), np.sort(own, axis=-1)))
+        k = forced.shape[1]
+        flat = forced.reshape(-1).astype(np.int64)
+        order = np.argsort(flat, kind="stable")  # by expert; within one, token-major (the load modes' order)
+        counts = np.bincount(flat, minlength=self.E)
+        nxt = np.concatenate([[0], np.cumsum(counts)[:-1]])  # next unserved pair of each expert, in ``order``
+        end = nxt + counts
+        order_dev = self._to_device(order)
+        tok = order_dev // k                                  # the pair's token
+        w = top_k_weights.reshape(-1)[order_dev]              # its routing weight
         out = torch.zeros_like(hidden)
-        for op in self._ops[l]:
+        for op in (group_layer(self._ops[l]) if self.grouped else self._ops[l]):
             kind = op[0]
-            if kind == DENSE:
+            if kind == GROUP:
+                runs = [(c[1], *self._take(nxt, end, c[2] % self.E, c[3])) for c in op[2]]
+                runs = [r for r in runs if r[2] > r[1]]
+                if runs:
+                    for sl in op[1]:
+                        self._wait_load(sl)
+                    self._grouped_ffn(out, hidden, runs, order, k, top_k_weights, act_fn)
+                    for sl in op[1]:
+                        self._mark_read(sl)
+                ex["computes"] += len(runs)
+                ex["computed_tokens"] += sum(b - a for _, a, b in runs)
+            elif kind == DENSE:
                 ex["denses"] += 1
             elif kind == LOAD:
                 self._load(op[1], op[2])
@@ -118,30 +143,53 @@ class ModelExecutor:
                 ex["transfers"] += len(op[2])
                 ex["prefetch_copies"] += int(op[4])
             elif kind == COMPUTE:
-                rows = self._take(queues, op[2] % self.E, op[3])
-                if rows:
-                    self._ffn(out, hidden, rows, top_k_weights, self._slot_views(op[1]), act_fn, slot=op[1])
-                ex["computes"] += int(bool(rows))
-                ex["computed_tokens"] += len(rows)
+                a, b = self._take(nxt, end, op[2] % self.E, op[3])
+                if b > a:
+                    self._wait_load(op[1])
+                    self._ffn(out, hidden, tok[a:b], w[a:b], self._slot_views(op[1]), act_fn)
+                    self._mark_read(op[1])
+                ex["computes"] += int(b > a)
+                ex["computed_tokens"] += b - a
             elif kind == CPU:
-                rows = self._take(queues, op[1] % self.E, op[2])
-                self._cpu(out, hidden, rows, top_k_weights, self.host[l][op[1] % self.E], act_fn)
+                a, b = self._take(nxt, end, op[1] % self.E, op[2])
+                self._cpu(out, hidden, order[a:b] // k, top_k_weights, order[a:b], self.host[l][op[1] % self.E], act_fn)
                 ex["cpu_computes"] += 1
-                ex["computed_tokens"] += len(rows)
-        left = sum(len(q) for q in queues.values())
+                ex["computed_tokens"] += b - a
+        left = int((end - nxt).sum())
         if left:
             raise RuntimeError(f"step {self._step} layer {l}: {left} routed (token, expert) pair(s) not served")
         return out
 
+    def _to_device(self, a: np.ndarray) -> torch.Tensor:
+        """A host index array on the device: from a pinned buffer, asynchronously (on CUDA)."""
+        t = torch.from_numpy(a)
+        if not self.cuda:
+            return t
+        return t.pin_memory().to(self.device, non_blocking=True)
+
     @staticmethod
-    def _take(queues, e: int, tokens: int) -> list[tuple[int, int]]:
-        q = queues.get(e, deque())
-        if tokens > len(q):
-            raise RuntimeError(f"expert {e}: a compute of {tokens} token(s), {len(q)} routed left")
-        return [q.popleft() for _ in range(tokens)]
+    def _take(nxt: np.ndarray, end: np.ndarray, e: int, tokens: int) -> tuple[int, int]:
+        a = int(nxt[e])
+        if a + tokens > end[e]:
+            raise RuntimeError(f"expert {e}: a compute of {tokens} token(s), {int(end[e]) - a} routed left")
+        nxt[e] = a + tokens
+        return a, a + tokens
 
     def _slot_views(self, slot: int):
         return self._views(self.pool[slot])
+
+    def _wait_load(self, slot: int) -> None:
+        """The compute stream waits for the last copy into ``slot`` (CUDA)."""
+        ev = self.last_load.get(slot) if self.cuda else None
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def _mark_read(self, slot: int) -> None:
+        """The next copy into ``slot`` waits for this compute (CUDA)."""
+        if self.cuda:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.device))
+            self.last_read[slot] = done
 
     def _load(self, slots, keys) -> None:
         ex = self._executed
@@ -165,26 +213,42 @@ class ModelExecutor:
         for sl in slots:
             self.last_load[sl] = done
 
-    def _ffn(self, out, hidden, rows, weights, views, act_fn, slot=None):
-        if self.cuda and slot is not None:
-            ev = self.last_load.get(slot)
-            if ev is not None:
-                torch.cuda.current_stream(self.device).wait_event(ev)
-        tok = torch.tensor([t for t, _ in rows], device=hidden.device)
-        pos = torch.tensor([j for _, j in rows], device=hidden.device)
+    @staticmethod
+    def _ffn(out, hidden, tok, w, views, act_fn):
+        """transformers' expert math on the tokens ``tok`` (their routing weights ``w``),
+        added into ``out`` (a token meets an expert once)."""
         gate_up, down = views
-        gate, up = torch.nn.functional.linear(hidden[tok], gate_up).chunk(2, dim=-1)
-        y = torch.nn.functional.linear(act_fn(gate) * up, down) * weights[tok, pos, None]
-        out.index_put_((tok,), y.to(out.dtype), accumulate=True)  # a token meets an expert once
-        if self.cuda and slot is not None:
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(self.device))
-            self.last_read[slot] = done
+        gate, up = torch.nn.functional.linear(hidden.index_select(0, tok), gate_up).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act_fn(gate) * up, down) * w[:, None]
+        out.index_add_(0, tok, y.to(out.dtype))
 
-    def _cpu(self, out, hidden, rows, weights, host_flat, act_fn):
+    def _grouped_ffn(self, out, hidden, runs, order: np.ndarray, k: int, weights, act_fn):
+        """One grouped GEMM pair over the slot pool: ``runs`` = (slot, a, b), the pairs
+        ``order[a:b]`` served from ``slot``; rows sorted by slot, ``offs`` the cumulative rows
+        per slot (empty slots: empty groups), as transformers' grouped_mm experts do."""
+        runs = sorted(runs)
+        sel = np.concatenate([order[a:b] for _, a, b in runs])
+        counts = np.zeros(self.pool.shape[0], np.int64)
+        for slot, a, b in runs:
+            counts[slot] += b - a
+        offs = self._to_device(np.cumsum(counts).astype(np.int32))
+        sel_dev = self._to_device(sel)
+        tok = sel_dev // k
+        w = weights.reshape(-1)[sel_dev]
+        n, F, H = self.pool.shape[0], self.F, self.H
+        gate_up = self.pool[:, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
+        down = self.pool[:, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
+        x = hidden.index_select(0, tok).to(self.dtype)
+        gate, up = grouped_mm(x, gate_up, offs).chunk(2, dim=-1)
+        y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
+        out.index_add_(0, tok, y.to(out.dtype))
+
+    def _cpu(self, out, hidden, tok: np.ndarray, weights, pairs: np.ndarray, host_flat, act_fn):
+        """The FFN on the host: the layer's activations and weights down, the result up."""
         h = hidden.to("cpu")
+        w = weights.reshape(-1).to("cpu")[torch.from_numpy(pairs)]
         part = torch.zeros_like(h)
-        self._ffn(part, h, rows, weights.to("cpu"), self._views(host_flat), act_fn)
+        self._ffn(part, h, torch.from_numpy(tok), w, self._views(host_flat), act_fn)
         out.add_(part.to(out.device))
 
     # ----------------------------------------------------------------------- steps
@@ -215,6 +279,10 @@ class ModelExecutor:
         if self.cache is None:
             self.start()
         decisions = self.prepare_step(s)
+        probe = None
+        if self.probe:
+            from calibrate.measurements.host_speed import host_probe
+            probe = host_probe(self.device)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -224,11 +292,21 @@ class ModelExecutor:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             torch.cuda.synchronize(self.device)
         self.last_logits = logits
-        return ModelStep(step=s, latency_ms=(time.perf_counter() - t0) * 1e3, executed=dict(self._executed)), decisions
+        st = ModelStep(step=s, latency_ms=(time.perf_counter() - t0) * 1e3, executed=dict(self._executed))
+        st.probe = probe
+        return st, decisions
 
     def run(self, steps: range | None = None):
         steps = range(self.trace.num_steps) if steps is None else steps
         return [self.run_step(s) for s in steps]
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``x`` (rows sorted by group) times each group's ``w[g]`` (groups, in, out), ``offs`` the
+    cumulative rows: torch's grouped GEMM (``torch.nn.functional.grouped_mm`` or
+    ``torch._grouped_mm``)."""
+    fn = getattr(torch.nn.functional, "grouped_mm", None) or torch._grouped_mm
+    return fn(x, w, offs=offs)
 
 
 def host_experts(built: BuiltModel, pinned: bool) -> list[list[torch.Tensor]]:
@@ -258,14 +336,13 @@ class _HostExperts(torch.nn.Module):
 
     def forward(self, hidden_states, top_k_index, top_k_weights):
         out = torch.zeros_like(hidden_states)
-        routes = top_k_index.cpu().tolist()
-        by_e: dict[int, list] = {}
-        for t, row in enumerate(routes):
-            for j, e in enumerate(row):
-                by_e.setdefault(e, []).append((t, j))
-        for e, rows in sorted(by_e.items()):
-            w = self.ex._views(self.ex.host[self.layer][e].to(hidden_states.device))
-            self.ex._ffn(out, hidden_states, rows, top_k_weights, w, self.act_fn)
+        k = top_k_index.shape[-1]
+        flat = top_k_index.reshape(-1)
+        w = top_k_weights.reshape(-1)
+        for e in torch.unique(flat).tolist():
+            pairs = (flat == e).nonzero().squeeze(1)
+            views = self.ex._views(self.ex.host[self.layer][e].to(hidden_states.device))
+            self.ex._ffn(out, hidden_states, pairs // k, w[pairs], views, self.act_fn)
         return out
 
 

@@ -36,6 +36,7 @@ out, points whose KV cache would not fit ``kv_budget_bytes`` and contexts past t
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -45,13 +46,15 @@ import torch
 from calibrate.executors.model import host_experts
 from calibrate.models.build import EXPERTS_IMPLEMENTATION, BuiltModel, build_model
 from calibrate.measurements.timing import Timer
+from simulator.engine_styles import EXECUTOR_DISPATCH
 
 ENGINE_FORMAT = "simmoe-engine"
 ENGINE_VERSION = 1
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 PROMPTS = [16, 64, 256, 1024, 4096]
-STYLES = ["hf-eager", "grouped", "offload"]  # offload last: it replaces the experts modules
+STYLES = ["hf-eager", "grouped", "offload", "offload-grouped"]  # the executor's last: they replace the experts modules
+EXECUTOR_STYLES = EXECUTOR_DISPATCH   # style -> ModelExecutor dispatch
 # share of the time budget per table (after the model is built)
 SHARES = {"head": 0.05, "experts": 0.25, "prefill": 0.1, "dense_decode": 0.1, "decode": 0.5}
 KV_COPIES = 2  # a DynamicCache append copies the layer's whole cache: old and new side by side
@@ -74,6 +77,7 @@ class EnginePlan:
     dtype: str | None = None
     kv_budget_bytes: int | None = None
     seed: int = 0
+    in_situ: bool = False            # also time whole decode steps of the full model (engine_step)
 
 
 class NullExperts(torch.nn.Module):
@@ -257,43 +261,60 @@ class EngineMeasurer:
                 _, w, idx = block.gate(h)
             inputs[B] = (h, idx, w, int(torch.unique(idx).numel()))
         out = {}
-        styles = sorted(self.plan.styles, key=lambda s: s == "offload")  # offload replaces the modules
+        styles = sorted(self.plan.styles, key=lambda s: s in EXECUTOR_STYLES)  # the executor's replace the modules
+        host = act_fn = None
         for style in styles:
-            if style == "offload":
-                host = host_experts(self.b, pinned=False)   # copied into the slots once per executor
-                act_fn = block.experts.act_fn
-                make = lambda h, idx, w: self._offload_call(host, act_fn, h, idx, w)  # noqa: E731
+            dispatch = EXECUTOR_STYLES.get(style)
+            if dispatch:
+                if host is None:
+                    host = host_experts(self.b, pinned=self.device.type == "cuda")  # into the slots per executor
+                    act_fn = block.experts.act_fn
+
+                def make(h, idx, w, loaded=False, dispatch=dispatch):
+                    return self._offload_call(host, act_fn, h, idx, w, loaded=loaded, dispatch=dispatch)
             else:
                 self.b.config._experts_implementation = EXPERTS_IMPLEMENTATION[style]
                 make = lambda h, idx, w: (lambda: block.experts(h, idx, w))  # noqa: E731
-            pts = []
-            for B in order:
-                if budget.spent():
-                    self._skip("experts", "time budget", style=style, batch=B)
-                    continue
-
-                h, idx, w, active = inputs[B]
-                fn = make(h, idx, w)
-
-                def call(fn=fn):
-                    with torch.no_grad():
-                        return fn()
-                pts.append({"batch": B, "active": active, **self._time(call, self._left(budget))})
-                fn = None
-            pts.sort(key=lambda r: r["batch"])
+            pts = self._expert_points(style, order, inputs, make, budget)
             out[style] = {"points": pts, "fit": fit_per_expert(pts), "host_fit": fit_per_expert(pts, "host_ms")}
+            if dispatch:  # the same layer, every active expert copied in first (dedup, no cache)
+                loaded = self._expert_points(f"{style}-loaded", order, inputs,
+                                             lambda h, idx, w: make(h, idx, w, loaded=True), budget)
+                out[style]["loaded"] = {"points": loaded, "host_fit": fit_per_expert(loaded, "host_ms")}
+                out[style]["host_per_load_ms"] = per_load_ms(pts, loaded)
         return out
 
-    def _offload_call(self, host, act_fn, h, idx, w):
-        """One MoE layer of :class:`ModelExecutor` on this routing, every expert resident
-        (the ``resident`` policy: a cache of them all, preloaded), its first step planned."""
+    def _expert_points(self, style: str, order, inputs, make, budget: Budget) -> list[dict]:
+        pts = []
+        for B in order:
+            if budget.spent():
+                self._skip("experts", "time budget", style=style, batch=B)
+                continue
+            h, idx, w, active = inputs[B]
+            fn = make(h, idx, w)
+
+            def call(fn=fn):
+                with torch.no_grad():
+                    return fn()
+            pts.append({"batch": B, "active": active, **self._time(call, self._left(budget))})
+            fn = None
+        return sorted(pts, key=lambda r: r["batch"])
+
+    def _offload_call(self, host, act_fn, h, idx, w, loaded: bool = False, dispatch: str = "loop"):
+        """One MoE layer of :class:`ModelExecutor` on this routing, its first step planned:
+        every expert resident (the ``resident`` policy: a cache of them all, preloaded), or,
+        ``loaded``, every active expert copied from pinned host memory first (dedup, no cache),
+        which prices the executor's host time per copy it issues."""
         from calibrate.executors.model import ModelExecutor
         from calibrate.validation.model_rows import decode_trace, resident_policy
+        from simulator.scenario import PolicySpec
 
         spec, L = self.b.spec, len(self.b.moe_layers)
         routes = idx.to("cpu").numpy().astype(np.int16)
         tr = decode_trace(np.repeat(routes[:, None, :], L, axis=1), len(routes), spec.num_experts)
-        ex = ModelExecutor(self.b, resident_policy(spec.num_experts, L), tr, device=str(self.device), host=host)
+        pol = (PolicySpec(name="dedup", load="dedup", memory="pinned") if loaded
+               else resident_policy(spec.num_experts, L))
+        ex = ModelExecutor(self.b, pol, tr, device=str(self.device), host=host, dispatch=dispatch)
         ex.prepare_step(0)
         return lambda: ex._run_layer(0, h, idx, w, act_fn)
 
@@ -315,6 +336,19 @@ def fit_per_expert(points: list[dict], key: str = "ms") -> dict | None:
             "errors": [float(e) for e in err], "max_abs_error": float(np.abs(err).max())}
 
 
+def per_load_ms(resident: list[dict], loaded: list[dict]) -> float | None:
+    """Host ms per copy the executor issues: the least-squares slope through 0 of (host time
+    with every active expert copied in - host time with all resident) against the copies
+    (one per active expert), over the batches both measured."""
+    res = {p["batch"]: p for p in resident}
+    pairs = [(p["active"], p["host_ms"] - res[p["batch"]]["host_ms"]) for p in loaded if p["batch"] in res]
+    if not pairs:
+        return None
+    x = np.array([a for a, _ in pairs], float)
+    y = np.array([d for _, d in pairs], float)
+    return max(0.0, float((x * y).sum() / (x * x).sum()))
+
+
 def attention_work_bytes(arch, dtype_bytes: int) -> int:
     """Bytes per cached token the attention materialises besides the cache: transformers'
     MLA expands the latent into every head's keys and values each step."""
@@ -329,6 +363,20 @@ def default_kv_budget(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.7)
     return 1 << 30
+
+
+EDGE_MARGIN = 64  # decode steps a run may take past the last measured context
+
+
+def edge_contexts(contexts: list[int], max_positions: int) -> list[int]:
+    """The contexts to measure: those inside the model's positions, and, where the grid
+    steps past them, one more at ``max_positions - EDGE_MARGIN`` (OLMoE: 4032 of 4096), so a
+    run near the model's limit is priced from a measured point, not clamped to the one before."""
+    inside = [c for c in contexts if c < max_positions]
+    edge = max_positions - EDGE_MARGIN
+    if len(inside) < len(contexts) and edge > (inside[-1] if inside else 0):
+        inside.append(edge)
+    return inside
 
 
 def default_layers(built_arch_total: int, dense_layers: tuple[int, ...]) -> int:
@@ -355,7 +403,16 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
     layers = plan.layers or default_layers(2 if plan.tiny else arch.total_layers, arch.dense_layers)
     built = build_model(spec, layers=layers, tiny=plan.tiny, dtype=plan.dtype, device=plan.device, seed=plan.seed)
     build_s = time.perf_counter() - t0
+    asked = list(plan.contexts)
+    plan.contexts = edge_contexts(asked, built.arch.max_positions)
     m = EngineMeasurer(plan, built)
+    for c in asked:
+        if c not in plan.contexts:
+            m._skip("decode", f"context past the model's {built.arch.max_positions} positions"
+                              + (f" (measured at {plan.contexts[-1]} instead)" if plan.contexts[-1] not in asked else ""),
+                    context=c)
+    from calibrate.measurements.host_speed import host_probe
+    probes = [host_probe(plan.device)]
     tables = ["head", "experts", "prefill"] + (["dense_decode"] if built.arch.dense_layers else []) + ["decode"]
     budget = Budget(None if plan.max_seconds is None else max(0.0, plan.max_seconds - build_s), tables)
     doc: dict = {}
@@ -375,6 +432,16 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
         else:
             doc[t] = m.decode(budget, built.arch.dense_layers[0] if t == "dense_decode" else m.layer_idx, t)
         stage_s[t] = time.perf_counter() - s0
+    if plan.in_situ:   # the whole model, every layer, beside the small one (freed of its experts)
+        from calibrate.measurements.engine_step import measure_in_situ
+        if plan.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        s0 = time.perf_counter()
+        doc["in_situ"] = measure_in_situ(plan.preset, device=plan.device, tiny=plan.tiny, seed=plan.seed,
+                                         progress=progress, **({"batches": plan.batches[:3], "contexts": plan.contexts[:1]}
+                                                               if plan.tiny else {}))
+        stage_s["in_situ"] = time.perf_counter() - s0
+    probes.append(host_probe(plan.device))
     return {
         "format": ENGINE_FORMAT, "version": ENGINE_VERSION, "model": plan.preset, "tiny": plan.tiny,
         "built": {"layers": layers, "moe_layers": built.moe_layers, "hidden": built.spec.hidden,
@@ -382,7 +449,7 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
                   "dtype": str(m.dtype).removeprefix("torch."), "attention": built.arch.attention},
         "provenance": _provenance(plan),
         "trials": plan.trials, "warmup": plan.warmup, "max_seconds": plan.max_seconds,
-        "tables": doc, "skipped": m.skipped, "stage_seconds": stage_s,
+        "tables": doc, "skipped": m.skipped, "stage_seconds": stage_s, "host_probe": probes,
         "elapsed_s": time.perf_counter() - t0,
     }
 
@@ -403,4 +470,5 @@ def _provenance(plan: EnginePlan) -> dict:
     gpu = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "none"
     return {"device": plan.device, "gpu": gpu, "host_cpu": host_cpu(), "torch": torch.__version__,
             "transformers": transformers.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads()}
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": torch.get_num_threads(),
+            "cpus": len(os.sched_getaffinity(0))}

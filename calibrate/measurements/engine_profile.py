@@ -9,6 +9,7 @@ context from the two nearest measured cells of its row (one: copied), and listed
 from __future__ import annotations
 
 import json
+import statistics
 import math
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def engine_section(doc: dict) -> dict:
         "source": {k: doc.get(k) for k in ("command", "tiny", "trials", "elapsed_s")}
                   | {k: doc["provenance"].get(k) for k in ("gpu", "host_cpu", "date", "torch", "transformers")},
     }
+    probes = [q["dispatch_us"] for q in doc.get("host_probe") or [] if q.get("dispatch_us")]
+    if probes:  # the host's dispatch speed while these tables were measured (before, after)
+        out["source"]["host_probe_dispatch_us"] = sum(probes) / len(probes)
     if "dense_decode" in t:
         out["dense_decode"] = grid_section(t["dense_decode"])
     for style, e in t["experts"].items():
@@ -87,6 +91,15 @@ def engine_section(doc: dict) -> dict:
         out["styles"][style] = {"base_ms": base, "per_expert_ms": per,
                                 "max_abs_error": fit["max_abs_error"] if fit else None,
                                 "points": [[p["batch"], p["active"], p["ms"]] for p in pts]}
+        hf = e.get("host_fit")
+        if style.startswith("offload") and hf and hf["base_ms"] >= 0 and hf["per_expert_ms"] >= 0:
+            # the executor's host time as the engine charges it: per layer, per compute, per copy
+            out["styles"][style].update(host_base_ms=hf["base_ms"], host_per_expert_ms=hf["per_expert_ms"],
+                                        host_per_load_ms=e.get("host_per_load_ms"))
+    if t.get("in_situ"):
+        situ = in_situ_factors(t["in_situ"], out)
+        if situ["dense"] is not None:
+            out["in_situ"] = situ
     ModelEngine.model_validate(out)
     return out
 
@@ -125,3 +138,30 @@ def _read_json(p: Path, what: str) -> dict:
         return json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(str(p), what, f"cannot read JSON: {e}") from None
+
+
+def in_situ_factors(step: dict, section: dict) -> dict:
+    """``{"dense", "experts", "points"}``: the factors of each point against the isolated tables
+    of the profile's ``engine[model]`` section, and their medians."""
+    from simulator.engine_costs import GridCost, curve_ms
+
+    t = ModelEngine.model_validate(section)
+    decode = GridCost(t.decode)
+    dense_grid = GridCost(t.dense_decode) if t.dense_decode else None
+    off = t.styles.get("offload")
+    L, n = step["moe_layers"], step["layers"]
+    rows = []
+    for p in step["points"]:
+        B, C = p["batch"], p["context"]
+        head = curve_ms(t.head, B) if t.head else 0.0
+        dense_layers = n - L
+        iso_dense = L * decode.ms(B, C) + dense_layers * (dense_grid.ms(B, C) if dense_grid else 0.0)
+        row = {"batch": B, "context": C, "dense": (p["null_ms"] - head) / iso_dense}
+        if off is not None:
+            iso_exp = L * (off.base_ms + off.per_expert_ms * p["active"])
+            row["experts"] = (p["resident_ms"] - p["null_ms"]) / iso_exp
+        rows.append(row)
+    def med(k):  # over the points where the factor is meaningful (a noisy CPU run can invert a difference)
+        v = [r[k] for r in rows if r.get(k) is not None and r[k] > 0]
+        return float(statistics.median(v)) if v else None
+    return {"dense": med("dense"), "experts": med("experts"), "points": rows}

@@ -28,6 +28,7 @@ from typing import Callable
 import numpy as np
 
 from simulator.engine_costs import require_style
+from simulator.engine_styles import EXECUTOR_DISPATCH as EXECUTOR_STYLES
 from simulator.errors import InputError
 from simulator.models import PRESETS, ModelSpec
 from simulator.planner import Planner
@@ -107,12 +108,14 @@ def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str 
 
 
 # ------------------------------------------------------------------------------- live rows
-def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int):
+def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False,
+             dispatch: str = "loop"):
     """Every step of ``trace`` through :class:`ModelExecutor`; returns the steps and whether
     every step's decisions and executed work equal the planner's."""
     from calibrate.executors.model import ModelExecutor
 
-    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt)
+    ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe,
+                       dispatch=dispatch)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
     for s in range(trace.num_steps):
@@ -133,6 +136,43 @@ def live_summary(steps, batch: int, warm: int = 1) -> dict:
             "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
             "GB_per_step": moved / len(timed) / 1e9,
             "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3)}
+
+
+HOST_SCALED = ("launch_us", "sync_us", "pageable_tail_us")
+
+
+def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
+    """The profile with its host-bound terms scaled by ``factor`` (the host's dispatch speed
+    now against calibration's, :mod:`calibrate.measurements.host_speed`): the host's issue
+    costs, and the model's engine tables, whose eager decode is host-bound (every table entry:
+    the non-expert layer, the embedding and head, prefill, and each style's call). The GPU's
+    terms (copy curves, expert compute) stay as measured."""
+    d = profile.model_dump(mode="json", by_alias=True)
+    h = d["host"]
+    h["launch_us"] = {k: v * factor for k, v in h["launch_us"].items()}
+    h["sync_us"] *= factor
+    h["pageable_tail_us"] *= factor
+    e = d["engine"][model]
+    for g in ("decode", "dense_decode"):
+        if e.get(g):
+            e[g]["ms"] = [[v * factor for v in row] for row in e[g]["ms"]]
+    for t in ("prefill", "head"):
+        e[t] = [[x, v * factor] for x, v in e[t]]
+    for st in e["styles"].values():
+        for k in ("base_ms", "per_expert_ms", "host_base_ms", "host_per_expert_ms", "host_per_load_ms"):
+            if st.get(k) is not None:
+                st[k] *= factor
+    return Profile.model_validate(d)
+
+
+def probe_factor(steps, prof: Profile, model: str, warm: int) -> tuple[float | None, float | None]:
+    """(the median probe of the timed steps in µs, its ratio to calibration's), or Nones."""
+    vals = [st.probe["dispatch_us"] for st in steps[warm:] if st.probe and st.probe.get("dispatch_us")]
+    cal = (prof.engine.get(model).source or {}).get("host_probe_dispatch_us") if model in prof.engine else None
+    if not vals:
+        return None, None
+    now = statistics.median(vals)
+    return now, (now / cal if cal else None)
 
 
 def host_pools(built, policies, device: str) -> dict:
@@ -199,7 +239,8 @@ def built_spec(sc: Scenario, tiny: bool, layers: int | None, source: str) -> Mod
 def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device: str = "cuda", tiny: bool = False,
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
-                   progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None) -> dict:
+                   progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
+                   passes: int = 1) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -231,9 +272,10 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     prof = profile if isinstance(profile, Profile) else load_profile(profile or sc.profile)
     prof_name = profile if isinstance(profile, str) else (sc.profile or prof.name)
     if timing:
-        if style == "twin":
-            raise InputError(source, "engine.style", "twin prices simmoe's twin executor, not a real model's engine; "
-                                                     "set engine.style (hf-eager, grouped or offload)")
+        if style not in EXECUTOR_STYLES:
+            raise InputError(source, "engine.style", f"{style} does not price what the model executor runs; set "
+                                                     f"engine.style to offload (its per-expert loop) or offload-grouped "
+                                                     f"(one grouped GEMM per call)")
         require_style(prof, spec.name, style, f"profile {prof_name}")
     check_device(device)
     import torch
@@ -258,37 +300,71 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     hosts = host_pools(built, policies, device)
     build_s = time.perf_counter() - t0
     rows = []
-    total = len(policies) * len(traces)
-    for pol in policies:
-        for (prompt, b), tr in traces.items():
+    cells = [(pol, prompt, b, tr) for pol in policies for (prompt, b), tr in traces.items()]
+    total = len(cells) * passes
+    ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
+    done = 0
+    for p in range(passes):
+        for i, (pol, prompt, b, tr) in enumerate(cells):
             if progress:
-                progress(len(rows), total, f"{pol.name} B={b} prompt {prompt}")
-            steps, same = run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt)
-            row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps,
-                   "decisions_identical": same, **live_summary(steps, b, warm),
-                   "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers for st in steps)}
-            if timing:
-                sim = project(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
-                                           sc.engine.dense_ms_per_layer, sc.seed), tr, prof)
-                med = statistics.median(sim[warm:])
-                row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
-                           error_pct=(med - row["live_median_ms"]) / row["live_median_ms"] * 100,
-                           tokens_error_pct=(b / med - b / row["live_median_ms"]) / (b / row["live_median_ms"]) * 100)
-            rows.append(row)
+                progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
+            ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
+                                   dispatch=EXECUTOR_STYLES.get(style, "loop")))
+            done += 1
+    for i, (pol, prompt, b, tr) in enumerate(cells):
+        same = all(ok for _, ok in ran[i])
+        steps = [st for one, _ in ran[i] for st in one[warm:]]          # every pass's timed steps
+        row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps, "passes": passes,
+               "decisions_identical": same, **live_summary(steps, b, 0),
+               "warmup_steps_ms": [st.latency_ms for one, _ in ran[i] for st in one[:warm]],
+               "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers
+                                    for one, _ in ran[i] for st in one),
+               "probes": [st.probe for st in steps]}
+        if timing:
+            one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
+                               sc.engine.dense_ms_per_layer, sc.seed)
+            sim = project(one, tr, prof)
+            med = statistics.median(sim[warm:])
+            live_ms = row["live_median_ms"]
+            row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
+                       error_pct=(med - live_ms) / live_ms * 100,
+                       tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
+            now, factor = probe_factor(steps, prof, built.spec.name, 0)
+            row.update(probe_dispatch_us=now, host_factor=factor)
+            if factor is not None:   # the host terms at the speed the probe met beside the row
+                now_ms = statistics.median(project(one, tr, host_scaled(prof, built.spec.name, factor))[warm:])
+                row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
+        rows.append(row)
     if progress:
         progress(total, total, "done")
     errs = np.abs([r["error_pct"] for r in rows]) if timing else np.zeros(0)
+    now_errs = np.abs([r["error_now_pct"] for r in rows if r.get("error_now_pct") is not None])
     tok = np.abs([r["tokens_error_pct"] for r in rows]) if timing else np.zeros(0)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
-            "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__},
+            "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                                                "cpus": _cpus()},
             "build_s": build_s, "rows": rows, "host_now": None,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "median_abs_error_pct": float(np.median(errs)) if timing else None,
             "worst_abs_error_pct": float(errs.max()) if timing else None,
+            "median_abs_error_now_pct": float(np.median(now_errs)) if len(now_errs) else None,
+            "worst_abs_error_now_pct": float(now_errs.max()) if len(now_errs) else None,
             "median_abs_tokens_error_pct": float(np.median(tok)) if timing else None}
+
+
+def _cpus() -> str:
+    """The CPUs this process may run on, as a range list (``0-15``)."""
+    import os
+    cpus = sorted(os.sched_getaffinity(0))
+    runs, start = [], cpus[0]
+    for a, b in zip(cpus, cpus[1:] + [None]):
+        if b != a + 1:
+            runs.append(f"{start}-{a}" if a > start else str(a))
+            start = b
+    return ",".join(runs)
 
 
 def main() -> None:

@@ -1,0 +1,75 @@
+"""The engine's terms as a whole decode step meets them (``simmoe calibrate engine --in-situ``).
+
+The engine tables (:mod:`calibrate.measurements.engine`) time one decoder layer and one
+routed-expert call in isolation, twenty trials back to back. In a real step the host runs a
+long, varied code path (every layer's attention, router and experts in turn), and on the H200
+host an eager step of OLMoE-1B-7B took 1.4x the sum of its isolated parts (docs/validation.md).
+So this measures the whole model, every decoder layer built, through
+:class:`calibrate.executors.model.ModelExecutor` on its own router's routing:
+
+- ``null``: every routed-expert call replaced by zeros right after the router's choice has
+  come to the host (the engine around the experts, plus the route sync);
+- ``resident``: every expert resident in the executor's slots (the ``resident`` policy).
+
+Per (batch, context) point the median step of each, and the isolated tables' sum for the same
+step, give two factors the profile keeps (``engine.<model>.in_situ``): ``dense`` =
+(null step - head) / (layers x isolated layer), ``experts`` = (resident - null) / (MoE layers
+x isolated offload call at the step's active experts). The simulator multiplies the decode
+table and the style's host terms by them (:class:`simulator.engine_costs.DenseCost`);
+:func:`calibrate.measurements.engine_profile.in_situ_factors` computes them.
+"""
+from __future__ import annotations
+
+import statistics
+
+import numpy as np
+import torch
+
+from calibrate.executors.model import ModelExecutor, host_experts, record_routing
+from calibrate.models.build import build_model
+
+STEP_BATCHES = [1, 4, 16, 64]
+STEP_CONTEXTS = [256]
+STEP_STEPS = 8
+STEP_WARMUP = 2
+
+
+class _NullAfterRoute(ModelExecutor):
+    """The executor with its experts' work left out: the router's choice still comes to the host."""
+
+    def _run_layer(self, l, hidden, top_k_index, top_k_weights, act_fn):
+        top_k_index.to("cpu")
+        return torch.zeros_like(hidden)
+
+
+def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts=None, steps: int = STEP_STEPS,
+                    warmup: int = STEP_WARMUP, tiny: bool = False, layers: int | None = None, seed: int = 0,
+                    progress=None) -> dict:
+    """Median decode-step ms of the whole model, ``null`` and ``resident``, per (batch, context),
+    with each point's active experts per MoE layer (mean over the timed steps)."""
+    from calibrate.validation.model_rows import resident_policy
+
+    built = build_model(preset, tiny=tiny, layers=layers, device=device, seed=seed)
+    spec = built.spec
+    host = host_experts(built, pinned=False)
+    pol = resident_policy(spec.num_experts, spec.num_layers)
+    pts = []
+    for C in contexts or STEP_CONTEXTS:
+        for B in batches or STEP_BATCHES:
+            if progress:
+                progress(f"in situ B={B} context {C}")
+            tr = record_routing(built, batch=B, steps=steps + warmup, prompt_tokens=C, seed=seed, device=device)
+            out = {}
+            for name, cls in (("resident", ModelExecutor), ("null", _NullAfterRoute)):
+                ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C)
+                ms = [ex.run_step(s)[0].latency_ms for s in range(tr.num_steps)]
+                out[name] = statistics.median(ms[warmup:])
+                ex = None
+            active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
+                                    for s in range(warmup, tr.num_steps)]))
+            pts.append({"batch": B, "context": C, "null_ms": out["null"], "resident_ms": out["resident"],
+                        "active": active})
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,
+            "points": pts}
