@@ -61,6 +61,12 @@ FORCE_HELP = ("Run even when the estimate says the job needs more memory than is
               "than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
 
 
+WHAT_IF_HELP = ("Hardware what-if, repeatable: scale the profile's terms (added to the scenario's what_if:). "
+                "Keys: pcie_GBps, pcie_scale, copy_latency_us, copy_latency_scale, gpu_compute_scale, "
+                "cpu_compute_scale, host_scale; e.g. --what-if pcie_GBps=25 --what-if host_scale=0.5 "
+                "(docs/scenarios.md, 'Hardware what-ifs').")
+
+
 def parse_int_list(value: str | None, flag: str) -> list[int] | None:
     if value is None:
         return None
@@ -102,9 +108,10 @@ def main():
               help="Format of the per-step table.")
 @click.option("--timeline", is_flag=True, help="Also write a Perfetto/Chrome trace (timeline.json) of the "
               "first replication of each policy at the smallest batch size.")
+@click.option("--what-if", "what_if", multiple=True, metavar="KEY=VALUE", help=WHAT_IF_HELP)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
-def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, quiet, force):
+def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeline, what_if, quiet, force):
     """Simulate SCENARIO (YAML) for every policy and batch size.
 
     Prints a table (step latency with 95% CI, throughput, speed-up over the baseline, demand
@@ -135,6 +142,10 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     if bs:
         overrides["batch_sizes"] = bs
+    if what_if:
+        from simulator.what_if import parse_what_if_flags
+
+        overrides["what_if"] = parse_what_if_flags(what_if)
     sc, base = load_scenario(scenario, overrides)
     if sc.workload is not None:     # a serving scenario (docs/serving.md)
         if timeline:
@@ -271,7 +282,8 @@ def profile_list():
     """List the hardware profiles shipped inside simmoe.
 
     Each line: the name to pass to --profile (or `profile:` in a scenario), where its numbers
-    come from (calibrated on a real GPU, a one-off probe, or published measurements), the GPU,
+    come from (calibrated on a real GPU, a one-off probe, published measurements, or "from
+    specs": the h200 calibration scaled to a GPU's public specifications, not measured), the GPU,
     and the expert shapes it has compute timings for. A scenario whose model has another
     expert shape needs a profile calibrated for it: simmoe calibrate --model PRESET.
     """
@@ -280,7 +292,9 @@ def profile_list():
     for name in builtin_profiles():
         p = load_profile(name)
         mark = " (default)" if name == DEFAULT_PROFILE else ""
-        click.echo(f"{name}{mark}: {p.provenance.get('kind')}, {p.provenance.get('gpu', '?')}, "
+        kind = p.provenance.get("kind")
+        kind = f"{kind} (not measured)" if p.provenance.get("source") == "from specs" else kind
+        click.echo(f"{name}{mark}: {kind}, {p.provenance.get('gpu', '?')}, "
                    f"shapes: {', '.join(sorted(p.compute.gpu))}")
 
 
@@ -308,11 +322,12 @@ def models_cmd():
     (model: {preset: mixtral-8x7b, num_layers: 8}) or a model written out in full.
     """
     from simulator.models import PRESETS
+    from simulator.units import fmt_bytes
 
     for m in PRESETS.values():
         click.echo(f"{m.name:18s} {m.num_layers:3d} layers  {m.num_experts:4d} experts  top-{m.top_k}  "
                    f"{m.hidden}x{m.ffn} {m.dtype} {'gated' if m.gated else 'plain'}  "
-                   f"{m.expert_bytes / 2**20:7.2f} MiB/expert  key {m.shape_key}")
+                   f"{fmt_bytes(m.expert_bytes):>10s}/expert  key {m.shape_key}")
 
 
 @main.command("schema")

@@ -115,8 +115,8 @@ def summary_table(result) -> Table:
     """The results table, one section per batch size; fits 80 columns (long policy names fold)."""
     sc = result.scenario
     best = {d["batch_size"]: d["best"] for d in result.decision["per_batch"]}
-    t = Table(title=f"{sc.name}: {sc.model.name} on {result.meta.get('profile')} "
-                    f"({result.meta.get('profile_kind')}); {sc.replications} replication(s)",
+    t = Table(title=f"{sc.name}: {sc.model.name} on {result.meta.get('profile_source')}; "
+                    f"{sc.replications} replication(s)",
               box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1), pad_edge=False)
     t.add_column("policy", overflow="fold", min_width=12)
     for col in ("B", "ms/step", "tok/s", "x base", "hit d/p", "dedup", "GiB/st", "stall"):

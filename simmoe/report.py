@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 
 from simulator.atomic import write_text
+from simulator.units import fmt_bytes
 from simulator.errors import InputError
 from simulator.profile import builtin_profiles, load_profile, parse_profile
 from simulator.safe_load import check_input_file, load_json, load_yaml
@@ -42,7 +43,7 @@ from simulator.sweep import (
     flatten_summary, max_reuse_factors, policy_context, read_results, scenario_context,
 )
 
-from .plots import distinct_axes, make_plots, uniform_dedup_savings
+from .plots import config_columns, make_plots, uniform_dedup_savings
 
 STUDY_GRID = [(1, 1), (1, 10), (2, 1), (2, 10), (4, 1), (4, 10)]
 STUDY_EXPERT_BYTES = 3 * 768 * 3072 * 4
@@ -140,7 +141,8 @@ def _read_steps(path: Path, warmup: int) -> dict:
 def _load_run(folder: Path) -> Results:
     sc_path, sum_path, prof_path = folder / "scenario.yaml", folder / "summary.json", folder / "profile.json"
     sc = parse_scenario(load_yaml(sc_path, "scenario.yaml"), str(sc_path))
-    summary = _summary_rows(load_json(sum_path, "summary.json"), sc, str(sum_path))
+    summary_doc = load_json(sum_path, "summary.json")
+    summary = _summary_rows(summary_doc, sc, str(sum_path))
     profile = parse_profile(load_json(prof_path, "profile.json"), str(prof_path))
     notes = []
     steps_file = next((folder / f for f in ("steps.parquet", "steps.csv") if (folder / f).exists()), None)
@@ -159,7 +161,22 @@ def _load_run(folder: Path) -> Results:
         published = _published(profile)
     except (KeyError, TypeError, ValueError) as e:
         raise InputError(str(prof_path), "measurements.published_rows", f"mistyped ({type(e).__name__}: {e})") from None
-    return Results("run", folder, pd.DataFrame(rows), [], published, notes, _decision(rows, sc, notes))
+    decision = _decision(rows, sc, notes)
+    if decision is not None:
+        decision["skipped"] = _skipped(summary_doc, str(sum_path))
+        decision["warnings"] += [f"policy {s['policy']} skipped: {s['reason']}" for s in decision["skipped"]]
+    return Results("run", folder, pd.DataFrame(rows), [], published, notes, decision)
+
+
+def _skipped(summary_doc: dict, src: str) -> list[dict]:
+    """summary.json's ``decision.skipped`` (policies the profile could not time), checked."""
+    dec = summary_doc.get("decision")
+    skipped = dec.get("skipped", []) if isinstance(dec, dict) else []
+    if not isinstance(skipped, list) or not all(
+            isinstance(s, dict) and isinstance(s.get("policy"), str) and isinstance(s.get("reason"), str)
+            for s in skipped):
+        raise InputError(src, "decision.skipped", "must be a list of {policy, reason} texts")
+    return skipped
 
 
 def _decision(rows: list[dict], sc, notes: list[str]) -> dict | None:
@@ -197,7 +214,15 @@ def _load_sweep(folder: Path) -> Results:
     for name in rows["profile_name"].dropna().unique() if "profile_name" in rows.columns else []:
         if name in builtin_profiles():
             published.update(_published(load_profile(name)))
-    return Results("sweep", folder, rows, [a["path"] for a in manifest["axes"]], published, notes)
+    axes = [a["path"] for a in manifest["axes"]]
+    decision = None
+    if "baseline" in ok.columns:
+        from simulator.decision import sweep_decision
+
+        decision = sweep_decision(ok.to_dict("records"), axes)
+    else:
+        notes.append("No decision summary: these results predate it (run the sweep again into a new folder).")
+    return Results("sweep", folder, rows, axes, published, notes, decision)
 
 
 def load_results(folder: str | Path) -> Results:
@@ -225,17 +250,6 @@ def fmt_share(x: float | None) -> str:
 
 def fmt_ratio(x: float | None) -> str:
     return "-" if x is None or pd.isna(x) else f"{x:.2f}x"
-
-
-def config_columns(df: pd.DataFrame, axes: list[str], keys: list[str], metrics: list[str]) -> list[str]:
-    """The varying axes (not batch size) that a table needs beside its ``keys``: those the keys
-    do not determine and that change at least one of the table's ``metrics``."""
-    cols = distinct_axes(df, axes, keys, ("batch_sizes",))
-    for c in list(cols):
-        others = keys + [k for k in cols if k != c]
-        if df.groupby(others, dropna=False)[metrics].nunique(dropna=False).max().max() <= 1:
-            cols.remove(c)
-    return cols
 
 
 @dataclass
@@ -336,14 +350,14 @@ def policy_comparison(res: Results) -> Table:
         notes.append(f"No per-item policy in these results: speed-up is over `{first}`.")
     base_lat = {tuple(r[group]): r["latency_mean_ms"] for _, r in base.iterrows()}
     headers = cfg + ["Batch", "Policy", "Step latency (ms, mean ± 95% CI)", "Tokens/s", "Hit rate",
-                     "MB moved / token", "Speed-up vs per-item"]
+                     "Moved / token", "Speed-up vs per-item"]
     rows = []
     for _, r in df.sort_values(group, kind="stable").iterrows():
         half = (r["latency_ci95_hi"] - r["latency_ci95_lo"]) / 2
         b = base_lat.get(tuple(r[group]))
         rows.append([str(r[c]) for c in cfg] + [
             str(r["batch_size"]), str(r["policy"]), f"{fmt_ms(r['latency_mean_ms'])} ± {fmt_ms(half)}",
-            f"{r['tokens_per_s']:.1f}", fmt_pct(r["hit_rate"]), f"{r['bytes_per_token'] / 1e6:.1f}",
+            f"{r['tokens_per_s']:.1f}", fmt_pct(r["hit_rate"]), fmt_bytes(r['bytes_per_token']),
             fmt_ratio(b / r["latency_mean_ms"] if b and r["latency_mean_ms"] > 0 else None)])
     intro = "Speed-up = per-item baseline latency / policy latency, same batch size and configuration."
     return Table(title, intro, headers, rows, notes)
@@ -353,6 +367,8 @@ def decision_table(res: Results) -> Table | None:
     """Per batch size: the policy to use, its speed-up over the stated baseline, the CI verdict."""
     if res.decision is None:
         return None
+    if "per_point" in res.decision:
+        return sweep_decision_table(res.decision)
     per = res.decision["per_batch"]
     rule = per[0]["baseline_rule"] if per else ""
     headers = ["Batch", "Best policy", "Step latency (ms)", "Speed-up", "Baseline", "Runner-up", "Beyond 95% CIs",
@@ -360,10 +376,31 @@ def decision_table(res: Results) -> Table | None:
     rows = [[str(d["batch_size"]), d["best"], fmt_ms(d["best_latency_ms"]), fmt_ratio(d["speedup"]), d["baseline"],
              d["runner_up"] or "-", "-" if d["runner_up"] is None else "yes" if d["distinguishable"] else
              "not distinguishable", f"{d['demand_hits']:,}", f"{d['prefetch_hits']:,}",
-             f"{d['wasted_prefetch_bytes'] / 2**20:,.1f} MiB"] for d in per]
+             fmt_bytes(d['wasted_prefetch_bytes'])] for d in per]
     intro = (f"Speed-up = baseline step latency / best policy's, same batch size; baseline: {rule}. "
              "'Beyond 95% CIs': the best's interval lies wholly below the runner-up's.")
     return Table("Decision", intro, headers, rows, [f"Warning: {w}" for w in res.decision["warnings"]])
+
+
+def sweep_decision_table(dec: dict) -> Table:
+    """Per configuration (sweep point) and batch size: the policy to use and by how much."""
+    from simulator.decision import point_label
+
+    headers = ["Configuration", "Batch", "Best policy", "Step latency (ms)", "Speed-up", "Baseline", "Runner-up",
+               "Beyond 95% CIs"]
+    rows = [[point_label(e, dec["axes"]), str(e["batch_size"]), e["best"], fmt_ms(e["best_latency_ms"]),
+             fmt_ratio(e["speedup"]), e["baseline"], e["runner_up"] or "-",
+             "-" if e["runner_up"] is None else "yes" if e["distinguishable"] else "not distinguishable"]
+            for e in dec["per_point"]]
+    tally = ", ".join(f"`{p}` in {n}" for p, n in dec["best_counts"].items())
+    rules = "; ".join(sorted({e["baseline_rule"] for e in dec["per_point"] if e["baseline_rule"]}))
+    intro = (f"Best policy: {tally} of {len(rows)} configurations x batch sizes. Speed-up = the point's "
+             f"baseline step latency / the best policy's ({rules}). 'Beyond 95% CIs': the best's interval "
+             "lies wholly below the runner-up's.")
+    warn = dec["warnings"]
+    notes = [f"Warning: {w}" for w in warn[:10]] + ([f"... {len(warn) - 10} more warnings in decision.json."]
+                                                    if len(warn) > 10 else [])
+    return Table("Decision", intro, headers, rows, notes)
 
 
 def failures(res: Results) -> Table | None:
@@ -379,8 +416,9 @@ def failures(res: Results) -> Table | None:
 PLOT_CAPTIONS = {
     "latency": "Latency per step vs batch size (95% CI bands)",
     "dedup": "Dedup savings vs batch size, with the uniform-routing formula",
-    "hit_rate": "Hit rate vs cache capacity",
-    "time_split": "Computation vs transfer time per configuration",
+    "latency_capacity": "Latency per step vs cache capacity (95% CI bands; dotted: policies without a cache)",
+    "hit_rate": "Hit rate (demand + prefetch hits) vs cache capacity, or vs batch size when capacity is fixed",
+    "time_split": "Busy time per step of the compute and copy streams (overlaid, not added) and the step latency",
     "bytes_per_token": "Bytes moved per token",
 }
 
@@ -388,7 +426,8 @@ PLOT_CAPTIONS = {
 def _header(res: Results) -> list[str]:
     ok = res.ok
     lines = [f"Source: `{res.folder}` ({res.kind})."]
-    for col, what in (("scenario", "Scenario"), ("model", "Model"), ("profile_name", "Profile")):
+    prof = "profile_source" if "profile_source" in ok.columns else "profile_name"
+    for col, what in (("scenario", "Scenario"), ("model", "Model"), (prof, "Profile")):
         if col in ok.columns and not ok.empty:
             lines.append(f"{what}: {', '.join(sorted(map(str, ok[col].unique())))}.")
     if res.kind == "sweep":
@@ -458,15 +497,16 @@ def build_tables(res: Results) -> list[Table]:
     return [t for t in tables if t is not None]
 
 
-def write_report(folder: str | Path, out: str | Path | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html`` and ``plots/`` into ``out`` (default: the folder)."""
+def write_report(folder: str | Path, out: str | Path | None = None, progress=None) -> list[Path]:
+    """Write ``report.md``, ``report.html`` and ``plots/`` into ``out`` (default: the folder);
+    ``progress(done, total, what)`` follows the plots."""
     res = load_results(folder)
     out = Path(out) if out else res.folder
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(str(out), "--out", f"cannot write here: {e.strerror or e}") from None
-    plots = make_plots(res.rows, res.axes, out / "plots")
+    plots = make_plots(res.rows, res.axes, out / "plots", progress)
     tables = build_tables(res)
     title = f"simmoe report: {res.folder.name}"
     header = _header(res)

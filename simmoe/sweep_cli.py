@@ -20,10 +20,13 @@ import click
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Results folder [default: results/<sweep name>].")
 @click.option("--retry-failed", is_flag=True, help="Run again the points that failed in an earlier run.")
+@click.option("--what-if", "what_if", multiple=True, metavar="KEY=VALUE",
+              help="Hardware what-if for every point, repeatable (as on `simmoe run`: the sweep's "
+                   "set: what_if.KEY), e.g. --what-if pcie_GBps=25.")
 @click.option("--quiet", "-q", is_flag=True, help="No estimate line and no progress bar.")
 @click.option("--force", is_flag=True, help="Run even when the estimate says the sweep needs more memory than is "
               "available or more time than the limit (SIMMOE_MAX_SECONDS, default 3600; SIMMOE_MAX_MEMORY).")
-def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, force):
+def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, what_if, quiet, force):
     """Run every point of SWEEP.yaml: a base scenario with a grid of overrides.
 
     \b
@@ -62,6 +65,8 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, f
     from .display import announce, progress_bar
 
     doc = _read_yaml(sweep_file, "sweep")
+    if what_if:
+        doc = with_what_if(doc, what_if)
     folder = sweep_file.resolve().parent
     est, blame = estimate_sweep(doc, str(sweep_file), folder, workers)
     check(est, str(sweep_file), blame, force)
@@ -86,14 +91,21 @@ def sweep_cmd(sweep_file, backend, workers, address, out, retry_failed, quiet, f
         click.echo(f"  point {r['point']}: {r['error']}", err=True)
     if len(errors) > 5:
         click.echo(f"  ... {len(errors) - 5} more failed points in {out / 'results.parquet'}", err=True)
-    click.echo(f"wrote {out / 'results.parquet'}; next: simmoe report {out}")
+    if not quiet:
+        from simulator.decision import sweep_decision_lines
+
+        for line in sweep_decision_lines(df.attrs["decision"], where=str(out / "decision.csv")):
+            click.echo(line)
+    click.echo(f"wrote {out / 'results.parquet'}, {out / 'decision.json'}, {out / 'decision.csv'}; "
+               f"next: simmoe report {out}")
 
 
 @click.command("report")
 @click.argument("folder", metavar="DIR", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
               help="Where to write the report [default: DIR].")
-def report_cmd(folder, out):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def report_cmd(folder, out, quiet):
     """Write a report of a run or sweep folder: DIR/report.md, DIR/report.html, DIR/plots/.
 
     \b
@@ -107,15 +119,40 @@ def report_cmd(folder, out):
         reuse factor, the uniform-routing expectation;
       - the policy comparison, with speed-up over the per-item baseline.
     What the folder cannot give (e.g. study configurations not simulated) is listed.
-    Plots (PNG and SVG): latency vs batch size with CI bands, dedup savings vs batch size,
-    hit rate vs cache capacity, computation vs transfer, bytes moved per token. The HTML
-    file embeds them and stands alone.
+    The decision comes first: per batch size (for a sweep, per point and batch size), the
+    policy to use, its speed-up over the baseline and whether it beats the runner-up beyond
+    the 95% CIs. Plots (PNG and SVG): latency vs batch size with CI bands (vs cache capacity
+    when capacity is swept), dedup savings vs batch size, hit rate vs capacity (or vs batch
+    size), busy time of the compute and copy streams (overlaid, not added), bytes moved per
+    token; many series are split into panels. The HTML file embeds them and stands alone.
     """
+    from .display import progress_bar
     from .report import write_report
 
-    written = write_report(folder, out)
+    with progress_bar(quiet, "report (plots)") as cb:
+        written = write_report(folder, out, cb)
     click.echo(f"wrote {written[0]} and {written[1]} ({len(written) - 2} plot files in {written[2].parent})"
                if len(written) > 2 else f"wrote {written[0]} and {written[1]}")
+
+
+def with_what_if(doc, flags: tuple[str, ...]):
+    """The sweep document with ``set: {what_if.KEY: VALUE}`` for each ``--what-if`` (and the
+    knob's exclusive partner cleared, as on ``simmoe run``)."""
+    from simulator.errors import InputError
+    from simulator.what_if import PARTNER, parse_what_if_flags
+
+    knobs = parse_what_if_flags(flags)
+    if not isinstance(doc, dict):
+        return doc                       # expand() reports it
+    fixed = doc.get("set") or {}
+    if not isinstance(fixed, dict):
+        raise InputError("command line", "--what-if", "the sweep's set: is not a mapping")
+    fixed = dict(fixed)
+    for k, v in knobs.items():
+        fixed[f"what_if.{k}"] = v
+        if k in PARTNER:
+            fixed[f"what_if.{PARTNER[k]}"] = None
+    return {**doc, "set": fixed}
 
 
 @contextlib.contextmanager

@@ -250,7 +250,8 @@ def trace_fit(trace, fmt, batch, steps, seeds, seed, out, json_out, quiet, force
               help="Prefetch policies to score.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), help="Write the scores as JSON.")
-def trace_predictors(trace, fmt, batch_sizes, policies, seed, json_out):
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def trace_predictors(trace, fmt, batch_sizes, policies, seed, json_out, quiet):
     """Precision and recall of prefetch predictors on TRACE's held-out sequences (test split:
     every 5th), trained on the others (train split)."""
     from simulator.models import ModelSpec
@@ -273,17 +274,25 @@ def trace_predictors(trace, fmt, batch_sizes, policies, seed, json_out):
     t = Table(title=f"{trace}: prefetch predictions on held-out sequences ({len(test)} test sequences)")
     for col in ("batch", "policy", "precision", "recall", "next-layer P / R", "next-step P / R", "per layer-step"):
         t.add_column(col, justify="left" if col == "policy" else "right")
-    for B in _int_list(batch_sizes, "--batch-sizes"):
-        tr = batch_set(ss, test, batch_size=B, steps=max(1, n_test // B), seed=seed)
-        for n in names:
-            opts = {"train": train} if n in ("history", "affinity") else {}
-            q = prefetch_quality(PREFETCH_POLICIES[n](budget=None, **opts), tr, model, seed)
-            rows.append({"batch_size": B, "policy": n, **q})
-            a, nl, ns = q["all"], q["next_layer"], q["next_step"]
-            targets = tr.num_steps * tr.num_layers - 1        # every layer-step but the first
-            t.add_row(str(B), n, f"{a['precision']:.3f}", f"{a['recall']:.3f}",
-                      f"{nl['precision']:.3f} / {nl['recall']:.3f}", f"{ns['precision']:.3f} / {ns['recall']:.3f}",
-                      f"{a['predicted'] / targets:.1f} of {a['needed'] / targets:.1f}")
+    from .display import progress_bar
+
+    batches = _int_list(batch_sizes, "--batch-sizes")
+    with progress_bar(quiet, "scoring predictors") as cb:
+        scores = []
+        for B in batches:
+            tr = batch_set(ss, test, batch_size=B, steps=max(1, n_test // B), seed=seed)
+            for n in names:
+                if cb:
+                    cb(len(scores), len(batches) * len(names), f"{n} B={B}")
+                opts = {"train": train} if n in ("history", "affinity") else {}
+                scores.append((B, n, tr, prefetch_quality(PREFETCH_POLICIES[n](budget=None, **opts), tr, model, seed)))
+    for B, n, tr, q in scores:
+        rows.append({"batch_size": B, "policy": n, **q})
+        a, nl, ns = q["all"], q["next_layer"], q["next_step"]
+        targets = tr.num_steps * tr.num_layers - 1        # every layer-step but the first
+        t.add_row(str(B), n, f"{a['precision']:.3f}", f"{a['recall']:.3f}",
+                  f"{nl['precision']:.3f} / {nl['recall']:.3f}", f"{ns['precision']:.3f} / {ns['recall']:.3f}",
+                  f"{a['predicted'] / targets:.1f} of {a['needed'] / targets:.1f}")
     console.print(t)
     if json_out:
         _write_json({"source": str(trace), "test_sequences": int(len(test)), "rows": rows}, json_out)

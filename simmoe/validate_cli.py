@@ -77,9 +77,14 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
 
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
+    from simulator.errors import InputError
+
+    if sc.what_if is not None and sc.what_if.given():
+        raise InputError(str(scenario), "what_if", "validate measures this machine as it is: a hardware what-if "
+                                                   "has nothing live to compare with (remove it, or use simmoe run)")
     if cpus:
         from calibrate.measurements.host_speed import parse_cpus, pin_cpus
-        from simulator.errors import InputError
+
         try:
             pin_cpus(parse_cpus(cpus))
         except ValueError as e:
@@ -133,12 +138,14 @@ def print_decisions_only(sc, report: dict, written) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from simulator.units import fmt_bytes
+
     t = Table(title=f"{sc.name} on cpu: decisions of the live executor vs the simulator")
     for c in ("policy", "batch", "transfers", "hits", "copied"):
         t.add_column(c, justify="left" if c == "policy" else "right")
     for r in report["rows"]:
         t.add_row(r["policy"], str(r["batch_size"]), str(r["transfers"]), str(r["hits"]),
-                  f"{r['bytes_h2d'] / 2**20:,.1f} MiB")
+                  fmt_bytes(r['bytes_h2d']))
     Console().print(t)
     click.echo(f"decisions identical: {report['decisions_identical']} (--device cpu checks decisions only: "
                "CPU timings say nothing of a GPU's, so no latency error is reported)")

@@ -19,16 +19,21 @@ Every summary row also gets ``baseline`` and ``speedup_vs_baseline``.
 """
 from __future__ import annotations
 
+from .units import fmt_bytes
+
 
 def baseline_of(rows: list[dict], sc) -> tuple[str, str]:
     """The baseline policy of one batch size's rows and the rule that chose it."""
-    if sc.baseline is not None:
+    ran = [r["policy"] for r in rows]
+    if sc.baseline is not None and sc.baseline in ran:
         return sc.baseline, "scenario key 'baseline'"
+    why = f" (the baseline {sc.baseline} was skipped)" if sc.baseline is not None else ""
     no_cache = {p.name for p in sc.policies if p.cache.kind == "none"}
     candidates = [r for r in rows if r["policy"] in no_cache]
     if candidates:
-        return min(candidates, key=_mean)["policy"], "fastest policy without a cache"
-    return sc.policies[0].name, "first policy (every policy has a cache)"
+        return min(candidates, key=_mean)["policy"], "fastest policy without a cache" + why
+    first = next(p.name for p in sc.policies if p.name in ran)
+    return first, "first policy (every policy has a cache)" + why
 
 
 def _mean(r: dict) -> float:
@@ -66,10 +71,29 @@ def thrashing_warnings(summary: list[dict], sc) -> list[str]:
     return out
 
 
+def rank(b: int, rows: list[dict], base_name: str, rule: str, expert_bytes: int) -> dict:
+    """One batch size's decision from its rows (each with ``step_latency_ms`` mean and ci95,
+    ``speedup_vs_baseline``, ``hits``, ``prefetches_used``, ``prefetches_wasted``)."""
+    base = next(r for r in rows if r["policy"] == base_name)
+    ranked = sorted(rows, key=_mean)
+    best = ranked[0]
+    entry = {"batch_size": b, "best": best["policy"], "best_latency_ms": _mean(best),
+             "baseline": base_name, "baseline_rule": rule, "baseline_latency_ms": _mean(base),
+             "speedup": best["speedup_vs_baseline"],
+             "runner_up": None, "distinguishable": None,
+             "demand_hits": best["hits"] - best["prefetches_used"], "prefetch_hits": best["prefetches_used"],
+             "wasted_prefetch_bytes": best["prefetches_wasted"] * expert_bytes}
+    if len(ranked) > 1:
+        second = ranked[1]
+        entry["runner_up"] = second["policy"]
+        entry["runner_up_latency_ms"] = _mean(second)
+        entry["distinguishable"] = best["step_latency_ms"]["ci95"][1] < second["step_latency_ms"]["ci95"][0]
+    return entry
+
+
 def decide(summary: list[dict], sc) -> dict:
     """The decision summary of a run (see the module's doc); also fills each row's
-    ``baseline`` and ``speedup_vs_baseline``."""
-    eb = sc.model.expert_bytes
+    ``baseline``, ``baseline_rule`` and ``speedup_vs_baseline``."""
     by_batch: dict[int, list[dict]] = {}
     for r in summary:
         by_batch.setdefault(r["batch_size"], []).append(r)
@@ -79,21 +103,9 @@ def decide(summary: list[dict], sc) -> dict:
         base = next(r for r in rows if r["policy"] == base_name)
         for r in rows:
             r["baseline"] = base_name
+            r["baseline_rule"] = rule
             r["speedup_vs_baseline"] = _mean(base) / _mean(r) if _mean(r) > 0 else None
-        ranked = sorted(rows, key=_mean)
-        best = ranked[0]
-        entry = {"batch_size": b, "best": best["policy"], "best_latency_ms": _mean(best),
-                 "baseline": base_name, "baseline_rule": rule, "baseline_latency_ms": _mean(base),
-                 "speedup": best["speedup_vs_baseline"],
-                 "runner_up": None, "distinguishable": None,
-                 "demand_hits": best["hits"] - best["prefetches_used"], "prefetch_hits": best["prefetches_used"],
-                 "wasted_prefetch_bytes": best["prefetches_wasted"] * eb}
-        if len(ranked) > 1:
-            second = ranked[1]
-            entry["runner_up"] = second["policy"]
-            entry["runner_up_latency_ms"] = _mean(second)
-            entry["distinguishable"] = best["step_latency_ms"]["ci95"][1] < second["step_latency_ms"]["ci95"][0]
-        out.append(entry)
+        out.append(rank(b, rows, base_name, rule, sc.model.expert_bytes))
     return {"per_batch": out, "warnings": thrashing_warnings(summary, sc)}
 
 
@@ -112,6 +124,92 @@ def decision_lines(decision: dict) -> list[str]:
         lines.append(s)
         if d["prefetch_hits"] or d["wasted_prefetch_bytes"]:
             lines.append(f"    hits: {d['demand_hits']:,} demand + {d['prefetch_hits']:,} prefetch; "
-                         f"{d['wasted_prefetch_bytes'] / 2**20:,.1f} MiB prefetched in vain")
+                         f"{fmt_bytes(d['wasted_prefetch_bytes'])} prefetched in vain")
     lines += [f"warning: {w}" for w in decision["warnings"]]
+    return lines
+
+
+# ------------------------------------------------------------------------------- sweeps
+#: the decision's columns in a sweep's decision.csv, after the point and its axes
+SWEEP_COLUMNS = ("batch_size", "best", "best_latency_ms", "speedup", "baseline", "baseline_latency_ms",
+                 "runner_up", "runner_up_latency_ms", "distinguishable", "demand_hits", "prefetch_hits",
+                 "wasted_prefetch_bytes")
+#: the terminal shows this many configurations (all are in decision.json / decision.csv)
+SHOWN = 12
+SHOWN_WARNINGS = 3
+
+
+def _short_axes(axes: list[str]) -> dict[str, str]:
+    """Axis path -> a short name (``trace.batch_locality`` -> ``batch_locality``)."""
+    last = {a: a.rsplit(".", 1)[-1] for a in axes}
+    return {a: s if list(last.values()).count(s) == 1 else a for a, s in last.items()}
+
+
+def point_label(entry: dict, axes: list[str]) -> str:
+    """``point 3 (capacity=64, batch_locality=0.8)``; zip partners with the same short name and
+    value are named once."""
+    names = _short_axes(axes)
+    parts: list[str] = []
+    for a in axes:
+        if a in entry:
+            p = f"{names[a].rsplit('.', 1)[-1]}={entry[a]}"
+            if p not in parts:
+                parts.append(p)
+    return f"point {entry['point']}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+def sweep_decision(rows: list[dict], axes: list[str]) -> dict:
+    """The decision of every finished point of a sweep, per batch size (each point is a run:
+    the same rule as :func:`decide`, from its rows' ``baseline``), how often each policy is the
+    best, and the points' warnings (thrashing caches, skipped policies)."""
+    axes = [a for a in axes if a != "batch_sizes"]
+    groups: dict[tuple[int, int], list[dict]] = {}
+    warnings: dict[int, str] = {}
+    for r in rows:
+        if r.get("status", "ok") != "ok":
+            continue
+        groups.setdefault((int(r["point"]), int(r["batch_size"])), []).append(r)
+        if r.get("decision_warnings"):
+            warnings.setdefault(int(r["point"]), r["decision_warnings"])
+    per = []
+    for (point, b), rs in sorted(groups.items()):
+        nested = [{**r, "step_latency_ms": {"mean": r["latency_mean_ms"],
+                                            "ci95": [r["latency_ci95_lo"], r["latency_ci95_hi"]]}} for r in rs]
+        entry = rank(b, nested, rs[0]["baseline"], rs[0].get("baseline_rule") or "", int(rs[0]["expert_bytes"]))
+        entry = {k: None if isinstance(v, float) and v != v else v for k, v in entry.items()}   # NaN: none
+        per.append({"point": point, **{a: rs[0][a] for a in axes if a in rs[0]}, **entry})
+    counts: dict[str, int] = {}
+    for e in per:
+        counts[e["best"]] = counts.get(e["best"], 0) + 1
+    labels = {e["point"]: point_label(e, axes) for e in per}
+    warn = [f"{labels.get(p, f'point {p}')}: {line}" for p, text in sorted(warnings.items())
+            for line in text.split("\n")]
+    return {"axes": axes, "per_point": per,
+            "best_counts": dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))), "warnings": warn}
+
+
+def sweep_decision_lines(dec: dict, shown: int = SHOWN, where: str = "decision.csv") -> list[str]:
+    """A sweep's decision as sentences: the tally of best policies, then the first ``shown``
+    configurations (the rest: ``where``), then the warnings (the first ``shown``)."""
+    per = dec["per_point"]
+    if not per:
+        return []
+    rules = sorted({e["baseline_rule"] for e in per if e["baseline_rule"]})
+    tally = ", ".join(f"{p} in {n}" for p, n in dec["best_counts"].items())
+    lines = [f"Decision per configuration (speed-up vs each point's baseline: {'; '.join(rules) or '-'}):",
+             f"  best policy: {tally} of {len(per)} (configuration x batch size)"]
+    for e in per[:shown]:
+        sp = f"{e['speedup']:.2f}x" if e["speedup"] == e["speedup"] and e["speedup"] else "-"
+        s = f"  {point_label(e, dec['axes'])} B={e['batch_size']}: {e['best']}, {sp} vs {e['baseline']}"
+        if e["runner_up"] is not None:
+            s += (f"; beats {e['runner_up']} (95% CIs apart)" if e["distinguishable"] else
+                  f"; not distinguishable from {e['runner_up']}")
+        lines.append(s)
+    if len(per) > shown:
+        lines.append(f"  ... {len(per) - shown} more configurations in {where}")
+    warn = dec["warnings"]
+    lines += [f"warning: {w}" for w in warn[:SHOWN_WARNINGS]]
+    if len(warn) > SHOWN_WARNINGS:
+        lines.append(f"warning: ... {len(warn) - SHOWN_WARNINGS} more warnings (of {len(warn)}) in "
+                     f"{where.removesuffix('.csv')}.json")
     return lines

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 from .traces.synthetic import CHUNK
+from .units import fmt_bytes  # noqa: F401  (re-exported: the one byte formatter)
 
 #: Per-unit costs, measured by ``python bench/bench_estimate.py --fit`` (which prints a fresh
 #: table to paste here) on the project's shared 2-vCPU VM (Python 3.11.7), 2026-12-01. A cost
@@ -100,12 +101,7 @@ def _c(key: str) -> float:
 
 
 # ------------------------------------------------------------------------- formatting
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if abs(n) < 1024 or unit == "EiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} EiB"
+# fmt_bytes: simulator.units (the one byte formatter), imported at the top
 
 
 def fmt_seconds(s: float) -> str:

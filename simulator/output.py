@@ -61,7 +61,7 @@ def write_results(result, out_dir: str | Path, fmt: str = "parquet", extra: dict
     summary = {
         "format": "simmoe-summary", "version": SUMMARY_VERSION, "simmoe_version": __version__,
         "scenario": result.scenario.name, "profile": result.meta.get("profile"),
-        "profile_kind": result.meta.get("profile_kind"),
+        "profile_kind": result.meta.get("profile_kind"), "profile_source": result.meta.get("profile_source"),
         "model": {"name": result.scenario.model.name, "expert_bytes": result.scenario.model.expert_bytes},
         "decision": result.decision,
         "results": result.summary,

@@ -289,6 +289,14 @@ def profile_summary(p: Profile) -> list[str]:
     prov = p.provenance
     where = ", ".join(str(prov[k]) for k in ("gpu", "pcie", "date") if prov.get(k))
     lines = [f"{p.name}: {prov.get('kind', '?')}" + (f" ({where})" if where else "")]
+    if prov.get("source") == "from specs":
+        sp = prov.get("specs", {})
+        lines.append(f"  NOT MEASURED: {prov.get('derived_from')}'s calibration scaled to public specs: link "
+                     f"{sp.get('link_GBps')} GB/s, memory {sp.get('memory_GBps')} GB/s, bf16 {sp.get('bf16_TFLOPS')} "
+                     f"TFLOPS, fp32 {sp.get('fp32_TFLOPS')} TFLOPS ({prov.get('spec_source')})")
+    if prov.get("what_if"):
+        lines.append(f"  what-if of {prov.get('what_if_of')}: "
+                     + ", ".join(f"{k}={v:g}" for k, v in prov["what_if"].items()))
     for direction in ("h2d", "d2h"):
         curves = getattr(p.copy_, direction)
         for memory in ("pinned", "pageable"):

@@ -102,25 +102,51 @@ class RunResult:
     decision: dict = field(default_factory=dict)
 
 
+def unsupported_policies(sc: Scenario, profile: Profile) -> dict[str, str]:
+    """Policy name -> why the profile cannot time it (a CPU miss policy on a profile without CPU
+    expert timings for the model's shape). Those policies are skipped with a warning."""
+    key = sc.model.shape_key
+    if key in profile.compute.cpu:
+        return {}
+    return {p.name: f"profile {profile.name} has no CPU expert timings for {key} (compute.cpu.{key}); "
+                    f"calibrate with: simmoe calibrate --device cpu"
+            for p in sc.policies if p.miss.kind == "cpu"}
+
+
+def resolve_profile(sc: Scenario, profile: Profile | str | None) -> Profile:
+    """The profile a run uses: the one given (or the scenario's), with the scenario's what-if
+    applied (:mod:`simulator.what_if`)."""
+    from .what_if import apply_what_if
+
+    if not isinstance(profile, Profile):
+        profile = load_profile(profile or sc.profile)
+    return apply_what_if(profile, sc.what_if)
+
+
 def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir: Path | None = None,
                  progress: Callable[[int, int, str], None] | None = None) -> RunResult:
-    """Run every (batch size, replication, policy) of a scenario."""
+    """Run every (batch size, replication, policy) of a scenario; policies the profile cannot
+    time are skipped (``result.skipped``, a warning in the decision), unless that is all of them."""
+    from .what_if import describe, source_kind
+
     if sc.workload is not None:
         raise InputError(f"scenario {sc.name}", "workload", "a serving scenario: run it with simmoe run, "
                                                             "simmoe.serve() or simulator.serving.runner.serve_scenario")
-    if not isinstance(profile, Profile):
-        profile = load_profile(profile or sc.profile)
+    profile = resolve_profile(sc, profile)
+    skipped = unsupported_policies(sc, profile)
+    if len(skipped) == len(sc.policies):
+        raise InputError(f"profile {profile.name}", f"compute.cpu.{sc.model.shape_key}",
+                         f"every policy of the scenario needs it: {next(iter(skipped.values()))}")
+    policies = [p for p in sc.policies if p.name not in skipped]
     frames = []
-    total = len(sc.batch_sizes) * sc.replications * len(sc.policies)
+    total = len(sc.batch_sizes) * sc.replications * len(policies)
     done = 0
     slots: dict[tuple[str, int], int] = {}
     for b in sc.batch_sizes:
         for rep in range(sc.replications):
             trace = build_trace(sc, b, rep, base_dir)
             cost = cost_model(sc, profile, trace.max_step_tokens)
-            if any(p.miss.kind == "cpu" for p in sc.policies):
-                cost.require_cpu()
-            for pol in sc.policies:
+            for pol in policies:
                 if progress:
                     progress(done, total, f"{pol.name} B={b} rep {rep + 1}/{sc.replications}")
                 try:
@@ -139,5 +165,9 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
     summary = summarise(steps, sc, expert_bytes=sc.model.expert_bytes)
     for row in summary:
         row["gpu_slots"] = slots[(row["policy"], row["batch_size"])]
-    return RunResult(scenario=sc, profile=profile, steps=steps, summary=summary, decision=decide(summary, sc),
-                     meta={"profile": profile.name, "profile_kind": profile.provenance.get("kind")})
+    decision = decide(summary, sc)
+    decision["skipped"] = [{"policy": n, "reason": r} for n, r in skipped.items()]
+    decision["warnings"] += [f"policy {n} skipped: {r}" for n, r in skipped.items()]
+    return RunResult(scenario=sc, profile=profile, steps=steps, summary=summary, decision=decision,
+                     meta={"profile": profile.name, "profile_kind": source_kind(profile),
+                           "profile_source": describe(profile)})

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_serializer, field_validator,
+    model_validator,
 )
 
 from .errors import InputError
@@ -23,6 +24,7 @@ from .safe_load import load_yaml
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
 from .serving.spec import PhaseSpec, WorkloadSpec, check_workload
 from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
+from .what_if import WhatIf, merge_what_if
 
 
 class _Strict(BaseModel):
@@ -256,6 +258,12 @@ class Scenario(_Strict):
                                                    "(default: the fastest policy without a cache)")
     workload: WorkloadSpec | None = Field(None, description="serving: request arrivals, lengths, scheduler, "
                                                            "SLO (docs/serving.md); each batch size is a max batch")
+    what_if: WhatIf | None = Field(None, description="hardware what-if: the profile's terms scaled "
+                                                     "(simulator.what_if; e.g. {pcie_GBps: 25})")
+
+    @field_serializer("what_if")
+    def _what_if_given(self, w):
+        return None if w is None else w.given()   # the knobs set, not every knob as null
 
     @field_validator("name")
     @classmethod
@@ -395,5 +403,8 @@ def load_scenario(path: str | Path, overrides: dict | None = None) -> tuple[Scen
     p = Path(path)
     doc = load_yaml(p, "scenario")
     if isinstance(doc, dict) and overrides:
+        overrides = dict(overrides)
+        if "what_if" in overrides:   # flags add to (and win over) the scenario's what-ifs
+            overrides["what_if"] = merge_what_if(doc.get("what_if"), overrides["what_if"])
         doc = {**doc, **overrides}
     return parse_scenario(doc, str(p)), p.resolve().parent

@@ -109,9 +109,12 @@ def max_reuse_factors(steps: pd.DataFrame, warmup_steps: int) -> dict[tuple[str,
 
 def scenario_context(sc: Scenario, profile: Profile) -> dict:
     """Columns describing a point's scenario (the same for all its rows)."""
+    from .what_if import describe
+
     m = sc.model
     return {"scenario": sc.name, "model": m.name, "num_layers": m.num_layers, "num_experts": m.num_experts,
-            "top_k": m.top_k, "expert_bytes": m.expert_bytes, "profile_name": profile.name}
+            "top_k": m.top_k, "expert_bytes": m.expert_bytes, "profile_name": profile.name,
+            "profile_source": describe(profile)}
 
 
 def policy_context(sc: Scenario, policy: str) -> dict:
@@ -380,7 +383,8 @@ def run_point(point: Point, base_dir: Path | None) -> list[dict]:
         reuse = max_reuse_factors(res.steps, sc.engine.warmup_steps)
     except Exception as e:  # noqa: BLE001  a failing point is recorded and the sweep goes on
         return [{**lead, "status": "error", "error": f"{type(e).__name__}: {e}"}]
-    ctx = scenario_context(sc, point.profile)
+    ctx = scenario_context(sc, res.profile)     # the profile it ran on (what-ifs applied)
+    ctx["decision_warnings"] = "\n".join(res.decision["warnings"])
     rows = []
     for r in res.summary:
         row = dict(lead)
@@ -650,6 +654,26 @@ def read_results(out: str | Path) -> tuple[pd.DataFrame, dict]:
     return (table.to_pandas() if table is not None else pd.DataFrame()), manifest
 
 
+def write_sweep_decision(df: pd.DataFrame, axes: list[str], out: Path) -> dict:
+    """OUT/decision.json and OUT/decision.csv: the decision of every finished point per batch
+    size (:func:`simulator.decision.sweep_decision`); returns it."""
+    from .atomic import write_text
+    from .decision import SWEEP_COLUMNS, sweep_decision
+    from .output import provenance
+
+    dec = sweep_decision(df.to_dict("records") if "baseline" in df.columns else [], axes)
+    doc = {"format": "simmoe-sweep-decision", "version": 1, **dec, "provenance": provenance()}
+    write_text(out / "decision.json", json.dumps(doc, indent=1, default=_json_value) + "\n")
+    cols = ["point", *dec["axes"], *SWEEP_COLUMNS]
+    write_text(out / "decision.csv", pd.DataFrame(dec["per_point"], columns=cols).to_csv(index=False))
+    return dec
+
+
+def _json_value(v):
+    """numpy scalars in a decision (from Parquet rows) as plain numbers."""
+    return v.item() if hasattr(v, "item") else str(v)
+
+
 # -------------------------------------------------------------------------- entry
 def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", workers: int = 1, address: str | None = None,
           out: str | Path | None = None, progress: Callable[[int, int, int], None] | None = None,
@@ -663,7 +687,8 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
     (failed ones are, with ``retry_failed``). ``progress(done, total, failed)`` is called as
     points finish. ``chunk``: points per task (default: automatic). ``workers`` is capped by the
     points to run and the cores (:func:`cap_workers`); ``notice`` gets that note. The DataFrame's
-    ``attrs["sweep"]`` holds counts and timings of this run (never written to Parquet).
+    ``attrs["sweep"]`` holds counts and timings of this run (never written to Parquet), ``attrs["decision"]``
+    the decision per point and batch size (also written to OUT/decision.json and OUT/decision.csv).
     """
     t_start = time.perf_counter()
     if backend not in BACKENDS:
@@ -707,8 +732,10 @@ def sweep(sweep_file: str | Path | dict | Sweep, *, backend: str = "local", work
     table = store.collect(p.point_id for p in sw.points)
     store.write_results(table)
     df = table.to_pandas()
+    decision = write_sweep_decision(df, [a.path for a in sw.axes], store.out)
     df.attrs["sweep"] = {"name": sw.name, "out": str(store.out), "points": total, "ran": len(todo),
                          "skipped": total - len(todo), "failed": state["failed"], "backend": backend,
                          "workers": workers, "wall_s": time.perf_counter() - t_start,
                          "compute_s": state["compute_s"]}
+    df.attrs["decision"] = decision
     return df

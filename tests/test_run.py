@@ -115,4 +115,4 @@ def test_profile_and_models_listing():
     r = run_cli("profile", "list")
     assert "h100-pcie5 (default)" in r.stdout and "rtx3090-published: published measurements" in r.stdout
     r = run_cli("models")
-    assert "27.00 MiB" in r.stdout and "336.00 MiB" in r.stdout
+    assert "27.0 MiB" in r.stdout and "336.0 MiB" in r.stdout

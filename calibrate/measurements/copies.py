@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from simulator.models import PRESETS, ModelSpec
+from simulator.units import fmt_bytes
 
 from calibrate.measurements.stats import summary
 from calibrate.measurements.timing import Timer, rotation_count
@@ -52,14 +53,6 @@ def alloc_pools(timer: Timer, nbytes: int) -> CopyPools:
     host = {k: torch.empty(nbytes, dtype=torch.uint8, pin_memory=(k == "pinned")).fill_(1)
             for k in memory_kinds(timer)}
     return CopyPools(torch.empty(nbytes, dtype=torch.uint8, device=timer.device).fill_(1), host)
-
-
-def fmt_bytes(n: int) -> str:
-    """``4096`` -> ``4 KiB``, ``28311552`` -> ``27 MiB``."""
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.3g} {unit}"
-    return f"{n} B"
 
 
 def _slices(buf: torch.Tensor, nbytes: int, n: int) -> list[torch.Tensor]:

@@ -285,6 +285,23 @@ def host_drift(rows: list[Row]) -> dict:
     return {k: float(np.median(v)) for k, v in ratios.items()}
 
 
+def _readable_log_ticks(scatter, errors, batches: list[int]) -> None:
+    """Log axes whose labels never overlap: the scatter's at 1, 2, 5 x 10^k (no minor labels),
+    the error panel's at the batch sizes run (base 2)."""
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
+
+    for axis in (scatter.xaxis, scatter.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0), numticks=12))
+        axis.set_major_formatter(lambda v, _pos: f"{v:g}")
+        axis.set_minor_formatter(NullFormatter())
+    if len(batches) > 1:
+        errors.set_xscale("log", base=2)
+    step = max(1, -(-len(batches) // 10))
+    errors.xaxis.set_major_locator(FixedLocator(batches[::step]))
+    errors.xaxis.set_major_formatter(lambda v, _pos: f"{v:g}")
+    errors.xaxis.set_minor_locator(NullLocator())
+
+
 def write_validation(report: dict, out_dir: Path) -> list[Path]:
     """validation.json and validation.png (live vs simulated), written atomically."""
     import matplotlib
@@ -314,8 +331,9 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
     if report.get("host_now"):
         hn = report["host_now"]
         title += f"\nhost terms now (x, dotted): {hn['median_abs_error_pct']:.1f}%, {hn['worst_abs_error_pct']:.1f}%"
-    b.set(xscale="log", xlabel="batch size", ylabel="error % (sim - live) / live", title=title)
+    b.set(xlabel="batch size", ylabel="error % (sim - live) / live", title=title)
     b.title.set_fontsize(9)
+    _readable_log_ticks(a, b, sorted({r["batch_size"] for r in rows}))
     a.legend(fontsize=7)
     fig.tight_layout()
     try:
