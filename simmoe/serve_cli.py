@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from simulator.errors import InputError
+from simulator.units import fmt_bytes
 
 
 def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool) -> None:
@@ -76,8 +77,8 @@ def print_serving(result) -> None:
         mem = r["memory"]
         if mem["kv_tokens"] is not None:
             c.print(f"  {r['policy']} B={r['max_batch']}: {mem['expert_slots']:,} expert slots "
-                    f"({mem['expert_slot_bytes'] / 2**30:.2f} GiB) + KV cache of {mem['kv_tokens']:,} tokens "
-                    f"({mem['kv_bytes'] / 2**30:.2f} GiB); peak {r['peak_kv_tokens']:,} KV tokens, "
+                    f"({fmt_bytes(mem['expert_slot_bytes'])}) + KV cache of {mem['kv_tokens']:,} tokens "
+                    f"({fmt_bytes(mem['kv_bytes'])}); peak {r['peak_kv_tokens']:,} KV tokens, "
                     f"batch {r['peak_batch']}", highlight=False)
     for n in sorted({n for r in result.summary for n in r["notes"]}):
         c.print(f"note: {n}", style="dim", highlight=False)
