@@ -19,7 +19,8 @@ import pandas as pd
 from scipy import stats
 
 COUNTS = ["tokens", "requests", "unique_requests", "served", "hits", "misses", "transfers", "copies",
-          "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes"]
+          "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes",
+          "direct_computes", "bytes_direct", "dequants", "disk_reads", "disk_prefetches", "bytes_disk"]
 
 
 def ci95_half_width(values: np.ndarray) -> float:
