@@ -232,19 +232,26 @@ class Planner:
         """Host expert slots of a disk tier (0: every expert in host memory)."""
         return self.host_cache.slots if self.host_cache is not None else 0
 
+    def host_room(self) -> bool:
+        """A disk tier's host memory can take one more expert without evicting one the layer
+        being planned still reads."""
+        return len(self._host_busy) < self.host_cache.evictable
+
     def _host_read(self, key: int, ops: list, d: Decisions, prefetch: bool = False) -> bool:
         """Make ``key`` resident in host memory (a disk tier): a hit, or a ``READ`` appended to
         ``ops``. True if it reads."""
         hc, busy = self.host_cache, self._host_busy
         if key in hc.slot_of:
             hc.policy.on_hit(key, self.t)
-            busy.add(key)
+            if not prefetch:
+                busy.add(key)
             return False
-        if not hc.retains and len(busy) >= hc.slots or hc.retains and len(busy) >= hc.evictable:
+        if not self.host_room():
             raise ValueError(f"host.capacity: {hc.slots:,} host expert slots cannot hold the experts one layer "
                              f"reads from disk before it uses them (more than {len(busy):,}); give a larger capacity")
         slot = hc.insert(key, self.t, busy)[0]
-        busy.add(key)
+        if not prefetch:                    # a lookahead read has no consumer in this layer
+            busy.add(key)
         ops.append((READ, slot, key, self.stored_bytes, prefetch))
         d.disk_reads += 1
         d.bytes_disk += self.stored_bytes
@@ -287,7 +294,9 @@ class Planner:
         raw, q, hc = self.raw, self.queue, self.host_cache
         if q is not None:
             q.start_layer()
-        if hc is not None:
+        if hc is not None:                  # the last layer's host holds end (parked residents return)
+            for k in self._host_busy:
+                hc.release(k)
             self._host_busy.clear()
         read_ops: list[tuple] = []          # disk reads: issued first, so that they overlap
         hit_ops: list[tuple] = []
@@ -424,7 +433,7 @@ class Planner:
         room = self.host_cache.evictable
         for e in self.prefetch.predict(req):
             key = base + int(e)
-            if (budget is not None and len(seen) >= budget) or len(ops) >= room:
+            if (budget is not None and len(seen) >= budget) or len(ops) >= room or not self.host_room():
                 break
             if key in seen:
                 continue
@@ -470,7 +479,7 @@ class Planner:
         issued = loads = 0
         base, t = tl * E, self.t
         for e in self.prefetch.predict(req):
-            if (budget is not None and issued >= budget) or room <= 0:
+            if (budget is not None and issued >= budget) or room <= 0 or (hc is not None and not self.host_room()):
                 break
             key = base + int(e)
             if key in seen:

@@ -84,7 +84,10 @@ def policy_events(pid: int, policy_name: str, batch_size: int, records: list[tup
     events: list[dict] = [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
                            "args": {"name": f"{policy_name} (batch {batch_size})"}},
                           {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+    has_disk = any(r[0] == "disk" for r in records)
     for track, tid in TRACKS.items():
+        if track == "disk" and not has_disk:      # only a disk tier has a disk track
+            continue
         events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": TRACK_NAMES[track]}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
     by_track: dict[str, list[dict]] = {t: [] for t in TRACKS}
