@@ -87,7 +87,7 @@ def decide(summary: list[dict], sc) -> dict:
                  "speedup": best["speedup_vs_baseline"],
                  "runner_up": None, "distinguishable": None,
                  "demand_hits": best["hits"] - best["prefetches_used"], "prefetch_hits": best["prefetches_used"],
-                 "wasted_prefetch_bytes": best["prefetches_wasted"] * eb}
+                 "wasted_prefetch_bytes": best.get("wasted_prefetch_bytes", best["prefetches_wasted"] * eb)}
         if len(ranked) > 1:
             second = ranked[1]
             entry["runner_up"] = second["policy"]

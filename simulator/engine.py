@@ -16,8 +16,10 @@ Resources, as a CUDA program has them:
   slots; a read takes the lane free first and waits for the last copy or direct read from the
   host slot it overwrites. The host waits for a key's read before it issues a copy, a CPU
   expert or a direct read of that key (as the live executor waits on the read's future).
-- Dequantise ops run on the compute stream after their slot's load; direct reads run on the
-  compute stream and read host memory (the copy engine is not involved).
+- Dequantise ops run on the compute stream after their slot's load. A direct read runs on the
+  compute stream and holds the PCIe link as well: it starts when both the compute stream and
+  the copy stream are free, and the next copy waits for it (the two share the link's
+  bandwidth; the model lets neither overlap the other).
 
 How operations are timed (docs/architecture.md, "How the engine times operations"): every
 operation waits only on operations issued before it, and each stream runs its operations in
@@ -278,12 +280,16 @@ class Engine:
                             dep = load_end.get(op[1])
                             if dep is not None and dep > t:
                                 t = dep
+                        elif copy_free > t:         # a direct read shares PCIe with the copies
+                            t = copy_free
                         comp_free = end = t + dur
                         busy_c += dur
                         if kind == DEQUANT:
                             read_end[op[1]] = end
-                        elif hslot_of:
-                            hread_end[hslot_of[op[1]]] = end
+                        else:
+                            copy_free = end
+                            if hslot_of:
+                                hread_end[hslot_of[op[1]]] = end
                         if tl is not None:
                             tl.append(("compute", t, end, kind, op[2] if kind == DEQUANT else op[1], False))
             # end of step: synchronise with both streams

@@ -9,7 +9,8 @@ decide on (docs/tiers.md).
   expert into the slot before its first compute. A direct host read computes from the
   quantised bytes themselves (a kernel that dequantises as it reads).
 - **Direct host reads** (``miss: direct``): a ``DIRECT`` op on the compute stream computes the
-  expert from mapped pinned host memory: no slot, no copy.
+  expert from mapped pinned host memory: no slot, no copy. It shares the PCIe link with the
+  copies: it waits for the copy stream too, and the next copy waits for it.
 - **A disk tier** (``host: {kind, capacity}``): host memory holds at most ``capacity`` experts
   (its own eviction policy, the same classes as the GPU cache); the others are on disk and a
   ``READ`` op brings one into a host slot first.
@@ -131,7 +132,7 @@ class QueueModel:
                 self.comp = max(self.comp, self.host, end) + c.expert_ms(tokens)
             elif how == "direct":
                 self.host = max(self.host, ready) + c.launch_expert
-                self.comp = max(self.comp, self.host) + c.direct_ms(tokens, self.stored)
+                self.comp = self.copy = max(self.comp, self.host, self.copy) + c.direct_ms(tokens, self.stored)
             else:
                 start = max(self.host + self.cpu, ready)
                 self.cpu = start - self.host + c.cpu_path_ms(tokens)

@@ -1,0 +1,49 @@
+"""The tier paths of the live (twin) executor on the CPU: the same decisions as the simulator
+(the executor counts what it ran: copies, bytes, dequantise steps, direct reads, disk reads of
+a real file), and the quantised bytes dequantise to the weights they came from."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from calibrate.executors.quant import dequantise, quantise  # noqa: E402
+from calibrate.validation.validate import validate  # noqa: E402
+from simulator.scenario import parse_scenario  # noqa: E402
+from test_live import tiny_profile, tiny_scenario  # noqa: E402
+
+POLICIES = [
+    {"name": "int8", "cache": {"kind": "lru", "capacity": 6}, "expert_dtype": "int8"},
+    {"name": "int4-prefetch", "cache": {"kind": "lru", "capacity": 12}, "expert_dtype": "int4",
+     "prefetch": {"kind": "predicted", "accuracy": 0.6}},
+    {"name": "direct", "cache": {"kind": "lru", "capacity": 6}, "miss": "direct"},
+    {"name": "cheapest-fp8", "cache": {"kind": "lru", "capacity": 6}, "miss": "cheapest", "expert_dtype": "fp8"},
+    {"name": "ssd-coalesced", "load": "coalesced", "cache": {"kind": "lru", "capacity": 6},
+     "host": {"kind": "lfu", "capacity": 10}, "disk": {"io": "buffered", "queue_depth": 3}},
+    {"name": "ssd-lookahead", "cache": {"kind": "lru", "capacity": 8}, "prefetch": {"kind": "predicted", "accuracy": 0.6},
+     "host": {"kind": "lru", "capacity": 14, "lookahead": 1}, "miss": "cheapest", "expert_dtype": "int8"},
+    {"name": "ssd-ring-cpu", "cache": {"kind": "fifo", "capacity": 4}, "miss": {"kind": "cpu", "max_tokens": 2},
+     "host": {"kind": "none", "capacity": 12}},
+]
+
+
+def test_tier_decisions_identical_live_on_cpu(tmp_path):
+    prof = tiny_profile(tmp_path)
+    rep = validate(parse_scenario(tiny_scenario(policies=POLICIES)), profile=str(prof), device="cpu", repeats=1,
+                   tier_dir=str(tmp_path))
+    assert rep["decisions_identical"]
+    by = {(r["policy"], r["batch_size"]): r for r in rep["rows"]}
+    assert len(by) == 2 * len(POLICIES)
+    assert by["int4-prefetch", 5]["bytes_h2d"] < by["int8", 5]["bytes_h2d"]
+    assert by["direct", 5]["transfers"] == 0
+    assert not list(tmp_path.glob("simmoe-experts-*"))        # the disk tier's files are removed
+
+
+@pytest.mark.parametrize("dtype, tol", [("int8", 0.01), ("fp8", 0.07), ("int4", 0.15)])
+def test_dequantise_gives_back_the_weights(dtype, tol):
+    w = torch.randn(3 * 128 + 17, dtype=torch.bfloat16)
+    raw = quantise(w, dtype)
+    out = dequantise(raw, dtype, torch.empty_like(w))
+    err = (out.float() - w.float()).abs().max() / w.float().abs().max()
+    assert err < tol
+    assert raw.dtype == torch.uint8
