@@ -120,7 +120,7 @@ class Engine:
         read_ms = cost.read_ms(planner.stored_bytes, planner.disk.io, planner.disk.queue_depth) \
             if planner.host_cache is not None else 0.0
         disk_end: dict[int, float] = {}             # key -> end of its last disk read
-        hslot_of: dict[int, int] = {}               # key -> host slot it was read into
+        hslot_of = dict(planner.host_preloaded)     # key -> host slot it was read into (or preloaded)
         hread_end: dict[int, float] = {}            # host slot -> end of the last op that read it
         small_of: dict[tuple, float] = {}           # (kind, size) -> ms of dequantise / direct ops
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")

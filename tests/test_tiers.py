@@ -239,7 +239,8 @@ POLICY = st.fixed_dictionaries({
     "prefetch": st.sampled_from([{"kind": "none"}, {"kind": "oracle"}, {"kind": "predicted", "accuracy": 0.5}]),
     "miss": st.sampled_from(["copy", "cpu", "direct", "cheapest"]),
     "expert_dtype": st.sampled_from([None, "int8", "int4"]),
-    "host": st.one_of(st.none(), st.fixed_dictionaries({"kind": st.sampled_from(["lru", "lfu", "none", "belady"]),
+    "host": st.one_of(st.none(), st.fixed_dictionaries({"kind": st.sampled_from(["lru", "lfu", "none", "belady",
+                                                                                 "static-hot"]),
                                                           "capacity": st.integers(24, 48),
                                                           "lookahead": st.integers(0, 2)})),
     "disk": st.one_of(st.none(), st.fixed_dictionaries({"io": st.sampled_from(["buffered", "direct"]),
@@ -260,8 +261,8 @@ def test_every_request_served_once_and_no_tier_over_capacity(pol, b, seed):
     pl = Planner(sc.model, sc.policies[0], tr, seed=1, cost=cost_model(tokens=b), dense_ms=0.05)
     gpu_of: dict[int, int] = {}     # slot -> key copied there (quantised until dequantised)
     ready: set[int] = set()          # slots whose key is usable by a compute
-    host_of: dict[int, int] = {}    # host slot -> key read there
-    hslot: dict[int, int] = {}      # key -> host slot
+    host_of = {sl: k for k, sl in pl.host_preloaded}    # host slot -> key read there
+    hslot = dict(pl.host_preloaded)                       # key -> host slot
     for s in range(tr.num_steps):
         layers, d = pl.plan_step(s)
         served = 0
@@ -293,3 +294,15 @@ def test_every_request_served_once_and_no_tier_over_capacity(pol, b, seed):
                 assert len(pl.host_cache.slot_of) <= pl.host_cache.slots
         assert served == tr.step(s).size                            # every (token, expert) once
         assert d.misses == d.transfers - d.prefetches_issued + d.cpu_computes + d.direct_computes
+    # the engine times every such plan, and the same inputs give the same numbers bit for bit
+    from simulator.engine import Engine
+
+    runs = []
+    for _ in range(2):
+        timeline: list = []
+        p2 = Planner(sc.model, sc.policies[0], tr, seed=1, cost=cost_model(tokens=b), dense_ms=0.05)
+        recs = Engine(cost_model(tokens=b), sc.policies[0].memory, 0.05, timeline=timeline).run(p2)
+        runs.append(([(r.latency_ms, r.stall_ms, r.decisions.as_dict()) for r in recs], timeline))
+        assert all(r.latency_ms > 0 for r in recs)
+        assert all(e[2] >= e[1] for e in timeline)
+    assert runs[0] == runs[1]

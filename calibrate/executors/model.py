@@ -64,6 +64,9 @@ class ModelExecutor:
                  seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None):
         if (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
+        if policy.tiered:
+            raise ValueError(f"policy {policy.name!r}: quantised copies, direct reads, cost-aware misses and disk "
+                             "tiers run live in the twin executor only (simmoe validate), not yet in the real model")
         self.b, self.policy, self.trace = built, policy, trace
         self.spec = built.spec
         self.device = torch.device(device)
