@@ -192,7 +192,7 @@ def _one_miss_scenario(dense, b, **model):
                     engine={"dense_ms_per_layer": dense}, trace={"generator": "uniform", "steps": 4})
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(dense=st.sampled_from([0.0, 0.05, 1.0]), ffn=st.sampled_from([256, 1408, 4096]))
 def test_cheapest_never_slower_than_the_best_fixed_choice_when_queues_are_empty(dense, ffn):
     """One token, one expert per layer, no cache: every layer starts with empty queues, so the
@@ -248,7 +248,7 @@ POLICY = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pol=POLICY, b=st.integers(1, 5), seed=st.integers(0, 10**6))
 def test_every_request_served_once_and_no_tier_over_capacity(pol, b, seed):
     if pol["prefetch"]["kind"] == "none" and pol["host"]:
