@@ -47,3 +47,39 @@ def test_dequantise_gives_back_the_weights(dtype, tol):
     err = (out.float() - w.float()).abs().max() / w.float().abs().max()
     assert err < tol
     assert raw.dtype == torch.uint8
+
+
+def test_calibrate_tiers_on_this_disk(tmp_path):
+    """`simmoe calibrate tiers` on the CPU: the dequantise kernels and this machine's disk
+    (buffered and O_DIRECT, depth 1 and 2) into a profile that loads; direct reads need CUDA."""
+    import json
+
+    from click.testing import CliRunner
+
+    from simmoe.cli import main
+    from simulator.profile import parse_profile
+
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["calibrate", "tiers", "-d", "cpu", "--quick", "--stage", "disk",
+                                  "--disk-dir", str(tmp_path), "--depth", "2", "-o", str(out)])
+    if r.exit_code == 2 and ("O_DIRECT" in r.output or "Invalid argument" in r.output):
+        pytest.skip("this file system has no O_DIRECT")
+    assert r.exit_code == 0, r.output
+    p = parse_profile(json.loads(out.read_text()), str(out))
+    assert p.tiers.source["disk"].startswith("measured") and p.tiers.source["direct"] == "default"
+    assert p.tiers.disk.direct.queue_depth == 2 and p.tiers.disk.buffered.qd1.table
+    assert not list(tmp_path.glob("simmoe-disk-*"))
+    bad = CliRunner().invoke(main, ["calibrate", "tiers", "-d", "cpu", "--stage", "direct", "-o", str(out)])
+    assert bad.exit_code == 2 and "GPU path" in bad.output
+
+
+def test_dequant_sweep_fits_a_curve_per_dtype():
+    from calibrate.measurements.tiers import dequant_sweep
+    from calibrate.measurements.timing import Timer
+    from simulator.profile import CopyCurve
+
+    curves, raw = dequant_sweep(Timer(torch.device("cpu")), [1 << 12, 1 << 14], trials=3, warmup=1)
+    assert set(curves) == {"int8", "fp8", "int4"}
+    for dt, c in curves.items():
+        CopyCurve(**c)
+        assert [p["values"] for p in raw[dt]["points"]] == [1 << 12, 1 << 14]
