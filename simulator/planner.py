@@ -206,6 +206,7 @@ class Planner:
             pol.prepare(ctx, list(range(self.L)))
             self.host_cache = ExpertCache(pol, slots)
             self.host_preloaded = self.host_cache.preload(pol.preload())
+        self._host_hot = frozenset(k for k, _ in self.host_preloaded)
 
     def _build_caches(self, ctx) -> list[ExpertCache]:
         spec = self.spec.cache
@@ -243,12 +244,13 @@ class Planner:
         hc, busy = self.host_cache, self._host_busy
         if key in hc.slot_of:
             hc.policy.on_hit(key, self.t)
-            if not prefetch:
+            if not prefetch and key not in self._host_hot:   # hot (static-hot) ones never leave
                 busy.add(key)
             return False
         if not self.host_room():
-            raise ValueError(f"host.capacity: {hc.slots:,} host expert slots cannot hold the experts one layer "
-                             f"reads from disk before it uses them (more than {len(busy):,}); give a larger capacity")
+            raise ValueError(f"host.capacity: {hc.evictable:,} evictable host expert slots cannot hold the experts "
+                             f"one layer reads from disk before it uses them (more than {len(busy):,}); "
+                             "give a larger capacity")
         slot = hc.insert(key, self.t, busy)[0]
         if not prefetch:                    # a lookahead read has no consumer in this layer
             busy.add(key)
