@@ -117,8 +117,8 @@ class Engine:
             dense_of, extra_of = dc._dense.tolist(), dc._extra.tolist()
             expert_base, l_expert = dc.expert_host_ms(l_expert)
         lanes = [0.0] * planner.disk.queue_depth
-        read_ms = cost.read_ms(planner.stored_bytes, planner.disk.io, planner.disk.queue_depth) \
-            if planner.host_cache is not None else 0.0
+        disk_tier = planner.host_cache is not None
+        read_ms = cost.read_ms(planner.stored_bytes, planner.disk.io, planner.disk.queue_depth) if disk_tier else 0.0
         disk_end: dict[int, float] = {}             # key -> end of its last disk read
         hslot_of = dict(planner.host_preloaded)     # key -> host slot it was read into (or preloaded)
         hread_end: dict[int, float] = {}            # host slot -> end of the last op that read it
@@ -170,7 +170,7 @@ class Engine:
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, op[2], False))
                     elif kind == LOAD_:
-                        if disk_end:                # the host waits for the reads of what it copies
+                        if disk_tier:               # the host waits for the reads of what it copies
                             for k in op[2]:
                                 e = disk_end.get(k)
                                 if e is not None and e > host:
@@ -195,7 +195,7 @@ class Engine:
                         busy_x += dur
                         for sl in op[1]:
                             load_end[sl] = end
-                        if hslot_of:
+                        if disk_tier:
                             for k in op[2]:
                                 hread_end[hslot_of[k]] = end
                         if tl is not None:
@@ -226,9 +226,10 @@ class Engine:
                     elif kind == CPU:  # activations down, FFN on the host, result up; host blocked
                         if host > now:
                             now = now + (host - now)
-                        e = disk_end.get(op[1]) if disk_end else None
-                        if e is not None and e > now:
-                            now = e
+                        if disk_tier:
+                            e = disk_end.get(op[1])
+                            if e is not None and e > now:
+                                now = e
                         tok = op[2]
                         dur = cpu_of.get(tok)
                         if dur is None:
@@ -255,7 +256,7 @@ class Engine:
                             tl.append(("disk", t, end, READ, op[2], op[4]))
                     else:                   # DEQUANT (a slot) or DIRECT (from mapped host memory)
                         if kind == DIRECT:
-                            e = disk_end.get(op[1]) if disk_end else None
+                            e = disk_end.get(op[1]) if disk_tier else None
                             if e is not None and e > host:
                                 if host > now:
                                     now = now + (host - now)
@@ -288,7 +289,7 @@ class Engine:
                             read_end[op[1]] = end
                         else:
                             copy_free = end
-                            if hslot_of:
+                            if disk_tier:
                                 hread_end[hslot_of[op[1]]] = end
                         if tl is not None:
                             tl.append(("compute", t, end, kind, op[2] if kind == DEQUANT else op[1], False))

@@ -292,8 +292,8 @@ class Planner:
         on_hit, on_release, parked = cache.policy.on_hit, cache.policy.on_release, cache.policy.parked
         pending = self.pending
         coalesce = self.load.coalesce
-        route = None if self.miss_copies else self.miss.route
         raw, q, hc = self.raw, self.queue, self.host_cache
+        tiered_miss = not self.miss_copies or hc is not None
         if q is not None:
             q.start_layer()
         if hc is not None:                  # the last layer's host holds end (parked residents return)
@@ -310,7 +310,7 @@ class Planner:
         group_keys: list[int] = []
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        hits = misses = transfers = copies = used = wasted = cpu = direct = dequants = 0
+        hits = misses = transfers = copies = used = wasted = dequants = 0
         t = self.t
         d.served += len(keys)
 
@@ -350,28 +350,19 @@ class Planner:
                     hit_ops.append(op)
                 continue
             misses += 1
-            how = "copy"
-            if route is not None:
-                how = route(key - l * E, tok, hc is not None and key not in hc.slot_of, q)
-            if hc is not None:
+            if tiered_miss:
                 self.t = t
-                self._host_read(key, read_ops, d)
-            if how == "cpu":
-                cpu += 1
-                cpu_ops.append((CPU, key, tok))
-                continue
-            if how == "direct":
-                direct += 1
-                miss_ops.append((DIRECT, key, tok, eb))
-                continue
+                if self._route_miss(key, l, tok, read_ops, miss_ops, cpu_ops, d):
+                    continue                  # served on the CPU or read directly
             self.t = t
             slot = self._insert_demand(cache, key, s, l, keys, d)
-            if raw is not None:
-                raw.discard(key)
-                dequants += 1
             loaded_here.add(key)
             transfers += 1
             compute = (COMPUTE, slot, key, tok)
+            if raw is not None:               # dequantised on arrival, before its compute
+                raw.discard(key)
+                dequants += 1
+                compute = (DEQUANT, slot, key, eb), compute
             if coalesce:
                 if slot in group_slots:
                     miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
@@ -380,15 +371,17 @@ class Planner:
                     group_slots, group_keys, group_computes = [], [], []
                 group_slots.append(slot)
                 group_keys.append(key)
-                if raw is not None:
-                    group_computes.append((DEQUANT, slot, key, eb))
-                group_computes.append(compute)
+                if raw is None:
+                    group_computes.append(compute)
+                else:
+                    group_computes += compute
             else:
                 miss_ops.append((LOAD, (slot,), (key,), eb, False))
                 copies += 1
-                if raw is not None:
-                    miss_ops.append((DEQUANT, slot, key, eb))
-                miss_ops.append(compute)
+                if raw is None:
+                    miss_ops.append(compute)
+                else:
+                    miss_ops += compute
         if group_slots:
             miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
             copies += 1
@@ -407,9 +400,6 @@ class Planner:
         d.copies += copies
         d.prefetches_used += used
         d.prefetches_wasted += wasted
-        d.cpu_computes += cpu
-        d.direct_computes += direct
-        d.bytes_direct += direct * eb
         d.dequants += dequants
 
         # experts already there first, then prefetched ones in the order their copies went
@@ -443,6 +433,28 @@ class Planner:
             if self._host_read(key, ops, d, prefetch=True) and self.queue is not None:
                 self.queue.read()
         return ops
+
+    def _route_miss(self, key: int, l: int, tok: int, read_ops: list, miss_ops: list, cpu_ops: list,
+                    d: Decisions) -> bool:
+        """A miss beyond a plain copy: where the miss policy sends it, after its disk read (a
+        disk tier). True if it is served on the CPU or by a direct read (the ops appended);
+        False: the caller copies it."""
+        hc = self.host_cache
+        how = "copy"
+        if not self.miss_copies:
+            how = self.miss.route(key - l * self.E, tok, hc is not None and key not in hc.slot_of, self.queue)
+        if hc is not None:
+            self._host_read(key, read_ops, d)
+        if how == "cpu":
+            d.cpu_computes += 1
+            cpu_ops.append((CPU, key, tok))
+        elif how == "direct":
+            d.direct_computes += 1
+            d.bytes_direct += self.stored_bytes
+            miss_ops.append((DIRECT, key, tok, self.stored_bytes))
+        else:
+            return False
+        return True
 
     def _insert_demand(self, cache: ExpertCache, key: int, s: int, l: int, keys: list[int], d: Decisions) -> int:
         """Make a missed ``key`` resident; if every resident is held, release the held expert

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from simulator.errors import InputError
-from simulator.models import PRESETS, ModelSpec
+from simulator.models import ModelSpec
 from simulator.planner import COMPUTE, CPU, DEQUANT, DIRECT, LOAD, READ, Planner
 from simulator.profile import CostModel, load_profile
 from simulator.runner import run_scenario

@@ -13,8 +13,7 @@ import mmap
 import numpy as np
 import torch
 
-from simulator.tiers import QUANT_GROUP, quant_data_bytes, quant_groups, stored_bytes  # noqa: F401
-from simulator.models import ModelSpec
+from simulator.tiers import QUANT_GROUP
 
 FP8 = getattr(torch, "float8_e4m3fn", None)
 QMAX = {"int8": 127.0, "fp8": 448.0, "int4": 7.0}
@@ -89,6 +88,3 @@ def mapped_view(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     with torch.cuda.device(device):
         return torch.as_tensor(_CudaArray(host.data_ptr(), nbytes), device=device).view(host.dtype)
 
-
-def model_numel(model: ModelSpec) -> int:
-    return model.matrices * model.hidden * model.ffn

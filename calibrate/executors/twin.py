@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from simulator.models import ModelSpec
-from simulator.planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, READ, Planner
+from simulator.planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
 
