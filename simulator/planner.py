@@ -327,7 +327,7 @@ class Planner:
                     dq = (DEQUANT, slot, key, eb)
                     dequants += 1
                 if q is not None:
-                    q.compute(tok, dq is not None)
+                    q.compute(tok, dq is not None, key)
                 if pending:
                     held = pending.pop(key, None)
                     if held is not None:
@@ -510,7 +510,7 @@ class Planner:
             if raw is not None:
                 raw.add(key)
             if q is not None:
-                q.load()
+                q.load(key)
             pending[key] = (ts, tl, self._prefetch_seq)
             self._prefetch_seq += 1
             issued += 1

@@ -75,24 +75,28 @@ class QueueModel:
         self.dense = dense_ms + cost.launch_dense
         self.host = self.cpu = self.comp = self.copy = 0.0
         self.disk = [0.0] * queue_depth
-        self._pending: tuple | None = None
+        self.arrivals: dict[int, float] = {}   # key -> predicted end of the prefetch copy it arrives by
 
     # ------------------------------------------------------------------ between layers
     def start_layer(self) -> None:
         end = max(self.comp, self.host + self.cpu) + self.dense
         self.copy = max(0.0, self.copy - end)
         self.disk = [max(0.0, t - end) for t in self.disk]
+        if self.arrivals:
+            self.arrivals = {k: t - end for k, t in self.arrivals.items()}
         self.host = self.cpu = self.comp = 0.0
 
     # -------------------------------------------------------------- what was emitted
-    def compute(self, tokens: int, dequant: bool = False) -> None:
-        """A hit's compute (and its dequantise, for an expert prefetched quantised)."""
+    def compute(self, tokens: int, dequant: bool = False, key: int | None = None) -> None:
+        """A hit's compute (and its dequantise, for an expert prefetched quantised); a hit on an
+        expert that arrives by a prefetch copy waits for that copy's predicted end."""
         c = self.cost
+        ready = self.arrivals.pop(key, 0.0) if self.arrivals else 0.0
         if dequant:
             self.host += self.dequant_launch
-            self.comp = max(self.comp, self.host) + self.dequant_ms
+            self.comp = max(self.comp, self.host, ready) + self.dequant_ms
         self.host += c.launch_expert
-        self.comp = max(self.comp, self.host) + c.expert_ms(tokens)
+        self.comp = max(self.comp, self.host, ready) + c.expert_ms(tokens)
 
     def read(self) -> float:
         """A disk read issued now; returns when it ends."""
@@ -101,13 +105,14 @@ class QueueModel:
         end = self.disk[i] = max(self.disk[i], self.host) + self.read_ms
         return end
 
-    def load(self, nbytes: int | None = None) -> float:
-        """A copy issued now (a prefetch, or a demand miss's); returns when it ends."""
+    def load(self, key: int | None = None) -> float:
+        """A copy issued now (a prefetch of ``key``, or a demand miss's); returns when it ends."""
         self.host += self.cost.launch_copy
-        dur = self.copy_ms if nbytes is None else self.cost.copy_ms(nbytes)
-        end = self.copy = max(self.copy, self.host) + dur
+        end = self.copy = max(self.copy, self.host) + self.copy_ms
         if self.blocking:
             self.host = end + self.tail
+        if key is not None:
+            self.arrivals[key] = end
         return end
 
     # ------------------------------------------------------------------ one miss
