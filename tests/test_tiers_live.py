@@ -73,6 +73,17 @@ def test_calibrate_tiers_on_this_disk(tmp_path):
     assert bad.exit_code == 2 and "GPU path" in bad.output
 
 
+def test_flat_or_noisy_points_still_make_a_curve():
+    from calibrate.measurements.tiers import fit_curve
+    from simulator.profile import CopyCurve, copy_ms_from_curve
+
+    for pts in ([(4160, 0.039), (16640, 0.036)], [(1 << 20, 0.5), (1 << 22, 0.5), (1 << 24, 0.5)],
+                [(1 << 20, 0.1), (1 << 22, 0.4), (1 << 24, 1.6)]):
+        c = CopyCurve(**fit_curve(pts)[0])
+        ms = [copy_ms_from_curve(c, b) for b, _ in pts]
+        assert ms == sorted(ms)                  # more bytes never read faster
+
+
 def test_dequant_sweep_fits_a_curve_per_dtype():
     from calibrate.measurements.tiers import dequant_sweep
     from calibrate.measurements.timing import Timer

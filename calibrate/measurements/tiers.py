@@ -28,6 +28,26 @@ from calibrate.measurements.stats import summary
 from calibrate.measurements.timing import Timer
 from simulator.tiers import QUANT_BITS
 
+def fit_curve(points: list[tuple[int, float]]) -> tuple[dict, dict]:
+    """A profile curve from ``(bytes, median ms)`` points, made non-decreasing first (more bytes
+    never take less time: timing noise between neighbouring sizes). Points too flat for a line
+    (latency-bound: the fitted bandwidth past any link's) keep the measured table and the
+    largest bandwidth a profile takes."""
+    from pydantic import ValidationError
+
+    from simulator.profile import MAX_GBPS
+
+    mono, top = [], 0.0
+    for b, ms in points:
+        top = max(top, ms)
+        mono.append((b, top))
+    try:
+        return copy_curve(mono)
+    except (ValidationError, RuntimeError, ValueError):
+        curve = {"latency_us": mono[0][1] * 1e3, "bandwidth_GBps": MAX_GBPS, "table": [list(p) for p in mono]}
+        return curve, {"model": "too flat for a line: the measured table", "points": [list(p) for p in mono]}
+
+
 DEQUANT_SIZES = [1 << 20, 4 << 20, 16 << 20, 64 << 20]        # values (elements) per expert
 DISK_SIZES = [256 << 10, 1 << 20, 4 << 20, 16 << 20, 32 << 20]
 PAGE = 4096
@@ -45,7 +65,7 @@ def dequant_sweep(timer: Timer, numels: list[int] = DEQUANT_SIZES, dtypes=tuple(
             out = torch.empty(n, dtype=out_dtype, device=timer.device)
             s = timer.time(lambda i: dequantise(q, dt, out), trials, warmup)
             pts.append({"values": n, "bytes": q.numel(), "ms": summary(s.ms)})
-        curve, rec = copy_curve([(p["bytes"], p["ms"]["median"]) for p in pts])
+        curve, rec = fit_curve([(p["bytes"], p["ms"]["median"]) for p in pts])
         curves[dt] = curve
         raw[dt] = {"points": pts, "fit": rec}
     return curves, raw
@@ -87,8 +107,10 @@ def direct_sweep(timer: Timer, model, tokens=(1, 2, 4, 8, 16, 32, 64), trials: i
     b = max(0.0, sum((a - mt) * (c - mm_) for a, c in zip(ts, ms)) / max(1e-12, sum((a - mt) ** 2 for a in ts)))
     a = mm_ - b * mt
     read1 = max(1e-6, a + b - latency_ms)
-    terms = {"latency_us": latency_ms * 1e3, "bandwidth_GBps": model.expert_bytes / (read1 * 1e6),
-             "per_token_factor": b / read1, "points": [[p["tokens"], p["bytes"], p["ms"]["median"]] for p in pts]}
+    from simulator.profile import MAX_GBPS
+
+    terms = {"latency_us": latency_ms * 1e3, "bandwidth_GBps": min(MAX_GBPS, model.expert_bytes / (read1 * 1e6)),
+             "per_token_factor": min(1e3, b / read1), "points": [[p["tokens"], p["bytes"], p["ms"]["median"]] for p in pts]}
     return terms, {"points": pts, "latency_probe_ms": latency_ms, "line": {"a_ms": a, "b_ms_per_token": b}}
 
 
@@ -165,7 +187,7 @@ def disk_sweep(directory: str | Path, *, sizes: list[int] = DISK_SIZES, depth: i
                         offs = [((k * qd + i) * 7919 % span) * size for i in range(qd)]
                         ms.append(_read_trial(path, io, size, qd, offs, bufs))
                     pts.append({"bytes": size, "ms": summary(ms)})
-                curve, rec = copy_curve([(p["bytes"], p["ms"]["median"]) for p in pts])
+                curve, rec = fit_curve([(p["bytes"], p["ms"]["median"]) for p in pts])
                 part["qd1" if qd == 1 else "qdn"] = curve
                 praw[f"qd{qd}"] = {"points": pts, "fit": rec}
             part["queue_depth"] = depth
