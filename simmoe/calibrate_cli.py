@@ -13,8 +13,10 @@ from simulator.errors import InputError
 
 def register(main: click.Group) -> None:
     from .calibrate_engine_cli import engine_cmd, engine_merge_cmd
+    from .calibrate_tiers_cli import tiers_cmd
     calibrate_cmd.add_command(engine_cmd)
     calibrate_cmd.add_command(engine_merge_cmd)
+    calibrate_cmd.add_command(tiers_cmd)
     main.add_command(calibrate_cmd)
 
 

@@ -82,7 +82,7 @@ def rank(b: int, rows: list[dict], base_name: str, rule: str, expert_bytes: int)
              "speedup": best["speedup_vs_baseline"],
              "runner_up": None, "distinguishable": None,
              "demand_hits": best["hits"] - best["prefetches_used"], "prefetch_hits": best["prefetches_used"],
-             "wasted_prefetch_bytes": best["prefetches_wasted"] * expert_bytes}
+             "wasted_prefetch_bytes": best.get("wasted_prefetch_bytes", best["prefetches_wasted"] * expert_bytes)}
     if len(ranked) > 1:
         second = ranked[1]
         entry["runner_up"] = second["policy"]

@@ -12,6 +12,14 @@ Resources, as a CUDA program has them:
   load into its slot.
 - **copy stream**: host-to-device copies (a copy engine), in issue order. A load waits for the
   last compute that read the slot it overwrites.
+- **disk** (a disk tier, :mod:`simulator.tiers`): ``queue_depth`` lanes of reads into host
+  slots; a read takes the lane free first and waits for the last copy or direct read from the
+  host slot it overwrites. The host waits for a key's read before it issues a copy, a CPU
+  expert or a direct read of that key (as the live executor waits on the read's future).
+- Dequantise ops run on the compute stream after their slot's load. A direct read runs on the
+  compute stream and holds the PCIe link as well: it starts when both the compute stream and
+  the copy stream are free, and the next copy waits for it (the two share the link's
+  bandwidth; the model lets neither overlap the other).
 
 How operations are timed (docs/architecture.md, "How the engine times operations"): every
 operation waits only on operations issued before it, and each stream runs its operations in
@@ -41,7 +49,7 @@ import simpy
 from simpy.core import NORMAL
 
 from .engine_styles import GROUP, group_layer
-from .planner import COMPUTE, CPU, DENSE, LOAD, Decisions, Planner
+from .planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, READ, Decisions, Planner
 from .profile import CostModel
 
 ROUTE_ID_BYTES = 4   # one int32 expert id per (token, choice), copied to the host each layer
@@ -115,6 +123,13 @@ class Engine:
             grouped = dc.grouped                    # a layer's ready experts in one call
             if grouped:
                 expert_base, group_of = 0.0, {}     # active -> (host, GPU) ms of one call
+        lanes = [0.0] * planner.disk.queue_depth
+        disk_tier = planner.host_cache is not None
+        read_ms = cost.read_ms(planner.stored_bytes, planner.disk.io, planner.disk.queue_depth) if disk_tier else 0.0
+        disk_end: dict[int, float] = {}             # key -> end of its last disk read
+        hslot_of = dict(planner.host_preloaded)     # key -> host slot it was read into (or preloaded)
+        hread_end: dict[int, float] = {}            # host slot -> end of the last op that read it
+        small_of: dict[tuple, float] = {}           # (kind, size) -> ms of dequantise / direct ops
         act_bytes = cost.activation_bytes_per_token
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         gpu_ms = cost.gpu_expert.tolist()
@@ -165,6 +180,15 @@ class Engine:
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, op[2], False))
                     elif kind == LOAD_:
+                        if disk_tier:               # the host waits for the reads of what it copies
+                            for k in op[2]:
+                                e = disk_end.get(k)
+                                if e is not None and e > host:
+                                    if host > now:
+                                        now = now + (host - now)
+                                    if e > now:
+                                        now = e
+                                    host = now
                         host += l_copy
                         nbytes = op[3]
                         dur = copy_of.get(nbytes)
@@ -181,6 +205,9 @@ class Engine:
                         busy_x += dur
                         for sl in op[1]:
                             load_end[sl] = end
+                        if disk_tier:
+                            for k in op[2]:
+                                hread_end[hslot_of[k]] = end
                         if tl is not None:
                             tl.append(("copy", t, end, LOAD, op[2], op[4]))
                         if blocking:                # the host waits for the copy, then the driver
@@ -225,23 +252,76 @@ class Engine:
                             read_end[sl] = end
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, f"group of {op[4]}", False))
-                    else:  # CPU: activations down, FFN on the host, result up; host blocked
+                    elif kind == CPU:  # activations down, FFN on the host, result up; host blocked
                         if host > now:
                             now = now + (host - now)
+                        if disk_tier:
+                            e = disk_end.get(op[1])
+                            if e is not None and e > now:
+                                now = e
                         tok = op[2]
                         dur = cpu_of.get(tok)
                         if dur is None:
-                            dur = cost.cpu_expert_ms(tok)
-                            if not cost.cpu_path_includes_transfers:
-                                nb = act_bytes * tok
-                                dur += cost.copy_ms(nb, "pinned", "d2h") + cost.copy_ms(nb, "pinned")
-                            cpu_of[tok] = dur
+                            dur = cpu_of[tok] = cost.cpu_path_ms(tok)
                         start = now
                         now = now + dur
                         cpu_ms += dur
                         host = now
                         if tl is not None:
                             tl.append(("cpu", start, host, CPU, op[1], False))
+                    elif kind == READ:      # a disk read into a host slot, on the lane free first
+                        host += l_copy
+                        i = lanes.index(min(lanes))
+                        t = lanes[i] if lanes[i] > now else now
+                        if host > t:
+                            t = t + (host - t)
+                        dep = hread_end.get(op[1])
+                        if dep is not None and dep > t:
+                            t = dep
+                        lanes[i] = end = t + read_ms
+                        disk_end[op[2]] = end
+                        hslot_of[op[2]] = op[1]
+                        if tl is not None:
+                            tl.append(("disk", t, end, READ, op[2], op[4]))
+                    else:                   # DEQUANT (a slot) or DIRECT (from mapped host memory)
+                        if kind == DIRECT:
+                            e = disk_end.get(op[1]) if disk_tier else None
+                            if e is not None and e > host:
+                                if host > now:
+                                    now = now + (host - now)
+                                if e > now:
+                                    now = e
+                                host = now
+                            host += l_expert
+                            key = (DIRECT, op[2])
+                            dur = small_of.get(key)
+                            if dur is None:
+                                dur = small_of[key] = cost.direct_ms(op[2], op[3])
+                        else:
+                            host += l_dense
+                            key = (DEQUANT, op[3])
+                            dur = small_of.get(key)
+                            if dur is None:
+                                dur = small_of[key] = cost.dequant_ms(op[3], planner.quant)
+                        t = comp_free if comp_free > now else now
+                        if host > t:
+                            t = t + (host - t)
+                        if kind == DEQUANT:
+                            dep = load_end.get(op[1])
+                            if dep is not None and dep > t:
+                                t = dep
+                        elif copy_free > t:         # a direct read shares PCIe with the copies
+                            t = copy_free
+                        comp_free = end = t + dur
+                        busy_c += dur
+                        if kind == DEQUANT:
+                            read_end[op[1]] = end
+                        else:
+                            copy_free = end
+                            if disk_tier:
+                                hread_end[hslot_of[op[1]]] = end
+                        if tl is not None:
+                            tl.append(("compute", t, end, kind, op[2] if kind == DEQUANT else op[1], False))
             # end of step: synchronise with both streams
             if host > now:
                 now = now + (host - now)

@@ -42,7 +42,8 @@ def group_layer(ops: list[tuple]) -> list[tuple]:
     every later compute in one call after the loads, except that a load into a slot a pending
     compute still has to read first issues those computes (a small cache refilling a slot
     within the layer). CPU experts and the next layer's prefetch loads keep their places at
-    the end."""
+    the end; any other operation (the tiers': disk reads, dequantises, direct reads) stays
+    where the planner put it among the loads."""
     out, pending, cpus, prefetch = [], [], [], []
     seen_load = False
 
@@ -65,7 +66,7 @@ def group_layer(ops: list[tuple]) -> list[tuple]:
             out.append(op)
         elif kind == CPU:
             cpus.append(op)
-        else:
-            raise ValueError(f"unknown operation {op!r}")
+        else:   # the tiers' own work (a disk read, a dequantise, a direct read) keeps its place
+            out.append(op)
     flush()
     return out + cpus + prefetch

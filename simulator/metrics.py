@@ -18,8 +18,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .tiers import stored_bytes
+
 COUNTS = ["tokens", "requests", "unique_requests", "served", "hits", "misses", "transfers", "copies",
-          "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes"]
+          "bytes_h2d", "prefetches_issued", "prefetches_used", "prefetches_wasted", "cpu_computes",
+          "direct_computes", "bytes_direct", "dequants", "disk_reads", "disk_prefetches", "bytes_disk"]
 
 
 def ci95_half_width(values: np.ndarray) -> float:
@@ -41,6 +44,7 @@ def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
     df = steps[steps["step"] >= warm]
     out = []
     order = {p.name: i for i, p in enumerate(sc.policies)}
+    pol_of = {p.name: p for p in sc.policies}
     for (pol, b), g in sorted(df.groupby(["policy", "batch_size"], sort=False), key=lambda x: (x[0][1], order[x[0][0]])):
         row: dict = {"policy": pol, "batch_size": int(b), "replications": int(g["replication"].nunique()),
                      "steps": int(len(g))}
@@ -55,7 +59,8 @@ def summarise(steps: pd.DataFrame, sc, expert_bytes: int) -> list[dict]:
         row["prefetch_hits"] = row["prefetches_used"]
         row["demand_hits"] = row["hits"] - row["prefetches_used"]
         row["demand_hit_rate"] = row["demand_hits"] / served if served else 0.0
-        row["wasted_prefetch_bytes"] = row["prefetches_wasted"] * expert_bytes
+        row["wasted_prefetch_bytes"] = row["prefetches_wasted"] * stored_bytes(
+            sc.model, pol_of[pol].expert_dtype) if pol in pol_of else row["prefetches_wasted"] * expert_bytes
         lat = g["latency_ms"].to_numpy()
         rep_means = g.groupby("replication")["latency_ms"].mean().to_numpy()
         # replications have equal step counts, so the pooled mean is the mean of their means

@@ -15,8 +15,15 @@ Operations (tuples, first item the opcode):
 - ``(COMPUTE, slot, key, tokens)``: an expert FFN over ``tokens`` tokens, reading ``slot``;
   waits for the last load into ``slot``.
 - ``(CPU, key, tokens)``: an expert FFN on the host CPU (needs the layer's activations).
+- ``(DEQUANT, slot, key, nbytes)``: a quantised expert (``nbytes`` stored bytes) copied into
+  ``slot`` is dequantised there, on the compute stream, before its first compute.
+- ``(DIRECT, key, tokens, nbytes)``: an expert computed on the GPU straight from mapped host
+  memory (``nbytes`` read over PCIe); no slot, no copy.
+- ``(READ, host_slot, key, nbytes, prefetch)``: a disk read of ``key`` into host slot
+  ``host_slot`` (a disk tier, :mod:`simulator.tiers`); it waits for the last copy or direct
+  read from that host slot, and a copy, CPU expert or direct read of ``key`` waits for it.
 
-Issue order within a layer: dense; computes of experts resident before the layer (hits),
+Issue order within a layer: dense; disk reads (a disk tier); computes of experts resident before the layer (hits),
 then of prefetched experts (in the order their copies were issued; every token's compute of a
 prefetched expert, not only the first's); then each miss's load and compute (coalesced: one
 load per group, then the group's computes); CPU misses; last, the prefetch loads for the next
@@ -46,10 +53,12 @@ from .policies import (
     EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, NoVictim, PrefetchPolicy,
     PrefetchRequest,
 )
-from .scenario import PolicySpec
+from .scenario import DiskSpec, PolicySpec
+from .tiers import QueueModel, stored_bytes
 from .traces import Trace
 
 DENSE, LOAD, COMPUTE, CPU = 0, 1, 2, 3
+DEQUANT, DIRECT, READ = 4, 5, 6
 
 
 @dataclass(slots=True)
@@ -69,6 +78,12 @@ class Decisions:
     prefetches_used: int = 0
     prefetches_wasted: int = 0
     cpu_computes: int = 0
+    direct_computes: int = 0   # misses computed from mapped host memory
+    bytes_direct: int = 0      # stored bytes those read over PCIe (once each)
+    dequants: int = 0          # quantised experts dequantised on the GPU
+    disk_reads: int = 0        # experts read from disk into host memory (demand + lookahead)
+    disk_prefetches: int = 0   # of them, lookahead reads
+    bytes_disk: int = 0
 
     def as_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -138,7 +153,12 @@ class LazyPlanContext:
 class Planner:
     """Applies one policy configuration to one trace, step by step."""
 
-    def __init__(self, model: ModelSpec, policy: PolicySpec, trace: Trace, seed: int = 0):
+    def __init__(self, model: ModelSpec, policy: PolicySpec, trace: Trace, seed: int = 0, *,
+                 cost=None, dense_ms: float = 0.0):
+        """``cost`` (a :class:`~simulator.profile.CostModel`) and ``dense_ms``: what the
+        planner's own :class:`~simulator.tiers.QueueModel` is priced with, for a miss policy
+        that decides on predicted stream times (``cheapest``); the live executor passes the
+        same ones as the simulator, so both take the same decisions."""
         if trace.num_layers != model.num_layers or trace.num_experts != model.num_experts or trace.top_k != model.top_k:
             raise ValueError(
                 f"trace shape (layers {trace.num_layers}, experts {trace.num_experts}, top_k {trace.top_k}) "
@@ -146,9 +166,20 @@ class Planner:
         self.model, self.spec, self.trace = model, policy, trace
         self.E, self.L, self.k = model.num_experts, model.num_layers, model.top_k
         self.expert_bytes = model.expert_bytes
+        self.quant = policy.expert_dtype
+        self.stored_bytes = stored_bytes(model, self.quant)   # bytes of one expert below the GPU
+        self.raw: set[int] | None = set() if self.quant else None   # resident, not yet dequantised
         self.load = LOAD_MODES[policy.load]()
-        self.miss = MISS_POLICIES[policy.miss.kind](max_tokens=policy.miss.max_tokens)
+        self.miss = MISS_POLICIES[policy.miss.kind](max_tokens=policy.miss.max_tokens, choices=policy.miss.choices)
         self.miss_copies = policy.miss.kind == "copy"
+        self.disk = policy.disk or DiskSpec()
+        self.queue: QueueModel | None = None
+        if self.miss.needs_queue:
+            if cost is None:
+                raise ValueError(f"miss {policy.miss.kind!r} decides on predicted stream times: the planner needs the cost model")
+            self.queue = QueueModel(cost, memory=policy.memory, load_bytes=self.stored_bytes, stored=self.stored_bytes,
+                                    dequant=self.quant, io=self.disk.io, queue_depth=self.disk.queue_depth,
+                                    dense_ms=dense_ms)
         stream = RequestStream(trace, model, self.load)
         ctx = LazyPlanContext(trace, model, int(trace.max_step_tokens), seed, stream)
         self.caches = self._build_caches(ctx)
@@ -165,6 +196,17 @@ class Planner:
         self._prefetch_seq = 0
         self.t = -1                                     # index of the last request served
         self.preloaded = [kv for c in self.caches for kv in c.preload(c.policy.preload())]
+        self.host_cache: ExpertCache | None = None
+        self._host_busy: set[int] = set()     # host-resident keys the layer being planned still reads
+        self.host_preloaded: list[tuple[int, int]] = []
+        if policy.host is not None:
+            h = policy.host
+            slots = h.slots(self.stored_bytes)
+            pol = EVICTION_POLICIES[h.kind](slots)
+            pol.prepare(ctx, list(range(self.L)))
+            self.host_cache = ExpertCache(pol, slots)
+            self.host_preloaded = self.host_cache.preload(pol.preload())
+        self._host_hot = frozenset(k for k, _ in self.host_preloaded)
 
     def _build_caches(self, ctx) -> list[ExpertCache]:
         spec = self.spec.cache
@@ -185,6 +227,39 @@ class Planner:
         pol = cls(slots, staging=spec.staging)
         pol.prepare(ctx, list(range(self.L)))
         return [ExpertCache(pol, slots)]
+
+    @property
+    def host_slots(self) -> int:
+        """Host expert slots of a disk tier (0: every expert in host memory)."""
+        return self.host_cache.slots if self.host_cache is not None else 0
+
+    def host_room(self) -> bool:
+        """A disk tier's host memory can take one more expert without evicting one the layer
+        being planned still reads."""
+        return len(self._host_busy) < self.host_cache.evictable
+
+    def _host_read(self, key: int, ops: list, d: Decisions, prefetch: bool = False) -> bool:
+        """Make ``key`` resident in host memory (a disk tier): a hit, or a ``READ`` appended to
+        ``ops``. True if it reads."""
+        hc, busy = self.host_cache, self._host_busy
+        if key in hc.slot_of:
+            hc.policy.on_hit(key, self.t)
+            if not prefetch and key not in self._host_hot:   # hot (static-hot) ones never leave
+                busy.add(key)
+            return False
+        if not self.host_room():
+            raise ValueError(f"host.capacity: {hc.evictable:,} evictable host expert slots cannot hold the experts "
+                             f"one layer reads from disk before it uses them (more than {len(busy):,}); "
+                             "give a larger capacity")
+        slot = hc.insert(key, self.t, busy)[0]
+        if not prefetch:                    # a lookahead read has no consumer in this layer
+            busy.add(key)
+        ops.append((READ, slot, key, self.stored_bytes, prefetch))
+        d.disk_reads += 1
+        d.bytes_disk += self.stored_bytes
+        if prefetch:
+            d.disk_prefetches += 1
+        return True
 
     @property
     def total_slots(self) -> int:
@@ -211,13 +286,21 @@ class Planner:
 
     def _plan_layer(self, s: int, l: int, keys: list[int], tokens: list[int], step: StepRouting,
                     d: Decisions) -> list[tuple]:
-        E, eb = self.E, self.expert_bytes
+        E, eb = self.E, self.stored_bytes
         cache = self.cache_of_layer[l]
         slot_of = cache.slot_of
         on_hit, on_release, parked = cache.policy.on_hit, cache.policy.on_release, cache.policy.parked
         pending = self.pending
         coalesce = self.load.coalesce
-        on_cpu = None if self.miss_copies else self.miss.on_cpu
+        raw, q, hc = self.raw, self.queue, self.host_cache
+        tiered_miss = not self.miss_copies or hc is not None
+        if q is not None:
+            q.start_layer()
+        if hc is not None:                  # the last layer's host holds end (parked residents return)
+            for k in self._host_busy:
+                hc.release(k)
+            self._host_busy.clear()
+        read_ops: list[tuple] = []          # disk reads: issued first, so that they overlap
         hit_ops: list[tuple] = []
         prefetched_hits: list[tuple[int, tuple]] = []
         arriving: dict[int, int] = {}       # key -> seq of the prefetch copy it arrives by
@@ -227,7 +310,7 @@ class Planner:
         group_keys: list[int] = []
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        hits = misses = transfers = copies = used = wasted = cpu = 0
+        hits = misses = transfers = copies = used = wasted = dequants = 0
         t = self.t
         d.served += len(keys)
 
@@ -238,6 +321,13 @@ class Planner:
                 on_hit(key, t)
                 hits += 1
                 op = (COMPUTE, slot, key, tok)
+                dq = None
+                if raw and key in raw:                # prefetched quantised: dequantise first
+                    raw.discard(key)
+                    dq = (DEQUANT, slot, key, eb)
+                    dequants += 1
+                if q is not None:
+                    q.compute(tok, dq is not None, key)
                 if pending:
                     held = pending.pop(key, None)
                     if held is not None:
@@ -246,6 +336,8 @@ class Planner:
                         if held[2] >= 0:              # arrives by a prefetch copy
                             used += 1
                             arriving[key] = held[2]
+                            if dq is not None:
+                                prefetched_hits.append((held[2], dq))
                             prefetched_hits.append((held[2], op))
                             continue
                 if key in arriving:                   # another token of a prefetched expert
@@ -253,17 +345,24 @@ class Planner:
                 elif key in loaded_here:          # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
                 else:
+                    if dq is not None:
+                        hit_ops.append(dq)
                     hit_ops.append(op)
                 continue
             misses += 1
-            if on_cpu is not None and on_cpu(key - l * E, tok):
-                cpu += 1
-                cpu_ops.append((CPU, key, tok))
-                continue
+            if tiered_miss:
+                self.t = t
+                if self._route_miss(key, l, tok, read_ops, miss_ops, cpu_ops, d):
+                    continue                  # served on the CPU or read directly
             self.t = t
             slot = self._insert_demand(cache, key, s, l, keys, d)
             loaded_here.add(key)
             transfers += 1
+            compute = (COMPUTE, slot, key, tok)
+            if raw is not None:               # dequantised on arrival, before its compute
+                raw.discard(key)
+                dequants += 1
+                compute = (DEQUANT, slot, key, eb), compute
             if coalesce:
                 if slot in group_slots:
                     miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
@@ -272,11 +371,17 @@ class Planner:
                     group_slots, group_keys, group_computes = [], [], []
                 group_slots.append(slot)
                 group_keys.append(key)
-                group_computes.append((COMPUTE, slot, key, tok))
+                if raw is None:
+                    group_computes.append(compute)
+                else:
+                    group_computes += compute
             else:
                 miss_ops.append((LOAD, (slot,), (key,), eb, False))
                 copies += 1
-                miss_ops.append((COMPUTE, slot, key, tok))
+                if raw is None:
+                    miss_ops.append(compute)
+                else:
+                    miss_ops += compute
         if group_slots:
             miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
             copies += 1
@@ -295,10 +400,11 @@ class Planner:
         d.copies += copies
         d.prefetches_used += used
         d.prefetches_wasted += wasted
-        d.cpu_computes += cpu
+        d.dequants += dequants
 
         # experts already there first, then prefetched ones in the order their copies went
         ops = [(DENSE,)]
+        ops += read_ops
         ops += hit_ops
         if prefetched_hits:
             prefetched_hits.sort(key=_first)
@@ -307,7 +413,48 @@ class Planner:
         ops += cpu_ops
         if self.prefetch_on and l + 1 < self.L:
             ops += self._plan_prefetch(s, l, step, d)
+            if hc is not None and self.spec.host.lookahead and l + self.spec.host.lookahead < self.L:
+                ops += self._plan_lookahead(s, l, l + self.spec.host.lookahead, step, d)
         return ops
+
+    def _plan_lookahead(self, s: int, l: int, tl: int, step: StepRouting, d: Decisions) -> list[tuple]:
+        """Disk reads into host memory of the prefetch policy's picks for layer ``tl``."""
+        req = PrefetchRequest(step=s, layer=l, target_step=s, target_layer=tl, current=step.routing[:, l, :],
+                              future=step.future(tl))
+        budget, base, ops, seen = self.prefetch.budget, tl * self.E, [], set()
+        room = self.host_cache.evictable
+        for e in self.prefetch.predict(req):
+            key = base + int(e)
+            if (budget is not None and len(seen) >= budget) or len(ops) >= room or not self.host_room():
+                break
+            if key in seen:
+                continue
+            seen.add(key)
+            if self._host_read(key, ops, d, prefetch=True) and self.queue is not None:
+                self.queue.read()
+        return ops
+
+    def _route_miss(self, key: int, l: int, tok: int, read_ops: list, miss_ops: list, cpu_ops: list,
+                    d: Decisions) -> bool:
+        """A miss beyond a plain copy: where the miss policy sends it, after its disk read (a
+        disk tier). True if it is served on the CPU or by a direct read (the ops appended);
+        False: the caller copies it."""
+        hc = self.host_cache
+        how = "copy"
+        if not self.miss_copies:
+            how = self.miss.route(key - l * self.E, tok, hc is not None and key not in hc.slot_of, self.queue)
+        if hc is not None:
+            self._host_read(key, read_ops, d)
+        if how == "cpu":
+            d.cpu_computes += 1
+            cpu_ops.append((CPU, key, tok))
+        elif how == "direct":
+            d.direct_computes += 1
+            d.bytes_direct += self.stored_bytes
+            miss_ops.append((DIRECT, key, tok, self.stored_bytes))
+        else:
+            return False
+        return True
 
     def _insert_demand(self, cache: ExpertCache, key: int, s: int, l: int, keys: list[int], d: Decisions) -> int:
         """Make a missed ``key`` resident; if every resident is held, release the held expert
@@ -328,7 +475,8 @@ class Planner:
         # next layer of the same forward pass: the next step's routing depends on the token
         # sampled at this step's synchronise, so no prefetch crosses a step boundary
         ts, tl = s, l + 1
-        E, eb = self.E, self.expert_bytes
+        E, eb = self.E, self.stored_bytes
+        hc, raw, q = self.host_cache, self.raw, self.queue
         req = PrefetchRequest(step=s, layer=l, target_step=ts, target_layer=tl, current=step.routing[:, l, :],
                               future=step.future(tl))
         cache = self.cache_of_layer[tl]
@@ -338,13 +486,14 @@ class Planner:
         room = cache.evictable - (sum(1 for kk in pending if kk in slot_of) if pending else 0)
         coalesce = self.load.coalesce
         ops: list[tuple] = []
+        reads: list[tuple] = []             # disk reads first, then the copies
         slots: list[int] = []
         keys: list[int] = []
         seen = set()
-        issued = 0
+        issued = loads = 0
         base, t = tl * E, self.t
         for e in self.prefetch.predict(req):
-            if (budget is not None and issued >= budget) or room <= 0:
+            if (budget is not None and issued >= budget) or room <= 0 or (hc is not None and not self.host_room()):
                 break
             key = base + int(e)
             if key in seen:
@@ -355,7 +504,13 @@ class Planner:
                     pending[key] = (ts, tl, -1)
                     room -= 1
                 continue
+            if hc is not None and self._host_read(key, reads, d) and q is not None:
+                q.read()
             slot = insert(key, t, pending)[0]
+            if raw is not None:
+                raw.add(key)
+            if q is not None:
+                q.load(key)
             pending[key] = (ts, tl, self._prefetch_seq)
             self._prefetch_seq += 1
             issued += 1
@@ -363,18 +518,21 @@ class Planner:
             if coalesce:
                 if slot in slots:
                     ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+                    loads += 1
                     slots, keys = [], []
                 slots.append(slot)
                 keys.append(key)
             else:
                 ops.append((LOAD, (slot,), (key,), eb, True))
+                loads += 1
         if slots:
             ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+            loads += 1
         d.prefetches_issued += issued
         d.transfers += issued
         d.bytes_h2d += issued * eb
-        d.copies += len(ops)
-        return ops
+        d.copies += loads
+        return reads + ops if reads else ops
 
 
 def _first(pair: tuple) -> int:

@@ -215,6 +215,55 @@ class ModelEngine(_Strict):
         return self
 
 
+class DirectReadTerms(_Strict):
+    """An expert computed on the GPU straight from mapped pinned host memory (zero-copy):
+    ``latency + nbytes x (1 + per_token_factor x (tokens - 1)) / bandwidth``, never less than
+    the expert's compute time from GPU memory (the kernel re-reads weight tiles per block of
+    tokens: ``per_token_factor``)."""
+
+    latency_us: float = Field(8.0, ge=0, le=MAX_US)
+    bandwidth_GBps: float = Field(40.0, ge=1e-3, le=MAX_GBPS, description="zero-copy reads over PCIe")
+    per_token_factor: float = Field(0.02, ge=0, le=1e3, description="extra weight bytes read per extra token, x nbytes")
+    points: list[tuple[int, int, float]] = Field(default_factory=list, description="measured [tokens, bytes, ms]")
+
+
+class DiskCurves(_Strict):
+    """Read time of one request by size at queue depth 1 and at ``queue_depth`` requests in flight."""
+
+    qd1: CopyCurve
+    qdn: CopyCurve | None = None
+    queue_depth: int = Field(4, ge=2, le=1024, description="requests in flight when qdn was measured")
+
+
+def _disk_default(latency_us: float, gbps1: float, gbpsn: float) -> DiskCurves:
+    return DiskCurves(qd1=CopyCurve(latency_us=latency_us, bandwidth_GBps=gbps1),
+                      qdn=CopyCurve(latency_us=latency_us * 1.5, bandwidth_GBps=gbpsn / 4), queue_depth=4)
+
+
+class DiskTerms(_Strict):
+    """Reads from a file into host memory: through the page cache (``buffered``) or ``O_DIRECT``."""
+
+    buffered: DiskCurves = Field(default_factory=lambda: _disk_default(90.0, 2.5, 3.0))
+    direct: DiskCurves = Field(default_factory=lambda: _disk_default(80.0, 3.0, 6.5))
+    device: str = ""
+
+
+class TierSection(_Strict):
+    """Terms of the tiers beyond host memory and plain copies (docs/tiers.md). Each part says
+    whether it was measured (``source``) or is simmoe's default figure."""
+
+    dequant: dict[str, CopyCurve] = Field(default_factory=lambda: {
+        "int8": CopyCurve(latency_us=10.0, bandwidth_GBps=800.0),
+        "fp8": CopyCurve(latency_us=10.0, bandwidth_GBps=800.0),
+        "int4": CopyCurve(latency_us=12.0, bandwidth_GBps=450.0)},
+        description="GPU dequantise time by quantised bytes, per stored dtype")
+    direct: DirectReadTerms = Field(default_factory=DirectReadTerms)
+    disk: DiskTerms = Field(default_factory=DiskTerms)
+    source: dict[str, str] = Field(default_factory=lambda: {
+        "dequant": "default", "direct": "default", "disk": "default"},
+        description="per part: 'default' (simmoe's figure) or where it was measured")
+
+
 class Profile(_Strict):
     format: Literal["simmoe-profile"]
     version: int
@@ -226,6 +275,7 @@ class Profile(_Strict):
     fit: dict[str, Any] = Field(default_factory=dict, description="per-point fit errors")
     measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
     engine: dict[str, ModelEngine] = Field(default_factory=dict, description="per model preset: the engine around the experts")
+    tiers: TierSection = Field(default_factory=TierSection, description="quantised, direct-read and disk terms")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
@@ -413,6 +463,46 @@ class CostModel:
             curve = sec.pageable if (memory == "pageable" and sec.pageable is not None) else sec.pinned
             v = self._copy_cache[key] = copy_ms_from_curve(curve, nbytes)
         return v
+
+    def cpu_path_ms(self, tokens: int) -> float:
+        """A CPU expert as the host sees it: the FFN on the CPU, and (unless the table includes
+        them) the activations down and the result up."""
+        dur = self.cpu_expert_ms(tokens)
+        if not self.cpu_path_includes_transfers:
+            nb = self.activation_bytes_per_token * tokens
+            dur += self.copy_ms(nb, "pinned", "d2h") + self.copy_ms(nb, "pinned")
+        return dur
+
+    def dequant_ms(self, nbytes: int, dtype: str) -> float:
+        """GPU time to dequantise ``nbytes`` of quantised expert (``dtype``: int8, fp8, int4)."""
+        curve = self.profile.tiers.dequant.get(dtype)
+        if curve is None:
+            raise InputError(f"profile {self.profile.name}", f"tiers.dequant.{dtype}",
+                             f"no dequantise timings for {dtype} (profile has: "
+                             f"{', '.join(sorted(self.profile.tiers.dequant)) or 'none'}); "
+                             "calibrate with: simmoe calibrate tiers")
+        return copy_ms_from_curve(curve, nbytes)
+
+    def direct_ms(self, tokens: int, nbytes: int) -> float:
+        """An expert over ``tokens`` tokens computed from mapped host memory (``nbytes`` read)."""
+        d = self.profile.tiers.direct
+        read = d.latency_us * 1e-3 + nbytes * (1.0 + d.per_token_factor * max(0, tokens - 1)) / (d.bandwidth_GBps * 1e6)
+        gpu = self.expert_ms(tokens)
+        return read if read > gpu else gpu
+
+    def read_ms(self, nbytes: int, io: str, queue_depth: int) -> float:
+        """One disk read of ``nbytes`` into host memory with ``queue_depth`` requests in flight:
+        the qd1 curve at depth 1; between 1 and the measured depth N, linear in the depth
+        between the two curves; past N, the qdn time x depth / N (the disk is saturated)."""
+        c = getattr(self.profile.tiers.disk, io)
+        one = copy_ms_from_curve(c.qd1, nbytes)
+        if queue_depth <= 1 or c.qdn is None:
+            return one
+        n = c.queue_depth
+        many = copy_ms_from_curve(c.qdn, nbytes)
+        if queue_depth <= n:
+            return one + (many - one) * (queue_depth - 1) / (n - 1)
+        return many * queue_depth / n
 
     def expert_ms(self, tokens: int) -> float:
         if tokens <= self.max_tokens:

@@ -71,7 +71,7 @@ def cost_model(sc: Scenario, profile: Profile, max_tokens: int) -> CostModel:
 def simulate(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, seed: int,
              timeline: list | None = None) -> pd.DataFrame:
     """One policy over one trace: a DataFrame of per-step records."""
-    planner = Planner(sc.model, policy, trace, seed=seed)
+    planner = Planner(sc.model, policy, trace, seed=seed, cost=cost, dense_ms=sc.dense_ms)
     dense = sc.dense_ms
     if sc.engine.style != "twin":
         from .engine_costs import DenseCost
@@ -89,6 +89,7 @@ def simulate(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, se
     df = pd.DataFrame(rows)
     df.attrs["preloaded_experts"] = len(planner.preloaded)
     df.attrs["slots"] = planner.total_slots
+    df.attrs["host_slots"] = planner.host_slots
     return df
 
 
@@ -153,7 +154,7 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
                     df = simulate(sc, pol, trace, cost, seed=derive_seed(sc.seed, rep, b, 7))
                 except ValueError as e:
                     raise InputError(f"scenario {sc.name}", f"policies[{pol.name}]", str(e)) from None
-                slots[(pol.name, b)] = df.attrs["slots"]
+                slots[(pol.name, b)] = df.attrs["slots"], df.attrs["host_slots"]
                 df.insert(0, "replication", rep)
                 df.insert(0, "batch_size", b)
                 df.insert(0, "policy", pol.name)
@@ -164,7 +165,7 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
     steps = pd.concat(frames, ignore_index=True)
     summary = summarise(steps, sc, expert_bytes=sc.model.expert_bytes)
     for row in summary:
-        row["gpu_slots"] = slots[(row["policy"], row["batch_size"])]
+        row["gpu_slots"], row["host_slots"] = slots[(row["policy"], row["batch_size"])]
     decision = decide(summary, sc)
     decision["skipped"] = [{"policy": n, "reason": r} for n, r in skipped.items()]
     decision["warnings"] += [f"policy {n} skipped: {r}" for n, r in skipped.items()]

@@ -39,6 +39,8 @@ MAX_LIST = 1000                 # batch sizes, policies
 MAX_SEED = 2**63 - 1
 #: a GPU cache larger than this is not a GPU (the largest hold ~0.2 TiB)
 MAX_CACHE_BYTES = 1 << 44
+#: host memory for experts beyond this is not a host (the largest hold a few TiB)
+MAX_HOST_BYTES = 1 << 48
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$")
@@ -192,12 +194,60 @@ class PrefetchSpec(_Strict):
 class MissSpec(_Strict):
     kind: str = "copy"
     max_tokens: StrictInt | None = Field(None, gt=0, le=1 << 40,
-                                         description="cpu: only misses with this many tokens or fewer")
+                                         description="cpu, direct: only misses with this many tokens or fewer")
+    choices: list[Literal["copy", "direct", "cpu"]] | None = Field(
+        None, min_length=1, description="cheapest: the choices it picks from (default all three)")
 
     @field_validator("kind")
     @classmethod
     def _kind(cls, v):
         return _known("miss", MISS_POLICIES, v)
+
+    @model_validator(mode="after")
+    def _options_fit(self):
+        if self.choices is not None and self.kind != "cheapest":
+            raise ValueError(f"choices is an option of miss kind 'cheapest', not {self.kind!r}")
+        if self.max_tokens is not None and self.kind not in ("cpu", "direct"):
+            raise ValueError(f"max_tokens is an option of miss kinds 'cpu' and 'direct', not {self.kind!r}")
+        return self
+
+
+class HostTierSpec(_Strict):
+    """Host memory as a cache of experts over a disk tier (docs/tiers.md)."""
+
+    kind: str = "lru"
+    capacity: StrictInt | str = Field(description="experts (int) or bytes ('64 GiB') of host memory for experts")
+    lookahead: StrictInt = Field(0, ge=0, le=MAX_LAYERS,
+                                 description="read the prefetch policy's picks for the layer this many ahead from disk")
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v):
+        return _known("cache", EVICTION_POLICIES, v)
+
+    @field_validator("capacity")
+    @classmethod
+    def _cap(cls, v):
+        if isinstance(v, str):
+            v = parse_bytes(v)
+            if v <= 0:
+                raise ValueError("capacity must be positive")
+            if v > MAX_HOST_BYTES:
+                raise ValueError(f"{v:,} bytes is more than any host holds (at most {MAX_HOST_BYTES:,})")
+            return f"{v}B"
+        if v <= 0:
+            raise ValueError("capacity must be a positive number of experts")
+        return v
+
+    def slots(self, stored_bytes: int) -> int:
+        if isinstance(self.capacity, str):
+            return int(self.capacity[:-1]) // stored_bytes
+        return int(self.capacity)
+
+
+class DiskSpec(_Strict):
+    io: Literal["buffered", "direct"] = Field("direct", description="page cache, or O_DIRECT into pinned host slots")
+    queue_depth: StrictInt = Field(1, ge=1, le=1024, description="reads in flight (disk lanes)")
 
 
 class ServingPolicySpec(PhaseSpec):
@@ -214,6 +264,10 @@ class PolicySpec(_Strict):
     memory: Literal["pinned", "pageable"] = "pinned"
     serving: ServingPolicySpec = Field(default_factory=ServingPolicySpec,
                                        description="phase-aware knobs of a serving run (docs/serving.md)")
+    expert_dtype: Literal["int8", "fp8", "int4"] | None = Field(
+        None, description="experts below the GPU (host, disk) stored quantised; dequantised on the GPU")
+    host: HostTierSpec | None = Field(None, description="host memory as a cache over a disk tier")
+    disk: DiskSpec | None = Field(None, description="how the disk tier is read (needs host)")
 
     @field_validator("load")
     @classmethod
@@ -229,7 +283,21 @@ class PolicySpec(_Strict):
     def _prefetch_needs_cache(self):
         if self.prefetch.kind != "none" and self.cache.kind == "none":
             raise ValueError("prefetch needs a cache to hold what it fetches (cache.kind is 'none')")
+        if self.disk is not None and self.host is None:
+            raise ValueError("disk needs a host tier (give host: {kind, capacity})")
+        if self.host is not None and self.host.lookahead and self.prefetch.kind == "none":
+            raise ValueError("host.lookahead reads the prefetch policy's picks: give a prefetch kind")
+        m = self.miss
+        reads_direct = m.kind == "direct" or (m.kind == "cheapest" and "direct" in (m.choices or ("direct",)))
+        if self.memory == "pageable" and reads_direct:
+            raise ValueError("direct host reads need pinned (mapped) memory, not pageable")
         return self
+
+    @property
+    def tiered(self) -> bool:
+        """Anything beyond plain copies from host memory: quantised copies, a disk tier, or a
+        miss policy other than copy and cpu."""
+        return self.expert_dtype is not None or self.host is not None or self.miss.kind in ("direct", "cheapest")
 
 
 _SHAPE_KEYS = {"num_layers", "num_experts", "top_k", "hidden", "ffn", "gated", "shared_experts"}
@@ -370,6 +438,7 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
             raise InputError(source, f"policies[{i}].cache.capacity",
                              f"{slots:,} expert slots, but model {m.name} has only {most:,} experts {where}"
                              f"{size}: give at most that")
+        check_tiers(pol, m, source, f"policies[{i}]")
         if pol.prefetch.budget is not None and pol.prefetch.budget > m.num_experts:
             raise InputError(source, f"policies[{i}].prefetch.budget",
                              f"{pol.prefetch.budget} is more than the {m.num_experts} experts of a layer")
@@ -382,6 +451,28 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
                          f"{sc.engine.warmup_steps} leaves none of the trace's {sc.trace.steps} steps "
                          "to measure (give fewer than trace.steps)")
     return sc
+
+
+def check_tiers(pol: PolicySpec, m: ModelSpec, source: str, where: str) -> None:
+    """The tier keys' bounds that depend on the model (docs/tiers.md)."""
+    from .models import DTYPE_BYTES
+    from .tiers import QUANT_BITS, stored_bytes
+
+    if pol.expert_dtype is not None and QUANT_BITS[pol.expert_dtype] >= 8 * DTYPE_BYTES[m.dtype]:
+        raise InputError(source, f"{where}.expert_dtype",
+                         f"{pol.expert_dtype} is no smaller than the model's {m.dtype} experts: nothing to gain")
+    h = pol.host
+    if h is not None:
+        sb = stored_bytes(m, pol.expert_dtype)
+        slots, most = h.slots(sb), m.num_layers * m.num_experts
+        if slots < 1:
+            raise InputError(source, f"{where}.host.capacity", f"holds no {sb:,}-byte expert")
+        if slots > most:
+            raise InputError(source, f"{where}.host.capacity",
+                             f"{slots:,} host expert slots, but model {m.name} has only {most:,} experts in all layers")
+        if h.lookahead >= m.num_layers:
+            raise InputError(source, f"{where}.host.lookahead",
+                             f"{h.lookahead} layers ahead, but model {m.name} has {m.num_layers} MoE layers")
 
 
 def parse_scenario(doc: Any, source: str = "scenario") -> Scenario:

@@ -10,6 +10,9 @@ track (thread) per resource:
 - ``copy engine``: host-to-device copies (``copy L3.E17``), prefetches (``prefetch L4.E9``,
   category ``prefetch``, ``args.prefetch = true``);
 - ``cpu``: experts run on the host CPU (``cpu expert L3.E17``);
+- ``disk``: reads of a disk tier into host memory (``read L3.E17``; lookahead reads category
+  ``prefetch``); dequantise ops (``dequant L3.E17``) and direct host reads (``direct L3.E17``)
+  are on the compute stream;
 - ``stall``: the compute stream idle between two of its operations (waiting for a copy, the
   host or the end of the step), ``args.next`` naming what it waited for.
 
@@ -23,14 +26,16 @@ import json
 from pathlib import Path
 
 from .atomic import write_with
-from .planner import COMPUTE, CPU, DENSE, LOAD
+from .planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, READ
 from .profile import Profile
 from .runner import build_trace, cost_model, derive_seed, simulate
 from .scenario import Scenario
 
-TRACKS = {"steps": 1, "compute": 2, "copy": 3, "cpu": 4, "stall": 5}
+TRACKS = {"steps": 1, "compute": 2, "copy": 3, "cpu": 4, "stall": 5, "disk": 6}
 TRACK_NAMES = {"steps": "steps", "compute": "compute stream", "copy": "copy engine", "cpu": "cpu",
-               "stall": "stall (compute idle)"}
+               "stall": "stall (compute idle)", "disk": "disk reads"}
+SINGLE = {CPU: ("cpu expert", "cpu"), DEQUANT: ("dequant", "dequant"), DIRECT: ("direct", "direct"),
+          READ: ("read", "disk")}
 MIN_STALL_MS = 1e-6
 
 
@@ -47,8 +52,11 @@ def _op_event(rec: tuple, num_experts: int) -> dict:
     elif kind == COMPUTE:
         name, cat = f"expert {_expert(label, num_experts)}", "expert"
         args = {"key": label}
-    elif kind == CPU:
-        name, cat = f"cpu expert {_expert(label, num_experts)}", "cpu"
+    elif kind in SINGLE:
+        what, cat = SINGLE[kind]
+        name = f"{what} {_expert(label, num_experts)}"
+        if kind == READ and prefetch:
+            cat = "prefetch"
         args = {"key": label}
     elif kind == LOAD:
         keys = list(label)
@@ -76,7 +84,10 @@ def policy_events(pid: int, policy_name: str, batch_size: int, records: list[tup
     events: list[dict] = [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
                            "args": {"name": f"{policy_name} (batch {batch_size})"}},
                           {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+    has_disk = any(r[0] == "disk" for r in records)
     for track, tid in TRACKS.items():
+        if track == "disk" and not has_disk:      # only a disk tier has a disk track
+            continue
         events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": TRACK_NAMES[track]}})
         events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
     by_track: dict[str, list[dict]] = {t: [] for t in TRACKS}

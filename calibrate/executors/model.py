@@ -68,6 +68,9 @@ class ModelExecutor:
         :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``."""
         if planner is None and (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
+        if policy.tiered:
+            raise ValueError(f"policy {policy.name!r}: quantised copies, direct reads, cost-aware misses and disk "
+                             "tiers run live in the twin executor only (simmoe validate), not yet in the real model")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
         if dispatch not in ("loop", "grouped"):

@@ -94,7 +94,8 @@ def _compare_decisions(sim_df, live_steps, policy, b):
             if d[f] != srow[f]:
                 raise DecisionMismatch(f"{policy} B={b} step {st.step}: {f} live {d[f]} != simulated {srow[f]}")
         ex = st.executed
-        for f in ("transfers", "copies", "bytes_h2d", "cpu_computes"):
+        for f in ("transfers", "copies", "bytes_h2d", "cpu_computes", "dequants", "direct_computes",
+                  "bytes_direct", "disk_reads", "bytes_disk"):
             if ex[f] != srow[f]:
                 raise DecisionMismatch(f"{policy} B={b} step {st.step}: executed {f} {ex[f]} != simulated {srow[f]}")
         if ex["computed_tokens"] != srow["requests"]:
@@ -129,10 +130,11 @@ def host_costs(runs, warm: int, sim_meas, cost, blocking: bool) -> dict:
 def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda", base_dir: Path | None = None,
              progress: Callable[[int, int, str], None] | None = None, repeats: int = 3,
              row_budget_s: float = 15.0, host_now: bool | None = None,
-             host_window_s: float = HOST_WINDOW_S) -> dict:
+             host_window_s: float = HOST_WINDOW_S, tier_dir: str | None = None) -> dict:
     """Live vs simulated for every (policy, batch size). Each row's trace is replayed live up
     to ``repeats`` times while the row has spent less than ``row_budget_s``; a step's live
     latency is its median over the replays (the shared host has occasional spikes).
+    ``tier_dir``: where a disk tier's expert file is written (default: the temporary folder).
     ``host_now`` (default: on CUDA) also measures the host terms beside each row and reports
     the error with them; a host-bound row then alternates replays and probes for at least
     ``host_window_s`` seconds (at most ``MAX_REPEATS`` replays)."""
@@ -148,12 +150,12 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
     rows: list[Row] = []
     warm = sc.engine.warmup_steps
     total = len(sc.batch_sizes) * len(sc.policies)
-    hosts: dict[bool, list] = {}
+    hosts: dict[tuple, list] = {}
 
-    def pool(pinned: bool) -> list:
-        if pinned not in hosts:
-            hosts[pinned] = host_experts(sc.model, pinned, seed=sc.seed)
-        return hosts[pinned]
+    def pool(pinned: bool, expert_dtype: str | None = None) -> list:
+        if (pinned, expert_dtype) not in hosts:
+            hosts[pinned, expert_dtype] = host_experts(sc.model, pinned, seed=sc.seed, expert_dtype=expert_dtype)
+        return hosts[pinned, expert_dtype]
 
     probe = HostProbe(dev, sc.model, pool) if (dev.type == "cuda" if host_now is None else host_now) else None
     done = 0
@@ -177,7 +179,7 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                 if probe:                # the host terms now, between replays
                     samples.append(probe.sample(pol, cpu_tokens))
                 ex = LiveExecutor(sc.model, pol, trace, device=device, dense_ms=sc.dense_ms, seed=seed,
-                                  host=pool(pinned))
+                                  host=pool(pinned, pol.expert_dtype), cost=cost, tier_dir=tier_dir)
                 ex.warm_up()
                 live, probed = [], time.perf_counter()
                 for step in range(trace.num_steps):
@@ -187,6 +189,7 @@ def validate(sc: Scenario, *, profile: Profile | str | None, device: str = "cuda
                         samples.append(probe.sample(pol, cpu_tokens))
                         probed = time.perf_counter()
                 one = sum(st.latency_ms for st, _ in live) * 1e-3
+                ex.close()
                 del ex
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()

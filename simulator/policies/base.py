@@ -164,6 +164,8 @@ class PrefetchPolicy(ABC):
 
 class MissPolicy(ABC):
     name: ClassVar[str]
+    #: the policy reads the planner's predicted stream times (:class:`~simulator.tiers.QueueModel`)
+    needs_queue: ClassVar[bool] = False
 
     def __init__(self, **options) -> None:
         pass
@@ -171,3 +173,11 @@ class MissPolicy(ABC):
     @abstractmethod
     def on_cpu(self, expert: int, tokens: int) -> bool:
         """True: run this missed expert on the host CPU; False: copy it to the GPU."""
+
+    def route(self, expert: int, tokens: int, read: bool, queue) -> str:
+        """Where a missed expert runs: ``copy`` (to a GPU slot), ``cpu`` (on the host) or
+        ``direct`` (on the GPU from mapped host memory). ``read``: it must come from disk
+        first; ``queue``: the planner's :class:`~simulator.tiers.QueueModel` (None unless
+        :attr:`needs_queue`). Returns the choice; a policy that needs the queue also commits
+        the chosen option to it."""
+        return "cpu" if self.on_cpu(expert, tokens) else "copy"
