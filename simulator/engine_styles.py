@@ -23,9 +23,9 @@ serves, ``slots`` their distinct slots in order, ``active`` how many.
 """
 from __future__ import annotations
 
-from .planner import COMPUTE, CPU, DENSE, LOAD
+from .planner import COMPUTE, CPU, DEQUANT, DENSE, DIRECT, LOAD, READ
 
-GROUP = 4
+GROUP = max(DENSE, LOAD, COMPUTE, CPU, DEQUANT, DIRECT, READ) + 1   # an opcode of its own
 GROUPED_STYLES = ("grouped", "offload-grouped")
 #: the styles that price simmoe's real-model executor, and its dispatch in each
 EXECUTOR_DISPATCH = {"offload": "loop", "offload-grouped": "grouped"}

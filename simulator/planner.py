@@ -340,10 +340,10 @@ class Planner:
                                 prefetched_hits.append((held[2], dq))
                             prefetched_hits.append((held[2], op))
                             continue
-                if key in arriving:                   # another token of a prefetched expert
-                    prefetched_hits.append((arriving[key], op))
-                elif key in loaded_here:          # loaded earlier in this layer: compute after that load
+                if key in loaded_here:            # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
+                elif key in arriving:                 # another token of a prefetched expert
+                    prefetched_hits.append((arriving[key], op))
                 else:
                     if dq is not None:
                         hit_ops.append(dq)

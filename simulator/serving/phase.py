@@ -84,9 +84,24 @@ class UploadBudget:
         if self.left is not None:
             self.left -= n
 
+    @property
+    def needs_queue(self) -> bool:
+        return self.inner is not None and self.inner.needs_queue
+
+    def route(self, expert, tokens, read, queue) -> str:
+        """The inner policy's choice; a copy past the step's budget runs on the CPU instead."""
+        how = self.inner.route(expert, tokens, read, queue) if self.inner is not None else "copy"
+        if how != "copy":
+            return how
+        return "cpu" if self._over_budget() else "copy"
+
     def on_cpu(self, expert, tokens) -> bool:
         if self.inner is not None and self.inner.on_cpu(expert, tokens):
             return True
+        return self._over_budget()
+
+    def _over_budget(self) -> bool:
+        """Counts one copy against the budget; True when none is left."""
         if self.left is None:
             return False
         if self.left <= 0:
