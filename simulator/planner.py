@@ -37,6 +37,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
+from itertools import repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -164,6 +166,9 @@ class Planner:
         self.pending: dict[int, tuple[int, int, int]] = {}
         self._prefetch_seq = 0
         self.t = -1                                     # index of the last request served
+        # every request of a cache that keeps nothing is a miss copied into the next staging
+        # slot: such layers are planned in one go (no policy calls per request)
+        self.staged = self.miss_copies and not self.prefetch_on and not any(c.retains for c in self.caches)
         self.preloaded = [kv for c in self.caches for kv in c.preload(c.policy.preload())]
 
     def _build_caches(self, ctx) -> list[ExpertCache]:
@@ -197,8 +202,9 @@ class Planner:
         step = StepRouting(routing, self.E)
         d = Decisions(tokens=len(routing), requests=routing.size, unique_requests=step.unique_requests)
         layers = []
+        plan_layer = self._plan_staged if self.staged else self._plan_layer
         for l, (keys, tokens) in enumerate(self.load.requests(step)):
-            layers.append(self._plan_layer(s, l, keys, tokens, step, d))
+            layers.append(plan_layer(s, l, keys, tokens, step, d))
             if self.observes:
                 self.prefetch.observe(s, l, routing[:, l, :])
         return layers, d
@@ -227,7 +233,7 @@ class Planner:
         group_keys: list[int] = []
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        hits = misses = transfers = copies = used = wasted = cpu = 0
+        misses = transfers = copies = used = wasted = cpu = 0
         t = self.t
         d.served += len(keys)
 
@@ -236,7 +242,6 @@ class Planner:
             slot = slot_of.get(key)
             if slot is not None:
                 on_hit(key, t)
-                hits += 1
                 op = (COMPUTE, slot, key, tok)
                 if pending:
                     held = pending.pop(key, None)
@@ -288,7 +293,7 @@ class Planner:
             for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
                 if self._release(key)[2] >= 0:
                     wasted += 1
-        d.hits += hits
+        d.hits += len(keys) - misses
         d.misses += misses
         d.transfers += transfers
         d.bytes_h2d += transfers * eb
@@ -301,12 +306,41 @@ class Planner:
         ops = [(DENSE,)]
         ops += hit_ops
         if prefetched_hits:
-            prefetched_hits.sort(key=_first)
+            prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
             ops += [op for _, op in prefetched_hits]
         ops += miss_ops
         ops += cpu_ops
         if self.prefetch_on and l + 1 < self.L:
             ops += self._plan_prefetch(s, l, step, d)
+        return ops
+
+    def _plan_staged(self, s: int, l: int, keys: list[int], tokens: list[int], step: StepRouting,
+                     d: Decisions) -> list[tuple]:
+        """:meth:`_plan_layer` for a cache that keeps nothing (``self.staged``): the same
+        operations, built in bulk. Each request is a miss loaded into the next slot of the
+        ring; coalesced loads group the requests until a slot would repeat."""
+        n, eb = len(keys), self.expert_bytes
+        slots = self.cache_of_layer[l].stage(n)
+        self.t += n
+        computes = list(zip(repeat(COMPUTE), slots, keys, tokens))
+        ops: list[tuple] = [(DENSE,)]
+        if self.load.coalesce:                  # ring slots are distinct within one ring length
+            size = self.cache_of_layer[l].slots
+            for i in range(0, n, size):
+                j = min(n, i + size)
+                ops.append((LOAD, tuple(slots[i:j]), tuple(keys[i:j]), eb * (j - i), False))
+                ops += computes[i:j]
+            copies = -(-n // size)
+        else:
+            ops += [None] * (2 * n)
+            ops[1::2] = zip(repeat(LOAD), zip(slots), zip(keys), repeat(eb), repeat(False))
+            ops[2::2] = computes
+            copies = n
+        d.served += n
+        d.misses += n
+        d.transfers += n
+        d.bytes_h2d += n * eb
+        d.copies += copies
         return ops
 
     def _insert_demand(self, cache: ExpertCache, key: int, s: int, l: int, keys: list[int], d: Decisions) -> int:
@@ -377,5 +411,4 @@ class Planner:
         return ops
 
 
-def _first(pair: tuple) -> int:
-    return pair[0]
+_first = itemgetter(0)
