@@ -229,8 +229,7 @@ class Planner:
         arriving: dict[int, int] = {}       # key -> seq of the prefetch copy it arrives by
         miss_ops: list[tuple] = []
         cpu_ops: list[tuple] = []
-        group_slots: list[int] = []
-        group_keys: list[int] = []
+        group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
         misses = transfers = copies = used = wasted = cpu = 0
@@ -256,7 +255,7 @@ class Planner:
                 if key in arriving:                   # another token of a prefetched expert
                     prefetched_hits.append((arriving[key], op))
                 elif key in loaded_here:          # loaded earlier in this layer: compute after that load
-                    (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
+                    (group_computes if coalesce and slot in group else miss_ops).append(op)
                 else:
                     hit_ops.append(op)
                 continue
@@ -270,20 +269,19 @@ class Planner:
             loaded_here.add(key)
             transfers += 1
             if coalesce:
-                if slot in group_slots:
-                    miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+                if slot in group:
+                    miss_ops.append(_group_load(group, eb, False))
                     copies += 1
                     miss_ops.extend(group_computes)
-                    group_slots, group_keys, group_computes = [], [], []
-                group_slots.append(slot)
-                group_keys.append(key)
+                    group, group_computes = {}, []
+                group[slot] = key
                 group_computes.append((COMPUTE, slot, key, tok))
             else:
                 miss_ops.append((LOAD, (slot,), (key,), eb, False))
                 copies += 1
                 miss_ops.append((COMPUTE, slot, key, tok))
-        if group_slots:
-            miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+        if group:
+            miss_ops.append(_group_load(group, eb, False))
             copies += 1
             miss_ops.extend(group_computes)
         self.t = t
@@ -372,8 +370,7 @@ class Planner:
         room = cache.evictable - (sum(1 for kk in pending if kk in slot_of) if pending else 0)
         coalesce = self.load.coalesce
         ops: list[tuple] = []
-        slots: list[int] = []
-        keys: list[int] = []
+        group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
         seen = set()
         issued = 0
         base, t = tl * E, self.t
@@ -395,15 +392,14 @@ class Planner:
             issued += 1
             room -= 1
             if coalesce:
-                if slot in slots:
-                    ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
-                    slots, keys = [], []
-                slots.append(slot)
-                keys.append(key)
+                if slot in group:
+                    ops.append(_group_load(group, eb, True))
+                    group = {}
+                group[slot] = key
             else:
                 ops.append((LOAD, (slot,), (key,), eb, True))
-        if slots:
-            ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+        if group:
+            ops.append(_group_load(group, eb, True))
         d.prefetches_issued += issued
         d.transfers += issued
         d.bytes_h2d += issued * eb
@@ -412,3 +408,8 @@ class Planner:
 
 
 _first = itemgetter(0)
+
+
+def _group_load(group: dict[int, int], expert_bytes: int, prefetch: bool) -> tuple:
+    """The one copy of a coalesced group (slot -> key, in the order they joined)."""
+    return (LOAD, tuple(group), tuple(group.values()), expert_bytes * len(group), prefetch)
