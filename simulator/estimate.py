@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .traces.synthetic import CHUNK
+from .traces.synthetic import CHUNK, GENERATOR_VERSION, GUMBEL_RATIO, row_keys
 
 #: Per-unit costs, measured by ``python bench/bench_estimate.py --fit`` (which prints a fresh
 #: table to paste here) on the project's shared 2-vCPU VM (Python 3.11.7), 2026-12-01. A cost
@@ -38,6 +38,7 @@ from .traces.synthetic import CHUNK
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
     "run_s_base": 0.0314,                       # a run's fixed cost (profile, summary, writing the files)
+    "run_s_first": 0.05,                        # once per process: first use of the run's code paths
     "sim_s_per_served.per-item": 0,   # one served expert request, by load mode
     "sim_s_per_served.dedup": 9.72e-07,
     "sim_s_per_served.coalesced": 1.46e-06,
@@ -50,7 +51,9 @@ COSTS: dict[str, float] = {
     "sim_s_extra_per_served.pageable": 2.45e-06,   # pageable copies block the host
     "sim_s_per_slot": 4.97e-08,               # building a cache's slot list
     # synthetic generator
-    "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key
+    "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key (E <= 8 k, or version 2)
+    "gen_s_per_pick": 1.0e-07,                # one (token, layer, choice) of the top-k
+    "gen_s_per_wave": 1.0e-04,                # one group of cells drawn together
     "gen_s_per_layer_step": 1.09e-05,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
@@ -178,6 +181,25 @@ class _Shape:
     prefill: int          # tokens per sequence in the prefill step (0: none)
     temporal: bool = True     # the sampler's dependencies: which decode cells it draws together
     cross: bool = True
+    version: int = GENERATOR_VERSION
+
+    @property
+    def gumbel_keys(self) -> int:
+        """Gumbel keys a generated row draws: every expert's, unless version 3 draws it
+        without (E > GUMBEL_RATIO k)."""
+        return self.E if self.version != 3 or self.E <= GUMBEL_RATIO * self.k else 0
+
+    @property
+    def row_keys(self) -> int:
+        """Keys the sampler holds per row while it draws (its memory, in CHUNK-key chunks)."""
+        return row_keys(self.version, self.E, self.k)
+
+    @property
+    def waves(self) -> float:
+        """Groups of cells the sampler draws in turn (each costs a fixed set of numpy calls):
+        the decode waves of its dependencies, and the prefill step layer by layer. (A wave
+        larger than CHUNK keys is drawn in several calls; there the keys' cost dominates.)"""
+        return self.steps * self.L / self.wave_cells + (self.L if self.prefill else 0)
 
     @property
     def wave_cells(self) -> int:
@@ -231,11 +253,14 @@ def _trace_cost(sh: _Shape, synthetic: bool) -> tuple[float, float]:
     mem = sh.routed * _c("bytes_per_routed") + sh.tokens * _c("bytes_per_token")
     if not synthetic:
         return sh.routed * _c("real_s_per_routed"), mem
-    secs = sh.tokens * sh.L * sh.E * _c("gen_s_per_draw") + sh.n_steps * sh.L * _c("gen_s_per_layer_step")
+    rows = sh.tokens * sh.L
+    secs = (rows * (sh.gumbel_keys * _c("gen_s_per_draw") + sh.k * _c("gen_s_per_pick"))
+            + sh.waves * _c("gen_s_per_wave") + sh.n_steps * sh.L * _c("gen_s_per_layer_step"))
     # the sampler draws independent cells together, up to CHUNK keys at once (one cell at least)
-    decode_cells = sh.wave_cells * sh.B * sh.E
-    prefill = min(sh.max_step_tokens * sh.E, max(sh.E, CHUNK)) if sh.prefill else 0
-    draws = max(prefill, min(decode_cells, max(sh.B * sh.E, CHUNK)))
+    W = sh.row_keys
+    decode_cells = sh.wave_cells * sh.B * W
+    prefill = min(sh.max_step_tokens * W, max(W, CHUNK)) if sh.prefill else 0
+    draws = max(prefill, min(decode_cells, max(sh.B * W, CHUNK)))
     return secs, mem + draws * _c("bytes_per_draw")
 
 
@@ -264,7 +289,7 @@ def _shape(sc, B: int) -> _Shape:
     if t.sequences is not None and t.sequences.prefill:
         prefill = max(prefill, 1)   # recorded prompts: their length is in the file; one prompt step
     return _Shape(L=m.num_layers, E=m.num_experts, k=m.top_k, B=B, steps=t.steps, prefill=prefill,
-                  temporal=t.temporal > 0, cross=t.cross_layer > 0)
+                  temporal=t.temporal > 0, cross=t.cross_layer > 0, version=t.generator_version)
 
 
 def _size_text(sc) -> str:
@@ -317,7 +342,7 @@ def estimate_scenario(sc) -> Estimate:
         peak = max(peak, t_mem + mem)
         rows += sh.n_steps * sc.replications * n_pol * weight
     mem = _c("bytes_base") + peak + rows * _c("bytes_per_row")
-    return Estimate(seconds=sum(units) * weight + _c("run_s_base"), bytes=mem, size=_size_text(sc),
+    return Estimate(seconds=sum(units) * weight + _c("run_s_base") + _c("run_s_first"), bytes=mem, size=_size_text(sc),
                     units=tuple(units) if weight == 1 else ())
 
 
@@ -506,8 +531,8 @@ def estimate_sweep(doc: dict, source: str, folder: Path | None, workers: int) ->
     sample = expand(_sample_doc(doc, source), source, folder).points
     ests = [estimate_scenario(p.scenario) for p in sample]
     par = max(1, min(workers, n, os.cpu_count() or 1))
-    mean_s = sum(e.seconds for e in ests) / len(ests)
-    secs = n * (mean_s / par + _c("sweep_s_per_point"))
+    mean_s = sum(e.seconds for e in ests) / len(ests) - _c("run_s_first")      # paid once per worker
+    secs = n * (mean_s / par + _c("sweep_s_per_point")) + _c("run_s_first")
     rows = n * sum(len(p.scenario.policies) * len(p.scenario.batch_sizes) for p in sample) / len(sample)
     mem = par * max(e.bytes for e in ests) + n * _c("sweep_bytes_per_point") + rows * _c("bytes_per_row")
     worst = max(range(len(ests)), key=lambda i: ests[i].seconds)

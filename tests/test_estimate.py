@@ -103,7 +103,7 @@ def test_units_follow_run_order_and_sum_to_the_estimate():
                    policies=[{"name": "a", "load": "per-item"}, {"name": "b", "load": "dedup"}])
     e = est.estimate_scenario(sc)
     assert len(e.units) == 2 * 2 * 2
-    assert sum(e.units) + est.COSTS["run_s_base"] == pytest.approx(e.seconds)
+    assert sum(e.units) + est.COSTS["run_s_base"] + est.COSTS["run_s_first"] == pytest.approx(e.seconds)
     assert e.units[4] > e.units[0]     # batch 8 costs more than batch 1
 
 

@@ -316,8 +316,8 @@ ROUNDS = 4             # version 3: ROUNDS k + 8 rounds of draws before the Gumb
 
 def row_keys(version: int, num_experts: int, top_k: int) -> int:
     """Random keys a sampler holds per routed row while it draws (its chunks are CHUNK keys):
-    E Gumbel keys (version 2), or the pulled candidates and the draws (version 3)."""
-    if version == 2 or num_experts <= GUMBEL_RATIO * top_k:
+    E Gumbel keys (versions 1 and 2), or the pulled candidates and the draws (version 3)."""
+    if version != 3 or num_experts <= GUMBEL_RATIO * top_k:
         return num_experts
     return 4 * top_k
 
