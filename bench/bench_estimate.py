@@ -41,7 +41,8 @@ from simulator.scenario import parse_scenario  # noqa: E402
 from simulator.traces.synthetic import CHUNK  # noqa: E402
 
 DIRECT = ["sim_s_per_slot", "bytes_per_slot", "bytes_per_op", "bytes_per_draw", "run_s_first"]   # measured directly
-TIME_KEYS = [k for k in est_mod.COSTS if k.startswith(("sim_s_", "gen_s_", "run_s_")) and k not in DIRECT]
+GEN_TIME_KEYS = ["gen_s_per_draw", "gen_s_per_pick", "gen_s_per_wave", "gen_s_per_layer_step", "gen_s_per_cell_expert"]   # fit_gen
+TIME_KEYS = [k for k in est_mod.COSTS if k.startswith(("sim_s_", "run_s_")) and k not in DIRECT]
 MEM_KEYS = ["bytes_base", "bytes_per_routed", "bytes_per_future", "bytes_per_row"]
 STATS_TIME_KEYS = ["stats_s_per_routed", "stats_s_per_pair", "stats_s_per_lru_step", "stats_s_per_lru_key"]
 
@@ -233,7 +234,10 @@ def _solve(rows: list[np.ndarray], measured: list[float], keys: list[str]) -> di
 def fit(repeats: int) -> dict[str, float]:
     fixed = direct()
     print("measured directly: " + ", ".join(f"{k} {v:.3g}" for k, v in fixed.items()), file=sys.stderr)
-    fixed_t = {k: v for k, v in fixed.items() if "_s_" in k}
+    print("time of trace generation:", file=sys.stderr)
+    fixed.update(fit_gen(repeats))
+    # the training runs are warm repeats in this process: no first-run cost in them
+    fixed_t = {k: v for k, v in fixed.items() if "_s_" in k and k != "run_s_first"}
     fixed_m = {k: v for k, v in fixed.items() if "_s_" not in k}
     runs = fit_runs()
     t_rows, m_rows, times, peaks = [], [], [], []
@@ -253,6 +257,37 @@ def fit(repeats: int) -> dict[str, float]:
     print("time of simmoe trace stats:", file=sys.stderr)
     costs.update(fit_stats(repeats))
     return costs
+
+
+def fit_gen(repeats: int) -> dict[str, float]:
+    """The synthetic sampler's costs, from generating traces alone (shapes on both of version
+    3's paths: Gumbel keys when E <= 8 k, draws otherwise), knobs as the training scenarios'."""
+    from simulator.traces import generate
+
+    rows, times = [], []
+    for L, E, k, B, steps, prefill in [(12, 128, 2, 16, 64, 0), (12, 16, 2, 16, 64, 0), (8, 8, 2, 32, 128, 0),
+                                       (16, 256, 8, 64, 16, 0), (4, 1024, 8, 4, 64, 0), (12, 128, 2, 8, 4, 64),
+                                       (24, 64, 6, 8, 32, 0), (6, 4096, 8, 32, 16, 0), (32, 8, 2, 1, 256, 0),
+                                       (12, 128, 2, 256, 16, 0)]:
+        kw = dict(num_layers=L, num_experts=E, top_k=k, batch_size=B, steps=steps, prefill_tokens=prefill, seed=0,
+                  generator="mixed", zipf=0.6, batch_locality=0.5, temporal=0.3)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            generate(**kw)
+            best = min(best, time.process_time() - t)
+        sh = est_mod._Shape(L=L, E=E, k=k, B=B, steps=steps, prefill=prefill, temporal=True, cross=False)
+        saved = dict(est_mod.COSTS)
+        feats = []
+        for key in GEN_TIME_KEYS:
+            for kk in saved:
+                est_mod.COSTS[kk] = 0.0
+            est_mod.COSTS[key] = 1.0
+            feats.append(est_mod._trace_cost(sh, synthetic=True)[0])
+        est_mod.COSTS.update(saved)
+        rows.append(np.array(feats))
+        times.append(best)
+    return _solve(rows, times, GEN_TIME_KEYS)
 
 
 def fit_stats(repeats: int) -> dict[str, float]:

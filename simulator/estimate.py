@@ -54,6 +54,7 @@ COSTS: dict[str, float] = {
     "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key (E <= 8 k, or version 2)
     "gen_s_per_pick": 1.0e-07,                # one (token, layer, choice) of the top-k
     "gen_s_per_wave": 1.0e-04,                # one group of cells drawn together
+    "gen_s_per_cell_expert": 1.0e-08,         # one expert of one (step, layer) cell (hot sets, rankings)
     "gen_s_per_layer_step": 1.09e-05,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
@@ -255,7 +256,8 @@ def _trace_cost(sh: _Shape, synthetic: bool) -> tuple[float, float]:
         return sh.routed * _c("real_s_per_routed"), mem
     rows = sh.tokens * sh.L
     secs = (rows * (sh.gumbel_keys * _c("gen_s_per_draw") + sh.k * _c("gen_s_per_pick"))
-            + sh.waves * _c("gen_s_per_wave") + sh.n_steps * sh.L * _c("gen_s_per_layer_step"))
+            + sh.waves * _c("gen_s_per_wave") + sh.n_steps * sh.L * (_c("gen_s_per_layer_step")
+                                                                     + sh.E * _c("gen_s_per_cell_expert")))
     # the sampler draws independent cells together, up to CHUNK keys at once (one cell at least)
     W = sh.row_keys
     decode_cells = sh.wave_cells * sh.B * W
