@@ -81,6 +81,11 @@ def fit_runs() -> list[dict]:
     for i, sh in enumerate(shapes + heavy):
         for p in POLICIES if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
             runs.append(scenario(f"fit{i}-{p['name']}", policies=[p], **sh))
+    # several policies, batch sizes and replications in one run: a run's fixed cost apart from
+    # each (policy, batch size, replication)'s
+    runs += [scenario("multi-policies", batch=(1, 4), steps=8), scenario("multi-batches", batch=(1, 2, 4, 8), steps=8,
+                                                                       policies=POLICIES[1:2]),
+             scenario("multi-reps", batch=(2,), steps=8, reps=4, policies=POLICIES[1:4])]
     return runs
 
 
