@@ -40,10 +40,11 @@ from simulator import estimate as est_mod  # noqa: E402
 from simulator.scenario import parse_scenario  # noqa: E402
 from simulator.traces.synthetic import CHUNK  # noqa: E402
 
-DIRECT = ["sim_s_per_slot", "bytes_per_slot", "bytes_per_op", "bytes_per_draw", "run_s_first"]   # measured directly
+DIRECT = ["sim_s_per_slot", "bytes_per_slot", "bytes_per_op", "bytes_per_draw", "bytes_per_future",
+          "run_s_first"]                                                    # measured directly
 GEN_TIME_KEYS = ["gen_s_per_draw", "gen_s_per_pick", "gen_s_per_wave", "gen_s_per_layer_step", "gen_s_per_cell_expert"]   # fit_gen
 TIME_KEYS = [k for k in est_mod.COSTS if k.startswith(("sim_s_", "run_s_")) and k not in DIRECT]
-MEM_KEYS = ["bytes_base", "bytes_per_routed", "bytes_per_future", "bytes_per_row"]
+MEM_KEYS = ["bytes_base", "bytes_per_routed", "bytes_per_row"]
 STATS_TIME_KEYS = ["stats_s_per_routed", "stats_s_per_pair", "stats_s_per_lru_step", "stats_s_per_lru_key"]
 
 POLICIES = [
@@ -55,6 +56,7 @@ POLICIES = [
     {"name": "belady", "load": "dedup", "cache": {"kind": "belady", "capacity": 64}},
     {"name": "hot", "load": "per-item", "cache": {"kind": "static-hot", "capacity": 64}},
 ]
+PINNED = {"name": "per-item-pinned", "load": "per-item"}     # training only: per-item apart from pageable's extra
 
 
 def scenario(name="s", *, model=None, batch=(4,), steps=16, reps=1, policies=None, prefill=0, **trace) -> dict:
@@ -79,7 +81,7 @@ def fit_runs() -> list[dict]:
     ]
     runs = []
     for i, sh in enumerate(shapes + heavy):
-        for p in POLICIES if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
+        for p in POLICIES + [PINNED] if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
             runs.append(scenario(f"fit{i}-{p['name']}", policies=[p], **sh))
     # several policies, batch sizes and replications in one run: a run's fixed cost apart from
     # each (policy, batch size, replication)'s
@@ -177,8 +179,19 @@ def direct() -> dict[str, float]:
     tracemalloc.stop()
     # the sampler draws at most CHUNK keys at once: the peak is per drawn key of one chunk
     W = est_mod._Shape(L=2, E=E, k=2, B=B, steps=1, prefill=P).row_keys
+    # the request stream ahead (int64 keys) and Belady's next-use positions built from it
+    import types
+
+    from simulator.policies.cache import Belady
+
+    tracemalloc.start()
+    keys = np.random.default_rng(0).integers(0, 1536, n).astype(np.int64)
+    Belady(64).prepare(types.SimpleNamespace(request_keys=keys), None)
+    future_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     return {"sim_s_per_slot": secs / n, "bytes_per_slot": slot_bytes / n, "bytes_per_op": peak / ops,
-            "bytes_per_draw": gen_peak / min(B * P * W, CHUNK), "run_s_first": first_run()}
+            "bytes_per_draw": gen_peak / min(B * P * W, CHUNK), "bytes_per_future": future_bytes / n,
+            "run_s_first": first_run()}
 
 
 FIRST = r"""

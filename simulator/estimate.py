@@ -34,45 +34,48 @@ from .traces.synthetic import CHUNK, GENERATOR_VERSION, GUMBEL_RATIO, row_keys
 #: Times were fitted by non-negative least squares on relative error over a grid of small
 #: runs (batch, steps, layers, experts, top-k and load mode varied one at a time); memory
 #: constants from tracemalloc peaks of the same runs. After an engine change, rerun --fit.
-#: Refitted 2026-12-01 on the fast engine (bench/bench_estimate.py --fit --repeats 2).
+#: Refitted 2026-12-01 on the fast engine (bench/bench_estimate.py --fit --repeats 2), and
+#: again after the engine's second pass and sampler version 3 (2026-12-01, 23:50 UTC): the
+#: sampler's costs from generating traces alone, the first-run cost in fresh processes,
+#: bytes_per_future measured directly (the stream ahead and Belady's positions).
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
-    "run_s_base": 0.0314,                       # a run's fixed cost (profile, summary, writing the files)
-    "run_s_first": 0.05,                        # once per process: first use of the run's code paths
-    "sim_s_per_served.per-item": 0,   # one served expert request, by load mode
-    "sim_s_per_served.dedup": 9.72e-07,
-    "sim_s_per_served.coalesced": 1.46e-06,
-    "sim_s_per_routed": 3.68e-07,             # one routed (token, layer, expert) pair
-    "sim_s_per_layer_step": 1.09e-05,         # one layer of one step
-    "sim_s_per_step": 0.000158,               # one step (records, sync)
-    "sim_s_per_run": 0.0314,                # one policy over one trace (planner, engine, frame)
-    "sim_s_extra_per_served.prefetch": 1.89e-06,   # prefetch on
-    "sim_s_extra_per_served.future": 1.81e-06,     # belady / static-hot: the request stream ahead
-    "sim_s_extra_per_served.pageable": 2.45e-06,   # pageable copies block the host
-    "sim_s_per_slot": 4.97e-08,               # building a cache's slot list
+    "run_s_base": 0.0581,                       # a run's fixed cost (profile, summary, writing the files)
+    "run_s_first": 0.0565,                        # once per process: first use of the run's code paths
+    "sim_s_per_served.per-item": 1.02e-06,   # one served expert request, by load mode
+    "sim_s_per_served.dedup": 1.04e-06,
+    "sim_s_per_served.coalesced": 2.16e-06,
+    "sim_s_per_routed": 0,             # one routed (token, layer, expert) pair
+    "sim_s_per_layer_step": 0,         # one layer of one step
+    "sim_s_per_step": 5.45e-05,               # one step (records, sync)
+    "sim_s_per_run": 0.00362,                # one policy over one trace (planner, engine, frame)
+    "sim_s_extra_per_served.prefetch": 2.48e-06,   # prefetch on
+    "sim_s_extra_per_served.future": 1.8e-06,     # belady / static-hot: the request stream ahead
+    "sim_s_extra_per_served.pageable": 3.51e-07,   # pageable copies block the host
+    "sim_s_per_slot": 4.33e-08,               # building a cache's slot list
     # synthetic generator
-    "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key (E <= 8 k, or version 2)
-    "gen_s_per_pick": 1.0e-07,                # one (token, layer, choice) of the top-k
-    "gen_s_per_wave": 1.0e-04,                # one group of cells drawn together
-    "gen_s_per_cell_expert": 1.0e-08,         # one expert of one (step, layer) cell (hot sets, rankings)
-    "gen_s_per_layer_step": 1.09e-05,
+    "gen_s_per_draw": 1.22e-08,               # one (token, layer, expert) Gumbel key (E <= 8 k, or version 2)
+    "gen_s_per_pick": 3.95e-07,                # one (token, layer, choice) of the top-k
+    "gen_s_per_wave": 0.000197,                # one group of cells drawn together
+    "gen_s_per_cell_expert": 6.12e-08,         # one expert of one (step, layer) cell (hot sets, rankings)
+    "gen_s_per_layer_step": 0,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
-    "bytes_base": 2.89e+06,                     # a job's fixed allocations (first-use caches, tables)
-    "bytes_per_draw": 32.3,                  # live bytes per (token, expert) key of one layer draw
+    "bytes_base": 2.51e+06,                     # a job's fixed allocations (first-use caches, tables)
+    "bytes_per_draw": 16.6,                  # live bytes per (token, expert) key of one layer draw
     "bytes_per_routed": 0,                 # trace arrays while built (int16, two copies)
     "bytes_per_token": 8.0,                  # seq ids while built
-    "bytes_per_op": 176,                   # one step's operations (plan tuples, engine ops, events)
+    "bytes_per_op": 177,                   # one step's operations (plan tuples, engine ops, events)
     "bytes_per_slot": 40.2,                  # one cache slot (free list entry, slot map)
-    "bytes_per_future": 22.5,                # one request of the stream ahead (belady / static-hot)
-    "bytes_per_row": 1.02e+03,                 # one per-step row: records, frames, concat, summary
+    "bytes_per_future": 32.0,                # one request of the stream ahead (belady / static-hot)
+    "bytes_per_row": 1.21e+03,                 # one per-step row: records, frames, concat, summary
     # sweeps
     "sweep_s_per_point": 4.0e-04,            # expanding, validating and storing one point
     "sweep_bytes_per_point": 20000.0,        # one expanded point held in memory
     # trace statistics (simmoe trace stats / fit)
-    "stats_s_per_routed": 3.75e-07,           # counts, re-use distance, batching, per routed id
-    "stats_s_per_pair": 9.51e-08,             # (L-1) x E x E affinity counts and scores
-    "stats_s_per_lru_step": 2.5e-05,         # one step of the LRU stack-distance pass
+    "stats_s_per_routed": 3.36e-07,           # counts, re-use distance, batching, per routed id
+    "stats_s_per_pair": 9.96e-08,             # (L-1) x E x E affinity counts and scores
+    "stats_s_per_lru_step": 1.4e-05,         # one step of the LRU stack-distance pass
     "stats_s_per_lru_key": 0,          # one key of the LRU pass (incl. its sort of L x E)
     "stats_bytes_per_routed": 30.0,          # batched copies, sorts and index arrays
     "stats_bytes_per_pair": 24.0,            # affinity count arrays (int64, three live)

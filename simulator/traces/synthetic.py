@@ -284,9 +284,7 @@ class _SamplerV3(_Sampler):
         order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
         chosen = np.take_along_axis(cand, order, axis=1)
         fill = np.minimum(valid.sum(axis=1), k)
-        chosen[np.arange(k)[None, :] >= fill[:, None]] = -1
-        if chosen.shape[1] < k:
-            chosen = np.concatenate([chosen, np.full((len(chosen), k - chosen.shape[1]), -1, np.int64)], axis=1)
+        chosen[np.arange(k)[None, :] >= fill[:, None]] = -1          # (each knob pulls k: cand has >= k)
         return chosen, fill
 
     def _fallback(self, chosen, fill, act, layer):
