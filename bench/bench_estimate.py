@@ -40,9 +40,11 @@ from simulator import estimate as est_mod  # noqa: E402
 from simulator.scenario import parse_scenario  # noqa: E402
 from simulator.traces.synthetic import CHUNK  # noqa: E402
 
-DIRECT = ["sim_s_per_slot", "bytes_per_slot", "bytes_per_op", "bytes_per_draw"]      # measured directly (micro-benchmarks)
-TIME_KEYS = [k for k in est_mod.COSTS if k.startswith(("sim_s_", "gen_s_", "run_s_")) and k not in DIRECT]
-MEM_KEYS = ["bytes_base", "bytes_per_routed", "bytes_per_future", "bytes_per_row"]
+DIRECT = ["sim_s_per_slot", "bytes_per_slot", "bytes_per_op", "bytes_per_draw", "bytes_per_future",
+          "run_s_first"]                                                    # measured directly
+GEN_TIME_KEYS = ["gen_s_per_draw", "gen_s_per_pick", "gen_s_per_wave", "gen_s_per_layer_step", "gen_s_per_cell_expert"]   # fit_gen
+TIME_KEYS = [k for k in est_mod.COSTS if k.startswith(("sim_s_", "run_s_")) and k not in DIRECT]
+MEM_KEYS = ["bytes_base", "bytes_per_routed", "bytes_per_row"]
 STATS_TIME_KEYS = ["stats_s_per_routed", "stats_s_per_pair", "stats_s_per_lru_step", "stats_s_per_lru_key"]
 
 POLICIES = [
@@ -54,6 +56,7 @@ POLICIES = [
     {"name": "belady", "load": "dedup", "cache": {"kind": "belady", "capacity": 64}},
     {"name": "hot", "load": "per-item", "cache": {"kind": "static-hot", "capacity": 64}},
 ]
+PINNED = {"name": "per-item-pinned", "load": "per-item"}     # training only: per-item apart from pageable's extra
 
 
 def scenario(name="s", *, model=None, batch=(4,), steps=16, reps=1, policies=None, prefill=0, **trace) -> dict:
@@ -69,6 +72,8 @@ def fit_runs() -> list[dict]:
         dict(batch=(1,), steps=64), dict(batch=(8,), steps=32), dict(batch=(64,), steps=8),
         dict(batch=(16,), steps=16, model={"num_layers": 4}), dict(batch=(16,), steps=16, model={"num_experts": 16}),
         dict(batch=(4,), steps=16, model={"num_experts": 1024, "top_k": 8}), dict(batch=(8,), steps=4, prefill=64),
+        dict(batch=(16,), steps=16, model={"num_experts": 8, "num_layers": 24}),     # few experts: Gumbel keys
+        dict(batch=(32,), steps=8, model={"num_experts": 256, "top_k": 8, "num_layers": 16}),
     ]
     heavy = [  # memory-heavy shapes (generator draws, per-step rows, one step's operations), fewer policies
         dict(batch=(64,), steps=2, prefill=256), dict(batch=(1,), steps=3000, model={"num_layers": 2}),
@@ -76,8 +81,13 @@ def fit_runs() -> list[dict]:
     ]
     runs = []
     for i, sh in enumerate(shapes + heavy):
-        for p in POLICIES if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
+        for p in POLICIES + [PINNED] if i < len(shapes) else [POLICIES[0], POLICIES[1], POLICIES[5]]:
             runs.append(scenario(f"fit{i}-{p['name']}", policies=[p], **sh))
+    # several policies, batch sizes and replications in one run: a run's fixed cost apart from
+    # each (policy, batch size, replication)'s
+    runs += [scenario("multi-policies", batch=(1, 4), steps=8), scenario("multi-batches", batch=(1, 2, 4, 8), steps=8,
+                                                                       policies=POLICIES[1:2]),
+             scenario("multi-reps", batch=(2,), steps=8, reps=4, policies=POLICIES[1:4])]
     return runs
 
 
@@ -168,8 +178,49 @@ def direct() -> dict[str, float]:
     gen_peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     # the sampler draws at most CHUNK keys at once: the peak is per drawn key of one chunk
+    W = est_mod._Shape(L=2, E=E, k=2, B=B, steps=1, prefill=P).row_keys
+    # the request stream ahead (int64 keys) and Belady's next-use positions built from it
+    import types
+
+    from simulator.policies.cache import Belady
+
+    tracemalloc.start()
+    keys = np.random.default_rng(0).integers(0, 1536, n).astype(np.int64)
+    Belady(64).prepare(types.SimpleNamespace(request_keys=keys), None)
+    future_bytes = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
     return {"sim_s_per_slot": secs / n, "bytes_per_slot": slot_bytes / n, "bytes_per_op": peak / ops,
-            "bytes_per_draw": gen_peak / min(B * P * E, CHUNK)}
+            "bytes_per_draw": gen_peak / min(B * P * W, CHUNK), "bytes_per_future": future_bytes / n,
+            "run_s_first": first_run()}
+
+
+FIRST = r"""
+import json, sys, time, tempfile
+sys.path.insert(0, sys.argv[1])
+from simulator.scenario import parse_scenario
+from simulator.runner import run_scenario
+from simulator.output import write_results
+sc = parse_scenario(json.loads(sys.argv[2]))
+times = []
+with tempfile.TemporaryDirectory() as d:
+    for i in range(3):
+        t = time.process_time()
+        write_results(run_scenario(sc), d + f'/o{i}')
+        times.append(time.process_time() - t)
+print(json.dumps(times))
+"""
+
+
+def first_run() -> float:
+    """A process's first run costs more than its later ones (lazy imports, first-use caches):
+    the median over fresh processes of (first run - the best later run) of a tiny scenario."""
+    doc = json.dumps(scenario(batch=(1,), steps=4, policies=POLICIES[1:2]))
+    extra = []
+    for _ in range(5):
+        r = subprocess.run([sys.executable, "-c", FIRST, str(ROOT), doc], capture_output=True, text=True, check=True)
+        t = json.loads(r.stdout.strip().splitlines()[-1])
+        extra.append(t[0] - min(t[1:]))
+    return float(np.median(extra))
 
 
 def _rest(measured: float, fixed: float) -> float | None:
@@ -201,7 +252,10 @@ def _solve(rows: list[np.ndarray], measured: list[float], keys: list[str]) -> di
 def fit(repeats: int) -> dict[str, float]:
     fixed = direct()
     print("measured directly: " + ", ".join(f"{k} {v:.3g}" for k, v in fixed.items()), file=sys.stderr)
-    fixed_t = {k: v for k, v in fixed.items() if "_s_" in k}
+    print("time of trace generation:", file=sys.stderr)
+    fixed.update(fit_gen(repeats))
+    # the training runs are warm repeats in this process: no first-run cost in them
+    fixed_t = {k: v for k, v in fixed.items() if "_s_" in k and k != "run_s_first"}
     fixed_m = {k: v for k, v in fixed.items() if "_s_" not in k}
     runs = fit_runs()
     t_rows, m_rows, times, peaks = [], [], [], []
@@ -221,6 +275,37 @@ def fit(repeats: int) -> dict[str, float]:
     print("time of simmoe trace stats:", file=sys.stderr)
     costs.update(fit_stats(repeats))
     return costs
+
+
+def fit_gen(repeats: int) -> dict[str, float]:
+    """The synthetic sampler's costs, from generating traces alone (shapes on both of version
+    3's paths: Gumbel keys when E <= 8 k, draws otherwise), knobs as the training scenarios'."""
+    from simulator.traces import generate
+
+    rows, times = [], []
+    for L, E, k, B, steps, prefill in [(12, 128, 2, 16, 64, 0), (12, 16, 2, 16, 64, 0), (8, 8, 2, 32, 128, 0),
+                                       (16, 256, 8, 64, 16, 0), (4, 1024, 8, 4, 64, 0), (12, 128, 2, 8, 4, 64),
+                                       (24, 64, 6, 8, 32, 0), (6, 4096, 8, 32, 16, 0), (32, 8, 2, 1, 256, 0),
+                                       (12, 128, 2, 256, 16, 0)]:
+        kw = dict(num_layers=L, num_experts=E, top_k=k, batch_size=B, steps=steps, prefill_tokens=prefill, seed=0,
+                  generator="mixed", zipf=0.6, batch_locality=0.5, temporal=0.3)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.process_time()
+            generate(**kw)
+            best = min(best, time.process_time() - t)
+        sh = est_mod._Shape(L=L, E=E, k=k, B=B, steps=steps, prefill=prefill, temporal=True, cross=False)
+        saved = dict(est_mod.COSTS)
+        feats = []
+        for key in GEN_TIME_KEYS:
+            for kk in saved:
+                est_mod.COSTS[kk] = 0.0
+            est_mod.COSTS[key] = 1.0
+            feats.append(est_mod._trace_cost(sh, synthetic=True)[0])
+        est_mod.COSTS.update(saved)
+        rows.append(np.array(feats))
+        times.append(best)
+    return _solve(rows, times, GEN_TIME_KEYS)
 
 
 def fit_stats(repeats: int) -> dict[str, float]:

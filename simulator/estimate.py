@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from .traces.synthetic import CHUNK
+from .traces.synthetic import CHUNK, GENERATOR_VERSION, GUMBEL_RATIO, row_keys
 from .units import fmt_bytes  # noqa: F401  (re-exported: the one byte formatter)
 
 #: Per-unit costs, measured by ``python bench/bench_estimate.py --fit`` (which prints a fresh
@@ -35,41 +35,48 @@ from .units import fmt_bytes  # noqa: F401  (re-exported: the one byte formatter
 #: Times were fitted by non-negative least squares on relative error over a grid of small
 #: runs (batch, steps, layers, experts, top-k and load mode varied one at a time); memory
 #: constants from tracemalloc peaks of the same runs. After an engine change, rerun --fit.
-#: Refitted 2026-12-01 on the fast engine (bench/bench_estimate.py --fit --repeats 2).
+#: Refitted 2026-12-01 on the fast engine (bench/bench_estimate.py --fit --repeats 2), and
+#: again after the engine's second pass and sampler version 3 (2026-12-01, 23:50 UTC): the
+#: sampler's costs from generating traces alone, the first-run cost in fresh processes,
+#: bytes_per_future measured directly (the stream ahead and Belady's positions).
 COSTS: dict[str, float] = {
     # simulation (planner + engine), per policy and trace
-    "run_s_base": 0.0314,                       # a run's fixed cost (profile, summary, writing the files)
-    "sim_s_per_served.per-item": 0,   # one served expert request, by load mode
-    "sim_s_per_served.dedup": 9.72e-07,
-    "sim_s_per_served.coalesced": 1.46e-06,
-    "sim_s_per_routed": 3.68e-07,             # one routed (token, layer, expert) pair
-    "sim_s_per_layer_step": 1.09e-05,         # one layer of one step
-    "sim_s_per_step": 0.000158,               # one step (records, sync)
-    "sim_s_per_run": 0.0314,                # one policy over one trace (planner, engine, frame)
-    "sim_s_extra_per_served.prefetch": 1.89e-06,   # prefetch on
-    "sim_s_extra_per_served.future": 1.81e-06,     # belady / static-hot: the request stream ahead
-    "sim_s_extra_per_served.pageable": 2.45e-06,   # pageable copies block the host
-    "sim_s_per_slot": 4.97e-08,               # building a cache's slot list
+    "run_s_base": 0.0581,                       # a run's fixed cost (profile, summary, writing the files)
+    "run_s_first": 0.0565,                        # once per process: first use of the run's code paths
+    "sim_s_per_served.per-item": 1.02e-06,   # one served expert request, by load mode
+    "sim_s_per_served.dedup": 1.04e-06,
+    "sim_s_per_served.coalesced": 2.16e-06,
+    "sim_s_per_routed": 0,             # one routed (token, layer, expert) pair
+    "sim_s_per_layer_step": 0,         # one layer of one step
+    "sim_s_per_step": 5.45e-05,               # one step (records, sync)
+    "sim_s_per_run": 0.00362,                # one policy over one trace (planner, engine, frame)
+    "sim_s_extra_per_served.prefetch": 2.48e-06,   # prefetch on
+    "sim_s_extra_per_served.future": 1.8e-06,     # belady / static-hot: the request stream ahead
+    "sim_s_extra_per_served.pageable": 3.51e-07,   # pageable copies block the host
+    "sim_s_per_slot": 4.33e-08,               # building a cache's slot list
     # synthetic generator
-    "gen_s_per_draw": 3.68e-08,               # one (token, layer, expert) Gumbel key
-    "gen_s_per_layer_step": 1.09e-05,
+    "gen_s_per_draw": 1.22e-08,               # one (token, layer, expert) Gumbel key (E <= 8 k, or version 2)
+    "gen_s_per_pick": 3.95e-07,                # one (token, layer, choice) of the top-k
+    "gen_s_per_wave": 0.000197,                # one group of cells drawn together
+    "gen_s_per_cell_expert": 6.12e-08,         # one expert of one (step, layer) cell (hot sets, rankings)
+    "gen_s_per_layer_step": 0,
     "real_s_per_routed": 5.0e-09,            # batching recorded sequences
     # memory
-    "bytes_base": 2.89e+06,                     # a job's fixed allocations (first-use caches, tables)
-    "bytes_per_draw": 32.3,                  # live bytes per (token, expert) key of one layer draw
+    "bytes_base": 2.51e+06,                     # a job's fixed allocations (first-use caches, tables)
+    "bytes_per_draw": 16.6,                  # live bytes per (token, expert) key of one layer draw
     "bytes_per_routed": 0,                 # trace arrays while built (int16, two copies)
     "bytes_per_token": 8.0,                  # seq ids while built
-    "bytes_per_op": 176,                   # one step's operations (plan tuples, engine ops, events)
+    "bytes_per_op": 177,                   # one step's operations (plan tuples, engine ops, events)
     "bytes_per_slot": 40.2,                  # one cache slot (free list entry, slot map)
-    "bytes_per_future": 22.5,                # one request of the stream ahead (belady / static-hot)
-    "bytes_per_row": 1.02e+03,                 # one per-step row: records, frames, concat, summary
+    "bytes_per_future": 32.0,                # one request of the stream ahead (belady / static-hot)
+    "bytes_per_row": 1.21e+03,                 # one per-step row: records, frames, concat, summary
     # sweeps
     "sweep_s_per_point": 4.0e-04,            # expanding, validating and storing one point
     "sweep_bytes_per_point": 20000.0,        # one expanded point held in memory
     # trace statistics (simmoe trace stats / fit)
-    "stats_s_per_routed": 3.75e-07,           # counts, re-use distance, batching, per routed id
-    "stats_s_per_pair": 9.51e-08,             # (L-1) x E x E affinity counts and scores
-    "stats_s_per_lru_step": 2.5e-05,         # one step of the LRU stack-distance pass
+    "stats_s_per_routed": 3.36e-07,           # counts, re-use distance, batching, per routed id
+    "stats_s_per_pair": 9.96e-08,             # (L-1) x E x E affinity counts and scores
+    "stats_s_per_lru_step": 1.4e-05,         # one step of the LRU stack-distance pass
     "stats_s_per_lru_key": 0,          # one key of the LRU pass (incl. its sort of L x E)
     "stats_bytes_per_routed": 30.0,          # batched copies, sorts and index arrays
     "stats_bytes_per_pair": 24.0,            # affinity count arrays (int64, three live)
@@ -174,6 +181,25 @@ class _Shape:
     prefill: int          # tokens per sequence in the prefill step (0: none)
     temporal: bool = True     # the sampler's dependencies: which decode cells it draws together
     cross: bool = True
+    version: int = GENERATOR_VERSION
+
+    @property
+    def gumbel_keys(self) -> int:
+        """Gumbel keys a generated row draws: every expert's, unless version 3 draws it
+        without (E > GUMBEL_RATIO k)."""
+        return self.E if self.version != 3 or self.E <= GUMBEL_RATIO * self.k else 0
+
+    @property
+    def row_keys(self) -> int:
+        """Keys the sampler holds per row while it draws (its memory, in CHUNK-key chunks)."""
+        return row_keys(self.version, self.E, self.k)
+
+    @property
+    def waves(self) -> float:
+        """Groups of cells the sampler draws in turn (each costs a fixed set of numpy calls):
+        the decode waves of its dependencies, and the prefill step layer by layer. (A wave
+        larger than CHUNK keys is drawn in several calls; there the keys' cost dominates.)"""
+        return self.steps * self.L / self.wave_cells + (self.L if self.prefill else 0)
 
     @property
     def wave_cells(self) -> int:
@@ -227,11 +253,15 @@ def _trace_cost(sh: _Shape, synthetic: bool) -> tuple[float, float]:
     mem = sh.routed * _c("bytes_per_routed") + sh.tokens * _c("bytes_per_token")
     if not synthetic:
         return sh.routed * _c("real_s_per_routed"), mem
-    secs = sh.tokens * sh.L * sh.E * _c("gen_s_per_draw") + sh.n_steps * sh.L * _c("gen_s_per_layer_step")
+    rows = sh.tokens * sh.L
+    secs = (rows * (sh.gumbel_keys * _c("gen_s_per_draw") + sh.k * _c("gen_s_per_pick"))
+            + sh.waves * _c("gen_s_per_wave") + sh.n_steps * sh.L * (_c("gen_s_per_layer_step")
+                                                                     + sh.E * _c("gen_s_per_cell_expert")))
     # the sampler draws independent cells together, up to CHUNK keys at once (one cell at least)
-    decode_cells = sh.wave_cells * sh.B * sh.E
-    prefill = min(sh.max_step_tokens * sh.E, max(sh.E, CHUNK)) if sh.prefill else 0
-    draws = max(prefill, min(decode_cells, max(sh.B * sh.E, CHUNK)))
+    W = sh.row_keys
+    decode_cells = sh.wave_cells * sh.B * W
+    prefill = min(sh.max_step_tokens * W, max(W, CHUNK)) if sh.prefill else 0
+    draws = max(prefill, min(decode_cells, max(sh.B * W, CHUNK)))
     return secs, mem + draws * _c("bytes_per_draw")
 
 
@@ -260,7 +290,7 @@ def _shape(sc, B: int) -> _Shape:
     if t.sequences is not None and t.sequences.prefill:
         prefill = max(prefill, 1)   # recorded prompts: their length is in the file; one prompt step
     return _Shape(L=m.num_layers, E=m.num_experts, k=m.top_k, B=B, steps=t.steps, prefill=prefill,
-                  temporal=t.temporal > 0, cross=t.cross_layer > 0)
+                  temporal=t.temporal > 0, cross=t.cross_layer > 0, version=t.generator_version)
 
 
 def _size_text(sc) -> str:
@@ -313,7 +343,7 @@ def estimate_scenario(sc) -> Estimate:
         peak = max(peak, t_mem + mem)
         rows += sh.n_steps * sc.replications * n_pol * weight
     mem = _c("bytes_base") + peak + rows * _c("bytes_per_row")
-    return Estimate(seconds=sum(units) * weight + _c("run_s_base"), bytes=mem, size=_size_text(sc),
+    return Estimate(seconds=sum(units) * weight + _c("run_s_base") + _c("run_s_first"), bytes=mem, size=_size_text(sc),
                     units=tuple(units) if weight == 1 else ())
 
 
@@ -502,8 +532,8 @@ def estimate_sweep(doc: dict, source: str, folder: Path | None, workers: int) ->
     sample = expand(_sample_doc(doc, source), source, folder).points
     ests = [estimate_scenario(p.scenario) for p in sample]
     par = max(1, min(workers, n, os.cpu_count() or 1))
-    mean_s = sum(e.seconds for e in ests) / len(ests)
-    secs = n * (mean_s / par + _c("sweep_s_per_point"))
+    mean_s = sum(e.seconds for e in ests) / len(ests) - _c("run_s_first")      # paid once per worker
+    secs = n * (mean_s / par + _c("sweep_s_per_point")) + _c("run_s_first")
     rows = n * sum(len(p.scenario.policies) * len(p.scenario.batch_sizes) for p in sample) / len(sample)
     mem = par * max(e.bytes for e in ests) + n * _c("sweep_bytes_per_point") + rows * _c("bytes_per_row")
     worst = max(range(len(ests)), key=lambda i: ests[i].seconds)

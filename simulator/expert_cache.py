@@ -50,17 +50,23 @@ class ExpertCache:
             slot = self.first_slot + self._ring
             self._ring = (self._ring + 1) % self.slots
             return slot, None
-        victim = None
-        policy = self.policy
+        slot_of = self.slot_of
         if self._free:
-            slot = self._free.popleft()
-        else:
-            victim = policy.victim(protected, t)
-            slot = self.slot_of.pop(victim)
-            policy.on_remove(victim)
-        self.slot_of[key] = slot
-        policy.on_insert(key, t)
+            slot_of[key] = slot = self._free.popleft()
+            self.policy.on_insert(key, t)
+            return slot, None
+        victim = self.policy.replace(key, t, protected)
+        slot_of[key] = slot = slot_of.pop(victim)
         return slot, victim
+
+    def stage(self, n: int) -> list[int]:
+        """The next ``n`` slots of the ring of a cache that does not retain (``none``): the
+        slots ``n`` calls of :meth:`insert` would return."""
+        first, size, ring = self.first_slot, self.slots, self._ring
+        self._ring = (ring + n) % size
+        if ring + n <= size:
+            return list(range(first + ring, first + ring + n))
+        return [first + (ring + i) % size for i in range(n)]
 
     def release(self, key: int) -> None:
         """The hold on resident ``key`` has ended (see :meth:`EvictionPolicy.on_release`)."""

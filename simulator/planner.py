@@ -44,6 +44,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
+from itertools import repeat
+from operator import itemgetter
 
 import numpy as np
 
@@ -195,6 +197,8 @@ class Planner:
         self.pending: dict[int, tuple[int, int, int]] = {}
         self._prefetch_seq = 0
         self.t = -1                                     # index of the last request served
+        # every request of a cache that keeps nothing is a miss copied into the next staging
+        # slot: such layers are planned in one go (no policy calls per request)
         self.preloaded = [kv for c in self.caches for kv in c.preload(c.policy.preload())]
         self.host_cache: ExpertCache | None = None
         self._host_busy: set[int] = set()     # host-resident keys the layer being planned still reads
@@ -207,6 +211,11 @@ class Planner:
             self.host_cache = ExpertCache(pol, slots)
             self.host_preloaded = self.host_cache.preload(pol.preload())
         self._host_hot = frozenset(k for k, _ in self.host_preloaded)
+        # every request of a cache that keeps nothing is a miss copied into the next staging
+        # slot: such layers are planned in one go (no policy calls per request), unless a
+        # tier is in play (quantised copies, a disk tier, a miss policy that is not a copy)
+        self.staged = (self.miss_copies and not self.prefetch_on and not any(c.retains for c in self.caches)
+                       and self.raw is None and self.host_cache is None and self.queue is None)
 
     def _build_caches(self, ctx) -> list[ExpertCache]:
         spec = self.spec.cache
@@ -272,8 +281,9 @@ class Planner:
         step = StepRouting(routing, self.E)
         d = Decisions(tokens=len(routing), requests=routing.size, unique_requests=step.unique_requests)
         layers = []
+        plan_layer = self._plan_staged if self.staged else self._plan_layer
         for l, (keys, tokens) in enumerate(self.load.requests(step)):
-            layers.append(self._plan_layer(s, l, keys, tokens, step, d))
+            layers.append(plan_layer(s, l, keys, tokens, step, d))
             if self.observes:
                 self.prefetch.observe(s, l, routing[:, l, :])
         return layers, d
@@ -306,11 +316,10 @@ class Planner:
         arriving: dict[int, int] = {}       # key -> seq of the prefetch copy it arrives by
         miss_ops: list[tuple] = []
         cpu_ops: list[tuple] = []
-        group_slots: list[int] = []
-        group_keys: list[int] = []
+        group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        hits = misses = transfers = copies = used = wasted = dequants = 0
+        misses = transfers = copies = used = wasted = dequants = 0
         t = self.t
         d.served += len(keys)
 
@@ -319,7 +328,6 @@ class Planner:
             slot = slot_of.get(key)
             if slot is not None:
                 on_hit(key, t)
-                hits += 1
                 op = (COMPUTE, slot, key, tok)
                 dq = None
                 if raw and key in raw:                # prefetched quantised: dequantise first
@@ -341,7 +349,7 @@ class Planner:
                             prefetched_hits.append((held[2], op))
                             continue
                 if key in loaded_here:            # loaded earlier in this layer: compute after that load
-                    (group_computes if coalesce and slot in group_slots else miss_ops).append(op)
+                    (group_computes if coalesce and slot in group else miss_ops).append(op)
                 elif key in arriving:                 # another token of a prefetched expert
                     prefetched_hits.append((arriving[key], op))
                 else:
@@ -364,13 +372,12 @@ class Planner:
                 dequants += 1
                 compute = (DEQUANT, slot, key, eb), compute
             if coalesce:
-                if slot in group_slots:
-                    miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+                if slot in group:
+                    miss_ops.append(_group_load(group, eb, False))
                     copies += 1
                     miss_ops.extend(group_computes)
-                    group_slots, group_keys, group_computes = [], [], []
-                group_slots.append(slot)
-                group_keys.append(key)
+                    group, group_computes = {}, []
+                group[slot] = key
                 if raw is None:
                     group_computes.append(compute)
                 else:
@@ -382,8 +389,8 @@ class Planner:
                     miss_ops.append(compute)
                 else:
                     miss_ops += compute
-        if group_slots:
-            miss_ops.append((LOAD, tuple(group_slots), tuple(group_keys), eb * len(group_slots), False))
+        if group:
+            miss_ops.append(_group_load(group, eb, False))
             copies += 1
             miss_ops.extend(group_computes)
         self.t = t
@@ -393,7 +400,7 @@ class Planner:
             for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
                 if self._release(key)[2] >= 0:
                     wasted += 1
-        d.hits += hits
+        d.hits += len(keys) - misses
         d.misses += misses
         d.transfers += transfers
         d.bytes_h2d += transfers * eb
@@ -407,7 +414,7 @@ class Planner:
         ops += read_ops
         ops += hit_ops
         if prefetched_hits:
-            prefetched_hits.sort(key=_first)
+            prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
             ops += [op for _, op in prefetched_hits]
         ops += miss_ops
         ops += cpu_ops
@@ -456,6 +463,35 @@ class Planner:
             return False
         return True
 
+    def _plan_staged(self, s: int, l: int, keys: list[int], tokens: list[int], step: StepRouting,
+                     d: Decisions) -> list[tuple]:
+        """:meth:`_plan_layer` for a cache that keeps nothing (``self.staged``): the same
+        operations, built in bulk. Each request is a miss loaded into the next slot of the
+        ring; coalesced loads group the requests until a slot would repeat."""
+        n, eb = len(keys), self.stored_bytes
+        slots = self.cache_of_layer[l].stage(n)
+        self.t += n
+        computes = list(zip(repeat(COMPUTE), slots, keys, tokens))
+        ops: list[tuple] = [(DENSE,)]
+        if self.load.coalesce:                  # ring slots are distinct within one ring length
+            size = self.cache_of_layer[l].slots
+            for i in range(0, n, size):
+                j = min(n, i + size)
+                ops.append((LOAD, tuple(slots[i:j]), tuple(keys[i:j]), eb * (j - i), False))
+                ops += computes[i:j]
+            copies = -(-n // size)
+        else:
+            ops += [None] * (2 * n)
+            ops[1::2] = zip(repeat(LOAD), zip(slots), zip(keys), repeat(eb), repeat(False))
+            ops[2::2] = computes
+            copies = n
+        d.served += n
+        d.misses += n
+        d.transfers += n
+        d.bytes_h2d += n * eb
+        d.copies += copies
+        return ops
+
     def _insert_demand(self, cache: ExpertCache, key: int, s: int, l: int, keys: list[int], d: Decisions) -> int:
         """Make a missed ``key`` resident; if every resident is held, release the held expert
         of this layer-step needed last (or not at all) and count its prefetch as wasted."""
@@ -487,8 +523,7 @@ class Planner:
         coalesce = self.load.coalesce
         ops: list[tuple] = []
         reads: list[tuple] = []             # disk reads first, then the copies
-        slots: list[int] = []
-        keys: list[int] = []
+        group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
         seen = set()
         issued = loads = 0
         base, t = tl * E, self.t
@@ -516,17 +551,16 @@ class Planner:
             issued += 1
             room -= 1
             if coalesce:
-                if slot in slots:
-                    ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+                if slot in group:
+                    ops.append(_group_load(group, eb, True))
                     loads += 1
-                    slots, keys = [], []
-                slots.append(slot)
-                keys.append(key)
+                    group = {}
+                group[slot] = key
             else:
                 ops.append((LOAD, (slot,), (key,), eb, True))
                 loads += 1
-        if slots:
-            ops.append((LOAD, tuple(slots), tuple(keys), eb * len(slots), True))
+        if group:
+            ops.append(_group_load(group, eb, True))
             loads += 1
         d.prefetches_issued += issued
         d.transfers += issued
@@ -535,5 +569,9 @@ class Planner:
         return reads + ops if reads else ops
 
 
-def _first(pair: tuple) -> int:
-    return pair[0]
+_first = itemgetter(0)
+
+
+def _group_load(group: dict[int, int], expert_bytes: int, prefetch: bool) -> tuple:
+    """The one copy of a coalesced group (slot -> key, in the order they joined)."""
+    return (LOAD, tuple(group), tuple(group.values()), expert_bytes * len(group), prefetch)

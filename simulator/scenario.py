@@ -92,8 +92,9 @@ class TraceSpec(_Strict):
     cross_layer: float = Field(0.0, ge=0, le=1)
     locality: float = Field(0.0, ge=0, le=1, description="item_copy: share of a later item's experts copied")
     generator_version: int = Field(
-        GENERATOR_VERSION, description="synthetic sampler version: 2 (vectorised, default) or 1 (simmoe 0.1's "
-                                       "draw order, to reproduce its traces bit for bit)")
+        GENERATOR_VERSION, description="synthetic sampler version: 3 (default: no random key per expert when "
+                                       "experts > 8 x top_k), 2 (vectorised, Gumbel keys) or 1 (simmoe 0.1's draw "
+                                       "order); 1 and 2 reproduce their traces bit for bit")
 
     @field_validator("generator_version")
     @classmethod

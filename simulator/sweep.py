@@ -525,13 +525,40 @@ def _stderr_to_file():
         os.close(saved)
 
 
+@contextmanager
+def _loopback_node(ray):
+    """Make Ray take 127.0.0.1 as this node's address while it starts a local cluster.
+
+    Ray's servers bind to loopback only when the node's address is 127.0.0.1 (GCS:
+    ``listen_to_localhost_only = node_ip_address == "127.0.0.1"`` in gcs_server.cc; the raylet
+    and the workers likewise), but ``ray.init(_node_ip_address="127.0.0.1")`` alone is turned
+    into the machine's address by ``services.resolve_ip_for_localhost``, which keeps loopback
+    only where ``ray_constants.ENABLE_RAY_CLUSTER`` is off (Ray's setting
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read when ray is imported). So the start runs with
+    that setting off, in the environment (for Ray's own processes) and in the imported module,
+    both restored afterwards."""
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    saved = getattr(consts, "ENABLE_RAY_CLUSTER", None)
+    with _environ(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0"):
+        if consts is not None:
+            consts.ENABLE_RAY_CLUSTER = False
+        try:
+            yield
+        finally:
+            if consts is not None:
+                consts.ENABLE_RAY_CLUSTER = saved
+
+
+LOOPBACK = "127.0.0.1"
+
+
 def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
     """Connect to the cluster at ``address`` (checked, retried at most RAY_CONNECT_TIMEOUT_S), or
-    start a local Ray: no dashboard, and Ray's token authentication on (Ray's token:
-    ``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, which Ray creates if missing), since Ray's
-    gRPC servers listen on every interface and Ray has no option to bind them to loopback.
-    With ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it starts
-    (and reloads its settings; set to ``token`` beforehand it would not), so a
+    start a local Ray bound to 127.0.0.1 (:func:`_loopback_node`: GCS, raylet, workers and
+    agents listen on loopback only), without a dashboard, and with Ray's token authentication
+    on (Ray's token: ``RAY_AUTH_TOKEN``, else ``~/.ray/auth_token``, which Ray creates if
+    missing). With ``RAY_AUTH_MODE`` unset, Ray turns token authentication on for a cluster it
+    starts (and reloads its settings; set to ``token`` beforehand it would not), so a
     ``RAY_AUTH_MODE=disabled`` is unset for the start. The token is Ray's own: Ray caches it
     per process, so one of simmoe's would break a later ``ray.init`` of the caller."""
     import logging
@@ -544,7 +571,8 @@ def _ray_init(ray, address: str | None, workers: int, stack: ExitStack) -> None:
                 ray.init(address=address, **opts)
         else:
             stack.enter_context(_environ(RAY_AUTH_MODE=None))
-            ray.init(num_cpus=workers, **opts)
+            with _loopback_node(ray):
+                ray.init(num_cpus=workers, _node_ip_address=LOOPBACK, **opts)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError("command line", "--address" if address else "--backend",

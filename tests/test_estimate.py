@@ -103,7 +103,7 @@ def test_units_follow_run_order_and_sum_to_the_estimate():
                    policies=[{"name": "a", "load": "per-item"}, {"name": "b", "load": "dedup"}])
     e = est.estimate_scenario(sc)
     assert len(e.units) == 2 * 2 * 2
-    assert sum(e.units) + est.COSTS["run_s_base"] == pytest.approx(e.seconds)
+    assert sum(e.units) + est.COSTS["run_s_base"] + est.COSTS["run_s_first"] == pytest.approx(e.seconds)
     assert e.units[4] > e.units[0]     # batch 8 costs more than batch 1
 
 
@@ -316,3 +316,17 @@ def test_every_load_mode_is_priced():
         d["policies"] = [{"name": "p", "load": load, "cache": {"kind": "none", "capacity": 128}}]
         e = est.estimate_scenario(parse_scenario(d, "s.yaml"))
         assert e.seconds > 0 and e.bytes > 0
+
+
+def test_trace_generation_is_priced_by_generator_version():
+    """Version 3 draws no key per expert when E > 8 k: its estimate no longer grows with E
+    there (but for the per-cell terms), version 2's does; at E <= 8 k they are the same."""
+    def gen(E, k, version):
+        sc = _scenario(model={"preset": "published-study", "num_layers": 4, "num_experts": E, "top_k": k},
+                       trace={"generator": "mixed", "steps": 64, "zipf": 0.5, "temporal": 0.3,
+                              "generator_version": version})
+        return est._trace_cost(est._shape(sc, 64), True)
+    assert gen(16, 2, 3) == gen(16, 2, 2)
+    v2, v3 = gen(4096, 8, 2), gen(4096, 8, 3)
+    assert v3[0] < v2[0] / 3 and v3[1] < v2[1]           # time and the draws' memory
+    assert gen(8192, 8, 2)[0] > 1.8 * v2[0]                 # version 2: E keys per row

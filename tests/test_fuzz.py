@@ -177,7 +177,7 @@ def test_ids_above_int16_survive_concat_save_and_load(tmp_path):
     np.testing.assert_array_equal(back.experts, tr.experts)
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_generated_ids_above_int16_do_not_wrap(version):
     from simulator.traces import generate
     t = generate(num_layers=2, num_experts=131072, top_k=8, batch_size=64, steps=3, seed=0,

@@ -355,7 +355,8 @@ class FakeRay(types.ModuleType):
         return self.up
 
     def init(self, **kw):
-        env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_gcs_server_port_wait_time_s")}
+        env = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_gcs_server_port_wait_time_s",
+                                               "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
         self.calls.append((kw, env))
         if self.fail:
             raise self.fail
@@ -378,6 +379,9 @@ def test_a_local_ray_has_no_dashboard_and_token_auth(monkeypatch, tmp_path):
     assert kw["include_dashboard"] is False and "address" not in kw
     assert env["RAY_AUTH_MODE"] is None          # unset: Ray turns token authentication on
     assert os.environ["RAY_AUTH_MODE"] == "disabled" and not fake.up           # restored, shut down
+    # bound to loopback: the node's address 127.0.0.1, kept so by Ray's cluster setting off
+    assert kw["_node_ip_address"] == "127.0.0.1" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_a_ray_cluster_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
@@ -389,6 +393,56 @@ def test_a_ray_cluster_that_does_not_answer_is_one_line(monkeypatch, tmp_path):
                    "--address: cannot reach Ray: Failed to connect to Ray cluster at 10.0.0.1:6379")
     (kw, env), = fake.calls
     assert kw["address"] == "10.0.0.1:6379" and env["RAY_gcs_server_port_wait_time_s"] == "5"
+
+
+def listening(pids: set[int]) -> list[str]:
+    """``address:port`` of every TCP socket that processes ``pids`` listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+        except OSError:
+            continue
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:            # LISTEN
+                addr, port = cols[1].split(":")
+                raw = bytes.fromhex(addr)
+                words = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                out.append(f"{socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, words)}:{int(port, 16)}")
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    kids = {int(p) for t in os.listdir(f"/proc/{pid}/task")
+            for p in open(f"/proc/{pid}/task/{t}/children").read().split()}
+    return kids.union(*(descendants(k) for k in kids)) if kids else set()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux /proc")
+def test_a_local_ray_listens_on_loopback_only():
+    """GCS, raylet, workers and agents of the Ray simmoe starts listen on 127.0.0.1 alone."""
+    import contextlib
+
+    from simulator.sweep import _ray_init
+
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("a Ray session is already running in this process")
+    with contextlib.ExitStack() as stack:
+        _ray_init(ray, None, 1, stack)
+        assert ray.get(ray.remote(lambda: 1).remote()) == 1
+        addrs = listening(descendants(os.getpid()))
+        assert len(addrs) >= 3, addrs                    # GCS, raylet (node manager, object manager), worker
+        hosts = {a.rsplit(":", 1)[0] for a in addrs}
+        assert hosts <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, addrs
+    assert not ray.is_initialized() and "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 @pytest.mark.slow

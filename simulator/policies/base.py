@@ -120,6 +120,15 @@ class EvictionPolicy(ABC):
     def victim(self, protected, t: int) -> int:
         """A resident key not in ``protected``; raises :class:`NoVictim` if there is none."""
 
+    def replace(self, key: int, t: int, protected) -> int:
+        """The cache is full: evict a victim (:meth:`victim`, then :meth:`on_remove`), insert
+        ``key`` (:meth:`on_insert`) and return the victim. One call where the cache would make
+        three; a policy may override it with a faster path that does the same."""
+        v = self.victim(protected, t)
+        self.on_remove(v)
+        self.on_insert(key, t)
+        return v
+
 
 @dataclass(slots=True)
 class PrefetchRequest:

@@ -28,6 +28,7 @@ class _Stamped(EvictionPolicy):
         self._front: list[tuple[int, int]] = []   # released residents (stamp, key): oldest of all
         self._in_front: dict[int, int] = {}
         self._tick = count(1)
+        self._plain_insert = type(self).on_insert is _Stamped.on_insert
         if self.restamp_on_hit:
             self.on_hit = self._restamp       # no extra call per hit
 
@@ -56,6 +57,19 @@ class _Stamped(EvictionPolicy):
         if stamp is not None:
             heappush(self._front, (stamp, key))
             self._in_front[key] = stamp
+
+    def replace(self, key, t, protected):
+        order = self._order
+        if not self._front and order:              # the common case: the oldest is not held
+            v = next(iter(order))
+            if v not in protected:
+                del order[v]
+                if self._plain_insert:
+                    order[key] = next(self._tick)
+                else:
+                    self.on_insert(key, t)
+                return v
+        return super().replace(key, t, protected)
 
     def victim(self, protected, t):
         front = self._front

@@ -24,6 +24,9 @@ is on, a step's layers together with ``temporal`` alone, a layer's steps togethe
 ``cross_layer`` alone, and the anti-diagonals (step + layer constant) with both. Version 1
 (:mod:`simulator.traces.synthetic_v1`) drew the same distributions one cell at a time; the two
 versions draw their random numbers in a different order, so their traces differ bit for bit.
+Version 3 (the default) groups the cells as version 2 does, but draws a row's top-k without a
+random key for every expert when E > 8 k (:class:`_SamplerV3`): the same distribution, other
+bits.
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ GENERATORS = {
     "mixed": {"zipf", "temporal", "batch_locality", "batch_pool", "cross_layer"},
     "item_copy": {"locality"},  # simulator/traces/item_copy.py
 }
-GENERATOR_VERSIONS = (1, 2)
-GENERATOR_VERSION = 2
+GENERATOR_VERSIONS = (1, 2, 3)
+GENERATOR_VERSION = 3
 _FORCE = 1e6
 CHUNK = 1 << 20        # random keys drawn at once (floats): bounds the sampler's memory
 
@@ -64,12 +67,16 @@ def generate(
               batch_pool=batch_pool, cross_layer=cross_layer, prefill_tokens=prefill_tokens)
     if version == 1:
         return generate_v1(**kw)
-    if version != 2:
+    if version not in SAMPLERS:
         raise ValueError(f"unknown generator version {version}; known: {GENERATOR_VERSIONS}")
-    return _Sampler(**kw).trace()
+    return SAMPLERS[version](**kw).trace()
 
 
 class _Sampler:
+    """Version 2: each row's top-k by Gumbel keys over all E experts."""
+
+    VERSION = 2
+
     def __init__(self, *, num_layers, num_experts, top_k, batch_size, steps, seed, generator, zipf, temporal,
                  batch_locality, batch_pool, cross_layer, prefill_tokens):
         self.E, self.k, self.L, self.B, self.S = num_experts, top_k, num_layers, batch_size, steps
@@ -83,6 +90,7 @@ class _Sampler:
         self.perms = np.stack([rng.permutation(E) for _ in range(L)])   # cross-layer affinity maps
         self.pool = min(E, batch_pool or top_k)
         self.dtype = np.int16 if E <= np.iinfo(np.int16).max else np.int32
+        self.width = row_keys(2, E, top_k)
 
     # ---- one group of independent cells ----------------------------------------------
     def _hot(self, layers: np.ndarray) -> np.ndarray:
@@ -130,7 +138,7 @@ class _Sampler:
         """The prefill step ``(B * P, L, k)``: layers in turn, rows in chunks."""
         n = self.B * self.P
         out = np.empty((n, self.L, self.k), dtype=self.dtype)
-        rows = max(1, CHUNK // self.E)
+        rows = max(1, CHUNK // self.width)
         for l in range(self.L):
             layer = np.array([l])
             hot = self._hot(layer) if self.locality > 0 else None
@@ -157,7 +165,7 @@ class _Sampler:
             groups = np.split(order, np.arange(S, S * L, S))
         else:
             groups = [np.arange(S * L)]
-        per = max(1, CHUNK // (self.B * self.E))
+        per = max(1, CHUNK // (self.B * self.width))
         for g in groups:
             for i in range(0, len(g), per):
                 part = g[i:i + per]
@@ -187,12 +195,129 @@ class _Sampler:
         seq_ids = np.arange(B, dtype=np.int32)
         parts.extend((out[s], seq_ids, 0) for s in range(S))
         meta = {
-            "generator": self.generator, "generator_version": 2, "seed": self.seed, "batch_size": B,
+            "generator": self.generator, "generator_version": self.VERSION, "seed": self.seed, "batch_size": B,
             "steps": S, "prefill_tokens": self.P,
             "params": {"zipf": self.zipf, "temporal": self.temporal, "batch_locality": self.locality,
                        "batch_pool": self.pool, "cross_layer": self.cross},
         }
         return concat_steps(parts, self.E, meta)
+
+
+class _SamplerV3(_Sampler):
+    """Version 3: the same distribution without E random keys per row.
+
+    A row's top-k by Gumbel keys (``log w + Gumbel``, pulled experts first) is, in order, the
+    pulled experts ranked by their own keys, then draws without replacement by weight from the
+    rest (Plackett-Luce). Version 3 samples exactly that: Gumbel keys for the (at most 3k)
+    pulled candidates only, then one draw per free position from the layer's popularity
+    (inverse CDF), redrawn while it repeats an expert the row already has (a rejected draw
+    leaves the remaining experts' weights renormalised, as drawing without replacement does).
+    Each round draws once for every row still short. Rows still short after ``ROUNDS k + 8``
+    rounds (heavy skew, or k close to E) get their remaining positions from Gumbel keys over the
+    experts they do not have, the version 2 way. With ``E <= GUMBEL_RATIO k`` experts the
+    version 2 draw is the cheaper one and version 3 uses it (its traces then equal version 2's).
+    """
+
+    VERSION = 3
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.width = row_keys(3, self.E, self.k)
+        w = np.exp(self.logw)
+        cdf = np.cumsum(w / w.sum(axis=1, keepdims=True), axis=1)
+        cdf[:, -1] = 1.0
+        # one sorted array for all layers: layer l's CDF shifted to [l, l + 1]
+        self.cdf = (cdf + np.arange(self.L)[:, None]).ravel()
+
+    def _draw(self, layers, n, prev, below, hot):
+        if self.E <= GUMBEL_RATIO * self.k:            # few experts: E keys a row are cheaper
+            return super()._draw(layers, n, prev, below, hot)
+        rng, E, k = self.rng, self.E, self.k
+        c = len(layers)
+        ci = np.arange(c)[:, None, None]
+        shape = (c, n, k)
+        cands = []
+
+        def pull(experts, p):
+            m = (rng.random(shape) < p) & (experts >= 0)
+            cands.append(np.where(m, experts, -1).reshape(c * n, k))
+
+        if prev is not None and self.temporal > 0:
+            pull(prev, self.temporal)
+        if below is not None and self.cross > 0:
+            mapped = np.where(below >= 0, self.perms[layers][ci, np.maximum(below, 0)], -1)
+            pull(mapped, self.cross)
+        if hot is not None:
+            pick = hot[np.broadcast_to(ci, shape), rng.integers(self.pool, size=shape)]
+            pull(pick, self.locality)
+        layer = np.repeat(layers, n)                    # each row's layer
+        R = c * n
+        if cands:
+            chosen, fill = self._pulled(np.concatenate(cands, axis=1).astype(np.int64), layer)
+        else:
+            chosen, fill = np.full((R, k), -1, dtype=np.int64), np.zeros(R, dtype=np.int64)
+        act = np.flatnonzero(fill < k)
+        for _ in range(ROUNDS * k + 8):
+            if not act.size:
+                break
+            la = layer[act]
+            e = np.searchsorted(self.cdf, rng.random(act.size) + la, side="right") - la * E
+            np.minimum(e, E - 1, out=e)
+            ok = ~(chosen[act] == e[:, None]).any(axis=1)
+            a = act[ok]
+            chosen[a, fill[a]] = e[ok]
+            fill[a] += 1
+            act = act[fill[act] < k]
+        if act.size:
+            self._fallback(chosen, fill, act, layer)
+        return chosen.reshape(c, n, k).astype(self.dtype)
+
+    def _pulled(self, cand: np.ndarray, layer: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pulled experts of each row (``cand``, -1 where none, repeats allowed) ranked by
+        their Gumbel keys, at most k: ``(chosen (rows, k), -1 after the first fill[row])``."""
+        k = self.k
+        cand.sort(axis=1)
+        cand[:, 1:][cand[:, 1:] == cand[:, :-1]] = -1             # a pulled set, not a list
+        valid = cand >= 0
+        keys = self.logw[layer[:, None], np.maximum(cand, 0)] + self.rng.gumbel(size=cand.shape)
+        keys[~valid] = -np.inf
+        order = np.argsort(-keys, axis=1, kind="stable")[:, :k]
+        chosen = np.take_along_axis(cand, order, axis=1)
+        fill = np.minimum(valid.sum(axis=1), k)
+        chosen[np.arange(k)[None, :] >= fill[:, None]] = -1          # (each knob pulls k: cand has >= k)
+        return chosen, fill
+
+    def _fallback(self, chosen, fill, act, layer):
+        """Fill rows ``act``'s free positions by Gumbel keys over the experts they lack."""
+        E, k = self.E, self.k
+        j = np.arange(k)[None, :]
+        for i in range(0, len(act), max(1, CHUNK // E)):
+            a = act[i:i + max(1, CHUNK // E)]
+            keys = self.logw[layer[a]] + self.rng.gumbel(size=(len(a), E))
+            have = chosen[a]
+            r, col = np.nonzero(have >= 0)
+            keys[r, have[r, col]] = -np.inf
+            top = np.argpartition(-keys, k - 1, axis=1)[:, :k]
+            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(keys, top, axis=1), axis=1, kind="stable"),
+                                     axis=1)
+            src = j - fill[a][:, None]
+            take = src >= 0
+            have[take] = np.take_along_axis(top, np.maximum(src, 0), axis=1)[take]
+            chosen[a] = have
+            fill[a] = k
+
+
+SAMPLERS = {2: _Sampler, 3: _SamplerV3}
+GUMBEL_RATIO = 8       # version 3 draws by Gumbel keys when E <= GUMBEL_RATIO k
+ROUNDS = 4             # version 3: ROUNDS k + 8 rounds of draws before the Gumbel fallback
+
+
+def row_keys(version: int, num_experts: int, top_k: int) -> int:
+    """Random keys a sampler holds per routed row while it draws (its chunks are CHUNK keys):
+    E Gumbel keys (versions 1 and 2), or the pulled candidates and the draws (version 3)."""
+    if version != 3 or num_experts <= GUMBEL_RATIO * top_k:
+        return num_experts
+    return 4 * top_k
 
 
 def expected_unique_uniform(num_experts: int, top_k: int, batch_size: int) -> float:
