@@ -76,6 +76,13 @@ class CopyCurve(_Strict):
     bandwidth_ci95_GBps: list[float] | None = None
     table: list[tuple[int, float]] = Field(default_factory=list, description="[bytes, ms] points")
 
+    @field_validator("latency_ci95_us", "bandwidth_ci95_GBps")
+    @classmethod
+    def _ci_ok(cls, v):
+        if v is not None and (len(v) != 2 or v[0] > v[1]):
+            raise ValueError(f"a 95% interval is [low, high] with low <= high, got {v}")
+        return v
+
     @field_validator("table")
     @classmethod
     def _table_ok(cls, v):

@@ -52,11 +52,11 @@ def test_prefill_placement_and_the_decode_working_set(mode):
     after = cache_keys(p)
     _, nxt = p.plan_step(add(tr, decode_rows(), 0))
     if mode == "bypass":
-        assert after == before and nxt.misses == 0 and p.staged == dec.misses > 0
+        assert after == before and nxt.misses == 0 and p.staged_loads == dec.misses > 0
     elif mode == "warm":                              # one prompt expert per layer admitted
         assert len(after - before) <= L and len(after - before) >= 1 and nxt.misses > 0
     else:
-        assert not (before <= after) and nxt.misses > 0 and p.staged == 0
+        assert not (before <= after) and nxt.misses > 0 and p.staged_loads == 0
     assert dec.transfers == dec.misses                # every prefill miss was copied once
 
 

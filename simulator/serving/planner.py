@@ -74,12 +74,13 @@ class ServingPlanner(Planner):
                 raise ValueError(f"{what} {kind!r} needs the run's whole request stream ahead, which a "
                                  "serving run does not know (requests arrive as it runs)")
         super().__init__(model, policy, trace, seed=seed)
+        self.staged = False   # Planner's bulk path for a cache that keeps nothing knows no serving knob
         ph = policy.serving
         self.placement = PREFILL_POLICIES[ph.prefill](keep_top=ph.keep_top)
         self.staging = (ph.staging or model.num_experts) if self.placement.stages else 0
         self.staging_base = super().total_slots
         self._ring = 0
-        self.staged = 0                               # prefill misses streamed through staging
+        self.staged_loads = 0                         # prefill misses streamed through staging
         pf = ph.prefill_prefetch
         decode_pf = (self.prefetch, self.prefetch_on, self.observes)
         if pf is None:
@@ -138,7 +139,7 @@ class ServingPlanner(Planner):
         if self._stage_of is not None and self._stage_of[l].get(key) is False:
             slot = self.staging_base + self._ring
             self._ring = (self._ring + 1) % self.staging
-            self.staged += 1
+            self.staged_loads += 1
             return slot
         return super()._insert_demand(cache, key, s, l, keys, d)
 

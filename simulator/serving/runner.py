@@ -125,7 +125,7 @@ def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *,
 
     engine.run(planner, steps())
     info = {**split, "peak_batch": sched.peak_batch, "peak_kv_tokens": sched.peak_kv, "steps": sched.steps,
-            "staged_loads": planner.staged, "budget_cpu_misses": planner.budget.over if planner.budget else 0,
+            "staged_loads": planner.staged_loads, "budget_cpu_misses": planner.budget.over if planner.budget else 0,
             "notes": sorted(dense.notes) if isinstance(dense, MixedStepCost) else []}
     return ServeRun(requests=request_table(sched, w.slo), steps=pd.DataFrame(step_rows), info=info)
 
