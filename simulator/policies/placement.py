@@ -51,28 +51,34 @@ class RoundRobin(PlacementPolicy):
         return np.tile(np.arange(E) % num_gpus, (trace.num_layers, 1))
 
 
+def _balanced(trace: Trace, num_gpus: int, rank, placed=None) -> np.ndarray:
+    """Per layer, experts from the most routed down (ties: the lower id), each to the GPU
+    with room that ``rank(l, e, g, load)`` puts first (``load``: routed tokens per GPU so far);
+    ``placed(l, e, g)`` is told of each choice."""
+    pop = popularity(trace)
+    E = trace.num_experts
+    cap = -(-E // num_gpus)
+    out = np.full((trace.num_layers, E), -1, dtype=np.int64)
+    for l, row in enumerate(pop):
+        load = np.zeros(num_gpus, dtype=np.int64)
+        room = np.full(num_gpus, cap, dtype=np.int64)
+        for e in np.lexsort((np.arange(E), -row)).tolist():
+            g = min((gg for gg in range(num_gpus) if room[gg] > 0), key=lambda gg: rank(l, e, gg, load))
+            out[l, e] = g
+            room[g] -= 1
+            load[g] += row[e]
+            if placed is not None:
+                placed(l, e, g)
+    return out
+
+
 @register_placement("popularity")
 class Popularity(PlacementPolicy):
     """Per layer, greedy longest-processing-time: experts from the most routed down, each to
     the GPU with the fewest routed tokens so far (ties: the lower id) that has room."""
 
     def place(self, trace, num_gpus):
-        pop = popularity(trace)
-        E = trace.num_experts
-        cap = -(-E // num_gpus)
-        out = []
-        for row in pop:
-            load = np.zeros(num_gpus, dtype=np.int64)
-            order = np.lexsort((np.arange(E), -row))
-            gpu_of = np.full(E, -1, dtype=np.int64)
-            room = np.full(num_gpus, cap, dtype=np.int64)
-            for e in order.tolist():
-                g = min((gg for gg in range(num_gpus) if room[gg] > 0), key=lambda gg: (load[gg], gg))
-                gpu_of[e] = g
-                room[g] -= 1
-                load[g] += row[e]
-            out.append(gpu_of)
-        return np.stack(out)
+        return _balanced(trace, num_gpus, lambda l, e, g, load: (load[g], g))
 
 
 @register_placement("affinity")
@@ -83,23 +89,14 @@ class Affinity(PlacementPolicy):
     (less all-to-all), at the price of balance."""
 
     def place(self, trace, num_gpus):
-        pop = popularity(trace)
         E = trace.num_experts
-        cap = -(-E // num_gpus)
-        out = []
-        for l, row in enumerate(pop):
-            co = co_occurrence(trace, l)
-            load = np.zeros(num_gpus, dtype=np.int64)
-            shared = np.zeros((E, num_gpus), dtype=np.int64)   # expert -> tokens shared with each GPU
-            order = np.lexsort((np.arange(E), -row))
-            gpu_of = np.full(E, -1, dtype=np.int64)
-            room = np.full(num_gpus, cap, dtype=np.int64)
-            for e in order.tolist():
-                g = min((gg for gg in range(num_gpus) if room[gg] > 0),
-                        key=lambda gg: (-shared[e, gg], load[gg], gg))
-                gpu_of[e] = g
-                room[g] -= 1
-                load[g] += row[e]
-                shared[:, g] += co[:, e]
-            out.append(gpu_of)
-        return np.stack(out)
+        co = [co_occurrence(trace, l) for l in range(trace.num_layers)]
+        shared = np.zeros((trace.num_layers, E, num_gpus), dtype=np.int64)  # tokens shared with each GPU
+
+        def placed(l, e, g):
+            shared[l, :, g] += co[l][:, e]
+
+        def rank(l, e, g, load):
+            return (-shared[l, e, g], load[g], g)
+
+        return _balanced(trace, num_gpus, rank, placed)
