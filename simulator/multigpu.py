@@ -132,20 +132,23 @@ def peer_terms(sc: Scenario, cost: CostModel) -> tuple[float, float]:
 
 def all_to_all(routing: np.ndarray, owner: np.ndarray, count: int, act_bytes: int) -> tuple[np.ndarray, np.ndarray]:
     """Per layer of one step: the bytes of the busiest GPU's side (max of sent and received) and
-    the total bytes of one all-to-all (dispatch; the combine moves the same bytes back)."""
+    the total bytes of one all-to-all (dispatch; the combine moves the same bytes back). Layer
+    by layer, so that a large prefill needs ``tokens x GPUs`` booleans at a time."""
     T, L, _ = routing.shape
+    busiest, moved = np.zeros(L), np.zeros(L, dtype=np.int64)
     if T == 0:
-        return np.zeros(L), np.zeros(L, dtype=np.int64)
-    dest = owner[np.arange(L)[None, :, None], routing]          # (T, L, k) GPU of each choice
+        return busiest, moved
     home = token_home(T, count)
-    goes = np.zeros((T, L, count), dtype=bool)
-    np.put_along_axis(goes, dest, True, axis=2)
-    goes[np.arange(T), :, home] = False                          # a token's own GPU: no copy
-    recv = goes.sum(axis=0)                                      # (L, N)
-    send = np.zeros((L, count), dtype=np.int64)
-    np.add.at(send, (slice(None), home), goes.sum(axis=2).T)     # per home GPU
-    busiest = np.maximum(send, recv).max(axis=1) * act_bytes
-    return busiest, recv.sum(axis=1) * act_bytes
+    rows = np.arange(T)
+    for l in range(L):
+        goes = np.zeros((T, count), dtype=bool)
+        goes[rows[:, None], owner[l][routing[:, l, :]]] = True       # GPUs holding a token's experts
+        goes[rows, home] = False                                     # its own GPU: no copy
+        recv = goes.sum(axis=0)
+        send = np.bincount(home, weights=goes.sum(axis=1), minlength=count)
+        busiest[l] = max(recv.max(), send.max()) * act_bytes
+        moved[l] = int(recv.sum()) * act_bytes
+    return busiest, moved
 
 
 class GpuState:

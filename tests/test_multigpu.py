@@ -163,3 +163,38 @@ def test_unsupported_combinations_one_line():
         scenario({"count": 2}, policies=[{"name": "q", "expert_dtype": "int8"}])
     with pytest.raises(InputError, match=r"t.yaml: policies\[0\].memory: "):
         scenario({"count": 2}, policies=[{"name": "p", "memory": "pageable"}])
+
+
+def test_validate_refuses_gpus_in_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from simmoe.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: v\nmodel: olmoe-1b-7b\nbatch_sizes: [1]\ntrace: {generator: uniform, steps: 2}\n"
+                 "policies: [{name: a}]\ngpus: {count: 2}\n")
+    r = CliRunner().invoke(main, ["validate", str(p)])
+    assert r.exit_code == 2
+    assert r.output.strip().splitlines()[-1] == (f"error: {p}: gpus: validate runs on one GPU; the live run on "
+                                                 "several GPUs is not built yet (issue 17): remove gpus, or use simmoe run")
+
+
+def test_run_writes_gpu_fields(tmp_path):
+    from click.testing import CliRunner
+
+    from simmoe.cli import main
+
+    p = tmp_path / "s.yaml"
+    p.write_text("name: r\nmodel: {preset: olmoe-1b-7b, num_layers: 2}\nprofile: h200\nreplications: 1\n"
+                 "batch_sizes: [4]\ntrace: {generator: zipf, zipf: 1.0, steps: 3}\n"
+                 "policies: [{name: a, cache: {kind: lru, capacity: 16}}]\ngpus: {count: 2, placement: popularity}\n")
+    r = CliRunner().invoke(main, ["run", str(p), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    import json
+
+    row = json.loads((tmp_path / "out" / "summary.json").read_text())["results"][0]
+    g = row["gpus"]
+    assert g["count"] == 2 and len(g["per_gpu"]) == 2 and g["bytes_pcie"] == row["bytes_h2d"]
+    assert sum(x["pairs"] for x in g["per_gpu"]) == row["requests"] and g["bytes_peer"] > 0
+    csv = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")
+    assert "gpus_load_imbalance" in csv and "gpus" not in csv
