@@ -34,7 +34,7 @@ from .errors import InputError
 from .planner import COMPUTE, DENSE, LOAD, Decisions, Planner
 from .policies import LOAD_MODES
 from .policies.placement import PLACEMENT_POLICIES
-from .profile import CostModel
+from .profile import CostModel, PeerLink
 from .scenario import PolicySpec, Scenario
 from .traces import Trace
 
@@ -124,7 +124,8 @@ def build_planners(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMod
 
 def peer_terms(sc: Scenario, cost: CostModel) -> tuple[float, float]:
     """(bytes per ms, latency ms) of the peer link."""
-    peer = cost.profile.gpus.peer
+    gpus = cost.profile.gpus
+    peer = gpus.peer if gpus is not None else PeerLink()
     bw = sc.gpus.peer_GBps if sc.gpus.peer_GBps is not None else peer.bandwidth_GBps
     lat = sc.gpus.peer_latency_us if sc.gpus.peer_latency_us is not None else peer.latency_us
     return bw * 1e6, lat * 1e-3

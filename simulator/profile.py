@@ -289,7 +289,7 @@ class Profile(_Strict):
     measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
     engine: dict[str, ModelEngine] = Field(default_factory=dict, description="per model preset: the engine around the experts")
     tiers: TierSection = Field(default_factory=TierSection, description="quantised, direct-read and disk terms")
-    gpus: GpusSection = Field(default_factory=GpusSection, description="several GPUs: the peer link")
+    gpus: GpusSection | None = Field(None, description="several GPUs: the peer link (none: PeerLink's spec default)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
