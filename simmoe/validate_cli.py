@@ -82,6 +82,9 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     if sc.what_if is not None and sc.what_if.given():
         raise InputError(str(scenario), "what_if", "validate measures this machine as it is: a hardware what-if "
                                                    "has nothing live to compare with (remove it, or use simmoe run)")
+    if sc.gpus is not None:
+        raise InputError(str(scenario), "gpus", "validate runs on one GPU; the live run on several GPUs is not built "
+                                                "yet (issue 17): remove gpus, or use simmoe run")
     if cpus:
         from calibrate.measurements.host_speed import parse_cpus, pin_cpus
 

@@ -156,11 +156,12 @@ class Planner:
     """Applies one policy configuration to one trace, step by step."""
 
     def __init__(self, model: ModelSpec, policy: PolicySpec, trace: Trace, seed: int = 0, *,
-                 cost=None, dense_ms: float = 0.0):
+                 cost=None, dense_ms: float = 0.0, load=None):
         """``cost`` (a :class:`~simulator.profile.CostModel`) and ``dense_ms``: what the
         planner's own :class:`~simulator.tiers.QueueModel` is priced with, for a miss policy
         that decides on predicted stream times (``cheapest``); the live executor passes the
-        same ones as the simulator, so both take the same decisions."""
+        same ones as the simulator, so both take the same decisions. ``load``: a load mode
+        object in place of the policy's (several GPUs: one that keeps a GPU's own experts)."""
         if trace.num_layers != model.num_layers or trace.num_experts != model.num_experts or trace.top_k != model.top_k:
             raise ValueError(
                 f"trace shape (layers {trace.num_layers}, experts {trace.num_experts}, top_k {trace.top_k}) "
@@ -171,7 +172,7 @@ class Planner:
         self.quant = policy.expert_dtype
         self.stored_bytes = stored_bytes(model, self.quant)   # bytes of one expert below the GPU
         self.raw: set[int] | None = set() if self.quant else None   # resident, not yet dequantised
-        self.load = LOAD_MODES[policy.load]()
+        self.load = LOAD_MODES[policy.load]() if load is None else load
         self.miss = MISS_POLICIES[policy.miss.kind](max_tokens=policy.miss.max_tokens, choices=policy.miss.choices)
         self.miss_copies = policy.miss.kind == "copy"
         self.disk = policy.disk or DiskSpec()

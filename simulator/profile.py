@@ -271,6 +271,19 @@ class TierSection(_Strict):
         description="per part: 'default' (simmoe's figure) or where it was measured")
 
 
+class PeerLink(_Strict):
+    """The GPUs' peer link (docs/multigpu.md). The default is NVLink 4's specification on an
+    H200 (18 links, ~450 GB/s per direction), not a measurement, until calibrated (issue 17)."""
+
+    bandwidth_GBps: float = Field(450.0, gt=0, description="per GPU, per direction")
+    latency_us: float = Field(10.0, ge=0, description="per all-to-all (launch and synchronisation)")
+    source: str = Field("spec default (NVLink 4, H200): not measured", description="where the figures come from")
+
+
+class GpusSection(_Strict):
+    peer: PeerLink = Field(default_factory=PeerLink)
+
+
 class Profile(_Strict):
     format: Literal["simmoe-profile"]
     version: int
@@ -283,6 +296,7 @@ class Profile(_Strict):
     measurements: dict[str, Any] = Field(default_factory=dict, description="raw statistics")
     engine: dict[str, ModelEngine] = Field(default_factory=dict, description="per model preset: the engine around the experts")
     tiers: TierSection = Field(default_factory=TierSection, description="quantised, direct-read and disk terms")
+    gpus: GpusSection | None = Field(None, description="several GPUs: the peer link (none: PeerLink's spec default)")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 

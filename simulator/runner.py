@@ -71,6 +71,10 @@ def cost_model(sc: Scenario, profile: Profile, max_tokens: int) -> CostModel:
 def simulate(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, seed: int,
              timeline: list | None = None) -> pd.DataFrame:
     """One policy over one trace: a DataFrame of per-step records."""
+    if sc.gpus is not None:                 # several GPUs, simulated (docs/multigpu.md)
+        from .multigpu import simulate_gpus
+
+        return simulate_gpus(sc, policy, trace, cost, seed, timeline=timeline)
     planner = Planner(sc.model, policy, trace, seed=seed, cost=cost, dense_ms=sc.dense_ms)
     dense = sc.dense_ms
     if sc.engine.style != "twin":
@@ -166,6 +170,13 @@ def run_scenario(sc: Scenario, *, profile: Profile | str | None = None, base_dir
     summary = summarise(steps, sc, expert_bytes=sc.model.expert_bytes)
     for row in summary:
         row["gpu_slots"], row["host_slots"] = slots[(row["policy"], row["batch_size"])]
+    if sc.gpus is not None:
+        from .multigpu import gpu_summary
+
+        measured = steps[steps["step"] >= sc.engine.warmup_steps]
+        for row in summary:
+            row["gpus"] = gpu_summary(measured[(measured["policy"] == row["policy"])
+                                               & (measured["batch_size"] == row["batch_size"])], sc)
     decision = decide(summary, sc)
     decision["skipped"] = [{"policy": n, "reason": r} for n, r in skipped.items()]
     decision["warnings"] += [f"policy {n} skipped: {r}" for n, r in skipped.items()]

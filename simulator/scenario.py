@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, StrictInt, ValidationError, ValidationInfo, field_serializer, field_validator,
+    BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError, ValidationInfo, field_serializer, field_validator,
     model_validator,
 )
 
@@ -22,6 +22,7 @@ from .models import MAX_DENSE_MS, MAX_EXPERTS, MAX_LAYERS, PRESETS, ModelSpec
 from .names import check_name
 from .safe_load import load_yaml
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
+from .policies.placement import PLACEMENT_POLICIES
 from .serving.spec import PhaseSpec, WorkloadSpec, check_workload
 from .traces.synthetic import GENERATOR_VERSION, GENERATOR_VERSIONS, GENERATORS
 from .what_if import WhatIf, merge_what_if
@@ -312,6 +313,34 @@ class EngineSpec(_Strict):
     warmup_steps: StrictInt = Field(0, ge=0, le=MAX_STEPS, description="first steps left out of the statistics")
 
 
+MAX_GPUS = 64
+
+
+class GpusSpec(_Strict):
+    """Several GPUs, simulated (docs/multigpu.md)."""
+
+    count: StrictInt = Field(1, ge=1, le=MAX_GPUS, description="GPUs, each with its own cache, copy and compute stream")
+    placement: str = Field("round-robin", description="expert-parallel: which GPU holds each expert")
+    mode: Literal["expert-parallel", "replicate"] = Field(
+        "expert-parallel", description="tokens sent to the GPU holding their expert, or experts copied to "
+                                       "the GPU of the tokens (tokens split evenly)")
+    peer_GBps: float | None = Field(None, gt=0, le=100_000, description="peer link bandwidth per direction "
+                                                                        "(default: the profile's gpus.peer)")
+    peer_latency_us: float | None = Field(None, ge=0, le=1e6, description="per all-to-all (default: the profile's)")
+    shared_pcie: StrictBool = Field(False, description="host copies of all GPUs share one host link")
+
+    @field_validator("placement")
+    @classmethod
+    def _placement(cls, v):
+        return _known("placement", PLACEMENT_POLICIES, v)
+
+    @model_validator(mode="after")
+    def _placement_needs_ep(self):
+        if self.mode == "replicate" and "placement" in self.model_fields_set:
+            raise ValueError("placement applies to mode expert-parallel; replicate copies experts to every GPU")
+        return self
+
+
 class Scenario(_Strict):
     name: str
     description: str = ""
@@ -329,6 +358,7 @@ class Scenario(_Strict):
                                                            "SLO (docs/serving.md); each batch size is a max batch")
     what_if: WhatIf | None = Field(None, description="hardware what-if: the profile's terms scaled "
                                                      "(simulator.what_if; e.g. {pcie_GBps: 25})")
+    gpus: GpusSpec | None = Field(None, description="several GPUs, simulated (docs/multigpu.md)")
 
     @field_serializer("what_if")
     def _what_if_given(self, w):
@@ -392,6 +422,8 @@ class Scenario(_Strict):
     def effective(self) -> dict:
         """The scenario with every default filled in (written next to results)."""
         doc = self.model_dump(mode="json")
+        if self.gpus is None:               # one GPU: the effective scenario as before
+            doc.pop("gpus")
         if self.workload is None:           # a plain (lockstep) run's effective scenario as before
             doc.pop("workload")
             for p in doc["policies"]:
@@ -444,6 +476,7 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
             raise InputError(source, f"policies[{i}].prefetch.budget",
                              f"{pol.prefetch.budget} is more than the {m.num_experts} experts of a layer")
     check_workload(sc, source)
+    check_gpus(sc, source)
     names = [p.name for p in sc.policies]
     if sc.baseline is not None and sc.baseline not in names:
         raise InputError(source, "baseline", f"{sc.baseline!r} is not a policy of this scenario; known: {', '.join(names)}")
@@ -452,6 +485,27 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
                          f"{sc.engine.warmup_steps} leaves none of the trace's {sc.trace.steps} steps "
                          "to measure (give fewer than trace.steps)")
     return sc
+
+
+def check_gpus(sc: Scenario, source: str) -> None:
+    """What the several-GPU simulation (:mod:`simulator.multigpu`) times: decode and prefill
+    lockstep runs in the twin style, pinned copies from host memory, copy misses."""
+    g = sc.gpus
+    if g is None:
+        return
+    if sc.workload is not None:
+        raise InputError(source, "gpus", "a serving workload is not simulated on several GPUs yet")
+    if sc.engine.style != "twin":
+        raise InputError(source, "gpus", f"several GPUs are priced in engine style 'twin' only, not {sc.engine.style!r}")
+    if g.mode == "expert-parallel" and g.count > sc.model.num_experts:
+        raise InputError(source, "gpus.count", f"{g.count} GPUs, but model {sc.model.name} has only "
+                                               f"{sc.model.num_experts} experts per layer to place")
+    for i, pol in enumerate(sc.policies):
+        if pol.tiered or pol.miss.kind != "copy":
+            raise InputError(source, f"policies[{i}]", "several GPUs simulate copy misses from host memory only "
+                                                       "(no expert_dtype, host/disk tier or miss other than copy)")
+        if pol.memory != "pinned":
+            raise InputError(source, f"policies[{i}].memory", "several GPUs simulate pinned host memory only")
 
 
 def check_tiers(pol: PolicySpec, m: ModelSpec, source: str, where: str) -> None:

@@ -15,6 +15,7 @@ import json
 
 from .models import PRESETS
 from .policies import EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES
+from .policies.placement import PLACEMENT_POLICIES
 from .scenario import Scenario
 from .traces.synthetic import GENERATORS
 
@@ -39,6 +40,7 @@ def scenario_schema() -> dict:
                         ("MissSpec", MISS_POLICIES)):
         defs[spec]["properties"]["kind"]["enum"] = _names(table)
     defs["PolicySpec"]["properties"]["load"]["enum"] = _names(LOAD_MODES)
+    defs["GpusSpec"]["properties"]["placement"]["enum"] = _names(PLACEMENT_POLICIES)
     defs["PolicySpec"]["properties"]["miss"] = {
         "anyOf": [{"type": "string", "enum": _names(MISS_POLICIES)}, {"$ref": "#/$defs/MissSpec"}]}
     defs["TraceSpec"]["properties"]["generator"]["anyOf"] = [

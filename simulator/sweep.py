@@ -87,8 +87,12 @@ _TOKEN = re.compile(r"([A-Za-z_]\w*)|\[([^\[\]]+)\]")
 def flatten_summary(row: dict) -> dict:
     """One summary row (see :mod:`simulator.metrics`) as flat columns: the step latency
     statistics become ``latency_mean_ms``, ``latency_std_ms``, ``latency_p50_ms``,
-    ``latency_p99_ms``, ``latency_ci95_lo`` and ``latency_ci95_hi``."""
-    flat = {k: v for k, v in row.items() if k != "step_latency_ms"}
+    ``latency_p99_ms``, ``latency_ci95_lo`` and ``latency_ci95_hi``; a several-GPU run's
+    ``gpus`` fields ``gpus_count``, ``gpus_bytes_peer``, ``gpus_load_imbalance``, ... (the per-GPU
+    list stays in summary.json)."""
+    flat = {k: v for k, v in row.items() if k not in ("step_latency_ms", "gpus")}
+    if row.get("gpus") is not None:        # several GPUs: scalars as gpus_*, per GPU left to the JSON
+        flat.update({f"gpus_{k}": v for k, v in row["gpus"].items() if k != "per_gpu"})
     for k, v in row["step_latency_ms"].items():
         if k == "ci95":
             flat["latency_ci95_lo"], flat["latency_ci95_hi"] = v

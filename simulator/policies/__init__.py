@@ -1,5 +1,5 @@
 """Policies, picked by name from the scenario. Importing this package registers them all."""
-from . import cache, load, miss, prefetch  # noqa: F401  (registration)
+from . import cache, load, miss, placement, prefetch  # noqa: F401  (registration)
 from . import learned  # noqa: F401  (registration: learned prefetch predictors)
 from .base import (
     EVICTION_POLICIES, LOAD_MODES, MISS_POLICIES, PREFETCH_POLICIES, EvictionPolicy, LoadMode,
