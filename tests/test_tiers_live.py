@@ -67,7 +67,10 @@ def test_calibrate_tiers_on_this_disk(tmp_path):
     assert r.exit_code == 0, r.output
     p = parse_profile(json.loads(out.read_text()), str(out))
     assert p.tiers.source["disk"].startswith("measured") and p.tiers.source["direct"] == "default"
-    assert p.tiers.disk.direct.queue_depth == 2 and p.tiers.disk.buffered.qd1.table
+    # a measured curve (a fit, plus the measured points where the fit is too flat to hold them:
+    # that depends on this disk's timing, so either is a measurement)
+    q = p.tiers.disk.buffered.qd1
+    assert p.tiers.disk.direct.queue_depth == 2 and q.bandwidth_GBps > 0 and q.latency_us >= 0
     assert not list(tmp_path.glob("simmoe-disk-*"))
     bad = CliRunner().invoke(main, ["calibrate", "tiers", "-d", "cpu", "--stage", "direct", "-o", str(out)])
     assert bad.exit_code == 2 and "GPU path" in bad.output
