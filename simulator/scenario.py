@@ -133,6 +133,21 @@ class TraceSpec(_Strict):
         return {k: getattr(self, k) for k in KNOBS}
 
 
+def checked_capacity(v, max_bytes: int, holder: str):
+    """A capacity in experts (a positive int) or bytes (``'4 GiB'``, kept as ``'<n>B'``), at
+    most ``max_bytes`` of the ``holder``'s memory."""
+    if isinstance(v, str):
+        v = parse_bytes(v)
+        if v <= 0:
+            raise ValueError("capacity must be positive")
+        if v > max_bytes:
+            raise ValueError(f"{v:,} bytes is more than any {holder} holds (at most {max_bytes:,})")
+        return f"{v}B"
+    if v is not None and v <= 0:
+        raise ValueError("capacity must be a positive number of experts")
+    return v
+
+
 class CacheSpec(_Strict):
     kind: str = "none"
     capacity: StrictInt | str | None = Field(None, description="experts (int) or bytes ('4 GiB')")
@@ -148,16 +163,7 @@ class CacheSpec(_Strict):
     @field_validator("capacity")
     @classmethod
     def _cap(cls, v):
-        if isinstance(v, str):
-            v = parse_bytes(v)
-            if v <= 0:
-                raise ValueError("capacity must be positive")
-            if v > MAX_CACHE_BYTES:
-                raise ValueError(f"{v:,} bytes is more than any GPU holds (at most {MAX_CACHE_BYTES:,})")
-            return f"{v}B"
-        if v is not None and v <= 0:
-            raise ValueError("capacity must be a positive number of experts")
-        return v
+        return checked_capacity(v, MAX_CACHE_BYTES, "GPU")
 
     @model_validator(mode="after")
     def _needs_capacity(self):
@@ -230,16 +236,7 @@ class HostTierSpec(_Strict):
     @field_validator("capacity")
     @classmethod
     def _cap(cls, v):
-        if isinstance(v, str):
-            v = parse_bytes(v)
-            if v <= 0:
-                raise ValueError("capacity must be positive")
-            if v > MAX_HOST_BYTES:
-                raise ValueError(f"{v:,} bytes is more than any host holds (at most {MAX_HOST_BYTES:,})")
-            return f"{v}B"
-        if v <= 0:
-            raise ValueError("capacity must be a positive number of experts")
-        return v
+        return checked_capacity(v, MAX_HOST_BYTES, "host")
 
     def slots(self, stored_bytes: int) -> int:
         if isinstance(self.capacity, str):
