@@ -76,14 +76,23 @@ def write_results(result, out_dir: str | Path, fmt: str = "parquet", extra: dict
     with atomic_files(out, "--out") as tmp:
         (tmp / "summary.json").write_text(json.dumps(summary, indent=1, sort_keys=False) + "\n")
         pd.DataFrame([flatten_summary(r) for r in result.summary]).to_csv(tmp / "summary.csv", index=False)
-        steps = result.steps
-        if fmt == "parquet":
-            steps.to_parquet(tmp / "steps.parquet", index=False)
-        else:
-            steps.to_csv(tmp / "steps.csv", index=False)
-        (tmp / "scenario.yaml").write_text(yaml.safe_dump(result.scenario.effective(), sort_keys=False))
-        (tmp / "profile.json").write_text(json.dumps(result.profile.to_json(), indent=1) + "\n")
-        for name, write in (extra_files or {}).items():
-            write(tmp / name)
+        write_frame(result.steps, tmp / "steps", fmt)
+        write_run_files(tmp, result, extra_files)
         names = sorted(p.name for p in tmp.iterdir())
     return [out / n for n in names]
+
+
+def write_frame(df, stem: Path, fmt: str) -> None:
+    """``df`` as ``<stem>.parquet`` or ``<stem>.csv``."""
+    if fmt == "parquet":
+        df.to_parquet(stem.with_suffix(".parquet"), index=False)
+    else:
+        df.to_csv(stem.with_suffix(".csv"), index=False)
+
+
+def write_run_files(tmp: Path, result, extra_files: dict | None) -> None:
+    """The effective scenario, the profile used and any extra files, into ``tmp``."""
+    (tmp / "scenario.yaml").write_text(yaml.safe_dump(result.scenario.effective(), sort_keys=False))
+    (tmp / "profile.json").write_text(json.dumps(result.profile.to_json(), indent=1) + "\n")
+    for name, write in (extra_files or {}).items():
+        write(tmp / name)

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Callable
 
 import pandas as pd
-import yaml
 
 from ..atomic import atomic_files
+from ..output import write_frame, write_run_files
 from ..output import provenance
 
 SERVING_SUMMARY_VERSION = 1
@@ -58,13 +58,7 @@ def write_serving_results(result, out_dir: str | Path, fmt: str = "parquet",
         (tmp / "summary.json").write_text(json.dumps(serving_summary(result), indent=1) + "\n")
         pd.DataFrame([flatten_serving(r) for r in result.summary]).to_csv(tmp / "summary.csv", index=False)
         for name, df in (("requests", result.requests), ("steps", result.steps)):
-            if fmt == "parquet":
-                df.to_parquet(tmp / f"{name}.parquet", index=False)
-            else:
-                df.to_csv(tmp / f"{name}.csv", index=False)
-        (tmp / "scenario.yaml").write_text(yaml.safe_dump(result.scenario.effective(), sort_keys=False))
-        (tmp / "profile.json").write_text(json.dumps(result.profile.to_json(), indent=1) + "\n")
-        for name, write in (extra_files or {}).items():
-            write(tmp / name)
+            write_frame(df, tmp / name, fmt)
+        write_run_files(tmp, result, extra_files)
         names = sorted(p.name for p in tmp.iterdir())
     return [out / n for n in names]
