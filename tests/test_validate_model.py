@@ -132,7 +132,8 @@ def test_projection_rows_with_timing_forced(tiny_profile, tmp_path):
         assert r["error_pct"] == pytest.approx((r["sim_median_ms"] - r["live_median_ms"]) / r["live_median_ms"] * 100)
         assert r["sim_tokens_per_s"] == pytest.approx(2 / r["sim_median_ms"] * 1e3)
     assert res["copies_per_step"] == 0 and dedup["copies_per_step"] > 0
-    assert dedup["sim_median_ms"] > res["sim_median_ms"]
+    # copies never make a step faster (they may hide entirely behind a host-bound CPU step)
+    assert dedup["sim_median_ms"] >= res["sim_median_ms"]
     assert rep["median_abs_error_pct"] >= 0 and rep["worst_abs_error_pct"] >= rep["median_abs_error_pct"]
 
 
