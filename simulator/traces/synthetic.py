@@ -98,6 +98,19 @@ class _Sampler:
         keys = self.logw[layers] + self.rng.gumbel(size=(len(layers), self.E))
         return np.argpartition(-keys, self.pool - 1, axis=1)[:, :self.pool]
 
+    def _pulls(self, pull, layers, prev, below, hot, ci, shape) -> None:
+        """The pulls toward known experts, in the order both samplers draw them: the cell's
+        previous step (temporal), the layer below through its permutation (cross-layer), the
+        cell's hot set (batch locality). ``pull(experts, p)`` draws which are taken."""
+        if prev is not None and self.temporal > 0:
+            pull(prev, self.temporal)
+        if below is not None and self.cross > 0:
+            mapped = np.where(below >= 0, self.perms[layers][ci, np.maximum(below, 0)], -1)
+            pull(mapped, self.cross)
+        if hot is not None:
+            pick = hot[np.broadcast_to(ci, shape), self.rng.integers(self.pool, size=shape)]
+            pull(pick, self.locality)
+
     def _draw(self, layers: np.ndarray, n: int, prev: np.ndarray | None, below: np.ndarray | None,
               hot: np.ndarray | None) -> np.ndarray:
         """Routing ``(cells, n, k)`` of cells at ``layers``, given each cell's previous-step
@@ -118,14 +131,7 @@ class _Sampler:
             cc, rr = np.broadcast_to(ci, shape)[m], np.broadcast_to(ri, shape)[m]
             forced[cc, rr, experts[m]] = 1.0
 
-        if prev is not None and self.temporal > 0:
-            pull(prev, self.temporal)
-        if below is not None and self.cross > 0:
-            mapped = np.where(below >= 0, self.perms[layers][ci, np.maximum(below, 0)], -1)
-            pull(mapped, self.cross)
-        if hot is not None:
-            pick = hot[np.broadcast_to(ci, shape), rng.integers(self.pool, size=shape)]
-            pull(pick, self.locality)
+        self._pulls(pull, layers, prev, below, hot, ci, shape)
         keys = self.logw[layers][:, None, :] + rng.gumbel(size=(c, n, E))
         if forced is not None:
             keys += forced * _FORCE
@@ -242,14 +248,7 @@ class _SamplerV3(_Sampler):
             m = (rng.random(shape) < p) & (experts >= 0)
             cands.append(np.where(m, experts, -1).reshape(c * n, k))
 
-        if prev is not None and self.temporal > 0:
-            pull(prev, self.temporal)
-        if below is not None and self.cross > 0:
-            mapped = np.where(below >= 0, self.perms[layers][ci, np.maximum(below, 0)], -1)
-            pull(mapped, self.cross)
-        if hot is not None:
-            pick = hot[np.broadcast_to(ci, shape), rng.integers(self.pool, size=shape)]
-            pull(pick, self.locality)
+        self._pulls(pull, layers, prev, below, hot, ci, shape)
         layer = np.repeat(layers, n)                    # each row's layer
         R = c * n
         if cands:
