@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 
 import click
+
+from .options import host_state_option
 from rich.console import Console
 
 from simulator.errors import InputError
@@ -47,9 +49,11 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
               help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
                    "and keep how they meet the isolated tables (engine.<model>.in_situ).")
 @click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (validate on the same ones).")
+@host_state_option
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
-def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, cpus, quick, out):
+def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_seconds, layers, tiny, in_situ, cpus,
+               host_state, quick, out):
     """Time the engine around the experts on the real model of a preset (random weights).
 
     \b
@@ -98,9 +102,12 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
         except ValueError as e:
             raise InputError("command line", "--cpus", str(e)) from None
     check_writable(out)
+    from calibrate.measurements import host_state as hs
+    gate = hs.enable_for(host_state, device)
     plan = EnginePlan(model, device=device, max_seconds=max_seconds, layers=layers, tiny=tiny, in_situ=in_situ, **kw)
     console = Console(stderr=True)
     doc = measure_engine(plan, progress=lambda t: console.print(f"measuring {t}"))
+    doc["host_state"] = gate.summary() if gate is not None else None
     doc["command"] = shlex.join(["simmoe", *sys.argv[1:]]) if "engine" in sys.argv else "simmoe calibrate engine"
     write_atomic(doc, out)
     print_engine_summary(Console(), doc, out)

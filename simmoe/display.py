@@ -151,3 +151,4 @@ def print_summary(result) -> None:
     for line in decision_lines(result.decision):
         c.print(line, style="bold yellow" if line.startswith("warning") else None, highlight=False,
                 soft_wrap=False)
+

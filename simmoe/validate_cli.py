@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .options import host_state_option
+
 
 def register(main: click.Group) -> None:
     main.add_command(validate_cmd)
@@ -43,9 +45,10 @@ def register(main: click.Group) -> None:
               help="--executor model: add a first row with every expert resident (the engine alone).")
 @click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
                              "step moves when its thread moves between cores).")
+@host_state_option
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
-                 executor, tiny, layers, routing, prompts, resident, quiet):
+                 executor, tiny, layers, routing, prompts, resident, host_state, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -93,13 +96,15 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         except ValueError as e:
             raise InputError("command line", "--cpus", str(e)) from None
     if executor == "model":
+        from calibrate.measurements import host_state as hs
+        hs.enable_for(host_state, device)
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
                                quiet=quiet, passes=repeats or 1)
     repeats = repeats or 3
-    if tiny or layers or prompts or routing != "own":
+    if tiny or layers or prompts or routing != "own" or host_state:
         from simulator.errors import InputError
-        raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing",
+        raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing" if routing != "own" else "--host-state",
                          "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
@@ -188,6 +193,10 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
         now = timing and report.get("median_abs_error_now_pct") is not None
         head += f" {'live ms':>9s} {'sim ms':>9s} {'error':>7s} {'live tok/s':>10s} {'sim tok/s':>10s}" if timing else ""
         head += f" {'err now':>7s}" if now else ""
+        fast = timing and report.get("host_state") is not None
+        head += f" {'fast err/steps':>14s}" if fast else ""
+        paired = timing and report.get("paired_rows")
+        head += f" {'paired':>7s}" if paired else ""
         click.echo(head + "  decisions")
         for r in report["rows"]:
             line = f"{r['policy']:22s} {r['batch_size']:5d} {r['prompt']:6d} {r['copies_per_step']:11.1f}"
@@ -197,6 +206,12 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
                 if now:
                     e = r.get("error_now_pct")
                     line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
+                if fast:
+                    e = r.get("error_fast_pct")
+                    line += f" {e:+8.1f}%/{r['live_fast_steps']:<4d}" if e is not None else f" {'-':>14s}"
+                if paired:
+                    e = r.get("error_paired_pct")
+                    line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
             click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
         if timing:
             click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%, "
@@ -204,6 +219,15 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
             if now:
                 click.echo(f"with the host's dispatch speed probed beside each step (err now): median |error| "
                            f"{report['median_abs_error_now_pct']:.2f}%, worst {report['worst_abs_error_now_pct']:.2f}%")
+            if paired:
+                click.echo(f"against the resident row of the same batch, run just before (paired: the host's "
+                           f"speed then): median |error| {report['median_abs_error_paired_pct']:.2f}%, worst "
+                           f"{report['worst_abs_error_paired_pct']:.2f}% over {report['paired_rows']} rows")
+            if fast and report["fast_rows"]:
+                g = report["host_state"]
+                click.echo(f"steps in the host's fast state only ({report['fast_rows']} rows with 3 or more; "
+                           f"{g['slow_after']} of {g['checks']} steps ended slow): median |error| "
+                           f"{report['median_abs_error_fast_pct']:.2f}%, worst {report['worst_abs_error_fast_pct']:.2f}%")
         click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]

@@ -85,6 +85,18 @@ def test_outputs_equal_the_models_own(dispatch, policy):
         torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
 
 
+def test_grouped_calls_wider_than_the_kernels_group_limit_split_into_windows(monkeypatch):
+    """torch's grouped GEMM takes at most 1024 groups: a call whose slots spread wider is one
+    GEMM pair per window of slots, with the same logits (the limit made 2 here)."""
+    import calibrate.executors.model as mod
+    calls = []
+    real = mod.grouped_mm
+    monkeypatch.setattr(mod, "GROUPED_MAX", 2)
+    monkeypatch.setattr(mod, "grouped_mm", lambda x, w, offs: calls.append(w.shape[0]) or real(x, w, offs))
+    test_outputs_equal_the_models_own("grouped", 0)
+    assert calls and max(calls) <= 2
+
+
 def test_layer_load_mode_copies_every_expert_each_forward():
     routing = np.array([[[2], [1]], [[2], [3]], [[0], [3]]])          # 3 tokens, 2 layers, top-1
     per_layer = Layer().requests(StepRouting(routing, 4))

@@ -209,3 +209,53 @@ def test_host_copies_that_would_not_fit_are_refused_before_building():
     with pytest.raises(InputError, match=r"s.yaml: policies: .*pageable and pinned.*GiB available"):
         check_host_memory(spec, both, "cuda", "s.yaml", available=120 * 2**30)
     check_host_memory(spec, both, "cpu", "s.yaml", available=120 * 2**30)            # CPU: one pageable copy
+
+
+def test_fast_state_rows_use_only_the_steps_that_ended_fast(tiny_profile, tmp_path, monkeypatch):
+    """--host-state fast: each live step starts in the host's fast state and is marked by the
+    probe after it; a row's fast-state error compares those steps with the projection of the
+    same steps (a scripted probe: every other check finds the host slow)."""
+    from calibrate.measurements import host_state as hs
+
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1],
+                               "trace": sc.trace.model_copy(update={"steps": 8})})
+    calls = iter(range(10_000))
+    gate = hs.enable(probe=lambda: 1.0 if next(calls) % 4 != 3 else 2.0)   # wait, check, wait, check(slow), ...
+    try:
+        rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    finally:
+        hs.enable(False)
+    assert rep["host_state"]["checks"] == gate.checks > 0 and rep["host_state"]["slow_after"] > 0
+    for r in rep["rows"]:
+        timed = len(r["live_steps_ms"])
+        assert 0 < r["live_fast_steps"] < timed
+        assert r["error_fast_pct"] == pytest.approx((r["sim_fast_median_ms"] - r["live_fast_median_ms"])
+                                                    / r["live_fast_median_ms"] * 100)
+        assert min(r["live_steps_ms"]) <= r["live_fast_median_ms"] <= max(r["live_steps_ms"])
+    assert rep["fast_rows"] == sum(r["live_fast_steps"] >= 3 for r in rep["rows"])
+
+
+def test_paired_error_scales_the_host_to_the_resident_row_beside(tiny_profile, tmp_path):
+    """Rows run batch-major (resident first); the host factor found on a batch's resident row
+    makes its projection meet its live median, and the same factor prices its neighbours."""
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    order = []
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True,
+                         progress=lambda i, n, what: order.append(what))
+    firsts = [w for w in order if w.startswith("resident")]
+    assert [w.split()[0] for w in order[:3]] == ["resident", "dedup", "lru"] and len(firsts) == len(sc.batch_sizes)
+    for r in rep["rows"]:
+        f = r["host_factor_paired"]
+        assert 0.2 <= f <= 5.0
+        if r["policy"] == "resident":
+            assert "error_paired_pct" not in r
+            if 0.2 < f < 5.0:   # not clamped: the scaled projection meets the live median
+                assert r["sim_paired_median_ms"] == pytest.approx(r["live_median_ms"], rel=0.01)
+        else:
+            res = next(x for x in rep["rows"] if x["policy"] == "resident" and x["batch_size"] == r["batch_size"])
+            assert f == res["host_factor_paired"]
+            assert r["error_paired_pct"] == pytest.approx((r["sim_paired_median_ms"] - r["live_median_ms"])
+                                                          / r["live_median_ms"] * 100)
+    assert rep["paired_rows"] == len(rep["rows"]) - len(sc.batch_sizes)
+    assert rep["worst_abs_error_paired_pct"] >= rep["median_abs_error_paired_pct"] >= 0

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrate.measurements import host_state
 from calibrate.models.build import BuiltModel
 from simulator.engine_styles import GROUP, group_layer
 from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
@@ -45,6 +46,7 @@ class ModelStep:
     latency_ms: float
     executed: dict = field(default_factory=dict)
     probe: dict | None = None  # the host-speed probe just before the step (``probe=True``)
+    host_fast: bool | None = None  # ended in the host's fast state (None: no host gate)
 
 
 class OffloadedExperts(torch.nn.Module):
@@ -230,21 +232,32 @@ class ModelExecutor:
         out.index_add_(0, tok, y.to(out.dtype))
 
     def _grouped_ffn(self, out, hidden, runs, order: np.ndarray, k: int, weights, act_fn):
-        """One grouped GEMM pair over the slot pool: ``runs`` = (slot, a, b), the pairs
-        ``order[a:b]`` served from ``slot``; rows sorted by slot, ``offs`` the cumulative rows
-        per slot (empty slots: empty groups), as transformers' grouped_mm experts do."""
+        """One grouped GEMM pair over a window of the slot pool: ``runs`` = (slot, a, b), the
+        pairs ``order[a:b]`` served from ``slot``; rows sorted by slot, ``offs`` the cumulative
+        rows per slot of the window ``[first slot, last slot]`` (slots between: empty groups), as
+        transformers' grouped_mm experts do. torch's kernel takes at most ``GROUPED_MAX``
+        groups, so runs spread wider than that take one pair per window (rare: a layer's
+        experts span the pool only in caches of over a thousand slots)."""
         runs = sorted(runs)
+        start = 0
+        for i in range(1, len(runs) + 1):
+            if i == len(runs) or runs[i][0] - runs[start][0] >= GROUPED_MAX:
+                self._grouped_window(out, hidden, runs[start:i], order, k, weights, act_fn)
+                start = i
+
+    def _grouped_window(self, out, hidden, runs, order, k, weights, act_fn):
+        lo, hi = runs[0][0], runs[-1][0] + 1
         sel = np.concatenate([order[a:b] for _, a, b in runs])
-        counts = np.zeros(self.pool.shape[0], np.int64)
+        counts = np.zeros(hi - lo, np.int64)
         for slot, a, b in runs:
-            counts[slot] += b - a
+            counts[slot - lo] += b - a
         offs = self._to_device(np.cumsum(counts).astype(np.int32))
         sel_dev = self._to_device(sel)
         tok = sel_dev // k
         w = weights.reshape(-1)[sel_dev]
-        n, F, H = self.pool.shape[0], self.F, self.H
-        gate_up = self.pool[:, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
-        down = self.pool[:, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
+        n, F, H = hi - lo, self.F, self.H
+        gate_up = self.pool[lo:hi, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
+        down = self.pool[lo:hi, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
         x = hidden.index_select(0, tok).to(self.dtype)
         gate, up = grouped_mm(x, gate_up, offs).chunk(2, dim=-1)
         y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
@@ -292,20 +305,28 @@ class ModelExecutor:
             probe = host_probe(self.device)
         if self.cuda:
             torch.cuda.synchronize(self.device)
+        gate = host_state.gate()   # with --host-state fast: start in the host's fast state
+        if gate is not None:
+            gate.wait()
         t0 = time.perf_counter()
         with torch.no_grad():
             logits = self.b.model(input_ids=self.next_ids[s], past_key_values=self.cache, use_cache=True).logits
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             torch.cuda.synchronize(self.device)
+        latency = (time.perf_counter() - t0) * 1e3
         self.last_logits = logits
-        st = ModelStep(step=s, latency_ms=(time.perf_counter() - t0) * 1e3, executed=dict(self._executed))
+        st = ModelStep(step=s, latency_ms=latency, executed=dict(self._executed))
         st.probe = probe
+        st.host_fast = gate.check() if gate is not None else None   # did it end in the fast state?
         return st, decisions
 
     def run(self, steps: range | None = None):
         steps = range(self.trace.num_steps) if steps is None else steps
         return [self.run_step(s) for s in steps]
+
+
+GROUPED_MAX = 1024   # groups one torch._grouped_mm call takes (its CUDA kernel's limit)
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

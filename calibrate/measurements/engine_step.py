@@ -62,8 +62,9 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
             out = {}
             for name, cls in (("resident", ModelExecutor), ("null", _NullAfterRoute)):
                 ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C)
-                ms = [ex.run_step(s)[0].latency_ms for s in range(tr.num_steps)]
-                out[name] = statistics.median(ms[warmup:])
+                timed = [ex.run_step(s)[0] for s in range(tr.num_steps)][warmup:]
+                fast = [st for st in timed if st.host_fast is not False]   # --host-state fast: those that ended fast
+                out[name] = statistics.median(st.latency_ms for st in (fast if len(fast) >= 3 else timed))
                 ex = None
             active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
                                     for s in range(warmup, tr.num_steps)]))

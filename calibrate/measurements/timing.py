@@ -22,6 +22,8 @@ from typing import Callable
 
 import torch
 
+from calibrate.measurements.host_state import gated
+
 MIN_TRIALS = 3
 ROTATE_BYTES = 256 << 20  # rotate through at least this much memory: well past any L2/LLC
 MAX_ROTATE = 8
@@ -76,11 +78,13 @@ class Timer:
             return self._trials(fn, trials, warmup, budget_s, gpu_only and self.is_cuda)
 
     def _trials(self, fn, trials: int, first: int, budget_s: float | None, block: bool = False) -> Samples:
+        """Each trial through the host gate (:mod:`calibrate.measurements.host_state`): with
+        ``--host-state fast`` a trial runs in the host's fast state, run again if it ended slow."""
         out = Samples([], [])
         if self.is_cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        began = time.perf_counter()
-        for i in range(trials):
+
+        def one(i: int) -> tuple[float, float]:
             if block:
                 torch.cuda._sleep(BLOCKER_CYCLES)
             if self.is_cuda:
@@ -91,10 +95,14 @@ class Timer:
             if self.is_cuda:
                 end.record()
                 end.synchronize()
-                out.ms.append(start.elapsed_time(end))
-            else:
-                out.ms.append((t1 - t0) * 1e3)
-            out.host_ms.append((t1 - t0) * 1e3)
+                return start.elapsed_time(end), (t1 - t0) * 1e3
+            return (t1 - t0) * 1e3, (t1 - t0) * 1e3
+
+        began = time.perf_counter()
+        for i in range(trials):
+            ms, host_ms = gated(lambda: one(i))
+            out.ms.append(ms)
+            out.host_ms.append(host_ms)
             if budget_s is not None and i + 1 >= MIN_TRIALS and time.perf_counter() - began > budget_s:
                 break
         return out

@@ -1,0 +1,15 @@
+"""Click options shared by several commands (click only: imported at start-up)."""
+from __future__ import annotations
+
+import click
+
+
+def host_state_option(fn):
+    """``--host-state fast|any`` for the commands that time a real model (calibrate engine,
+    validate --executor model)."""
+    return click.option(
+        "--host-state", type=click.Choice(["fast", "any"]),
+        help="fast: time work only while the host runs at its fast speed (a shared VM's host switches "
+             "between two, 1.3-1.7x apart, every second or so): wait for it before each trial or step, "
+             "re-run a trial that ended slow, and report steps that ended slow apart; any: time "
+             "whatever the host's state [default: any; see docs/validation.md].")(fn)
