@@ -675,8 +675,12 @@ def gpu_summary(g: pd.DataFrame, sc: Scenario) -> dict:
         h, m = int(g[f"gpu{i}_hits"].sum()), int(g[f"gpu{i}_misses"].sum())
         per.append({"gpu": i, "compute_busy_ms": float(g[f"gpu{i}_compute_ms"].mean()),
                     "copy_busy_ms": float(g[f"gpu{i}_copy_ms"].mean()), "pairs": int(pairs[i]),
-                    "hit_rate": h / (h + m) if h + m else 0.0, "bytes_h2d": int(g[f"gpu{i}_bytes_h2d"].sum())})
+                    "hit_rate": h / (h + m) if h + m else 0.0, "bytes_h2d": int(g[f"gpu{i}_bytes_h2d"].sum()),
+                    "bytes_pcie": int(g[f"gpu{i}_pcie_bytes"].sum()),
+                    "bytes_peer_fetch": int(g[f"gpu{i}_peer_fetch_bytes"].sum())})
     return {"count": n, "mode": sc.gpus.mode, "placement": sc.gpus.placement if sc.gpus.mode == "expert-parallel" else None,
-            "shared_pcie": sc.gpus.shared_pcie, "bytes_pcie": int(g["bytes_h2d"].sum()),
-            "bytes_peer": int(g["peer_bytes"].sum()), "peer_ms": float(g["peer_ms"].mean()),
+            "shared_pcie": sc.gpus.shared_pcie, "shared_host": sc.gpus.shared_host, "peer_fetch": sc.gpus.peer_fetch,
+            "bytes_h2d": int(g["bytes_h2d"].sum()), "bytes_pcie": int(g["pcie_bytes"].sum()),
+            "bytes_peer": int(g["peer_bytes"].sum()), "bytes_peer_fetch": int(g["peer_fetch_bytes"].sum()),
+            "peer_fetches": int(g["peer_fetches"].sum()), "peer_ms": float(g["peer_ms"].mean()),
             "load_imbalance": float(pairs.max() / pairs.mean()) if pairs.sum() else 1.0, "per_gpu": per}
