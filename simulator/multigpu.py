@@ -101,23 +101,41 @@ def placement(sc: Scenario, trace: Trace) -> np.ndarray:
     return PLACEMENT_POLICIES[g.placement]().place(trace, g.count)
 
 
-def per_gpu_policy(policy: PolicySpec, model, count: int) -> PolicySpec:
-    """The policy each GPU's planner runs: a disk tier's host memory split evenly between the
-    GPUs (each GPU's planner a host cache of ``slots // count`` experts, its own part of host
-    memory; the disk and its lanes are shared, :class:`Shared`)."""
-    if policy.host is None or count == 1:
-        return policy
-    from .tiers import stored_bytes
+class HeldByAny(set):
+    """One planner's host-memory holds (the keys its layer still reads) in a host cache that
+    several planners share: it adds, clears and iterates its own keys, but a key any of the
+    planners holds counts as held (``in``) and the room left counts every planner's holds
+    (``len``), so no GPU evicts what another GPU's layer still reads."""
 
-    slots = policy.host.slots(stored_bytes(model, policy.expert_dtype)) // count
-    return policy.model_copy(update={"host": policy.host.model_copy(update={"capacity": slots})})
+    def __init__(self, group: list):
+        super().__init__()
+        self.group = group
+        group.append(self)
+
+    def __contains__(self, key) -> bool:
+        return any(set.__contains__(h, key) for h in self.group)
+
+    def __len__(self) -> int:
+        return len(set().union(*self.group)) if len(self.group) > 1 else set.__len__(self)
+
+
+def share_host_memory(planners: list[Planner | None]) -> None:
+    """One host memory for every GPU (a disk tier): the first planner's host cache becomes
+    every planner's, with :class:`HeldByAny` holds. Only for the kinds that order residents by
+    their own calls or keep nothing (:data:`simulator.scenario.SHARED_HOST_KINDS`)."""
+    live = [p for p in planners if p is not None]
+    if len(live) < 2 or live[0].host_cache is None:
+        return
+    first, group = live[0], []
+    for p in live:
+        p.host_cache, p.host_preloaded, p._host_hot = first.host_cache, first.host_preloaded, first._host_hot
+        p._host_busy = HeldByAny(group)
 
 
 def build_planners(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostModel, seed: int,
                    owner: np.ndarray | None) -> list[Planner | None]:
     """One planner per GPU (``None`` for a GPU that serves nothing in the whole run)."""
     m, n = sc.model, sc.gpus.count
-    policy = per_gpu_policy(policy, m, n)
     planners: list[Planner | None] = []
     for g in range(n):
         if owner is None:                       # replicate: the GPU's share of the tokens
@@ -133,6 +151,7 @@ def build_planners(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMod
                     load=OwnedLoad(LOAD_MODES[policy.load](), mine))
         p.prefetch = OwnedPrefetch(p.prefetch, mine, m.num_experts)
         planners.append(p)
+    share_host_memory(planners)
     return planners
 
 
@@ -188,7 +207,7 @@ def layer_plans(p: Planner, s: int, out: list[Decisions]):
 
 class Shared:
     """What the GPUs share: the host link (``shared_pcie``), the host's CPU and its staging of
-    pageable copies (``shared_host``), the disk's lanes (a disk tier), and each
+    pageable copies (``shared_host``), the disk and host memory (a disk tier), and each
     GPU's send side of the peer link (peer fetch). A shared resource is taken in issue order
     (GPU 0's operations of a layer, then GPU 1's, ...)."""
 
@@ -197,6 +216,9 @@ class Shared:
         self.link_free = self.cpu_free = self.stage_free = 0.0
         self.peer_out = [0.0] * n           # when each GPU's NVLink send side is free
         self.lanes = [0.0] * queue_depth    # the one disk's lanes
+        self.disk_end: dict[int, float] = {}    # key -> end of its last disk read
+        self.hslot_of: dict[int, int] = {}      # key -> host slot it was read into (or preloaded)
+        self.hread_end: dict[int, float] = {}   # host slot -> end of the last op that read it
 
 
 class Gpu:
@@ -238,10 +260,6 @@ class Gpu:
         p = planner
         self.disk_tier = p.host_cache is not None
         self.read_ms = cost.read_ms(p.stored_bytes, p.disk.io, p.disk.queue_depth) if self.disk_tier else 0.0
-        # this GPU's part of host memory (a disk tier): its planner's host slots
-        self.disk_end: dict[int, float] = {}    # key -> end of its last disk read
-        self.hslot_of = dict(p.host_preloaded)  # key -> host slot it was read into (or preloaded)
-        self.hread_end: dict[int, float] = {}   # host slot -> end of the last op that read it
 
     def start_step(self, s: int, t0: float) -> None:
         """The step starts on this GPU at ``t0``: the per-step extra (measured styles)."""
@@ -343,7 +361,7 @@ class Gpu:
                 if self.host > now:
                     now = now + (self.host - now)
                 if self.disk_tier:
-                    e = self.disk_end.get(op[1])
+                    e = sh.disk_end.get(op[1])
                     if e is not None and e > now:
                         now = e
                 if self.act_ready is not None and self.act_ready > now:
@@ -370,12 +388,12 @@ class Gpu:
                 t = lanes[i] if lanes[i] > self.now else self.now
                 if self.host > t:
                     t = t + (self.host - t)
-                dep = self.hread_end.get(op[1])
+                dep = sh.hread_end.get(op[1])
                 if dep is not None and dep > t:
                     t = dep
                 lanes[i] = end = t + self.read_ms
-                self.disk_end[op[2]] = end
-                self.hslot_of[op[2]] = op[1]
+                sh.disk_end[op[2]] = end
+                sh.hslot_of[op[2]] = op[1]
                 if tl is not None:
                     tl.append(("disk", t, end, READ, op[2], op[4], g))
             else:                       # DEQUANT (a slot) or DIRECT (from mapped host memory)
@@ -384,7 +402,7 @@ class Gpu:
     def _load(self, op: tuple, sh: Shared, fetch) -> None:
         if self.disk_tier:              # the host waits for the reads of what it copies
             for k in op[2]:
-                self._wait_host(self.disk_end.get(k))
+                self._wait_host(sh.disk_end.get(k))
         self.host += self.l_copy
         nbytes = op[3]
         dur = self.copy_of.get(nbytes)
@@ -417,7 +435,7 @@ class Gpu:
             self.load_end[sl] = end
         if self.disk_tier:
             for k in op[2]:
-                self.hread_end[self.hslot_of[k]] = end
+                sh.hread_end[sh.hslot_of[k]] = end
         if self.tl is not None:
             self.tl.append(("copy", t, end, LOAD, op[2], op[4], self.g))
             if peer is not None:
@@ -448,7 +466,7 @@ class Gpu:
         kind, cost = op[0], self.cost
         if kind == DIRECT:
             if self.disk_tier:
-                self._wait_host(self.disk_end.get(op[1]))
+                self._wait_host(sh.disk_end.get(op[1]))
             self.host += self.l_expert
             key = (DIRECT, op[2])
             dur = self.small_of.get(key)
@@ -483,7 +501,7 @@ class Gpu:
             if sh.pcie:
                 sh.link_free = end
             if self.disk_tier:
-                self.hread_end[self.hslot_of[op[1]]] = end
+                sh.hread_end[sh.hslot_of[op[1]]] = end
         if self.tl is not None:
             self.tl.append(("compute", t, end, kind, op[2] if kind == DEQUANT else op[1], False, self.g))
 
@@ -569,6 +587,7 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
     dense = dense_costs(sc, cost, trace, shares)
     disk = planners[live[0]].disk
     sh = Shared(n, g_spec.shared_pcie, g_spec.shared_host, disk.queue_depth)
+    sh.hslot_of.update(planners[live[0]].host_preloaded)
     gpus = {g: Gpu(g, planners[g], cost, policy.memory, dense[g], timeline) for g in live}
     bw, peer_lat = peer_terms(sc, cost)
     fetch = peer_fetcher(gpus, sh, bw, peer_lat) if g_spec.peer_fetch and n > 1 else None
@@ -650,7 +669,7 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
     df = pd.DataFrame(rows)
     df.attrs["preloaded_experts"] = sum(len(planners[g].preloaded) for g in live)
     df.attrs["slots"] = sum(planners[g].total_slots for g in live)
-    df.attrs["host_slots"] = sum(planners[g].host_slots for g in live)
+    df.attrs["host_slots"] = planners[live[0]].host_slots     # one host memory
     return df
 
 

@@ -490,11 +490,18 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
     return sc
 
 
+#: host cache kinds one host memory runs for several GPUs' planners (simulator.multigpu): they
+#: order residents by their own calls (LRU, FIFO) or keep nothing (none); LFU, static-hot and
+#: Belady read one planner's request clock or stream
+SHARED_HOST_KINDS = ("lru", "fifo", "none")
+
+
 def check_gpus(sc: Scenario, source: str) -> None:
     """What the several-GPU simulation (:mod:`simulator.multigpu`) times: lockstep runs (not
     serving workloads) in every engine style, pinned or pageable copies and the tiers; a disk
-    tier's host memory is split evenly between the GPUs; peer fetch moves the GPU cache's full
-    experts, so not with quantised copies or a disk tier."""
+    tier's one host memory is shared by the GPUs' planners (kinds that order residents by their
+    own calls); peer fetch moves the GPU cache's full experts, so not with quantised copies or a
+    disk tier."""
     g = sc.gpus
     if g is None:
         return
@@ -507,12 +514,10 @@ def check_gpus(sc: Scenario, source: str) -> None:
         if g.peer_fetch and g.count > 1 and (pol.expert_dtype is not None or pol.host is not None):
             raise InputError(source, f"policies[{i}]", "peer_fetch copies a peer's full-precision expert: not "
                                                        "simulated with expert_dtype or a host/disk tier yet")
-        if pol.host is not None and g.count > 1:
-            from .tiers import stored_bytes
-
-            if pol.host.slots(stored_bytes(sc.model, pol.expert_dtype)) < g.count:
-                raise InputError(source, f"policies[{i}].host.capacity",
-                                 f"split between {g.count} GPUs, it holds no expert per GPU")
+        if pol.host is not None and g.count > 1 and pol.host.kind not in SHARED_HOST_KINDS:
+            raise InputError(source, f"policies[{i}].host.kind",
+                             f"{pol.host.kind!r}: one host memory shared by several GPUs is simulated with "
+                             "host kinds lru, fifo and none (the others read one planner's request stream)")
 
 
 def check_tiers(pol: PolicySpec, m: ModelSpec, source: str, where: str) -> None:

@@ -163,8 +163,8 @@ def test_unsupported_combinations_one_line():
         scenario({"count": 2, "mode": "replicate", "peer_fetch": True}, policies=[{"name": "q", "expert_dtype": "int8"}])
     with pytest.raises(InputError, match=r"t.yaml: gpus: peer_fetch applies to mode replicate"):
         scenario({"count": 2, "peer_fetch": True})
-    with pytest.raises(InputError, match=r"t.yaml: policies\[0\].host.capacity: split between 4 GPUs, it holds no expert"):
-        scenario({"count": 4}, policies=[{"name": "s", "host": {"capacity": 3}}])
+    with pytest.raises(InputError, match=r"t.yaml: policies\[0\].host.kind: 'belady': one host memory shared"):
+        scenario({"count": 4}, policies=[{"name": "s", "host": {"kind": "belady", "capacity": 30}}])
 
 
 def test_validate_refuses_gpus_in_one_line(tmp_path):

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.multigpu import build_planners, layer_plans, per_gpu_policy, placement
+from simulator.multigpu import build_planners, layer_plans, placement
 from simulator.planner import Planner
 from simulator.profile import load_profile
 from simulator.runner import build_trace, cost_model, simulate
@@ -144,35 +145,39 @@ def test_layer_plans_are_plan_step():
 
 @settings(max_examples=25, deadline=None)
 @given(n=st.integers(1, 4), mode=st.sampled_from(["expert-parallel", "replicate"]), cap=st.integers(1, 40),
-       host=st.sampled_from([None, 12, 60]), batch=st.sampled_from([1, 3, 8]), prefetch=st.booleans())
-def test_capacities_never_exceeded(n, mode, cap, host, batch, prefetch):
+       host=st.sampled_from([None, 12, 60]), kind=st.sampled_from(["lru", "fifo"]), batch=st.sampled_from([1, 3, 8]),
+       prefetch=st.booleans())
+def test_capacities_never_exceeded_and_no_gpu_evicts_what_another_still_reads(n, mode, cap, host, kind, batch,
+                                                                             prefetch):
+    """Planned as simulate_gpus plans (layer by layer, GPU by GPU): every GPU cache within its
+    capacity; one host memory for all GPUs, within its capacity, and every key a GPU's layer
+    still reads from it is resident there."""
     pol = {"name": "p", "cache": {"kind": "lru", "capacity": cap}}
     if prefetch:
         pol["prefetch"] = {"kind": "oracle", "budget": 2}
     if host is not None:
-        pol["host"] = {"kind": "lru", "capacity": host}
+        pol["host"] = {"kind": kind, "capacity": host}
     sc = scenario(pol, {"count": n, "mode": mode}, batch=batch, layers=3)
     trace = build_trace(sc, batch, 0, None)
     cost = cost_model(sc, load_profile("h200"), trace.max_step_tokens)
     owner = placement(sc, trace) if mode == "expert-parallel" else None
+    planners = [p for p in build_planners(sc, sc.policies[0], trace, cost, 1, owner) if p is not None]
+    hosts = {id(p.host_cache) for p in planners}
+    assert len(hosts) == 1                           # one host memory (or none) for all GPUs
     try:
-        planners = build_planners(sc, sc.policies[0], trace, cost, 1, owner)
-    except ValueError:      # a host memory too small for a layer's reads: refused, as on one GPU
-        return
-    host_slots = per_gpu_policy(sc.policies[0], sc.model, n).host
-    for p in planners:
-        if p is None:
-            continue
         for s in range(trace.num_steps):
-            try:
-                for _ in layer_plans(p, s, []):
+            gens = [layer_plans(p, s, []) for p in planners]
+            for _ in range(trace.num_layers):
+                for p, gen in zip(planners, gens):
+                    next(gen)
                     assert all(len(c.slot_of) <= c.slots == cap for c in p.caches)
-                    if host_slots is not None:
-                        assert len(p.host_cache.slot_of) <= p.host_cache.slots == host_slots.capacity
-            except ValueError:
-                return
-    if host is not None:
-        assert host_slots.capacity == host // n
+                    hc = p.host_cache
+                    if hc is not None:
+                        assert len(hc.slot_of) <= hc.slots == host
+                        for q in planners:
+                            assert all(k in hc.slot_of for k in set.__iter__(q._host_busy))
+    except ValueError as e:     # a host memory too small for the layers' reads: refused in one line
+        assert "host.capacity" in str(e)
 
 
 def test_timeline_has_per_gpu_tracks_and_the_shared_ones(tmp_path):
@@ -218,3 +223,18 @@ def test_cli_timeline_and_bad_keys_exit_2(tmp_path):
         assert r.exit_code == 2
         last = r.output.strip().splitlines()[-1]
         assert last.startswith(f"error: {p}: {field}: ") and len(r.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", ["expert-parallel", "replicate"])
+def test_one_host_memory_reads_each_expert_from_disk_once(mode):
+    """A host memory that holds every expert, shared by 4 GPUs: an expert is read from the
+    one disk once in the whole run, whichever GPUs use it (replicate: several do)."""
+    pol = {"name": "ssd", "cache": LRU, "host": {"kind": "lru", "capacity": 4 * 64}, "disk": {"queue_depth": 2}}
+    sc = scenario(pol, {"count": 4, "mode": mode}, batch=16)
+    trace = build_trace(sc, 16, 0, None)
+    df = run(sc)
+    distinct = len({int(k) for s in range(trace.num_steps)
+                    for k in (trace.step(s) + 64 * np.arange(4)[None, :, None]).ravel()})
+    assert df["disk_reads"].sum() == distinct
+    if mode == "replicate":     # GPUs share experts: fewer reads than copies into GPUs
+        assert df["disk_reads"].sum() < df["transfers"].sum()
