@@ -31,7 +31,6 @@ import pandas as pd
 
 from .engine import ROUTE_ID_BYTES
 from .engine_styles import GROUP, group_layer
-from .errors import InputError
 from .planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, READ, Decisions, Planner, StepRouting
 from .policies import LOAD_MODES
 from .policies.placement import PLACEMENT_POLICIES
@@ -235,8 +234,10 @@ class Gpu:
         self.act_ready = None               # expert-parallel: when the dispatch has delivered
         self.load_end: dict[int, float] = {}    # slot -> end of the last load into it
         self.read_end: dict[int, float] = {}    # slot -> end of the last compute that read it
-        self.busy_c = self.busy_x = self.cpu_ms = 0.0
-        self.pairs = self.pcie_bytes = self.fetch_bytes = self.fetches = 0
+        self.busy_c = self.busy_x = 0.0     # total busy ms of each stream (as the engine's)
+        self.busy_c0 = self.busy_x0 = 0.0   # ... when the step started
+        self.cpu_ms = 0.0                   # this step's: host CPU ms in experts, routed pairs
+        self.pairs = self.pcie_bytes = self.fetch_bytes = self.fetches = 0   # served, bytes, peer fetches
         self.l_copy, self.l_expert, self.l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
         self.blocking = memory == "pageable" and cost.pageable_blocks_host
         self.dense_ms, self.dense_of, self.extra_of, self.expert_base = 0.0, None, None, 0.0
@@ -265,7 +266,9 @@ class Gpu:
         """The step starts on this GPU at ``t0``: the per-step extra (measured styles)."""
         self.host = self.now = t0
         self.act_ready = None
-        self.cpu_ms = 0.0                   # this step's host CPU time in experts
+        self.busy_c0, self.busy_x0 = self.busy_c, self.busy_x
+        self.cpu_ms = 0.0
+        self.pairs = self.pcie_bytes = self.fetch_bytes = self.fetches = 0
         if self.dense_of is None:
             return
         self.dense_ms, extra = self.dense_of[s], self.extra_of[s]
@@ -505,6 +508,13 @@ class Gpu:
         if self.tl is not None:
             self.tl.append(("compute", t, end, kind, op[2] if kind == DEQUANT else op[1], False, self.g))
 
+    def step_counts(self) -> dict:
+        """This step's busy ms (as the engine's differences), routed pairs served, host CPU ms,
+        bytes over the host link and from peers, peer fetches."""
+        return {"compute_ms": self.busy_c - self.busy_c0, "copy_ms": self.busy_x - self.busy_x0,
+                "pairs": self.pairs, "cpu_ms": self.cpu_ms, "pcie_bytes": self.pcie_bytes,
+                "peer_fetch_bytes": self.fetch_bytes, "peer_fetches": self.fetches}
+
     def end_step(self, sync_ms: float) -> float:
         """When this GPU's synchronise returns."""
         t = self.now
@@ -601,8 +611,6 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
         decs: dict[int, list[Decisions]] = {g: [] for g in live}
         plans = {g: layer_plans(planners[g], s, decs[g]) for g in live}
         t0 = now
-        before = {g: (x.busy_c, x.busy_x, x.pairs, 0.0, x.pcie_bytes, x.fetch_bytes, x.fetches)
-                  for g, x in gpus.items()}
         for g in live:
             gpus[g].start_step(s, t0)
         a2a_bytes, peer_ms = 0, 0.0
@@ -644,27 +652,24 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
                 raise AssertionError("a planner planned more layers than the trace has")
         now = max(gpus[g].end_step(sync_ms) for g in live)   # the step ends with the slowest GPU
         lat = now - t0
-        busy = {g: tuple(a - b for a, b in zip((x.busy_c, x.busy_x, x.pairs, x.cpu_ms, x.pcie_bytes,
-                                                x.fetch_bytes, x.fetches), before[g]))
-                for g, x in gpus.items()}
+        per = {g: x.step_counts() for g, x in gpus.items()}
+        total = {k: sum(c[k] for c in per.values()) for k in next(iter(per.values()))}
         step_dec = {g: decs[g][0] for g in live}
         dec = _merge(list(step_dec.values()), routing, ep and n > 1)
         row = {"step": s, "phase": int(trace.phase[s]), "start_ms": t0, "latency_ms": lat,
-               "compute_ms": sum(b[0] for b in busy.values()), "transfer_ms": sum(b[1] for b in busy.values()),
-               "stall_ms": max(0.0, lat - max(b[0] for b in busy.values())),
-               "cpu_ms": sum(b[3] for b in busy.values()),
-               "host_ms": max(gpus[g].host for g in live) - t0}
+               "compute_ms": total["compute_ms"], "transfer_ms": total["copy_ms"],
+               "stall_ms": max(0.0, lat - max(c["compute_ms"] for c in per.values())),
+               "cpu_ms": total["cpu_ms"], "host_ms": max(gpus[g].host for g in live) - t0}
         row.update(dec.as_dict())
-        fetch_bytes = sum(b[5] for b in busy.values())
-        row["peer_bytes"], row["peer_ms"] = a2a_bytes + fetch_bytes, peer_ms
-        row["pcie_bytes"] = sum(b[4] for b in busy.values())
-        row["peer_fetches"], row["peer_fetch_bytes"] = sum(b[6] for b in busy.values()), fetch_bytes
+        row["peer_bytes"], row["peer_ms"] = a2a_bytes + total["peer_fetch_bytes"], peer_ms
+        for k in ("pcie_bytes", "peer_fetches", "peer_fetch_bytes"):
+            row[k] = total[k]
+        idle = {k: 0.0 if k.endswith("_ms") else 0 for k in total}     # a GPU without tokens
         for g in range(n):
-            c, x_ms, pairs, _, pcie, fb, _ = busy.get(g, (0.0, 0.0, 0, 0.0, 0, 0, 0))
-            row[f"gpu{g}_compute_ms"], row[f"gpu{g}_copy_ms"], row[f"gpu{g}_pairs"] = c, x_ms, pairs
-            d = step_dec.get(g, Decisions())
+            c, d = per.get(g, idle), step_dec.get(g, Decisions())
+            row[f"gpu{g}_compute_ms"], row[f"gpu{g}_copy_ms"], row[f"gpu{g}_pairs"] = c["compute_ms"], c["copy_ms"], c["pairs"]
             row[f"gpu{g}_hits"], row[f"gpu{g}_misses"], row[f"gpu{g}_bytes_h2d"] = d.hits, d.misses, d.bytes_h2d
-            row[f"gpu{g}_pcie_bytes"], row[f"gpu{g}_peer_fetch_bytes"] = pcie, fb
+            row[f"gpu{g}_pcie_bytes"], row[f"gpu{g}_peer_fetch_bytes"] = c["pcie_bytes"], c["peer_fetch_bytes"]
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["preloaded_experts"] = sum(len(planners[g].preloaded) for g in live)
