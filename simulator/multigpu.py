@@ -2,7 +2,7 @@
 
 Each GPU has its own expert cache (the policy's cache, of the policy's capacity, on every GPU),
 its own planner, copy stream and compute stream. The decisions come from one
-:class:`~simulator.planner.Planner` per GPU:
+:class:`~simulator.planner.Planner` per GPU, interleaved layer by layer (:func:`layer_plans`):
 
 - ``expert-parallel``: every GPU plans the whole trace through a load mode that keeps only the
   experts the placement (:mod:`simulator.policies.placement`) puts on it, and a prefetch
@@ -11,16 +11,20 @@ its own planner, copy stream and compute stream. The decisions come from one
   activation goes to every other GPU holding one of its experts (dispatch), and back after the
   experts (combine): two all-to-alls over the peer link per layer.
 - ``replicate``: GPU ``g`` plans its own share of the tokens (a sub-trace) and copies whatever
-  expert they route to into its own cache: no peer traffic, one barrier at the step's end.
+  expert they route to into its own cache: no all-to-all, one barrier at the step's end. With
+  ``peer_fetch`` a copy comes from a peer's cache over the peer link when that ends sooner
+  (:func:`peer_fetcher`).
 
 Timing is the single-GPU engine's (:mod:`simulator.engine`), written out here for ``N`` GPUs in
 lockstep, layer by layer, with the same floating-point operations (so one GPU reproduces the
-engine bit for bit). Expert-parallel layers add a barrier: the dispatch starts when the last
-GPU has its routing, takes ``peer latency + max over GPUs of max(bytes sent, bytes received) /
-peer bandwidth``, and the experts' computes wait for it; the combine starts when the last GPU's
-compute stream is done and the next layer's dense work waits for it. With ``shared_pcie`` every
-host copy also waits for the one host link (copies of all GPUs in issue order: GPU 0's layer
-ops, then GPU 1's, ...); without it each GPU's copy stream has a link of its own.
+engine bit for bit, in every engine style and with every tier): :class:`Gpu`. Expert-parallel
+layers add a barrier: the dispatch starts when the last GPU has its routing, takes ``peer
+latency + max over GPUs of max(bytes sent, bytes received) / peer bandwidth``, and the experts'
+computes wait for it; the combine starts when the last GPU's compute stream is done and the
+next layer's dense work waits for it. What the GPUs share (:class:`Shared`) is taken in issue
+order (GPU 0's layer ops, then GPU 1's, ...): the host link (``shared_pcie``: copies and direct
+reads), the host CPU and the staging of pageable copies (``shared_host``), the disk and one
+host memory (a disk tier: :func:`share_host_memory`), each GPU's send side of the peer link.
 """
 from __future__ import annotations
 
