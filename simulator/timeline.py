@@ -54,6 +54,8 @@ def _op_event(rec: tuple, num_experts: int) -> dict:
     args: dict = {}
     if kind == DENSE:
         name, cat = ("embedding, LM head, dense layers", "dense") if label == "step" else ("dense", "dense")
+    elif kind == COMPUTE and isinstance(label, str):   # a grouped style's call ("group of 5")
+        name, cat = f"experts: {label}", "expert"
     elif kind == COMPUTE:
         name, cat = f"expert {_expert(label, num_experts)}", "expert"
         args = {"key": label}

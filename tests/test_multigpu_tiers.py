@@ -238,3 +238,12 @@ def test_one_host_memory_reads_each_expert_from_disk_once(mode):
     assert df["disk_reads"].sum() == distinct
     if mode == "replicate":     # GPUs share experts: fewer reads than copies into GPUs
         assert df["disk_reads"].sum() < df["transfers"].sum()
+
+
+def test_timeline_of_a_grouped_style_names_its_calls():
+    from simulator.timeline import timeline_doc
+
+    sc = scenario(OPTIONS["grouped+prefetch"][0], {"count": 2}, style="grouped", batch=4, layers=2)
+    ev = [e for e in timeline_doc(sc, load_profile("h200"), None)["traceEvents"] if e["ph"] == "X"]
+    groups = [e for e in ev if e["name"].startswith("experts: group of ")]
+    assert groups and all(e["args"]["gpu"] in (0, 1) for e in groups)
