@@ -247,3 +247,16 @@ def test_timeline_of_a_grouped_style_names_its_calls():
     ev = [e for e in timeline_doc(sc, load_profile("h200"), None)["traceEvents"] if e["ph"] == "X"]
     groups = [e for e in ev if e["name"].startswith("experts: group of ")]
     assert groups and all(e["args"]["gpu"] in (0, 1) for e in groups)
+
+
+@settings(max_examples=10, deadline=None)
+@given(n=st.integers(2, 4), cap=st.integers(4, 120), batch=st.sampled_from([2, 5, 12]), shared=st.booleans(),
+       memory=st.sampled_from(["pinned", "pageable"]), load=st.sampled_from(["dedup", "coalesced"]))
+def test_peer_fetch_never_increases_pcie_bytes(n, cap, batch, shared, memory, load):
+    pol = {"name": "p", "load": load, "memory": memory, "cache": {"kind": "lru", "capacity": cap}}
+    g = {"count": n, "mode": "replicate", "shared_pcie": shared}
+    off = run(scenario(pol, g, batch=batch, layers=2))
+    on = run(scenario(pol, {**g, "peer_fetch": True}, batch=batch, layers=2))
+    assert (on["misses"] == off["misses"]).all() and (on["bytes_h2d"] == off["bytes_h2d"]).all()
+    assert (on["pcie_bytes"] <= off["pcie_bytes"]).all()
+    assert (on["pcie_bytes"] + on["peer_fetch_bytes"] == on["bytes_h2d"]).all()
