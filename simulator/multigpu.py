@@ -433,8 +433,8 @@ class Gpu:
             end = t + dur
             if sh.pcie:
                 sh.link_free = end
-            if sh.host and self.memory == "pageable":
-                sh.stage_free = end
+            if sh.host and self.memory == "pageable":   # the host stages it, then the driver's tail
+                sh.stage_free = end + self.cost.pageable_tail if self.blocking else end
             self.pcie_bytes += nbytes
         self.copy_free = end
         self.busy_x += dur
