@@ -324,7 +324,11 @@ class GpusSpec(_Strict):
     peer_GBps: float | None = Field(None, gt=0, le=100_000, description="peer link bandwidth per direction "
                                                                         "(default: the profile's gpus.peer)")
     peer_latency_us: float | None = Field(None, ge=0, le=1e6, description="per all-to-all (default: the profile's)")
-    shared_pcie: StrictBool = Field(False, description="host copies of all GPUs share one host link")
+    shared_pcie: StrictBool = Field(False, description="host copies (and direct reads) of all GPUs share one host link")
+    shared_host: StrictBool = Field(True, description="one host CPU (CPU experts) and one staging of pageable copies "
+                                                      "for all GPUs; false: one each (an idealisation to compare with)")
+    peer_fetch: StrictBool = Field(False, description="replicate: a miss whose expert sits in a peer GPU's cache is "
+                                                      "fetched over the peer link when that ends sooner")
 
     @field_validator("placement")
     @classmethod
@@ -335,6 +339,8 @@ class GpusSpec(_Strict):
     def _placement_needs_ep(self):
         if self.mode == "replicate" and "placement" in self.model_fields_set:
             raise ValueError("placement applies to mode expert-parallel; replicate copies experts to every GPU")
+        if self.peer_fetch and self.mode != "replicate":
+            raise ValueError("peer_fetch applies to mode replicate (expert-parallel GPUs hold distinct experts)")
         return self
 
 
@@ -484,25 +490,34 @@ def check_bounds(sc: Scenario, source: str) -> Scenario:
     return sc
 
 
+#: host cache kinds one host memory runs for several GPUs' planners (simulator.multigpu): they
+#: order residents by their own calls (LRU, FIFO) or keep nothing (none); LFU, static-hot and
+#: Belady read one planner's request clock or stream
+SHARED_HOST_KINDS = ("lru", "fifo", "none")
+
+
 def check_gpus(sc: Scenario, source: str) -> None:
-    """What the several-GPU simulation (:mod:`simulator.multigpu`) times: decode and prefill
-    lockstep runs in the twin style, pinned copies from host memory, copy misses."""
+    """What the several-GPU simulation (:mod:`simulator.multigpu`) times: lockstep runs (not
+    serving workloads) in every engine style, pinned or pageable copies and the tiers; a disk
+    tier's one host memory is shared by the GPUs' planners (kinds that order residents by their
+    own calls); peer fetch moves the GPU cache's full experts, so not with quantised copies or a
+    disk tier."""
     g = sc.gpus
     if g is None:
         return
     if sc.workload is not None:
         raise InputError(source, "gpus", "a serving workload is not simulated on several GPUs yet")
-    if sc.engine.style != "twin":
-        raise InputError(source, "gpus", f"several GPUs are priced in engine style 'twin' only, not {sc.engine.style!r}")
     if g.mode == "expert-parallel" and g.count > sc.model.num_experts:
         raise InputError(source, "gpus.count", f"{g.count} GPUs, but model {sc.model.name} has only "
                                                f"{sc.model.num_experts} experts per layer to place")
     for i, pol in enumerate(sc.policies):
-        if pol.tiered or pol.miss.kind != "copy":
-            raise InputError(source, f"policies[{i}]", "several GPUs simulate copy misses from host memory only "
-                                                       "(no expert_dtype, host/disk tier or miss other than copy)")
-        if pol.memory != "pinned":
-            raise InputError(source, f"policies[{i}].memory", "several GPUs simulate pinned host memory only")
+        if g.peer_fetch and g.count > 1 and (pol.expert_dtype is not None or pol.host is not None):
+            raise InputError(source, f"policies[{i}]", "peer_fetch copies a peer's full-precision expert: not "
+                                                       "simulated with expert_dtype or a host/disk tier yet")
+        if pol.host is not None and g.count > 1 and pol.host.kind not in SHARED_HOST_KINDS:
+            raise InputError(source, f"policies[{i}].host.kind",
+                             f"{pol.host.kind!r}: one host memory shared by several GPUs is simulated with "
+                             "host kinds lru, fifo and none (the others read one planner's request stream)")
 
 
 def check_tiers(pol: PolicySpec, m: ModelSpec, source: str, where: str) -> None:

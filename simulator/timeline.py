@@ -16,6 +16,11 @@ track (thread) per resource:
 - ``stall``: the compute stream idle between two of its operations (waiting for a copy, the
   host or the end of the step), ``args.next`` naming what it waited for.
 
+Several GPUs (``gpus:``, docs/multigpu.md): per GPU its own ``GPU g compute stream``, ``copy
+engine`` and ``stall`` tracks, and the tracks the GPUs share: ``host`` (CPU experts and the
+host's staging of pageable copies, each named for its GPU), ``peer link`` (dispatch and combine
+all-to-alls of each layer, peer copies ``GPU 1 -> 0``) and ``disk``.
+
 Events are complete events (``ph: "X"``) with ``ts``/``dur`` in microseconds; metadata events
 (``ph: "M"``) name the processes and threads. Open the file in https://ui.perfetto.dev or
 chrome://tracing.
@@ -49,6 +54,8 @@ def _op_event(rec: tuple, num_experts: int) -> dict:
     args: dict = {}
     if kind == DENSE:
         name, cat = ("embedding, LM head, dense layers", "dense") if label == "step" else ("dense", "dense")
+    elif kind == COMPUTE and isinstance(label, str):   # a grouped style's call ("group of 5")
+        name, cat = f"experts: {label}", "expert"
     elif kind == COMPUTE:
         name, cat = f"expert {_expert(label, num_experts)}", "expert"
         args = {"key": label}
@@ -104,6 +111,56 @@ def policy_events(pid: int, policy_name: str, batch_size: int, records: list[tup
     return events
 
 
+GPU_TRACKS = {"compute": (1, "compute stream"), "copy": (2, "copy engine"), "stall": (3, "stall (compute idle)")}
+SHARED_TRACKS = {"host": (2, "host (CPU experts, pageable staging)"), "peer": (3, "peer link (all-to-all, peer copies)"),
+                 "disk": (4, "disk reads")}
+
+
+def _gpu_op_event(rec: tuple, num_experts: int) -> dict:
+    """A several-GPU record (``simulator.multigpu``): the engine's events, named for their GPU;
+    the peer link's all-to-alls and peer copies, and the host's staging, by their label."""
+    stream, start, end, kind, label, prefetch, gpu = rec
+    if kind < 0:                    # multigpu.A2A, multigpu.STAGE
+        cat = "peer" if stream == "peer" else "staging"
+        return {"name": label, "cat": cat, "ph": "X", "ts": start * 1e3, "dur": (end - start) * 1e3,
+                "args": {"prefetch": bool(prefetch)}}
+    e = _op_event(rec[:6], num_experts)
+    if stream in ("cpu", "disk"):   # the host's CPU and the disk serve every GPU
+        e["name"] += f" (GPU {gpu})"
+    e["args"]["gpu"] = gpu
+    return e
+
+
+def gpu_policy_events(pid: int, policy_name: str, batch_size: int, records: list[tuple], steps, num_experts: int,
+                      count: int) -> list[dict]:
+    """:func:`policy_events` of a several-GPU run: the steps, per GPU its compute stream, copy
+    engine and stalls, and the shared tracks (host, peer link, disk)."""
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": pid, "tid": 0,
+                           "args": {"name": f"{policy_name} (batch {batch_size}, {count} GPUs)"}},
+                          {"name": "process_sort_index", "ph": "M", "pid": pid, "tid": 0, "args": {"sort_index": pid}}]
+    tracks = {"steps": (1, "steps")}
+    tracks.update({k: v for k, v in SHARED_TRACKS.items() if k != "disk" or any(r[0] == "disk" for r in records)})
+    for g in range(count):
+        tracks.update({(g, k): (10 * (g + 1) + tid, f"GPU {g} {name}") for k, (tid, name) in GPU_TRACKS.items()})
+    for track, (tid, name) in tracks.items():
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": name}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+    by_track: dict = {t: [] for t in tracks}
+    for s in steps.itertuples():
+        by_track["steps"].append({"name": f"step {s.step}", "cat": "step", "ph": "X", "ts": s.start_ms * 1e3,
+                                  "dur": s.latency_ms * 1e3, "args": {"step": int(s.step), "phase": int(s.phase)}})
+    for rec in sorted(records, key=lambda r: (r[1], r[2])):
+        stream = "host" if rec[0] == "cpu" else rec[0]
+        by_track[stream if stream in SHARED_TRACKS else (rec[6], stream)].append(_gpu_op_event(rec, num_experts))
+    for g in range(count):
+        by_track[(g, "stall")] = _stalls(by_track[(g, "compute")])
+    for track, evs in by_track.items():
+        for e in evs:
+            e["pid"], e["tid"] = pid, tracks[track][0]
+        events.extend(evs)
+    return events
+
+
 def timeline_events(sc: Scenario, profile: Profile, base_dir: Path | None) -> list[dict]:
     """Trace events of every policy at the smallest batch size, replication 0."""
     b, rep = min(sc.batch_sizes), 0
@@ -114,7 +171,10 @@ def timeline_events(sc: Scenario, profile: Profile, base_dir: Path | None) -> li
         records: list[tuple] = []
         # the seed run_scenario gives this (replication, batch size)
         steps = simulate(sc, pol, trace, cost, seed=derive_seed(sc.seed, rep, b, 7), timeline=records)
-        events += policy_events(pid, pol.name, b, records, steps, sc.model.num_experts)
+        if sc.gpus is not None:     # several GPUs (simulator.multigpu)
+            events += gpu_policy_events(pid, pol.name, b, records, steps, sc.model.num_experts, sc.gpus.count)
+        else:
+            events += policy_events(pid, pol.name, b, records, steps, sc.model.num_experts)
     return events
 
 

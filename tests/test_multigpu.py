@@ -159,10 +159,12 @@ def test_bad_gpus_keys_one_line(gpus, field, words):
 def test_unsupported_combinations_one_line():
     with pytest.raises(InputError, match=r"t.yaml: gpus.count: 40 GPUs, but model \S+ has only 32 experts"):
         scenario({"count": 40}, model={"num_experts": 32})
-    with pytest.raises(InputError, match=r"t.yaml: policies\[0\]: several GPUs simulate copy misses"):
-        scenario({"count": 2}, policies=[{"name": "q", "expert_dtype": "int8"}])
-    with pytest.raises(InputError, match=r"t.yaml: policies\[0\].memory: "):
-        scenario({"count": 2}, policies=[{"name": "p", "memory": "pageable"}])
+    with pytest.raises(InputError, match=r"t.yaml: policies\[0\]: peer_fetch copies a peer's full-precision expert"):
+        scenario({"count": 2, "mode": "replicate", "peer_fetch": True}, policies=[{"name": "q", "expert_dtype": "int8"}])
+    with pytest.raises(InputError, match=r"t.yaml: gpus: peer_fetch applies to mode replicate"):
+        scenario({"count": 2, "peer_fetch": True})
+    with pytest.raises(InputError, match=r"t.yaml: policies\[0\].host.kind: 'belady': one host memory shared"):
+        scenario({"count": 4}, policies=[{"name": "s", "host": {"kind": "belady", "capacity": 30}}])
 
 
 def test_validate_refuses_gpus_in_one_line(tmp_path):
