@@ -41,11 +41,13 @@ def register(main: click.Group) -> None:
                                           "[default: the scenario's trace.prompt_tokens].")
 @click.option("--resident/--no-resident", default=True, show_default=True,
               help="--executor model: add a first row with every expert resident (the engine alone).")
+@click.option("--rates", help="Serving scenarios (a workload: section): arrival rates (requests/s) to validate at, "
+                               "e.g. 0.5,1,2 [default: workload.rates, else the scenario's rate].")
 @click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
                              "step moves when its thread moves between cores).")
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
-                 executor, tiny, layers, routing, prompts, resident, quiet):
+                 executor, tiny, layers, routing, prompts, resident, rates, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -64,6 +66,11 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     after a first row with every expert resident, and projects each row with the scenario's
     engine.style on the routing it ran (--repeats and the host-now options are the twin's).
     On --device cpu only the decisions are checked.
+
+    A serving scenario (a workload: section) with --executor model serves its requests live
+    (the same scheduler, planner and policies driving the real model) at each of --rates, and
+    compares per-request TTFT, TPOT and end-to-end latency with the projection: replayed on
+    the live run's own schedule, and projected end to end (docs/serving.md, "Validation").
     """
     from rich.console import Console
     from rich.table import Table
@@ -92,6 +99,16 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
             pin_cpus(parse_cpus(cpus))
         except ValueError as e:
             raise InputError("command line", "--cpus", str(e)) from None
+    if sc.workload is not None:
+        if executor != "model":
+            raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
+                                                           "give --executor model")
+        from .serve_cli import parse_rates, validate_serving_cmd
+
+        return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
+                                    layers=layers, rates=parse_rates(rates), quiet=quiet)
+    if rates:
+        raise InputError("command line", "--rates", "only for a serving scenario (a workload: section)")
     if executor == "model":
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,

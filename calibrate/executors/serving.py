@@ -25,15 +25,17 @@ import torch
 
 from calibrate.executors.model import ModelExecutor, ModelStep
 from simulator.serving.planner import ServingPlanner
-from simulator.serving.runner import Driver, request_table
+from simulator.serving.runner import request_table
 from simulator.serving.scheduler import DECODE
 
 
 class ServingExecutor(ModelExecutor):
     """A :class:`ModelExecutor` over a serving planner's steps, a KV cache per request."""
 
-    def __init__(self, built, policy, planner: ServingPlanner, *, device: str = "cpu", seed: int = 0, host=None):
-        super().__init__(built, policy, planner.trace, device=device, seed=seed, host=host, planner=planner)
+    def __init__(self, built, policy, planner: ServingPlanner, *, device: str = "cpu", seed: int = 0, host=None,
+                 dispatch: str = "loop"):
+        super().__init__(built, policy, planner.trace, device=device, seed=seed, host=host, planner=planner,
+                         dispatch=dispatch)
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.vocab = built.arch.vocab
         self.seed = seed
@@ -114,21 +116,23 @@ class ServingExecutor(ModelExecutor):
 
 
 def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: str = "cpu", base_dir=None,
-               requests=None, host=None, keep_logits: bool = False):
+               requests=None, host=None, keep_logits: bool = False, dispatch: str = "loop"):
     """One policy at one max batch, live: ``(requests table, steps list of (plan items,
     ModelStep, Decisions), executor)``; the scheduler's clock runs on the measured step times.
-    ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``)."""
+    ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``).
+    ``dispatch``: the executor's (``loop``: engine style offload; ``grouped``: offload-grouped)."""
     from simulator.runner import derive_seed
-    from simulator.serving.runner import setup_run
+    from simulator.serving.runner import make_driver, setup_run
 
     if sc.model != built.spec:
         raise ValueError(f"scenario model {sc.model.name} is not the built model {built.spec.name}")
     run = setup_run(sc, policy, max_batch, replication, base_dir=base_dir, requests=requests)
     reqs, sched, planner = run.requests, run.sched, run.planner
-    ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host)
+    ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host,
+                         dispatch=dispatch)
     ex.keep_logits = keep_logits
     ex._prompt = {r.rid: r.prompt for r in reqs}
-    drive = Driver(sched, run.trace, run.routing)
+    drive = make_driver(run)
     steps = []
     for plan, s in drive.steps():
         step, dec = ex.run_plan(plan, s)
