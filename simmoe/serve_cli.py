@@ -11,8 +11,10 @@ from simulator.errors import InputError
 from simulator.units import fmt_bytes
 
 
-def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool) -> None:
-    """Simulate a serving scenario; print its table; write its results folder."""
+def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool,
+                timeline: bool = False) -> None:
+    """Simulate a serving scenario; print its table; write its results folder (with
+    ``timeline``, also timeline.json: :func:`simulator.timeline.serving_timeline_doc`)."""
     from simulator.names import results_dir
     from simulator.serving.estimate import check_serving
     from simulator.serving.output import write_serving_results
@@ -26,6 +28,11 @@ def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool
     from .serve_plots import plot_latency_cdf
 
     extra = {"latency_cdf.png": lambda p: plot_latency_cdf(result.requests, p)}
+    if timeline:   # built before any result is written: all files or none
+        from simulator.timeline import dump_timeline, serving_timeline_doc
+
+        doc = serving_timeline_doc(sc, result.profile, base)
+        extra["timeline.json"] = lambda p: dump_timeline(doc, p)
     written = write_serving_results(result, out or results_dir(sc.name), fmt, extra_files=extra)
     if not quiet:
         print_serving(result)

@@ -184,6 +184,12 @@ class PhaseSpec(_Strict):
                                                                     "or defer the prompt tokens behind them")
     # prefill_prefetch (a PrefetchSpec) is added by simulator.scenario.ServingPolicySpec
 
+    @model_validator(mode="after")
+    def _defer_needs_a_budget(self):
+        if self.budget_over == "defer" and self.upload_budget is None:
+            raise ValueError("budget_over: defer needs an upload_budget to defer prompt tokens past")
+        return self
+
     @field_validator("prefill")
     @classmethod
     def _prefill(cls, v):
