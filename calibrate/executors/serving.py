@@ -150,7 +150,9 @@ def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: 
             host=None) -> dict:
     """Live vs projected per-request latency of one policy: the scenario's requests served live
     on the built model (the scheduler on measured step times) and simulated (on projected
-    ones); TTFT, TPOT and end-to-end mean and p90 of both, and the relative errors."""
+    ones); TTFT, TPOT and end-to-end mean and p90 of both, and the relative errors (one policy
+    side by side; ``simmoe validate`` of a serving scenario is the whole comparison:
+    :mod:`calibrate.validation.serving`)."""
     from calibrate.models.build import build_model
     from simulator.profile import load_profile
     from simulator.serving.runner import serve_one
@@ -165,11 +167,13 @@ def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: 
     live, _, _ = serve_live(sc, pol, b, replication, built, device=device, base_dir=base_dir, host=host)
     prof = profile if profile is not None and not isinstance(profile, str) else load_profile(profile or sc.profile)
     sim = serve_one(sc, pol, b, replication, prof, index=idx, base_dir=base_dir).requests
+    from calibrate.validation.serving import latency_stats
+
     out = {"policy": policy_name, "max_batch": b, "requests": len(live), "device": device}
-    for col in ("ttft_ms", "tpot_ms", "e2e_ms"):
-        for q in ("mean", "p90"):
-            lv = float(live[col].mean() if q == "mean" else live[col].quantile(0.9))
-            pv = float(sim[col].mean() if q == "mean" else sim[col].quantile(0.9))
+    ls, ps = latency_stats(live), latency_stats(sim)
+    for col, stats in ls.items():
+        for q, lv in stats.items():
+            pv = ps[col][q]
             out[f"{col}_{q}"] = {"live": lv, "projected": pv, "error": (pv - lv) / lv if lv else None}
     return out
 
