@@ -148,11 +148,9 @@ def run_cmd(scenario, profile, out, seed, replications, batch_sizes, fmt, timeli
         overrides["what_if"] = parse_what_if_flags(what_if)
     sc, base = load_scenario(scenario, overrides)
     if sc.workload is not None:     # a serving scenario (docs/serving.md)
-        if timeline:
-            raise InputError("command line", "--timeline", "not available for serving scenarios yet")
         from .serve_cli import run_serving
 
-        return run_serving(sc, base, str(scenario), profile, out, fmt, quiet, force)
+        return run_serving(sc, base, str(scenario), profile, out, fmt, quiet, force, timeline)
     est = check_scenario(sc, str(scenario), force)
     with progress_bar(quiet, "simulating", est) as cb:
         result = run_scenario(sc, profile=profile, base_dir=base, progress=cb)

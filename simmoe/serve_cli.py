@@ -11,8 +11,10 @@ from simulator.errors import InputError
 from simulator.units import fmt_bytes
 
 
-def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool) -> None:
-    """Simulate a serving scenario; print its table; write its results folder."""
+def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool, force: bool,
+                timeline: bool = False) -> None:
+    """Simulate a serving scenario; print its table; write its results folder (with
+    ``timeline``, also timeline.json: :func:`simulator.timeline.serving_timeline_doc`)."""
     from simulator.names import results_dir
     from simulator.serving.estimate import check_serving
     from simulator.serving.output import write_serving_results
@@ -26,6 +28,11 @@ def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool
     from .serve_plots import plot_latency_cdf
 
     extra = {"latency_cdf.png": lambda p: plot_latency_cdf(result.requests, p)}
+    if timeline:   # built before any result is written: all files or none
+        from simulator.timeline import dump_timeline, serving_timeline_doc
+
+        doc = serving_timeline_doc(sc, result.profile, base)
+        extra["timeline.json"] = lambda p: dump_timeline(doc, p)
     written = write_serving_results(result, out or results_dir(sc.name), fmt, extra_files=extra)
     if not quiet:
         print_serving(result)
@@ -84,6 +91,77 @@ def print_serving(result) -> None:
         c.print(f"note: {n}", style="dim", highlight=False)
 
 
+def parse_rates(rates: str | None) -> list[float] | None:
+    """``--rates 0.5,1,2`` as a list of requests/s (None when not given)."""
+    if not rates:
+        return None
+    try:
+        grid = [float(x) for x in rates.split(",") if x.strip()]
+    except ValueError:
+        raise InputError("command line", "--rates", f"{rates!r} is not a list of numbers") from None
+    if not grid or any(not 0 < r <= 1e6 for r in grid):
+        raise InputError("command line", "--rates", "needs rates in (0, 1e6] requests/s")
+    return grid
+
+
+def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, rates, quiet) -> None:
+    """``simmoe validate`` of a serving scenario: live vs projected per-request latency."""
+    from calibrate.validation.serving import validate_serving, write_serving_validation
+    from simulator.names import results_dir
+
+    from .display import progress_bar
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError("command line", "--device", f"{device!r}: use cuda, cuda:N or cpu")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
+    with progress_bar(quiet, "validating") as cb:
+        report = validate_serving(sc, rates=rates, profile=profile, device=device, tiny=tiny, layers=layers,
+                                  base_dir=base, source=str(path), progress=cb)
+    written = write_serving_validation(report, out or results_dir(sc.name, "-serving-validation"))
+    if not quiet:
+        print_serving_validation(report)
+        click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    if not report["decisions_identical"]:
+        bad = [r["mismatch"] for r in report["rows"] if r["mismatch"]]
+        raise click.ClickException(f"decisions differ from the simulator's: {bad[0]}")
+
+
+def print_serving_validation(report: dict) -> None:
+    timing = report["timing"]
+    click.echo(f"{report['scenario']}: {report['model']} ({report['moe_layers']} MoE layers) on "
+               f"{report['environment']['gpu'] if timing else report['device']}, style {report['style']}, "
+               f"profile {report['profile']}")
+    if not timing:
+        click.echo("on the CPU only the decisions are checked: CPU step times are not a GPU's, so nothing is projected")
+    head = f"{'policy':20s} {'B':>3s} {'rate':>6s} {'steps':>5s}"
+    cols = (("ttft_ms", "mean"), ("tpot_ms", "mean"), ("tpot_ms", "p90"), ("e2e_ms", "mean"), ("e2e_ms", "p90"))
+    for c, q in cols:
+        head += f" {c[:-3] + ' ' + q:>22s}"
+    click.echo(head + ("  step err" if timing else "") + "  decisions")
+    for r in report["rows"]:
+        line = f"{r['policy']:20s} {r['max_batch']:3d} {'-' if r['rate'] is None else format(r['rate'], 'g'):>6s} {r['steps']:5d}"
+        for c, q in cols:
+            if timing:
+                v = r["latency"][c][q]
+                cell = f"{v['live']:.1f}/{v['projected']:.1f} {v['error_pct']:+.1f}%" if v["live"] else "-"
+            else:
+                v = r["live"][c][q]
+                cell = "-" if v is None else f"{v:.1f}"
+            line += f" {cell:>22s}"
+        if timing:
+            line += f" {r['step_ms']['all']['error_pct']:+8.1f}%"
+        click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
+    if timing:
+        click.echo("cells: live/projected ms and error (projected end to end); step err: median step latency "
+                   "replayed on the live schedule vs live")
+        for k, v in report["errors"].items():
+            click.echo(f"  {k}: median |error| {v['median_abs_pct']:.2f}%, worst {v['worst_abs_pct']:.2f}%")
+
+
 def register(main) -> None:
     @main.command("serve-sweep")
     @click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
@@ -118,14 +196,7 @@ def register(main) -> None:
         sc, base = load_scenario(scenario)
         if sc.workload is None:
             raise InputError(str(scenario), "workload", "serve-sweep needs a serving scenario (a workload: section)")
-        grid = None
-        if rates:
-            try:
-                grid = [float(x) for x in rates.split(",") if x.strip()]
-            except ValueError:
-                raise InputError("command line", "--rates", f"{rates!r} is not a list of numbers") from None
-            if not grid or any(not 0 < r <= 1e6 for r in grid):
-                raise InputError("command line", "--rates", "needs rates in (0, 1e6] requests/s")
+        grid = parse_rates(rates)
         n = len(grid or sc.workload.rates or [1]) + bisect
         one = estimate_serving(sc)
         est = Estimate(seconds=one.seconds * n, bytes=one.bytes, size=f"{n} rates x ({one.size})")

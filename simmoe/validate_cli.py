@@ -43,12 +43,14 @@ def register(main: click.Group) -> None:
                                           "[default: the scenario's trace.prompt_tokens].")
 @click.option("--resident/--no-resident", default=True, show_default=True,
               help="--executor model: add a first row with every expert resident (the engine alone).")
+@click.option("--rates", help="Serving scenarios (a workload: section): arrival rates (requests/s) to validate at, "
+                               "e.g. 0.5,1,2 [default: workload.rates, else the scenario's rate].")
 @click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
                              "step moves when its thread moves between cores).")
 @host_state_option
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
-                 executor, tiny, layers, routing, prompts, resident, host_state, quiet):
+                 executor, tiny, layers, routing, prompts, resident, rates, host_state, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -67,6 +69,11 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     after a first row with every expert resident, and projects each row with the scenario's
     engine.style on the routing it ran (--repeats and the host-now options are the twin's).
     On --device cpu only the decisions are checked.
+
+    A serving scenario (a workload: section) with --executor model serves its requests live
+    (the same scheduler, planner and policies driving the real model) at each of --rates, and
+    compares per-request TTFT, TPOT and end-to-end latency with the projection: replayed on
+    the live run's own schedule, and projected end to end (docs/serving.md, "Validation").
     """
     from rich.console import Console
     from rich.table import Table
@@ -95,6 +102,16 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
             pin_cpus(parse_cpus(cpus))
         except ValueError as e:
             raise InputError("command line", "--cpus", str(e)) from None
+    if sc.workload is not None:
+        if executor != "model":
+            raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
+                                                           "give --executor model")
+        from .serve_cli import parse_rates, validate_serving_cmd
+
+        return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
+                                    layers=layers, rates=parse_rates(rates), quiet=quiet)
+    if rates:
+        raise InputError("command line", "--rates", "only for a serving scenario (a workload: section)")
     if executor == "model":
         from calibrate.measurements import host_state as hs
         hs.enable_for(host_state, device)
@@ -104,8 +121,9 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     repeats = repeats or 3
     if tiny or layers or prompts or routing != "own" or host_state:
         from simulator.errors import InputError
-        raise InputError("command line", "--tiny" if tiny else "--layers" if layers else "--prompt" if prompts else "--routing" if routing != "own" else "--host-state",
-                         "only with --executor model")
+        flag = ("--tiny" if tiny else "--layers" if layers else "--prompt" if prompts
+                else "--routing" if routing != "own" else "--host-state")
+        raise InputError("command line", flag, "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
                           row_budget_s=row_budget, host_now=host_now, host_window_s=host_window)

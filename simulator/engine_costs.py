@@ -314,10 +314,21 @@ def start_context(scenario, prompt_lengths=None) -> int:
 class MixedStepCost(StyleCost):
     """The engine's dense-op and per-step prices for steps built one at a time (a serving run):
     a step may mix decode tokens (priced by the decode grid at their batch and mean context)
-    with prefill chunks (priced by the prefill curve at their token count); the two parts add
-    up, per MoE layer and for the dense layers, and the LM head is priced by the step's
-    sequences. The twin style keeps its constant. :meth:`add` appends one step;
-    :meth:`per_step` returns the growing lists the engine reads."""
+    with prefill chunks (priced by the prefill curve at their token count, plus a context
+    term); the parts add up, per MoE layer and for the dense layers, and the LM head is priced
+    by the step's sequences. The twin style keeps its constant. :meth:`add` appends one step;
+    :meth:`per_step` returns the growing lists the engine reads.
+
+    The context axis of prefill: a chunk at offset ``c`` of its prompt attends over
+    ``c + chunk`` tokens. The profile's prefill curve is measured on one prompt over an empty
+    cache (``calibrate engine``: the chunk's attention over itself), so it has no context
+    axis; the ``c`` earlier tokens are priced by the decode grid's context slope:
+    ``ctx_ms_per_token`` = (ms at the grid's smallest batch, 1 in every shipped profile, and
+    its last context - the same at its first) / (the contexts' difference), per MoE layer (and per dense layer from the dense
+    grid). A chunk reads its request's cached keys and values once, as one decode sequence
+    over ``c`` tokens does; the compute of its queries over them is small beside that read at
+    these sizes and is not priced. The step's term is ``ctx_ms_per_token x sum(c)`` over its
+    chunks (the term is linear in ``c``, so the sum is all it needs)."""
 
     def __init__(self, *, style: str, tables: ModelEngine | None, override_ms: float | None, twin_dense_ms: float):
         self.style, self.tables, self.override = style, tables, override_ms
@@ -326,10 +337,13 @@ class MixedStepCost(StyleCost):
         self.dense: list[float] = []
         self.extra: list[float] = []
         self.k_experts = 1.0
+        self.ctx_ms_per_token = self.dense_ctx_ms_per_token = 0.0
         if style != "twin":
             self.decode = GridCost(tables.decode, self.notes)
             self.dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
             self.k_experts = situ_factor(tables.in_situ, "experts")
+            self.ctx_ms_per_token = context_slope(self.decode)
+            self.dense_ctx_ms_per_token = context_slope(self.dense_grid) if self.dense_grid else 0.0
 
     @classmethod
     def from_scenario(cls, scenario, profile: Profile, source: str = "scenario") -> "MixedStepCost":
@@ -342,8 +356,10 @@ class MixedStepCost(StyleCost):
         return cls(style=eng.style, tables=tables, override_ms=eng.dense_ms_per_layer,
                    twin_dense_ms=model.dense_ms_per_layer)
 
-    def price(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int) -> tuple[float, float]:
-        """``(dense op ms per MoE layer, per-step extra ms)`` of one mixed step."""
+    def price(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int,
+              prefill_context: int = 0) -> tuple[float, float]:
+        """``(dense op ms per MoE layer, per-step extra ms)`` of one mixed step;
+        ``prefill_context``: the sum of its prefill chunks' offsets into their prompts."""
         if self.style == "twin":
             return self.const, 0.0
         t = self.tables
@@ -354,16 +370,26 @@ class MixedStepCost(StyleCost):
             dense_layer += (self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0) * k
         if prefill_tokens:
             p = curve_ms(t.prefill, prefill_tokens) if t.prefill else self.decode.ms(prefill_tokens, 1)
-            layer += p
-            dense_layer += p
+            layer += p + self.ctx_ms_per_token * prefill_context
+            dense_layer += p + (self.dense_ctx_ms_per_token if self.dense_grid else self.ctx_ms_per_token) * prefill_context
         head = curve_ms(t.head, sequences) if t.head and sequences else 0.0
         return (layer if self.override is None else self.override), head + t.dense_layers * dense_layer
 
-    def add(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int) -> None:
-        d, x = self.price(decode_batch, context, prefill_tokens, sequences)
+    def add(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int,
+            prefill_context: int = 0) -> None:
+        d, x = self.price(decode_batch, context, prefill_tokens, sequences, prefill_context)
         self.dense.append(d)
         self.extra.append(x)
 
     def per_step(self) -> tuple[list[float], list[float]]:
         return self.dense, self.extra
 
+
+def context_slope(grid: GridCost) -> float:
+    """ms per context token of one sequence's decode, from a grid's smallest-batch row (its
+    first and last contexts, as the monotone interpolation has them); 0 for a single context."""
+    c = grid.grid.context
+    if len(c) < 2:
+        return 0.0
+    b = grid.grid.batch[0]
+    return max(0.0, (grid.ms(b, c[-1]) - grid.ms(b, c[0])) / (c[-1] - c[0]))

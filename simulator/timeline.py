@@ -24,6 +24,12 @@ all-to-alls of each layer, peer copies ``GPU 1 -> 0``) and ``disk``.
 Events are complete events (``ph: "X"``) with ``ts``/``dur`` in microseconds; metadata events
 (``ph: "M"``) name the processes and threads. Open the file in https://ui.perfetto.dev or
 chrome://tracing.
+
+A serving run (:func:`serving_timeline_doc`): the same tracks per policy (its smallest max
+batch, replication 0) on the serving clock (idle gaps between steps included), and one track
+per request (``request 7``) with its spans: ``queued`` (arrival to admission), ``prefill``
+(admission to the first token) and ``decode`` (first token to the last; none for a one-token
+output), each with the request's prompt and output tokens in ``args``.
 """
 from __future__ import annotations
 
@@ -195,3 +201,42 @@ def write_timeline(sc: Scenario, profile: Profile, base_dir: Path | None, path: 
     """Write ``path`` (Chrome trace-event JSON), atomically; returns the path."""
     doc = timeline_doc(sc, profile, base_dir)
     return write_with(path, lambda p: dump_timeline(doc, p), "--timeline")
+
+
+REQUEST_TID0 = 100      # request r's track: tid REQUEST_TID0 + r (after the resource tracks)
+
+
+def request_events(pid: int, requests) -> list[dict]:
+    """One track per request of a serving run's request table, with its queued, prefill and
+    decode spans."""
+    events: list[dict] = []
+    for r in requests.itertuples():
+        tid = REQUEST_TID0 + int(r.request)
+        events.append({"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": f"request {r.request}"}})
+        events.append({"name": "thread_sort_index", "ph": "M", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+        args = {"request": int(r.request), "prompt_tokens": int(r.prompt_tokens), "output_tokens": int(r.output_tokens)}
+        for name, a, b in (("queued", r.arrival_ms, r.admit_ms), ("prefill", r.admit_ms, r.first_token_ms),
+                           ("decode", r.first_token_ms, r.finish_ms)):
+            if b > a:
+                events.append({"name": name, "cat": name, "ph": "X", "pid": pid, "tid": tid, "ts": a * 1e3,
+                               "dur": (b - a) * 1e3, "args": args})
+    return events
+
+
+def serving_timeline_doc(sc: Scenario, profile: Profile, base_dir: Path | None) -> dict:
+    """The trace-event document of a serving scenario: every policy at its smallest max batch,
+    replication 0, as :func:`~simulator.serving.runner.serve_scenario` runs it (same seeds)."""
+    from .serving.runner import serve_one
+    from .serving.workload import make_requests
+
+    b = min(sc.batch_sizes)
+    reqs = make_requests(sc.workload, sc.seed, 0, base_dir)
+    events: list[dict] = []
+    for pid, pol in enumerate(sc.policies, start=1):
+        records: list[tuple] = []
+        run = serve_one(sc, pol, b, 0, profile, index=pid - 1, base_dir=base_dir, requests=reqs, timeline=records)
+        events += policy_events(pid, pol.name, b, records, run.steps, sc.model.num_experts)
+        events += request_events(pid, run.requests)
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"scenario": sc.name, "profile": profile.name, "model": sc.model.name, "max_batch": b,
+                          "replication": 0, "serving": True}}

@@ -44,3 +44,53 @@ def test_steps_grow_the_lists_the_engine_reads():
     mix.add(4, 300, 0, 4)
     mix.add(2, 300, 128, 3)
     assert len(dense) == len(extra) == 2 and dense[1] > dense[0]
+
+
+def test_a_prefill_chunk_pays_for_the_context_before_it():
+    """A chunk at offset c adds c x the decode grid's context slope (batch 1) to its layer's
+    dense op; the slope is the grid's own, and the term is linear in the summed offsets."""
+    from simulator.engine_costs import context_slope
+
+    sc, prof = olmoe(), load_profile("h200")
+    mix = MixedStepCost.from_scenario(sc, prof)
+    g = mix.decode
+    c0, c1 = g.grid.context[0], g.grid.context[-1]
+    slope = (g.ms(1, c1) - g.ms(1, c0)) / (c1 - c0)
+    assert slope > 0 and context_slope(g) == pytest.approx(slope)
+    base = mix.price(0, 0, 256, 1)[0]
+    at = mix.price(0, 0, 256, 1, prefill_context=1024)[0]
+    assert at - base == pytest.approx(slope * 1024)
+    two = mix.price(0, 0, 512, 2, prefill_context=1024 + 512)[0] - mix.price(0, 0, 512, 2)[0]
+    assert two == pytest.approx(slope * 1536)
+    assert MixedStepCost.from_scenario(olmoe("twin"), prof).price(0, 0, 256, 1, 4096) == (sc.model.dense_ms_per_layer, 0.0)
+
+
+def test_the_driver_prices_chunks_by_their_offsets():
+    """In a serving run a prompt longer than the chunk is prefilled over several steps; the
+    later chunks' dense op is dearer than the first's by the context slope x their offsets."""
+    from simulator.serving.runner import serve_one
+
+    d = {"name": "ctx", "model": "olmoe-1b-7b", "profile": "h200", "batch_sizes": [1], "replications": 1,
+         "trace": {"generator": "uniform"}, "engine": {"style": "hf-eager"},
+         "workload": {"requests": 1, "arrivals": {"kind": "poisson", "rate": 1.0},
+                      "prompt": {"kind": "fixed", "value": 768}, "output": {"kind": "fixed", "value": 2},
+                      "scheduler": {"token_budget": 256, "chunk": 256}},
+         "policies": [{"name": "lru", "cache": {"kind": "lru", "capacity": 512}}]}
+    sc = parse_scenario(d)
+    prof = load_profile("h200")
+    from simulator.serving.runner import make_driver, setup_run
+
+    mix = MixedStepCost.from_scenario(sc, prof)
+    run = setup_run(sc, sc.policies[0], 1, 0)
+    drive = make_driver(run, mix)
+    offsets = []
+    for plan, s in drive.steps():
+        offsets.append([it.row0 for it in plan.items if it.kind == 1])
+        run.planner.plan_step(s)
+        drive.finish(plan, 1.0)
+    assert offsets == [[0], [256], [512], []]
+    ref = MixedStepCost.from_scenario(sc, prof)
+    want = [ref.price(0, 0, 256, 1, c)[0] for c in (0, 256, 512)]
+    assert mix.dense[:3] == pytest.approx(want)
+    assert want[2] - want[1] == pytest.approx(want[1] - want[0]) and want[1] > want[0]
+    assert len(serve_one(sc, sc.policies[0], 1, 0, prof).steps) == 4

@@ -165,3 +165,59 @@ def test_every_routed_expert_is_served_once_whatever_the_phase_policy(seed, mode
         if budget is not None and (phase == "all" or kinds.any()):
             assert d.transfers <= budget
         assert len(p.caches[0].slot_of) <= cache
+
+
+# ------------------------------------------------------------------ budget_over: defer
+def test_fit_prefill_counts_each_prompt_tokens_first_misses():
+    """fit_prefill keeps the longest prefix of prompt tokens whose distinct missed experts,
+    with the decode tokens' (never deferred), fit the budget; resident experts cost nothing."""
+    p, tr = planner({"upload_budget": 6, "budget_over": "defer"}, cache=64)
+    p.plan_step(add(tr, decode_rows(), 0))                    # experts {0, 1} of every layer resident
+    hit = np.tile(np.array([1, 0]), (3, L, 1))                # prompt tokens routing resident experts only
+    new = np.tile(np.array([2, 3]), (1, L, 1))                # one token missing 8 keys (2 per layer)
+    rows = np.concatenate([hit, new, hit])
+    kinds = np.ones(len(rows), np.uint8)
+    assert p.fit_prefill(rows, kinds) == 3                    # the 4th token's 8 misses exceed 6
+    p.budget.budget = 8
+    assert p.fit_prefill(rows, kinds) == 7                    # ... fit 8, and the rest hit
+    dec = np.tile(np.array([4, 5]), (1, L, 1))                # a decode token missing 8 others
+    both = np.concatenate([dec, rows])
+    assert p.fit_prefill(both, np.r_[0, kinds].astype(np.uint8)) == 3   # 8 + 0 fits, 8 + 8 does not
+    assert p.fit_prefill(new, np.ones(1, np.uint8)) == 1      # a step of one prompt token alone still runs
+    p.budget.budget = 0
+    assert p.fit_prefill(np.concatenate([dec, new]), np.array([0, 1], np.uint8)) == 0
+
+
+DEFER = {"name": "defer", "cache": {"kind": "lru", "capacity": 64},
+         "serving": {"prefill": "bypass", "upload_budget": 10, "budget_over": "defer"}}
+
+
+def test_defer_keeps_copies_within_the_budget_and_serves_every_token():
+    """With a cache holding every expert (no eviction within a step, so the estimate is exact)
+    a step's copies stay within the budget except a lone prompt token run to make progress;
+    nothing runs on the CPU; every request still gets its whole prompt and output; the
+    prompts are spread over more steps than with misses sent to the CPU."""
+    cpu = {**DEFER, "name": "cpu", "serving": {**DEFER["serving"], "budget_over": "cpu"}}
+    sc = serving_scenario(policies=[DEFER, cpu])
+    prof = load_profile("h100-pcie5")
+    d = serve_one(sc, sc.policies[0], 4, 0, prof)
+    c = serve_one(sc, sc.policies[1], 4, 0, prof)
+    st = d.steps
+    lone = (st["prefill_tokens"] == 1) & (st["decode_tokens"] == 0)
+    capped = st["prefill_tokens"] > 0
+    assert (st.loc[capped & ~lone, "transfers"] <= 10).all()
+    assert st["cpu_computes"].sum() == 0 and c.steps["cpu_computes"].sum() > 0
+    assert d.info["deferred_prompt_tokens"] > 0 and d.info["budget_cpu_misses"] == 0
+    assert d.info["budget_over_copies"] == int((st["transfers"] - 10).clip(lower=0)[capped].sum())
+    req = d.requests.set_index("request")
+    assert (req["output_tokens"] == c.requests.set_index("request")["output_tokens"]).all()
+    assert st["prefill_tokens"].sum() == req["prompt_tokens"].sum()
+    assert len(st) > len(c.steps)
+    assert d.steps["prefill_tokens"].max() <= c.steps["prefill_tokens"].max()
+
+
+def test_defer_is_refused_without_a_budget_to_defer_past():
+    from simulator.errors import InputError
+
+    with pytest.raises(InputError, match="budget_over"):
+        serving_scenario(policies=[{"name": "x", "serving": {"budget_over": "defer"}}])

@@ -58,11 +58,42 @@ def test_cli_run_writes_serving_results(tmp_path):
     assert again["workload"]["requests"] == 12
 
 
-def test_cli_serving_refuses_timeline(tmp_path):
+def test_cli_serving_timeline_has_request_tracks_on_the_serving_clock(tmp_path):
+    """--timeline of a serving run: the engine's tracks moved onto the serving clock (each
+    step's events inside its step span, which starts at the run's own start_ms) and a track per
+    request whose queued/prefill/decode spans are the request table's times."""
+    d = serving_dict(workload={"arrivals": {"kind": "poisson", "rate": 2.0}},
+                     policies=[{"name": "lru", "cache": {"kind": "lru", "capacity": 24}},
+                               {"name": "bypass", "cache": {"kind": "lru", "capacity": 24},
+                                "serving": {"prefill": "bypass"}}])
     p = tmp_path / "s.yaml"
-    p.write_text(yaml.safe_dump(serving_dict()))
-    r = CliRunner().invoke(main, ["run", str(p), "--timeline", "-o", str(tmp_path / "o")])
-    assert r.exit_code == 2 and "--timeline" in r.output
+    p.write_text(yaml.safe_dump(d))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(main, ["run", str(p), "--timeline", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    ev = json.loads((out / "timeline.json").read_text())["traceEvents"]
+    steps = pd.read_parquet(out / "steps.parquet")
+    req = pd.read_parquet(out / "requests.parquet")
+    for pid, pol in ((1, "lru"), (2, "bypass")):
+        st = [e for e in ev if e["pid"] == pid and e.get("cat") == "step"]
+        mine = steps[steps["policy"] == pol]
+        assert [e["ts"] for e in st] == pytest.approx(list(mine["start_ms"] * 1e3))
+        assert any(b["ts"] > a["ts"] + a["dur"] + 1 for a, b in zip(st, st[1:]))    # idle gaps are kept
+        ops = [e for e in ev if e["pid"] == pid and e["ph"] == "X" and e.get("cat") in ("expert", "copy", "dense")]
+        starts = [e["ts"] for e in st]
+        for e in ops:                       # every operation inside the span of its step
+            i = max(j for j, t in enumerate(starts) if t <= e["ts"] + 1e-6)
+            assert e["ts"] + e["dur"] <= st[i]["ts"] + st[i]["dur"] + 1e-3
+        rq = req[req["policy"] == pol].set_index("request")
+        spans = [e for e in ev if e["pid"] == pid and e.get("cat") in ("queued", "prefill", "decode")]
+        assert {e["tid"] - 100 for e in spans} == set(rq.index)
+        for e in spans:
+            row = rq.loc[e["tid"] - 100]
+            a, b = {"queued": ("arrival_ms", "admit_ms"), "prefill": ("admit_ms", "first_token_ms"),
+                    "decode": ("first_token_ms", "finish_ms")}[e["cat"]]
+            assert e["ts"] == pytest.approx(row[a] * 1e3) and e["dur"] == pytest.approx((row[b] - row[a]) * 1e3)
+        names = {e["args"]["name"] for e in ev if e["pid"] == pid and e.get("name") == "thread_name"}
+        assert {"steps", "compute stream", "copy engine"} <= names and f"request {rq.index[0]}" in names
 
 
 RATES = {"requests": 24, "prompt": {"kind": "fixed", "value": 16}, "output": {"kind": "fixed", "value": 6},

@@ -25,15 +25,17 @@ import torch
 
 from calibrate.executors.model import ModelExecutor, ModelStep
 from simulator.serving.planner import ServingPlanner
-from simulator.serving.runner import Driver, request_table
+from simulator.serving.runner import request_table
 from simulator.serving.scheduler import DECODE
 
 
 class ServingExecutor(ModelExecutor):
     """A :class:`ModelExecutor` over a serving planner's steps, a KV cache per request."""
 
-    def __init__(self, built, policy, planner: ServingPlanner, *, device: str = "cpu", seed: int = 0, host=None):
-        super().__init__(built, policy, planner.trace, device=device, seed=seed, host=host, planner=planner)
+    def __init__(self, built, policy, planner: ServingPlanner, *, device: str = "cpu", seed: int = 0, host=None,
+                 dispatch: str = "loop"):
+        super().__init__(built, policy, planner.trace, device=device, seed=seed, host=host, planner=planner,
+                         dispatch=dispatch)
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.vocab = built.arch.vocab
         self.seed = seed
@@ -114,21 +116,23 @@ class ServingExecutor(ModelExecutor):
 
 
 def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: str = "cpu", base_dir=None,
-               requests=None, host=None, keep_logits: bool = False):
+               requests=None, host=None, keep_logits: bool = False, dispatch: str = "loop"):
     """One policy at one max batch, live: ``(requests table, steps list of (plan items,
     ModelStep, Decisions), executor)``; the scheduler's clock runs on the measured step times.
-    ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``)."""
+    ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``).
+    ``dispatch``: the executor's (``loop``: engine style offload; ``grouped``: offload-grouped)."""
     from simulator.runner import derive_seed
-    from simulator.serving.runner import setup_run
+    from simulator.serving.runner import make_driver, setup_run
 
     if sc.model != built.spec:
         raise ValueError(f"scenario model {sc.model.name} is not the built model {built.spec.name}")
     run = setup_run(sc, policy, max_batch, replication, base_dir=base_dir, requests=requests)
     reqs, sched, planner = run.requests, run.sched, run.planner
-    ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host)
+    ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host,
+                         dispatch=dispatch)
     ex.keep_logits = keep_logits
     ex._prompt = {r.rid: r.prompt for r in reqs}
-    drive = Driver(sched, run.trace, run.routing)
+    drive = make_driver(run)
     steps = []
     for plan, s in drive.steps():
         step, dec = ex.run_plan(plan, s)
@@ -146,7 +150,9 @@ def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: 
             host=None) -> dict:
     """Live vs projected per-request latency of one policy: the scenario's requests served live
     on the built model (the scheduler on measured step times) and simulated (on projected
-    ones); TTFT, TPOT and end-to-end mean and p90 of both, and the relative errors."""
+    ones); TTFT, TPOT and end-to-end mean and p90 of both, and the relative errors (one policy
+    side by side; ``simmoe validate`` of a serving scenario is the whole comparison:
+    :mod:`calibrate.validation.serving`)."""
     from calibrate.models.build import build_model
     from simulator.profile import load_profile
     from simulator.serving.runner import serve_one
@@ -161,11 +167,13 @@ def compare(sc, policy_name: str, *, max_batch: int | None = None, replication: 
     live, _, _ = serve_live(sc, pol, b, replication, built, device=device, base_dir=base_dir, host=host)
     prof = profile if profile is not None and not isinstance(profile, str) else load_profile(profile or sc.profile)
     sim = serve_one(sc, pol, b, replication, prof, index=idx, base_dir=base_dir).requests
+    from calibrate.validation.serving import latency_stats
+
     out = {"policy": policy_name, "max_batch": b, "requests": len(live), "device": device}
-    for col in ("ttft_ms", "tpot_ms", "e2e_ms"):
-        for q in ("mean", "p90"):
-            lv = float(live[col].mean() if q == "mean" else live[col].quantile(0.9))
-            pv = float(sim[col].mean() if q == "mean" else sim[col].quantile(0.9))
+    ls, ps = latency_stats(live), latency_stats(sim)
+    for col, stats in ls.items():
+        for q, lv in stats.items():
+            pv = ps[col][q]
             out[f"{col}_{q}"] = {"live": lv, "projected": pv, "error": (pv - lv) / lv if lv else None}
     return out
 

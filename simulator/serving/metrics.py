@@ -124,7 +124,8 @@ def summarise_serving(requests: pd.DataFrame, steps: pd.DataFrame, sc, infos: di
         row["peak_batch"] = max(i["peak_batch"] for i in info)
         row["peak_kv_tokens"] = max(i["peak_kv_tokens"] for i in info)
         row["staged_loads"] = sum(i["staged_loads"] for i in info)
-        row["budget_cpu_misses"] = sum(i["budget_cpu_misses"] for i in info)
+        for k in ("budget_cpu_misses", "budget_over_copies", "deferred_prompt_tokens"):
+            row[k] = sum(i[k] for i in info)
         row["notes"] = sorted({n for i in info for n in i["notes"]})
         out.append(row)
     return out

@@ -5,7 +5,9 @@
   a staging slot and leaves the cache as it was. An expert that a decode token of the same
   layer-step also routes to always enters the cache (the decode working set).
 - :class:`UploadBudget`: a miss policy around the scenario's own that caps the expert copies of
-  one step; the misses past the cap run on the CPU.
+  one step; the misses past the cap run on the CPU, or (``defer``) the cap is kept by the
+  step's admission of prompt tokens (:meth:`~simulator.serving.planner.ServingPlanner.fit_prefill`)
+  and every miss is copied (a step cannot skip an expert its tokens route to).
 
 The planner side that applies them is :class:`simulator.serving.planner.ServingPlanner`.
 """
@@ -70,12 +72,14 @@ class WarmBypass(PrefillPolicy):
 class UploadBudget:
     """A miss policy capping one step's expert copies at ``budget`` (demand and prefetch).
     ``inner`` is the scenario's miss policy (``None`` for ``copy``); a miss it sends to the CPU
-    costs no budget. ``start_step(on)`` resets the count; off, the step is not capped."""
+    costs no budget. ``start_step(on)`` resets the count; off, the step is not capped.
+    ``defer``: nothing goes to the CPU; a copy past the budget (the admission's estimate
+    missed it: an expert evicted within the step) is still made, and counted in ``over``."""
 
-    def __init__(self, inner, budget: int):
-        self.inner, self.budget = inner, budget
+    def __init__(self, inner, budget: int, defer: bool = False):
+        self.inner, self.budget, self.defer = inner, budget, defer
         self.left: int | None = None
-        self.over = 0                  # misses sent to the CPU by the cap (whole run)
+        self.over = 0                  # misses past the cap (whole run): sent to the CPU, or copied (defer)
 
     def start_step(self, on: bool) -> None:
         self.left = self.budget if on else None
@@ -106,6 +110,7 @@ class UploadBudget:
             return False
         if self.left <= 0:
             self.over += 1
-            return True
+            if not self.defer:
+                return True
         self.left -= 1
         return False

@@ -12,7 +12,9 @@ the plain planner does, with three hooks (no change to the planner's own loop):
   the cache's slots; the engine's slot rule makes a load wait for the last compute that read
   its slot, so reuse is safe);
 - ``serving.upload_budget``: an :class:`~simulator.serving.phase.UploadBudget` miss policy,
-  and the step's prefetches capped at what the budget has left.
+  and the step's prefetches capped at what the budget has left; with ``budget_over: defer``,
+  :meth:`ServingPlanner.fit_prefill` tells the driver how many of a step's prompt tokens fit
+  the budget (the rest wait for later steps) and every miss is copied.
 """
 from __future__ import annotations
 
@@ -93,8 +95,10 @@ class ServingPlanner(Planner):
             self._prefetch_of = {DECODE: decode_pf,
                                  PREFILL: (obj, pf.kind != "none", type(obj).observe is not PrefetchPolicy.observe)}
         self.budget = None
+        self.defers = ph.upload_budget is not None and ph.budget_over == "defer"
+        self.deferred = 0                             # prompt tokens moved to a later step (defer)
         if ph.upload_budget is not None:
-            self.budget = UploadBudget(None if self.miss_copies else self.miss, ph.upload_budget)
+            self.budget = UploadBudget(None if self.miss_copies else self.miss, ph.upload_budget, self.defers)
             self.budget_all = ph.budget_phase == "all"
             self.miss, self.miss_copies = self.budget, False
         self._stage_of: list[dict[int, bool]] | None = None
@@ -157,3 +161,30 @@ class ServingPlanner(Planner):
             self.prefetch.budget = saved
         b.take(sum(len(op[2]) for op in ops))
         return ops
+
+    def fit_prefill(self, rows: np.ndarray, kinds: np.ndarray) -> int:
+        """``budget_over: defer``: how many of a coming step's prompt tokens (in the step's
+        order) keep its expert uploads within ``upload_budget``. The uploads are counted from
+        the cache as it is before the step: the distinct experts the decode tokens miss (never
+        deferred) and, token by token, those each prompt token misses first. A step without
+        decode tokens keeps at least one prompt token (every prompt progresses). The count
+        is an estimate: an expert evicted within the step by an earlier layer's load is a miss
+        it did not count (copied anyway; ``UploadBudget.over`` counts such copies)."""
+        E = self.E
+        keys = rows.astype(np.int64) + (np.arange(self.L, dtype=np.int64) * E)[None, :, None]
+        resident = np.zeros(self.L * E, bool)
+        for c in self.caches:
+            resident[list(c.slot_of)] = True
+        dec = keys[kinds == DECODE].ravel()
+        dec_miss = np.unique(dec[~resident[dec]])
+        pre = keys[kinds == PREFILL].reshape(int((kinds == PREFILL).sum()), -1)
+        flat = pre.ravel()
+        tok = np.repeat(np.arange(len(pre)), pre.shape[1])
+        miss = ~resident[flat] & ~np.isin(flat, dec_miss)
+        _, first = np.unique(flat[miss], return_index=True)
+        new = np.bincount(tok[miss][first], minlength=len(pre))
+        n = int(np.searchsorted(np.cumsum(new), self.budget.budget - len(dec_miss), side="right"))
+        if n == 0 and not len(dec):
+            n = 1
+        self.deferred += len(pre) - n
+        return n

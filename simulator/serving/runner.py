@@ -11,7 +11,7 @@ theirs first, the KV cache gets the rest (:func:`memory_split`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -94,23 +94,26 @@ def setup_run(sc, policy, max_batch: int, replication: int, *, index: int = 0, b
 
 
 def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *, index: int = 0,
-              base_dir: Path | None = None, requests=None, tick: Callable[[int], None] | None = None) -> ServeRun:
-    """One policy at one max batch over one replication's requests."""
+              base_dir: Path | None = None, requests=None, tick: Callable[[int], None] | None = None,
+              timeline: list | None = None) -> ServeRun:
+    """One policy at one max batch over one replication's requests. ``timeline``: a list that
+    receives the engine's operations (:class:`~simulator.engine.Engine`'s records) on the
+    serving clock (idle gaps included)."""
     w = sc.workload
     run = setup_run(sc, policy, max_batch, replication, index=index, base_dir=base_dir, requests=requests)
     trace, planner, split, sched = run.trace, run.planner, run.split, run.sched
-    cost = cost_model(sc, profile, w.scheduler.token_budget)
-    if policy.miss.kind == "cpu" or policy.serving.upload_budget is not None:
-        cost.require_cpu()
-    dense = sc.dense_ms if sc.engine.style == "twin" else MixedStepCost.from_scenario(sc, profile, f"scenario {sc.name}")
-    engine = Engine(cost, policy.memory, dense)
+    engine, mixed = make_engine(sc, policy, profile, timeline=[] if timeline is not None else None)
     step_rows: list[dict] = []
-    drive = Driver(sched, trace, run.routing, dense if isinstance(dense, MixedStepCost) else None)
+    drive = make_driver(run, mixed)
 
     def steps():
         for plan, s in drive.steps():
+            n_ops = len(engine.timeline) if timeline is not None else 0
             yield s
             rec = engine.records[-1]
+            if timeline is not None:      # the step's operations, moved from busy time to the clock
+                shift = plan.start_ms - rec.start_ms
+                timeline.extend((st, a + shift, b + shift, *rest) for st, a, b, *rest in engine.timeline[n_ops:])
             n_done = len(sched.done)
             drive.finish(plan, rec.latency_ms)
             row = {"step": s, "start_ms": plan.start_ms, "latency_ms": rec.latency_ms, "phase": rec.phase,
@@ -125,22 +128,63 @@ def serve_one(sc, policy, max_batch: int, replication: int, profile: Profile, *,
 
     engine.run(planner, steps())
     info = {**split, "peak_batch": sched.peak_batch, "peak_kv_tokens": sched.peak_kv, "steps": sched.steps,
-            "staged_loads": planner.staged_loads, "budget_cpu_misses": planner.budget.over if planner.budget else 0,
-            "notes": sorted(dense.notes) if isinstance(dense, MixedStepCost) else []}
+            "staged_loads": planner.staged_loads, "budget_cpu_misses": planner.budget.over if planner.budget and not planner.defers else 0,
+            "budget_over_copies": planner.budget.over if planner.defers else 0,
+            "deferred_prompt_tokens": planner.deferred, "notes": sorted(mixed.notes) if mixed is not None else []}
     return ServeRun(requests=request_table(sched, w.slo), steps=pd.DataFrame(step_rows), info=info)
+
+
+def make_engine(sc, policy, profile: Profile, timeline: list | None = None) -> tuple[Engine, MixedStepCost | None]:
+    """The engine of one serving run and its mixed-step prices (None for the twin style, whose
+    dense op is the scenario's constant)."""
+    cost = cost_model(sc, profile, sc.workload.scheduler.token_budget)
+    if policy.miss.kind == "cpu" or (policy.serving.upload_budget is not None and policy.serving.budget_over == "cpu"):
+        cost.require_cpu()
+    mixed = None if sc.engine.style == "twin" else MixedStepCost.from_scenario(sc, profile, f"scenario {sc.name}")
+    return Engine(cost, policy.memory, sc.dense_ms if mixed is None else mixed, timeline=timeline), mixed
 
 
 class Driver:
     """Turns the scheduler's plans into the planner's steps (routing rows per token) on a clock:
-    shared by the simulated run and the live one (``calibrate.executors.serving``)."""
+    shared by the simulated run and the live one (``calibrate.executors.serving``), and by a
+    replay of a recorded schedule (:meth:`append` alone). ``fit``: the planner's
+    :meth:`~simulator.serving.planner.ServingPlanner.fit_prefill` when its upload budget defers
+    prompt tokens (``serving.budget_over: defer``): a step keeps only the prompt tokens it fits."""
 
-    def __init__(self, sched: Scheduler, trace: StepTrace, routing, cost: MixedStepCost | None = None):
-        self.sched, self.trace, self.routing, self.cost = sched, trace, routing, cost
+    def __init__(self, sched: Scheduler, trace: StepTrace, routing, cost: MixedStepCost | None = None,
+                 fit: Callable | None = None):
+        self.sched, self.trace, self.routing, self.cost, self.fit = sched, trace, routing, cost, fit
+        self.requests = {r.rid: r for r in sched.requests}
         self.rows_of: dict[int, np.ndarray] = {}
         self.now = 0.0
 
     def queued(self) -> int:
         return len(self.sched.waiting)
+
+    def _rows(self, items):
+        for it in items:
+            if it.rid not in self.rows_of:
+                self.rows_of[it.rid] = self.routing.rows(self.requests[it.rid])
+        rows = np.concatenate([self.rows_of[it.rid][it.row0:it.row0 + it.count] for it in items])
+        kinds = np.repeat(np.array([it.kind for it in items], np.uint8), [it.count for it in items])
+        return rows, kinds
+
+    def append(self, items: list) -> int:
+        """Append one step of ``items`` to the trace (and its price to the cost); with ``fit``
+        the step's prompt tokens are first cut to what it fits (``items`` edited in place)."""
+        rows, kinds = self._rows(items)
+        if self.fit is not None and kinds.any():
+            n = self.fit(rows, kinds)
+            if n < int(kinds.sum()):
+                items[:] = trim_prefill(items, n)
+                rows, kinds = self._rows(items)
+        seqs = np.repeat(np.array([it.rid for it in items], np.int64), [it.count for it in items])
+        if self.cost is not None:
+            dec = [it for it in items if it.kind == DECODE]
+            ctx = sum(it.row0 + 1 for it in dec) / len(dec) if dec else 0.0
+            pre = [it for it in items if it.kind != DECODE]
+            self.cost.add(len(dec), ctx, sum(it.count for it in pre), len(items), sum(it.row0 for it in pre))
+        return self.trace.append(rows, kinds, seqs)
 
     def steps(self):
         """Yields ``(plan, step index)`` with the step appended to the trace; the caller times
@@ -154,19 +198,7 @@ class Driver:
                     raise RuntimeError("scheduler stalled with an arrived request and nothing running")
                 self.now = nxt
                 continue
-            for r in sched.running:
-                if r.req.rid not in self.rows_of:
-                    self.rows_of[r.req.rid] = self.routing.rows(r.req)
-            items = plan.items
-            rows = np.concatenate([self.rows_of[it.rid][it.row0:it.row0 + it.count] for it in items])
-            counts = [it.count for it in items]
-            kinds = np.repeat(np.array([it.kind for it in items], np.uint8), counts)
-            seqs = np.repeat(np.array([it.rid for it in items], np.int64), counts)
-            if self.cost is not None:
-                dec = [it for it in items if it.kind == DECODE]
-                ctx = sum(it.row0 + 1 for it in dec) / len(dec) if dec else 0.0
-                self.cost.add(len(dec), ctx, plan.prefill_tokens, len(items))
-            yield plan, self.trace.append(rows, kinds, seqs)
+            yield plan, self.append(plan.items)
 
     def finish(self, plan, latency_ms: float) -> None:
         end = self.now + latency_ms
@@ -177,9 +209,32 @@ class Driver:
         self.now = end
 
 
+def trim_prefill(items: list, n: int) -> list:
+    """``items`` keeping their decode tokens and the first ``n`` prompt tokens (admission
+    order): the prompt chunk that straddles ``n`` is cut, the ones after it wait."""
+    out, left = [], n
+    for it in items:
+        if it.kind == DECODE:
+            out.append(it)
+        elif left > 0:
+            out.append(it if it.count <= left else replace(it, count=left))
+            left -= min(it.count, left)
+    return out
+
+
+def make_driver(run: "Setup", cost: MixedStepCost | None = None) -> Driver:
+    """The driver of one run's scheduler and planner (simulated and live alike)."""
+    return Driver(run.sched, run.trace, run.routing, cost, run.planner.fit_prefill if run.planner.defers else None)
+
+
 def request_table(sched: Scheduler, slo) -> pd.DataFrame:
+    return latency_table(sched.done, slo)
+
+
+def latency_table(done: list, slo) -> pd.DataFrame:
+    """One row per finished request (:class:`~simulator.serving.scheduler.Finished`), by id."""
     rows = []
-    for f in sorted(sched.done, key=lambda f: f.req.rid):
+    for f in sorted(done, key=lambda f: f.req.rid):
         r = f.req
         ttft = f.first_ms - r.arrival_ms
         e2e = f.finish_ms - r.arrival_ms

@@ -168,7 +168,9 @@ class PhaseSpec(_Strict):
       experts enter the cache, warming it for the request's decode);
     - ``upload_budget``: at most this many expert copies per step (demand and prefetch), in
       steps with prefill tokens (``budget_phase: prefill``) or every step (``all``); missed
-      experts past it run on the CPU;
+      experts past it run on the CPU (``budget_over: cpu``), or the step holds only the prompt
+      tokens whose missed experts fit it and the rest of the prompt waits for later steps
+      (``budget_over: defer``; decode tokens are never deferred);
     - ``prefill_prefetch``: the prefetch policy of steps with prefill tokens (default: the
       policy's ``prefetch``, which then serves decode-only steps).
     """
@@ -178,7 +180,15 @@ class PhaseSpec(_Strict):
     keep_top: StrictInt = Field(4, ge=1, le=1 << 20, description="warm: prefill experts per layer admitted")
     upload_budget: StrictInt | None = Field(None, ge=0, le=1 << 30, description="expert copies per step")
     budget_phase: Literal["prefill", "all"] = "prefill"
+    budget_over: Literal["cpu", "defer"] = Field("cpu", description="misses past upload_budget: run on the CPU, "
+                                                                    "or defer the prompt tokens behind them")
     # prefill_prefetch (a PrefetchSpec) is added by simulator.scenario.ServingPolicySpec
+
+    @model_validator(mode="after")
+    def _defer_needs_a_budget(self):
+        if self.budget_over == "defer" and self.upload_budget is None:
+            raise ValueError("budget_over: defer needs an upload_budget to defer prompt tokens past")
+        return self
 
     @field_validator("prefill")
     @classmethod
