@@ -5,6 +5,8 @@ import shlex
 from pathlib import Path
 
 import click
+
+from .options import cpus_option
 from rich.console import Console
 from rich.table import Table
 
@@ -33,8 +35,9 @@ def register(main: click.Group) -> None:
 @click.option("--out", "-o", type=click.Path(path_type=Path),
               help="Profile file to write [default: profiles/<gpu>.json in the current folder].")
 @click.option("--name", help="Profile name [default: the GPU's, e.g. nvidia-h100-80gb-hbm3].")
+@cpus_option
 @click.pass_context
-def calibrate_cmd(ctx, device, models, trials, quick, out, name):
+def calibrate_cmd(ctx, device, models, trials, quick, out, name, cpus):
     """Measure this machine and write a hardware profile for `simmoe run --profile`.
 
     \b
@@ -67,6 +70,9 @@ def calibrate_cmd(ctx, device, models, trials, quick, out, name):
     experts (attention, norms, router, LM head, expert dispatch) on the preset's real model.
     """
     if ctx.invoked_subcommand is not None:
+        if cpus:
+            raise InputError("command line", "--cpus", f"give it to the subcommand: simmoe calibrate "
+                                                       f"{ctx.invoked_subcommand} --cpus {cpus}")
         return
     try:
         from calibrate.calibrate import make_plan, prepare, run
@@ -77,8 +83,11 @@ def calibrate_cmd(ctx, device, models, trials, quick, out, name):
 
     from .display import progress_bar
 
+    if cpus:   # CPU expert compute and pageable copies then run on the cores the validation pins
+        from calibrate.measurements.host_speed import apply_cpus
+        apply_cpus(cpus)
     plan = make_plan(device, list(models), trials, quick)
-    argv = ["simmoe", "calibrate", "--device", device]
+    argv = ["simmoe", "calibrate", "--device", device] + (["--cpus", cpus] if cpus else [])
     for m in models:
         argv += ["--model", m]
     argv += (["--trials", str(trials)] if trials else []) + (["--quick"] if quick else [])

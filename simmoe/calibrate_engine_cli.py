@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import host_state_option
+from .options import cpus_option, host_state_option
 from rich.console import Console
 
 from simulator.errors import InputError
@@ -48,7 +48,7 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--in-situ", "in_situ", is_flag=True,
               help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
                    "and keep how they meet the isolated tables (engine.<model>.in_situ).")
-@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (validate on the same ones).")
+@cpus_option
 @host_state_option
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")
 @click.option("--out", "-o", type=click.Path(path_type=Path), required=True, help="JSON file to write.")
@@ -96,11 +96,8 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
         except ValueError as e:
             raise InputError("command line", "--layers", str(e)) from None
     if cpus:
-        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
-        try:
-            pin_cpus(parse_cpus(cpus))
-        except ValueError as e:
-            raise InputError("command line", "--cpus", str(e)) from None
+        from calibrate.measurements.host_speed import apply_cpus
+        apply_cpus(cpus)
     check_writable(out)
     from calibrate.measurements import host_state as hs
     gate = hs.enable_for(host_state, device)

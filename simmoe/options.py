@@ -13,3 +13,11 @@ def host_state_option(fn):
              "between two, 1.3-1.7x apart, every second or so): wait for it before each trial or step, "
              "re-run a trial that ended slow, and report steps that ended slow apart; any: time "
              "whatever the host's state [default: any; see docs/validation.md].")(fn)
+
+
+def cpus_option(fn):
+    """``--cpus LIST``: pin the run (and torch's threads) to these host CPUs."""
+    return click.option(
+        "--cpus", help="Pin the run to these host CPUs, e.g. 2-9, with as many torch threads (calibrate and "
+                       "validate on the same ones: a host-bound step moves when its thread moves between cores, "
+                       "and CPU expert compute scales with the threads).")(fn)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .options import host_state_option
+from .options import cpus_option, host_state_option
 
 
 def register(main: click.Group) -> None:
@@ -45,8 +45,7 @@ def register(main: click.Group) -> None:
               help="--executor model: add a first row with every expert resident (the engine alone).")
 @click.option("--rates", help="Serving scenarios (a workload: section): arrival rates (requests/s) to validate at, "
                                "e.g. 0.5,1,2 [default: workload.rates, else the scenario's rate].")
-@click.option("--cpus", help="Pin the run to these host CPUs, e.g. 0-7 (calibrate on the same ones: a host-bound "
-                             "step moves when its thread moves between cores).")
+@cpus_option
 @host_state_option
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
@@ -96,12 +95,8 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         raise InputError(str(scenario), "gpus", "validate runs on one GPU; the live run on several GPUs is not built "
                                                 "yet (issue 17): remove gpus, or use simmoe run")
     if cpus:
-        from calibrate.measurements.host_speed import parse_cpus, pin_cpus
-
-        try:
-            pin_cpus(parse_cpus(cpus))
-        except ValueError as e:
-            raise InputError("command line", "--cpus", str(e)) from None
+        from calibrate.measurements.host_speed import apply_cpus
+        apply_cpus(cpus)
     if sc.workload is not None:
         if executor != "model":
             raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
@@ -246,6 +241,8 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
                 click.echo(f"steps in the host's fast state only ({report['fast_rows']} rows with 3 or more; "
                            f"{g['slow_after']} of {g['checks']} steps ended slow): median |error| "
                            f"{report['median_abs_error_fast_pct']:.2f}%, worst {report['worst_abs_error_fast_pct']:.2f}%")
+        for note in report.get("notes") or []:
+            click.echo(f"note: {note}")
         click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]

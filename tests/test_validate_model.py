@@ -259,3 +259,17 @@ def test_paired_error_scales_the_host_to_the_resident_row_beside(tiny_profile, t
                                                           / r["live_median_ms"] * 100)
     assert rep["paired_rows"] == len(rep["rows"]) - len(sc.batch_sizes)
     assert rep["worst_abs_error_paired_pct"] >= rep["median_abs_error_paired_pct"] >= 0
+
+
+def test_a_note_when_cpu_misses_run_with_other_threads_than_the_profiles():
+    from calibrate.validation.model_rows import thread_notes
+    from simulator.profile import load_profile
+
+    prof = load_profile("h200")
+    cal = prof.provenance["cpu_threads"]
+    cpu = PolicySpec(name="cpu-miss", load="dedup", miss={"kind": "cpu"})
+    copy = PolicySpec(name="dedup", load="dedup")
+    assert thread_notes(prof, cal, [cpu]) == [] and thread_notes(prof, cal // 2, []) == []
+    (note,) = thread_notes(prof, cal // 2, [cpu])
+    assert "cpu-miss" in note and f"{cal // 2} torch thread" in note and "--cpus" in note
+    assert copy.miss.kind == "copy"

@@ -85,3 +85,15 @@ def pin_cpus(cpus: list[int]) -> list[int]:
     os.sched_setaffinity(0, cpus)
     torch.set_num_threads(len(cpus))
     return sorted(os.sched_getaffinity(0))
+
+
+def apply_cpus(spec: str | None) -> list[int] | None:
+    """The ``--cpus`` flag of calibrate, calibrate engine and validate: pin this process (and
+    torch's threads) to the CPUs of ``spec``; one clear line on a bad list. None: leave as is."""
+    if not spec:
+        return None
+    from simulator.errors import InputError
+    try:
+        return pin_cpus(parse_cpus(spec))
+    except ValueError as e:
+        raise InputError("command line", "--cpus", str(e)) from None

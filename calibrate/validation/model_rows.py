@@ -305,6 +305,18 @@ def paired_errors(rows: list[dict], cells: list, ones: list[Scenario], prof: Pro
             row["error_paired_pct"] = (med - row["live_median_ms"]) / row["live_median_ms"] * 100
 
 
+def thread_notes(prof: Profile, threads: int, cpu_policies: list) -> list[str]:
+    """A note when the run's CPU misses compute with other than the profile's torch threads:
+    the profile's CPU expert times then do not describe this run (on the H200, 8 pinned
+    threads against a profile of 16 put every CPU-miss row 22-44% slower live)."""
+    cal = (prof.provenance or {}).get("cpu_threads")
+    if not cpu_policies or not cal or cal == threads:
+        return []
+    names = ", ".join(p.name for p in cpu_policies)
+    return [f"{names}: CPU experts run with {threads} torch thread(s) here, the profile's were timed with {cal}; "
+            f"calibrate with the same --cpus for these rows to be comparable"]
+
+
 def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device: str = "cuda", tiny: bool = False,
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
@@ -425,12 +437,13 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     gate = host_state.gate()
     tok = np.abs([r["tokens_error_pct"] for r in rows]) if timing else np.zeros(0)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
+    notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"])
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
             "warmup_steps": warm, "environment": {"gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
                                                 "cpus": _cpus()},
-            "build_s": build_s, "rows": rows, "host_now": None,
+            "build_s": build_s, "rows": rows, "host_now": None, "notes": notes,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "median_abs_error_pct": float(np.median(errs)) if timing else None,
             "worst_abs_error_pct": float(errs.max()) if timing else None,
