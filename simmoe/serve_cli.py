@@ -39,32 +39,39 @@ def run_serving(sc, base: Path, source: str, profile, out, fmt: str, quiet: bool
         click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
-def serving_table(rows: list[dict], title: str):
+def serving_table(rows: list[dict], title: str, narrow: bool = False):
+    """One row per (policy, max batch). ``narrow`` (a terminal under 100 columns): the TTFT's
+    CI and the tokens/s column are left out, so policy names stay whole at 80 columns."""
     from rich import box
     from rich.table import Table
 
-    t = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
-    for c in ("policy", "B", "TTFT ms", "p90", "TPOT ms", "p90", "e2e p90", "tok/s", "prompt/s", "good/s", "SLO",
-              "hit p/d"):
-        t.add_column(c, justify="left" if c == "policy" else "right")
+    t = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1), pad_edge=False)
+    cols = ["policy", "B", "TTFT", "p90", "TPOT", "p90", "e2e90", "tok/s", "pr/s", "good", "SLO", "hit p/d"]
+    if narrow:
+        cols.remove("tok/s")
+    for c in cols:
+        t.add_column(c, justify="left" if c == "policy" else "right", no_wrap=True)
     for r in rows:
         hp, hd = r["hit_rate_prefill_steps"], r["hit_rate_decode_steps"]
         hits = f"{hp * 100:.0f}%/{hd * 100:.0f}%" if hp is not None and hd is not None else "-"
         ci = r["ttft_ms"]["mean_ci95"]
-        t.add_row(r["policy"], str(r["max_batch"]), f"{r['ttft_ms']['mean']:.0f}±{(ci[1] - ci[0]) / 2:.0f}",
-                  f"{r['ttft_ms']['p90']:.0f}", f"{r['tpot_ms']['mean']:.1f}", f"{r['tpot_ms']['p90']:.1f}",
-                  f"{r['e2e_ms']['p90']:.0f}", f"{r['tokens_per_s']:.0f}",
-                  f"{r['prompt_tokens_per_s']:.0f}" if r["prompt_tokens_per_s"] is not None else "-",
-                  f"{r['goodput_rps']:.2f}",
-                  f"{r['slo_attainment'] * 100:.0f}%", hits)
+        ttft = f"{r['ttft_ms']['mean']:.0f}" + ("" if narrow else f"±{(ci[1] - ci[0]) / 2:.0f}")
+        cells = [r["policy"], str(r["max_batch"]), ttft, f"{r['ttft_ms']['p90']:.0f}", f"{r['tpot_ms']['mean']:.1f}",
+                 f"{r['tpot_ms']['p90']:.1f}", f"{r['e2e_ms']['p90']:.0f}", f"{r['tokens_per_s']:.0f}",
+                 f"{r['prompt_tokens_per_s']:.0f}" if r["prompt_tokens_per_s"] is not None else "-",
+                 f"{r['goodput_rps']:.2f}", f"{r['slo_attainment'] * 100:.0f}%", hits]
+        if narrow:
+            del cells[7]
+        t.add_row(*cells)
     return t
 
 
-LEGEND = ("TTFT: time to first token (mean ± half its 95% CI; p90); TPOT: time per output token after "
-          "the first; e2e: arrival to last token; tok/s: output tokens per second; prompt/s: prompt "
-          "tokens per second of the steps holding them; good/s: requests "
-          "per second meeting the SLO; SLO: share meeting it; hit p/d: cache hit rate in steps with "
-          "prefill tokens / decode-only steps")
+LEGEND = ("TTFT: time to first token, ms (mean ± half its 95% CI; p90); TPOT: time per output token "
+          "after the first, ms; e2e90: arrival to last token, ms, p90; tok/s: output tokens per second; "
+          "pr/s: prompt tokens per second of the steps holding them; good: requests per second meeting "
+          "the SLO; SLO: share meeting it; hit p/d: cache hit rate in steps with prefill tokens / "
+          "decode-only steps")
+NARROW = " (under 100 columns the TTFT's CI and tok/s are left out: summary.csv has them)"
 
 
 def print_serving(result) -> None:
@@ -75,9 +82,10 @@ def print_serving(result) -> None:
     c = _console()
     a = w.arrivals
     arr = f"{a.kind} {a.rate:g}/s" if a.rate is not None else f"file {a.path}"
+    narrow = c.width < 100
     c.print(serving_table(result.summary, f"{sc.name}: {w.requests} requests ({arr}) on {result.profile.name}; "
-                                          f"{sc.replications} replication(s)"))
-    c.print(LEGEND, style="dim", highlight=False)
+                                          f"{sc.replications} replication(s)", narrow))
+    c.print(LEGEND + (NARROW if narrow else ""), style="dim", highlight=False)
     c.print(f"SLO: TTFT <= {w.slo.ttft_ms:g} ms and TPOT <= {w.slo.tpot_ms:g} ms for "
             f"{w.slo.attainment * 100:g}% of requests", highlight=False)
     for r in result.summary:
