@@ -219,8 +219,11 @@ def register(main) -> None:
             plot_throughput_latency(res["rows"], tmp / "throughput_latency.png")
             plot_attainment(res["rows"], sc.workload.slo.attainment, tmp / "attainment.png")
         if not quiet:
+            slo = sc.workload.slo
+            click.echo(f"highest rate meeting the SLO ({slo.attainment * 100:g}% within TTFT {slo.ttft_ms:g} ms, "
+                       f"TPOT {slo.tpot_ms:g} ms):")
             for b in res["best"]:
                 rate = "none of the grid" if b["max_rate"] is None else f"{b['max_rate']:.3g} req/s"
-                click.echo(f"{b['policy']} B={b['max_batch']}: highest rate meeting the SLO: {rate} "
-                           f"({b['method']}{'' if b['monotone'] else '; attainment not monotone over the grid'})")
+                click.echo(f"  {b['policy']} B={b['max_batch']}: {rate}")
+                click.echo(f"    {b['method']}{'' if b['monotone'] else '; attainment not monotone over the grid'}")
             click.echo(f"wrote {folder}/rates.json, throughput_latency.png, attainment.png")

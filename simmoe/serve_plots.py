@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
 
 def _labels(df: pd.DataFrame) -> pd.Series:
@@ -28,6 +29,9 @@ def plot_latency_cdf(requests: pd.DataFrame, path: Path) -> None:
                 ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=key)
         if col != "tpot_ms":
             ax.set_xscale("log")          # queueing makes TTFT and e2e heavy-tailed
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())   # labelled minor ticks overlap over a decade
         ax.set_xlabel(f"{name} (ms)")
         ax.set_ylabel("share of requests")
         ax.grid(alpha=0.3)
