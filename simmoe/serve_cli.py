@@ -118,14 +118,9 @@ def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, 
     from simulator.names import results_dir
 
     from .display import progress_bar
+    from .validate_cli import check_model_executor
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError("command line", "--device", f"{device!r}: use cuda, cuda:N or cpu")
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
+    check_model_executor(device)
     with progress_bar(quiet, "validating") as cb:
         report = validate_serving(sc, rates=rates, profile=profile, device=device, tiny=tiny, layers=layers,
                                   base_dir=base, source=str(path), progress=cb)

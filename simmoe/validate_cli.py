@@ -173,6 +173,19 @@ def print_decisions_only(sc, report: dict, written) -> None:
     click.echo(f"wrote {', '.join(str(p) for p in written)}")
 
 
+def check_model_executor(device: str) -> None:
+    """--executor model needs a cuda or cpu device, torch and transformers: one line otherwise."""
+    from simulator.errors import InputError
+
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError("command line", "--device", f"{device!r}: use cuda, cuda:N or cpu")
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
+
+
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
                     passes=1):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
@@ -182,13 +195,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
 
     from .display import progress_bar
 
-    if device != "cpu" and not device.startswith("cuda"):
-        raise InputError("command line", "--device", f"{device!r}: use cuda, cuda:N or cpu")
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as e:
-        raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
+    check_model_executor(device)
     with progress_bar(quiet, "validating") as cb:
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
