@@ -141,6 +141,26 @@ def summary_table(result) -> Table:
     return t
 
 
+def gpus_table(result) -> Table | None:
+    """Several GPUs (a ``gpus:`` section): per (policy, batch) the bytes over the host links and
+    the peer link per step, peer fetches and the load imbalance; None on one GPU."""
+    g = result.scenario.gpus
+    if g is None:
+        return None
+    mode = g.mode + (f", {g.placement}" if g.mode == "expert-parallel" else "") + (", peer fetch" if g.peer_fetch else "")
+    t = Table(title=f"{g.count} GPUs ({mode}; host link{' shared' if g.shared_pcie else ' per GPU'})",
+              box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0, 0, 1), pad_edge=False)
+    t.add_column("policy", overflow="fold", min_width=12)
+    for col in ("B", "PCIe GiB/st", "peer GiB/st", "peer fetch/st", "imbalance"):
+        t.add_column(col, justify="right", no_wrap=True)
+    for r in result.summary:
+        x, steps = r["gpus"], max(1, r["steps"])
+        t.add_row(r["policy"], str(r["batch_size"]), f"{x['bytes_pcie'] / steps / 2**30:.2f}",
+                  f"{x['bytes_peer'] / steps / 2**30:.2f}", f"{x['peer_fetches'] / steps:.1f}",
+                  f"{x['load_imbalance']:.2f}")
+    return t
+
+
 def print_summary(result) -> None:
     """The results table, its legend, then the decision summary."""
     from simulator.decision import decision_lines
@@ -148,6 +168,12 @@ def print_summary(result) -> None:
     c = _console()
     c.print(summary_table(result))
     c.print(LEGEND, style="dim", highlight=False)
+    gt = gpus_table(result)
+    if gt is not None:
+        c.print(gt)
+        c.print("PCIe GiB/st: copied over the host links per step; peer GiB/st: activations and peer "
+                "fetches over the peer link per step; imbalance: most routed pairs on one GPU / the mean",
+                style="dim", highlight=False)
     for line in decision_lines(result.decision):
         c.print(line, style="bold yellow" if line.startswith("warning") else None, highlight=False,
                 soft_wrap=False)

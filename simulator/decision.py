@@ -50,7 +50,10 @@ def thrashing(row: dict, sc) -> tuple[str, int, float] | None:
     per_step = row["unique_requests"] / row["steps"]
     if pol.cache.scope == "per-layer":
         per_step /= sc.model.num_layers
-    return (pol.cache.scope, slots, per_step) if slots < per_step else None
+    gpus = sc.gpus.count if getattr(sc, "gpus", None) is not None else 1
+    # several GPUs: each has a cache of ``slots``; the step's working set is summed over them
+    # (expert-parallel: each distinct expert on one GPU; replicate: each GPU's own distinct experts)
+    return (pol.cache.scope, slots, per_step) if slots * gpus < per_step else None
 
 
 def thrashing_warnings(summary: list[dict], sc) -> list[str]:
@@ -64,9 +67,11 @@ def thrashing_warnings(summary: list[dict], sc) -> list[str]:
     for (b, scope, slots), rows in groups.items():
         per_step = rows[0][1]
         layer = " per layer" if scope == "per-layer" else ""
+        n = sc.gpus.count if getattr(sc, "gpus", None) is not None else 1
+        size = f"{slots:,} experts" + (f" on each of {n} GPUs ({slots * n:,})" if n > 1 else "")
         hits = ", ".join(f"{r['policy']} {(r['hits'] - r['prefetches_used']) / max(1, r['hits'] + r['misses']):.0%}"
                          for r, _ in rows)
-        out.append(f"B={b}: a {scope} cache of {slots:,} experts is smaller than one step's working set "
+        out.append(f"B={b}: a {scope} cache of {size} is smaller than one step's working set "
                    f"({per_step:,.0f} distinct experts{layer}): it thrashes (demand hits: {hits})")
     return out
 

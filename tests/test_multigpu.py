@@ -200,3 +200,20 @@ def test_run_writes_gpu_fields(tmp_path):
     assert sum(x["pairs"] for x in g["per_gpu"]) == row["requests"] and g["bytes_peer"] > 0
     csv = (tmp_path / "out" / "summary.csv").read_text().splitlines()[0].split(",")
     assert "gpus_load_imbalance" in csv and "gpus" not in csv
+
+
+def test_run_output_names_the_gpus_and_counts_each_gpus_cache_in_the_thrash_warning(tmp_path, monkeypatch):
+    """simmoe run of a several-GPU scenario prints the GPUs' table (host-link and peer bytes,
+    imbalance) and judges thrashing against the caches of all GPUs together."""
+    from click.testing import CliRunner
+
+    from simmoe.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    r = CliRunner().invoke(main, ["run", "scenarios/multigpu_peer_fetch.yaml", "-o", str(tmp_path / "o"),
+                                  "-b", "4,16"])
+    assert r.exit_code == 0, r.output
+    assert "4 GPUs (replicate, peer fetch" in r.output and "peer GiB/st" in r.output
+    warned = [ln for ln in r.output.splitlines() if ln.startswith("warning: B=")]
+    assert warned and all(ln.startswith("warning: B=16") for ln in warned)   # 4 x 208 slots hold B=4's 624
+    assert "on each of 4 GPUs (832)" in r.output.replace("\n", " ")
