@@ -133,36 +133,50 @@ def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, 
         raise click.ClickException(f"decisions differ from the simulator's: {bad[0]}")
 
 
+SERVING_COLS = (("ttft_ms", "mean", "TTFT"), ("tpot_ms", "mean", "TPOT"), ("tpot_ms", "p90", "TPOT90"),
+                ("e2e_ms", "mean", "e2e"), ("e2e_ms", "p90", "e2e90"))
+
+
 def print_serving_validation(report: dict) -> None:
+    """Per (policy, max batch, rate): the live latencies (ms), and with timing the error of the
+    projection made end to end and of the step latency replayed on the live schedule; fits 80
+    columns (validation.json holds every value)."""
     timing = report["timing"]
     click.echo(f"{report['scenario']}: {report['model']} ({report['moe_layers']} MoE layers) on "
                f"{report['environment']['gpu'] if timing else report['device']}, style {report['style']}, "
                f"profile {report['profile']}")
+    rows = report["rows"]
+    w = max([6] + [len(r["policy"]) for r in rows])
+
+    def key(r) -> str:
+        rate = "-" if r["rate"] is None else format(r["rate"], "g")
+        return f"{r['policy']:{w}s} {r['max_batch']:3d} {rate:>5s}"
+
+    names = "".join(f" {n:>7s}" for _, _, n in SERVING_COLS)
+    click.echo(f"live, ms (mean; p90 where named; same: decisions identical to the simulator's):\n"
+               f"{'policy':{w}s} {'B':>3s} {'rate':>5s} {'steps':>5s}{names}  same")
+    for r in rows:
+        cells = "".join(f" {_ms(r['live'][c][q]):>7s}" for c, q, _ in SERVING_COLS)
+        click.echo(f"{key(r)} {r['steps']:5d}{cells}  {'yes' if r['decisions_identical'] else 'NO'}")
     if not timing:
-        click.echo("on the CPU only the decisions are checked: CPU step times are not a GPU's, so nothing is projected")
-    head = f"{'policy':20s} {'B':>3s} {'rate':>6s} {'steps':>5s}"
-    cols = (("ttft_ms", "mean"), ("tpot_ms", "mean"), ("tpot_ms", "p90"), ("e2e_ms", "mean"), ("e2e_ms", "p90"))
-    for c, q in cols:
-        head += f" {c[:-3] + ' ' + q:>22s}"
-    click.echo(head + ("  step err" if timing else "") + "  decisions")
-    for r in report["rows"]:
-        line = f"{r['policy']:20s} {r['max_batch']:3d} {'-' if r['rate'] is None else format(r['rate'], 'g'):>6s} {r['steps']:5d}"
-        for c, q in cols:
-            if timing:
-                v = r["latency"][c][q]
-                cell = f"{v['live']:.1f}/{v['projected']:.1f} {v['error_pct']:+.1f}%" if v["live"] else "-"
-            else:
-                v = r["live"][c][q]
-                cell = "-" if v is None else f"{v:.1f}"
-            line += f" {cell:>22s}"
-        if timing:
-            line += f" {r['step_ms']['all']['error_pct']:+8.1f}%"
-        click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
-    if timing:
-        click.echo("cells: live/projected ms and error (projected end to end); step err: median step latency "
-                   "replayed on the live schedule vs live")
-        for k, v in report["errors"].items():
-            click.echo(f"  {k}: median |error| {v['median_abs_pct']:.2f}%, worst {v['worst_abs_pct']:.2f}%")
+        click.echo("on the CPU only the decisions are checked: CPU step times are not a GPU's,\n"
+                   "so nothing is projected")
+        return
+    click.echo(f"error, projected end to end vs live (step: median step latency replayed on\n"
+               f"the live schedule):\n{'policy':{w}s} {'B':>3s} {'rate':>5s}{names} {'step':>7s}")
+    for r in rows:
+        cells = "".join(f" {_pct(r['latency'][c][q]):>7s}" for c, q, _ in SERVING_COLS)
+        click.echo(f"{key(r)}{cells} {r['step_ms']['all']['error_pct']:+6.1f}%")
+    for k, v in report["errors"].items():
+        click.echo(f"  {k}: median |error| {v['median_abs_pct']:.2f}%, worst {v['worst_abs_pct']:.2f}%")
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def _pct(v: dict) -> str:
+    return f"{v['error_pct']:+.1f}%" if v.get("live") else "-"
 
 
 def register(main) -> None:

@@ -58,9 +58,14 @@ def tiny_profile(tmp_path_factory):
     return load_profile(str(p))
 
 
-def test_report_rows_are_computed_from_the_runs(tiny_profile):
+def test_report_rows_are_computed_from_the_runs(tiny_profile, capsys):
     rep = validate_serving(parse_scenario(scenario_dict()), rates=[2.0, 40.0], profile=tiny_profile, device="cpu",
                            tiny=True, timing=True)
+    from simmoe.serve_cli import print_serving_validation
+    print_serving_validation(rep)   # the terminal report: both tables, 80 columns
+    out = capsys.readouterr().out
+    assert "error, projected end to end" in out and max(len(ln) for ln in out.splitlines()[1:]) <= 80
+    assert sum(ln.split()[:1] == [POLICIES[0]["name"]] for ln in out.splitlines()) == 4   # 2 rates x 2 tables
     assert rep["decisions_identical"] and rep["rates"] == [2.0, 40.0]
     assert [(r["rate"], r["policy"]) for r in rep["rows"]] == [(r, p["name"]) for r in (2.0, 40.0) for p in POLICIES]
     for r in rep["rows"]:
