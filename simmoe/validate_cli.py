@@ -186,6 +186,63 @@ def check_model_executor(device: str) -> None:
         raise InputError("command line", "--executor", f"model needs {e.name}: pip install 'simmoe[models]'") from None
 
 
+def print_model_validation(sc, report: dict, device: str, written) -> None:
+    """The --executor model report at 80 columns: per row the copies per step, live and
+    projected median step ms, the error, and (when measured) the error with the host's speed
+    probed beside each step (now), against the resident row beside (paired) and over the steps
+    that ended in the host's fast state (fast); then the medians (validation.json has all)."""
+    import textwrap
+
+    timing = report["timing"]
+    say = lambda text: click.echo(textwrap.fill(text, 80, subsequent_indent="  "))  # noqa: E731
+    say(f"{sc.name}: {report['model']} ({report['moe_layers']} MoE layers) on "
+        f"{report['environment']['gpu'] if timing else device}, style {report['style']}, "
+        f"profile {report['profile']}, routing {report['routing']}")
+    if not timing:
+        say("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), so "
+            "nothing is projected")
+    rows = report["rows"]
+    w = max([6] + [len(r["policy"]) for r in rows])
+    prompts = len({r["prompt"] for r in rows}) > 1
+    extra = [(k, name) for k, name, on in (
+        ("error_now_pct", "now", timing and report.get("median_abs_error_now_pct") is not None),
+        ("error_paired_pct", "paired", timing and report.get("paired_rows")),
+        ("error_fast_pct", "fast", timing and report.get("fast_rows"))) if on]
+    head = f"{'policy':{w}s} {'B':>3s}" + (f" {'prompt':>6s}" if prompts else "") + f" {'copies':>7s}"
+    if timing:
+        head += f" {'live ms':>8s} {'sim ms':>8s} {'error':>7s}" + "".join(f" {n:>7s}" for _, n in extra)
+    click.echo(head + "  same")
+    for r in rows:
+        line = f"{r['policy']:{w}s} {r['batch_size']:3d}" + (f" {r['prompt']:6d}" if prompts else "")
+        line += f" {r['copies_per_step']:7.1f}"
+        if timing:
+            line += f" {r['live_median_ms']:8.2f} {r['sim_median_ms']:8.2f} {r['error_pct']:+6.1f}%"
+            for k, _ in extra:
+                e = r.get(k)
+                line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
+        click.echo(line + f"  {'yes' if r['decisions_identical'] else 'NO'}")
+    legend = "copies: per step; same: decisions identical to the simulator's"
+    if not prompts:
+        legend += f"; prompt (context) {rows[0]['prompt']} tokens" if rows else ""
+    if timing:
+        legend += "; error: (projected - live) / live of the median step"
+        names = {"now": "the host terms scaled by the host's dispatch speed probed beside each step",
+                 "paired": "the host factor that makes the resident row of the same batch, run just before, "
+                           "meet its live median", "fast": "over the steps that ended in the host's fast state"}
+        legend += "".join(f"; {n}: with {names[n]}" if n != "fast" else f"; fast: {names[n]}" for _, n in extra)
+    say(legend)
+    if timing:
+        say(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}% over "
+            f"{len(rows)} rows; tokens/s median |error| {report['median_abs_tokens_error_pct']:.2f}%")
+        for k, n in extra:
+            key = {"now": "now", "paired": "paired", "fast": "fast"}[n]
+            med, worst = report[f"median_abs_error_{key}_pct"], report[f"worst_abs_error_{key}_pct"]
+            say(f"{n}: median |error| {med:.2f}%, worst {worst:.2f}%")
+    for note in report.get("notes") or []:
+        say(f"note: {note}")
+    say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
+
+
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
                     passes=1):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
@@ -202,55 +259,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
                                 progress=cb, passes=passes)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
-        timing = report["timing"]
-        click.echo(f"{sc.name}: {report['model']} ({report['moe_layers']} MoE layers) on "
-                   f"{report['environment']['gpu'] if timing else device}, style {report['style']}, "
-                   f"profile {report['profile']}, routing {report['routing']}")
-        if not timing:
-            click.echo("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), "
-                       "so nothing is projected")
-        head = f"{'policy':22s} {'batch':>5s} {'prompt':>6s} {'copies/step':>11s}"
-        now = timing and report.get("median_abs_error_now_pct") is not None
-        head += f" {'live ms':>9s} {'sim ms':>9s} {'error':>7s} {'live tok/s':>10s} {'sim tok/s':>10s}" if timing else ""
-        head += f" {'err now':>7s}" if now else ""
-        fast = timing and report.get("host_state") is not None
-        head += f" {'fast err/steps':>14s}" if fast else ""
-        paired = timing and report.get("paired_rows")
-        head += f" {'paired':>7s}" if paired else ""
-        click.echo(head + "  decisions")
-        for r in report["rows"]:
-            line = f"{r['policy']:22s} {r['batch_size']:5d} {r['prompt']:6d} {r['copies_per_step']:11.1f}"
-            if timing:
-                line += (f" {r['live_median_ms']:9.2f} {r['sim_median_ms']:9.2f} {r['error_pct']:+6.1f}% "
-                         f"{r['live_tokens_per_s']:10.1f} {r['sim_tokens_per_s']:10.1f}")
-                if now:
-                    e = r.get("error_now_pct")
-                    line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
-                if fast:
-                    e = r.get("error_fast_pct")
-                    line += f" {e:+8.1f}%/{r['live_fast_steps']:<4d}" if e is not None else f" {'-':>14s}"
-                if paired:
-                    e = r.get("error_paired_pct")
-                    line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
-            click.echo(line + f"  {'identical' if r['decisions_identical'] else 'DIFFER'}")
-        if timing:
-            click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%, "
-                       f"tokens/s median |error| {report['median_abs_tokens_error_pct']:.2f}% over {len(report['rows'])} rows")
-            if now:
-                click.echo(f"with the host's dispatch speed probed beside each step (err now): median |error| "
-                           f"{report['median_abs_error_now_pct']:.2f}%, worst {report['worst_abs_error_now_pct']:.2f}%")
-            if paired:
-                click.echo(f"against the resident row of the same batch, run just before (paired: the host's "
-                           f"speed then): median |error| {report['median_abs_error_paired_pct']:.2f}%, worst "
-                           f"{report['worst_abs_error_paired_pct']:.2f}% over {report['paired_rows']} rows")
-            if fast and report["fast_rows"]:
-                g = report["host_state"]
-                click.echo(f"steps in the host's fast state only ({report['fast_rows']} rows with 3 or more; "
-                           f"{g['slow_after']} of {g['checks']} steps ended slow): median |error| "
-                           f"{report['median_abs_error_fast_pct']:.2f}%, worst {report['worst_abs_error_fast_pct']:.2f}%")
-        for note in report.get("notes") or []:
-            click.echo(f"note: {note}")
-        click.echo(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
+        print_model_validation(sc, report, device, written)
     if not report["decisions_identical"]:
         bad = [f"{r['policy']} B={r['batch_size']}" for r in report["rows"] if not r["decisions_identical"]]
         raise click.ClickException(f"decisions differ from the simulator's in {', '.join(bad)}")

@@ -108,7 +108,8 @@ def test_cli_tiny_cpu_decisions_only(tmp_path):
                                   "--no-resident", "-o", str(out)])
     assert r.exit_code == 0, r.output
     rows = [ln for ln in r.output.splitlines() if ln.split()[:1] in (["dedup"], ["lru"])]
-    assert len(rows) == 4 and all(ln.endswith("identical") for ln in rows)
+    assert len(rows) == 4 and all(ln.endswith("yes") for ln in rows)
+    assert max(len(ln) for ln in r.output.splitlines()) <= 80
     assert "timing is not meaningful" in r.output
     rep = json.loads((out / "validation.json").read_text())
     assert rep["executor"] == "model" and rep["timing"] is False and rep["decisions_identical"]
