@@ -74,8 +74,6 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     compares per-request TTFT, TPOT and end-to-end latency with the projection: replayed on
     the live run's own schedule, and projected end to end (docs/serving.md, "Validation").
     """
-    from rich.console import Console
-    from rich.table import Table
 
     from calibrate.validation.validate import validate, write_validation
     from simulator.names import results_dir
@@ -128,29 +126,41 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     if device == "cpu":
         print_decisions_only(sc, report, written)
         return
-    t = Table(title=f"{sc.name} on {report['environment'].get('gpu', device)}: live vs {report['profile']}")
+    print_twin_validation(sc, report, device, written)
+
+
+def print_twin_validation(sc, report: dict, device: str, written) -> None:
+    """The twin's report at 80 columns: per row live and projected median step ms, the error
+    (and with --host-now the error with the host terms measured beside the row), the copy
+    rate, the live replays and their spread; transfers and hits are in validation.json."""
+    import textwrap
+
+    say = lambda text: click.echo(textwrap.fill(text, 80, subsequent_indent="  "))  # noqa: E731
     now = report["host_now"]
-    cols = ("policy", "batch", "live ms", "sim ms", "error") + (("err now",) if now else ()) + (
-        "copy GB/s", "transfers", "hits", "replays", "replay sd")
-    for c in cols:
-        t.add_column(c, justify="left" if c == "policy" else "right")
-    for r in report["rows"]:
-        t.add_row(r["policy"], str(r["batch_size"]), f"{r['live_median_ms']:.3f}", f"{r['sim_median_ms']:.3f}",
-                  f"{r['error_pct']:+.1f}%", *((f"{r['error_now_pct']:+.1f}%",) if now else ()),
-                  f"{r['copy_GBps']:.1f}" if r["copy_GBps"] else "-",
-                  str(r["transfers"]), str(r["hits"]), str(r["repeats"]),
-                  "-" if r["live_spread_pct"] is None else f"{r['live_spread_pct']:.1f}%")
-    Console(width=150).print(t)
-    click.echo(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%; "
-               f"decisions identical: {report['decisions_identical']}")
+    rows = report["rows"]
+    w = max([6] + [len(r["policy"]) for r in rows])
+    say(f"{sc.name} on {report['environment'].get('gpu', device)}: live vs {report['profile']}")
+    click.echo(f"{'policy':{w}s} {'B':>3s} {'live ms':>9s} {'sim ms':>9s} {'error':>7s}" + (f" {'now':>7s}" if now else "")
+               + f" {'GB/s':>5s} {'reps':>4s} {'sd':>6s}")
+    for r in rows:
+        sd = "-" if r["live_spread_pct"] is None else f"{r['live_spread_pct']:.1f}%"
+        gbps = f"{r['copy_GBps']:5.1f}" if r["copy_GBps"] else f"{'-':>5s}"
+        click.echo(f"{r['policy']:{w}s} {r['batch_size']:3d} {r['live_median_ms']:9.3f} {r['sim_median_ms']:9.3f} "
+                   f"{r['error_pct']:+6.1f}%" + (f" {r['error_now_pct']:+6.1f}%" if now else "")
+                   + f" {gbps} {r['repeats']:4d} {sd:>6s}")
+    say("error: (projected - live) / live of the median step" + ("; now: with the host terms measured beside the row"
+                                                                   if now else "")
+        + "; GB/s: live copy rate; reps: live replays; sd: their spread")
+    say(f"median |error| {report['median_abs_error_pct']:.2f}%, worst {report['worst_abs_error_pct']:.2f}%; "
+        f"decisions identical: {report['decisions_identical']}")
     if now:
-        click.echo(f"with the host terms measured beside each row: median |error| {now['median_abs_error_pct']:.2f}%, "
-                   f"worst {now['worst_abs_error_pct']:.2f}%")
+        say(f"with the host terms measured beside each row: median |error| {now['median_abs_error_pct']:.2f}%, "
+            f"worst {now['worst_abs_error_pct']:.2f}%")
     drift = ", ".join(f"{k} {v:.2f}x" for k, v in report["host_drift"].items())
     same = report["environment"].get("same_host_as_profile")
-    click.echo(f"host time per call, live / profile (median over rows): {drift or '-'}; "
-               f"same host as the profile: {'unknown' if same is None else same}")
-    click.echo(f"wrote {', '.join(str(p) for p in written)}")
+    say(f"host time per call, live / profile (median over rows): {drift or '-'}; "
+        f"same host as the profile: {'unknown' if same is None else same}")
+    say(f"wrote {', '.join(str(p) for p in written)}")
 
 
 def print_decisions_only(sc, report: dict, written) -> None:

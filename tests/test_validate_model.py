@@ -274,3 +274,16 @@ def test_a_note_when_cpu_misses_run_with_other_threads_than_the_profiles():
     (note,) = thread_notes(prof, cal // 2, [cpu])
     assert "cpu-miss" in note and f"{cal // 2} torch thread" in note and "--cpus" in note
     assert copy.miss.kind == "copy"
+
+
+def test_twin_report_fits_80_columns(capsys):
+    """The twin's validation report (a shipped H100 run) reads at 80 columns, every row whole."""
+    from types import SimpleNamespace
+
+    from simmoe.validate_cli import print_twin_validation
+
+    d = json.loads((Path(__file__).parent.parent / "docs/validation/runs/run-J-deepseek.json").read_text())
+    print_twin_validation(SimpleNamespace(name=d["scenario"]), d, "cuda", ["out/validation.json"])
+    lines = capsys.readouterr().out.splitlines()
+    assert max(len(ln) for ln in lines) <= 80
+    assert sum(ln.split()[:1] == ["cpu-miss"] for ln in lines) == 4 and any("-15.2%" in ln for ln in lines)
