@@ -203,6 +203,8 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
     that ended in the host's fast state (fast); then the medians (validation.json has all)."""
     import textwrap
 
+    from calibrate.validation.model_rows import MIN_FAST_STEPS
+
     timing = report["timing"]
     say = lambda text: click.echo(textwrap.fill(text, 80, subsequent_indent="  "))  # noqa: E731
     say(f"{sc.name}: {report['model']} ({report['moe_layers']} MoE layers) on "
@@ -229,6 +231,8 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
             line += f" {r['live_median_ms']:8.2f} {r['sim_median_ms']:8.2f} {r['error_pct']:+6.1f}%"
             for k, _ in extra:
                 e = r.get(k)
+                if k == "error_fast_pct" and r.get("live_fast_steps", 0) < MIN_FAST_STEPS:
+                    e = None   # too few steps ended fast to say
                 line += f" {e:+6.1f}%" if e is not None else f" {'-':>7s}"
         click.echo(line + f"  {'yes' if r['decisions_identical'] else 'NO'}")
     legend = "copies: per step; same: decisions identical to the simulator's"
@@ -238,7 +242,7 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
         legend += "; error: (projected - live) / live of the median step"
         names = {"now": "the host terms scaled by the host's dispatch speed probed beside each step",
                  "paired": "the host factor that makes the resident row of the same batch, run just before, "
-                           "meet its live median", "fast": "over the steps that ended in the host's fast state"}
+                           "meet its live median", "fast": f"over the steps that ended in the host's fast state (rows with {MIN_FAST_STEPS} or more)"}
         legend += "".join(f"; {n}: with {names[n]}" if n != "fast" else f"; fast: {names[n]}" for _, n in extra)
     say(legend)
     if timing:
