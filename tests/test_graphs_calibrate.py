@@ -1,0 +1,111 @@
+"""Calibration of the graphed styles (``simmoe calibrate engine --style graphs``) on a tiny
+model on the CPU: the decode grid of the graphed piece, the eager expert call with its host
+terms, engine-merge into a profile, and DenseCost pricing the style from its own grid."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from calibrate.measurements.engine import EngineMeasurer, EnginePlan  # noqa: E402
+from calibrate.models.build import build_model  # noqa: E402
+from simmoe.cli import main  # noqa: E402
+from simulator.engine_costs import DenseCost, GridCost, require_style  # noqa: E402
+from simulator.errors import InputError  # noqa: E402
+from simulator.profile import load_profile, parse_profile  # noqa: E402
+from simulator.scenario import parse_scenario  # noqa: E402
+from tests.conftest import scenario_dict  # noqa: E402
+
+MODEL = "olmoe-1b-7b"
+KEY = f"{MODEL}-tiny"
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory):
+    """One tiny calibration with both graphed styles, merged into the default profile."""
+    d = tmp_path_factory.mktemp("graphs")
+    eng, prof = d / "e.json", d / "p.json"
+    with pytest.raises(SystemExit) as ex:
+        main(["calibrate", "engine", "--model", MODEL, "--device", "cpu", "--tiny", "--batch", "1,4",
+              "--context", "8,32", "--prompt", "8", "-n", "3", "--style", "graphs", "--style", "offload-graphs",
+              "--out", str(eng)])
+    assert ex.value.code in (0, None)
+    prof.write_text(json.dumps(load_profile().to_json()))
+    with pytest.raises(SystemExit) as ex:
+        main(["calibrate", "engine-merge", str(eng), "--profile", str(prof)])
+    assert ex.value.code in (0, None)
+    return json.loads(eng.read_text()), parse_profile(json.loads(prof.read_text()), str(prof))
+
+
+def test_the_calibration_writes_graphed_tables(merged):
+    doc, prof = merged
+    t = doc["tables"]
+    assert {"decode", "decode_graphs"} <= set(t) and set(t["experts"]) == {"graphs", "offload-graphs"}
+    pts = [p for row in t["decode_graphs"]["points"] for p in row]
+    assert len(pts) == 4 and all(p["ms"] > 0 and p["trials"] == 3 for p in pts)
+    e = prof.engine[KEY]
+    for style in ("graphs", "offload-graphs"):
+        st = e.styles[style]
+        assert st.decode is not None and st.decode.batch == [1, 4] and st.decode.context == [8, 32]
+        assert st.host_base_ms is not None and st.host_per_expert_ms is not None   # the eager call's host time
+    assert e.styles["offload-graphs"].host_per_load_ms is not None                  # the executor's copies
+    assert e.styles["graphs"].host_per_load_ms is None
+
+
+def test_dense_cost_prices_the_graphed_grid(merged):
+    _, prof = merged
+    e = prof.engine[KEY]
+    d = scenario_dict(model=MODEL, engine={"style": "graphs"})
+    d["trace"] = {**d["trace"], "prompt_tokens": 16}
+    sc = parse_scenario(d)
+    sc = sc.model_copy(update={"model": sc.model.model_copy(update={"name": KEY})})
+    cost = DenseCost.from_scenario(sc, prof, batch=4, phases=[0, 0], tokens=[4, 4])
+    assert cost.dense_ms(0, 0) == pytest.approx(GridCost(e.styles["graphs"].decode).ms(4, 16))
+    assert cost.dense_ms(1, 0) == pytest.approx(GridCost(e.styles["graphs"].decode).ms(4, 17))
+    eager = DenseCost.from_scenario(sc.model_copy(update={"engine": sc.engine.model_copy(update={"style": "offload"})}),
+                                    _with_offload(prof), batch=4, phases=[0], tokens=[4])
+    assert eager.dense_ms(0, 0) != cost.dense_ms(0, 0)     # the eager grid prices the other styles
+    assert cost.grouped and cost.expert_host_ms(0.01) == (e.styles["graphs"].host_base_ms,
+                                                          e.styles["graphs"].host_per_expert_ms)
+
+
+def _with_offload(prof):
+    doc = prof.to_json()
+    doc["engine"][KEY]["styles"]["offload"] = {"base_ms": 0.1, "per_expert_ms": 0.01}
+    return parse_profile(doc, "p")
+
+
+def test_a_graphed_style_without_its_grid_is_one_clear_error(merged):
+    _, prof = merged
+    doc = prof.to_json()
+    del doc["engine"][KEY]["styles"]["graphs"]["decode"]
+    p = parse_profile(doc, "p")
+    with pytest.raises(InputError, match=rf"engine.{KEY}.styles.graphs.decode: .*no decode table replayed"):
+        require_style(p, KEY, "graphs")
+    del doc["engine"][KEY]["styles"]["graphs"]
+    with pytest.raises(InputError, match=rf"engine.{KEY}.styles.graphs: engine style 'graphs' not measured"):
+        require_style(parse_profile(doc, "p"), KEY, "graphs")
+
+
+def test_the_graphed_layer_writes_at_its_position_only():
+    """The measured piece: a static cache of context + 1 tokens, every trial writing the new
+    token's keys at ``context`` and leaving the random context as it was."""
+    b = build_model(MODEL, tiny=True)
+    m = EngineMeasurer(EnginePlan(MODEL, device="cpu", tiny=True, trials=3, warmup=1), b)
+    layer = b.moe_layers[0]
+    call, cache = m.graphed_layer_call(layer, 2, 6, m.kv_shapes(layer))
+    keys = cache.layers[layer].keys
+    before = keys.clone()
+    for _ in range(2):
+        out = call()
+        assert out.shape == (2, 1, b.spec.hidden)
+        assert keys.shape[-2] == 7 and torch.equal(keys[:, :, :6], before[:, :, :6])
+        assert not torch.equal(keys[:, :, 6], before[:, :, 6])     # the new token's keys written at 6
+        assert int(cache.layers[layer].cumulative_length) == 7    # then the index past it, reset each trial
+
+
+def test_graphs_are_not_measured_by_default():
+    assert not any(s in ("graphs", "offload-graphs") for s in EnginePlan(MODEL).styles)
