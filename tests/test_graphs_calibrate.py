@@ -4,6 +4,7 @@ terms, engine-merge into a profile, and DenseCost pricing the style from its own
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -12,16 +13,21 @@ pytest.importorskip("transformers")
 
 from calibrate.measurements.engine import EngineMeasurer, EnginePlan  # noqa: E402
 from calibrate.measurements.engine_profile import engine_section  # noqa: E402
-from calibrate.models.build import build_model  # noqa: E402
+from calibrate.models.build import build_model, tiny_spec  # noqa: E402
+from calibrate.validation.model_rows import validate_model  # noqa: E402
 from simmoe.cli import main  # noqa: E402
 from simulator.engine_costs import DenseCost, GridCost, require_style  # noqa: E402
 from simulator.errors import InputError  # noqa: E402
+from simulator.models import PRESETS  # noqa: E402
 from simulator.profile import load_profile, parse_profile  # noqa: E402
-from simulator.scenario import parse_scenario  # noqa: E402
+from simulator.scenario import PolicySpec, parse_scenario  # noqa: E402
 from tests.conftest import scenario_dict  # noqa: E402
 
 MODEL = "olmoe-1b-7b"
 KEY = f"{MODEL}-tiny"
+OLMOE = PRESETS[MODEL]
+TINY = tiny_spec(OLMOE)
+H200 = Path(__file__).resolve().parents[1] / "simulator" / "profiles" / "h200.json"
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +40,10 @@ def merged(tmp_path_factory):
               "--context", "8,32", "--prompt", "8", "-n", "3", "--style", "graphs", "--style", "offload-graphs",
               "--out", str(eng)])
     assert ex.value.code in (0, None)
-    prof.write_text(json.dumps(load_profile().to_json()))
+    base = json.loads(H200.read_text())   # with a compute table for the tiny expert shape (plumbing only)
+    for side in ("gpu", "cpu"):
+        base["compute"][side][TINY.shape_key] = base["compute"][side][OLMOE.shape_key]
+    prof.write_text(json.dumps(base))
     with pytest.raises(SystemExit) as ex:
         main(["calibrate", "engine-merge", str(eng), "--profile", str(prof)])
     assert ex.value.code in (0, None)
@@ -116,3 +125,23 @@ def test_the_graphed_layer_writes_at_its_position_only():
 
 def test_graphs_are_not_measured_by_default():
     assert not any(s in ("graphs", "offload-graphs") for s in EnginePlan(MODEL).styles)
+
+
+def test_validate_model_runs_the_offload_graphs_executor(merged, monkeypatch):
+    """``simmoe validate --executor model`` with engine.style offload-graphs: the executor's
+    graphs dispatch live (eager pieces on the CPU), decisions identical to the simulator's,
+    projected from the graphed grid (timing forced on the CPU)."""
+    _, prof = merged
+    d = scenario_dict(model=MODEL, engine={"style": "offload-graphs"}, batch_sizes=[2])
+    d["trace"] = {"generator": "uniform", "steps": 3, "prompt_tokens": 6}
+    d["policies"] = [{"name": "lru", "load": "dedup", "cache": {"kind": "lru", "capacity": 256}}]
+    from calibrate.executors import graphs
+    runs = []
+    real = graphs.GraphedLayers.run
+    monkeypatch.setattr(graphs.GraphedLayers, "run", lambda self, ids, pos: runs.append(pos) or real(self, ids, pos))
+    rep = validate_model(parse_scenario(d), profile=prof, device="cpu", tiny=True, routing="trace", timing=True)
+    assert runs and set(runs) == {6, 7, 8}          # every step of every row through the pieces
+    assert [r["policy"] for r in rep["rows"]] == ["resident", "lru"]
+    for r in rep["rows"]:
+        assert r["decisions_identical"] and r["sim_median_ms"] > 0
+    assert rep["rows"][1]["copies_per_step"] > 0
