@@ -91,7 +91,7 @@ def test_offload_graphs_executor_outputs_and_decisions(name, policy):
         assert {c: step.executed[c] for c in COUNTED} == {c: expected.as_dict()[c] for c in COUNTED}
         assert step.executed["computed_tokens"] == B * k * L and step.executed["router_agrees"] == L
         torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
-    assert ex.graphs is not None and ex.graphs.routed is not None
+    assert isinstance(ex.graphs, GraphedLayers) and len(ex.graphs.runs) == L + 1   # the pieces ran the steps
 
 
 def test_graphs_dispatch_refuses_a_serving_planner():
@@ -105,13 +105,13 @@ def test_graphs_dispatch_refuses_a_serving_planner():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", FAMILIES)
 def test_gpu_capture_and_replay(name):
-    """On CUDA the pieces are captured once and replayed: the model's own logits (bf16), and
-    a replayed step issues no Python work inside the pieces (the capture modules untouched)."""
-    want, prompt, next_ids = own_logits(name, "cuda", "bf16")
-    got, g = graphed_logits(name, prompt, next_ids, "cuda", "bf16")
-    assert all(hasattr(r, "__self__") and isinstance(r.__self__, torch.cuda.CUDAGraph) for r in g.runs)
+    """On CUDA the pieces are captured once (in one shared memory pool) and replayed: the
+    model's own logits (fp32, so a rounding cannot flip a router's choice)."""
+    want, prompt, next_ids = own_logits(name, "cuda", "fp32")
+    got, g = graphed_logits(name, prompt, next_ids, "cuda", "fp32")
+    assert all(isinstance(getattr(r, "__self__", None), torch.cuda.CUDAGraph) for r in g.runs)
     for s in range(STEPS):
-        torch.testing.assert_close(got[s].float(), want[s].float(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(got[s], want[s], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -128,4 +128,4 @@ def test_gpu_offload_graphs_executor():
         step, _ = ex.run_step(s)
         _, expected = sim.plan_step(s)
         assert {c: step.executed[c] for c in COUNTED} == {c: expected.as_dict()[c] for c in COUNTED}
-        torch.testing.assert_close(ex.last_logits.float(), want[s].float(), rtol=3e-2, atol=3e-2)
+        torch.testing.assert_close(ex.last_logits.float(), want[s].float(), rtol=2e-2, atol=2e-2)

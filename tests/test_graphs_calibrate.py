@@ -16,7 +16,7 @@ from calibrate.measurements.engine_profile import engine_section  # noqa: E402
 from calibrate.models.build import build_model, tiny_spec  # noqa: E402
 from calibrate.validation.model_rows import validate_model  # noqa: E402
 from simmoe.cli import main  # noqa: E402
-from simulator.engine_costs import DenseCost, GridCost, require_style  # noqa: E402
+from simulator.engine_costs import DenseCost, GridCost, MixedStepCost, require_style  # noqa: E402
 from simulator.errors import InputError  # noqa: E402
 from simulator.models import PRESETS  # noqa: E402
 from simulator.profile import load_profile, parse_profile  # noqa: E402
@@ -86,6 +86,8 @@ def test_dense_cost_prices_the_graphed_grid(merged):
                                     _with_offload(prof), batch=4, phases=[0], tokens=[4])
     assert eager.dense_ms(0, 0) != cost.dense_ms(0, 0)     # the eager grid prices the other styles
     assert cost.grouped
+    mixed = MixedStepCost.from_scenario(sc, prof)          # a serving run's steps: the same grid
+    assert mixed.price(4, 16, 0, 4)[0] == pytest.approx(GridCost(e.styles["graphs"].decode).ms(4, 16))
 
 
 def _with_offload(prof):

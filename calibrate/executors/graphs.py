@@ -55,9 +55,12 @@ class CaptureExperts(torch.nn.Module):
         return torch.zeros_like(hidden_states)
 
 
-def graphed(fn: Callable[[], object], device: torch.device, warmup: int = WARMUP) -> Callable[[], None]:
+def graphed(fn: Callable[[], object], device: torch.device, warmup: int = WARMUP, pool=None) -> Callable[[], None]:
     """``fn`` captured as a CUDA graph (warmed up on a side stream first) and returned as its
-    replay; on the CPU ``fn`` itself (the same code, run eagerly)."""
+    replay; on the CPU ``fn`` itself (the same code, run eagerly). ``pool``: a memory pool
+    the graph shares with graphs captured before it (``torch.cuda.graph_pool_handle()``),
+    safe when they replay in the order they were captured, one at a time, as the pieces of
+    a step do: one piece's intermediates then reuse another's memory."""
     if device.type != "cuda":
         return fn
     side = torch.cuda.Stream(device)
@@ -67,7 +70,7 @@ def graphed(fn: Callable[[], object], device: torch.device, warmup: int = WARMUP
             fn()
     torch.cuda.current_stream(device).wait_stream(side)
     g = torch.cuda.CUDAGraph()
-    with torch.no_grad(), torch.cuda.graph(g):
+    with torch.no_grad(), torch.cuda.graph(g, pool=pool):
         fn()
     fn.graph = g  # noqa: B010 (kept alive with the callable)
     return g.replay
@@ -150,9 +153,10 @@ class GraphedLayers:
                            for _ in self.captures]
         self.logits = None
         self.runs = []
+        pool = torch.cuda.graph_pool_handle() if self.device.type == "cuda" else None
         with self._experts_captured():
             for j in range(len(self.ranges)):
-                self.runs.append(graphed(lambda j=j: self._piece(j), self.device))
+                self.runs.append(graphed(lambda j=j: self._piece(j), self.device, pool=pool))
 
     def _piece(self, j: int) -> None:
         r, m = self.runner, self.b.model
