@@ -147,3 +147,16 @@ def test_validate_model_runs_the_offload_graphs_executor(merged, monkeypatch):
     for r in rep["rows"]:
         assert r["decisions_identical"] and r["sim_median_ms"] > 0
     assert rep["rows"][1]["copies_per_step"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_graphed_grid_captured_and_replayed():
+    """On CUDA every point of the graphed grids is captured and replayed (none skipped for a
+    refused capture), DeepSeek-V2's dense layer and MLA included."""
+    from calibrate.measurements.engine import measure_engine
+    doc = measure_engine(EnginePlan("deepseek-v2-lite", device="cuda", tiny=True, batches=[1, 4], contexts=[8, 32],
+                                    prompts=[8], trials=3, warmup=1, styles=["graphs"]))
+    assert not [s for s in doc["skipped"] if "capture" in s["why"]]
+    for t in ("decode_graphs", "dense_decode_graphs"):
+        assert all(p is not None and p["ms"] > 0 for row in doc["tables"][t]["points"] for p in row)
