@@ -36,8 +36,10 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--model", "-m", "model", required=True,
               help="Model preset with an architecture: olmoe-1b-7b, qwen3-30b-a3b, deepseek-v2-lite, mixtral-8x7b.")
 @click.option("--device", "-d", default="cuda", show_default=True, help="cuda, cuda:N or cpu.")
-@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload", "offload-grouped"]),
-              help="Expert dispatch style to time; repeat [default: hf-eager, grouped, offload and offload-grouped].")
+@click.option("--style", "styles", multiple=True, type=click.Choice(["hf-eager", "grouped", "offload", "offload-grouped", "graphs",
+                                                              "offload-graphs"]),
+              help="Expert dispatch style to time; repeat [default: hf-eager, grouped, offload and offload-grouped]. "
+                   "graphs / offload-graphs also time the decode grids replayed from piecewise CUDA graphs.")
 @click.option("--batch", "batches", multiple=True, help="Decode batch sizes, e.g. 1,8,32 [default: 1..256, powers of 2].")
 @click.option("--context", "contexts", multiple=True, help="KV-cache lengths [default: 128..32768, powers of 2].")
 @click.option("--prompt", "prompts", multiple=True, help="Prefill prompt lengths [default: 16,64,256,1024,4096].")
@@ -61,7 +63,8 @@ def engine_cmd(model, device, styles, batches, contexts, prompts, trials, max_se
     router and top-k, shared experts) over batch x context; prefill by prompt tokens;
     embedding + LM head per step; one layer's routed-expert call per engine style
     (hf-eager: transformers' per-expert loop; grouped: grouped_mm; offload: simmoe's
-    real-model executor, every expert resident). CUDA events on the
+    real-model executor, every expert resident; graphs: grouped_mm between piecewise
+    CUDA-graph replays of the non-expert part, whose decode grid is then timed too). CUDA events on the
     GPU, perf_counter on the CPU; the median of the trials with p10/p90 is kept.
     The file appears only when the run is done.
     """
@@ -122,11 +125,11 @@ def _check_device(device: str) -> None:
 
 def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
     t = doc["tables"]
-    dec = t["decode"]
-    vals = [p["ms"] for row in dec["points"] for p in row if p]
-    if vals:
-        console.print(f"decode, non-expert per layer: {min(vals):.3f}-{max(vals):.3f} ms over "
-                      f"{len(vals)} (batch, context) points")
+    for key, what in (("decode", "decode"), ("decode_graphs", "decode from CUDA graphs")):
+        vals = [p["ms"] for row in t[key]["points"] for p in row if p] if key in t else []
+        if vals:
+            console.print(f"{what}, non-expert per layer: {min(vals):.3f}-{max(vals):.3f} ms over "
+                          f"{len(vals)} (batch, context) points")
     for style, e in t["experts"].items():
         pts = e["points"]
         if pts:

@@ -13,6 +13,11 @@ the per-step extra, from a profile's ``engine`` tables (``simmoe calibrate engin
   ``base_ms + per_expert_ms x active`` (:meth:`DenseCost.expert_call_ms`): ``hf-eager``
   (transformers' per-expert loop), ``grouped`` (grouped_mm), ``offload`` (simmoe's own
   real-model executor's dispatch: gather, FFN from a slot, scatter-add).
+- The graphed styles (``graphs``, ``offload-graphs``: the non-expert part replayed from
+  piecewise CUDA graphs, :mod:`calibrate.executors.graphs`) price the dense op from their own
+  decode tables (``styles.<style>.decode`` and ``dense_decode``, measured from the replays)
+  in place of the eager ones, with no in situ factor on them (that factor is measured on eager
+  whole steps); prefill stays eager (decode steps only are graphed).
 
 The context grows with each decode step: step ``s`` attends over ``start + (decode steps
 before s)`` tokens, ``start`` being ``trace.prompt_tokens`` (default: ``trace.prefill_tokens``)
@@ -32,8 +37,7 @@ import numpy as np
 from .errors import InputError
 from .profile import EngineGrid, ModelEngine, Profile
 
-STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped")
-UNMEASURED = ("graphs",)  # accepted, priced without a measured expert call (nothing measures it yet)
+STYLES = ("twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped", "offload-graphs")
 PHASE_PREFILL = 1
 
 
@@ -118,13 +122,28 @@ def engine_tables(profile: Profile, model: str, source: str = "") -> ModelEngine
 def require_style(profile: Profile, model: str, style: str, source: str = "") -> ModelEngine:
     """The model's engine tables, which must hold the style's measured expert call (a style
     the profile lacks would otherwise be priced with the twin's launch cost)."""
+    from .engine_styles import GRAPHED_STYLES
     t = engine_tables(profile, model, source)
+    how = (f"measure it with simmoe calibrate engine --model {model} --style {style} and merge it "
+           f"with simmoe calibrate engine-merge")
     if style not in t.styles:
         raise InputError(source or f"profile {profile.name}", f"engine.{model}.styles.{style}",
                          f"engine style {style!r} not measured (profile has: {', '.join(sorted(t.styles)) or 'none'}); "
-                         f"measure it with simmoe calibrate engine --model {model} --style {style} and merge it "
-                         f"with simmoe calibrate engine-merge")
+                         + how)
+    if style in GRAPHED_STYLES and t.styles[style].decode is None:
+        raise InputError(source or f"profile {profile.name}", f"engine.{model}.styles.{style}.decode",
+                         f"engine style {style!r} has no decode table replayed from CUDA graphs; " + how)
     return t
+
+
+def decode_grids(tables: ModelEngine, style: str):
+    """``(decode, dense_decode, graphed)``: the grids that price a style's dense op (a graphed
+    style's own, measured from its replays; else the model's eager ones)."""
+    from .engine_styles import GRAPHED_STYLES
+    st = tables.styles.get(style)
+    if style in GRAPHED_STYLES and st is not None and st.decode is not None:
+        return st.decode, st.dense_decode or tables.dense_decode, True
+    return tables.decode, tables.dense_decode, False
 
 
 def situ_factor(situ, key: str, batch: float | None = None) -> float:
@@ -239,10 +258,11 @@ class DenseCost(StyleCost):
             self._dense = np.full(n, const)
             self._extra = np.zeros(n)
             return
-        k_dense = situ_factor(tables.in_situ, "dense")          # how a whole step meets the tables
+        decode_t, dense_t, graphed = decode_grids(tables, style)
+        k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the tables
         self.k_experts = situ_factor(tables.in_situ, "experts")
-        decode = GridCost(tables.decode, self.notes)
-        dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
+        decode = GridCost(decode_t, self.notes)
+        dense_grid = GridCost(dense_t, self.notes) if dense_t else None
         self._dense = np.empty(n)
         self._extra = np.empty(n)
         for s in range(n):
@@ -264,12 +284,8 @@ class DenseCost(StyleCost):
         """Built from a scenario's ``engine`` and ``trace`` keys and the profile's tables.
         ``prompt_lengths``: a recorded trace's per-sequence prompt lengths (0 = unknown)."""
         eng, model = scenario.engine, scenario.model
-        if eng.style == "twin":
-            tables = None
-        elif eng.style in UNMEASURED:
-            tables = engine_tables(profile, model.name, source)
-        else:   # a measured style the profile lacks would be priced with the twin's launch cost
-            tables = require_style(profile, model.name, eng.style, source)
+        # a style the profile lacks would otherwise be priced with the twin's launch cost
+        tables = None if eng.style == "twin" else require_style(profile, model.name, eng.style, source)
         return cls(style=eng.style, batch=batch, phases=phases, tokens=tokens, tables=tables,
                    start_context=start_context(scenario, prompt_lengths),
                    override_ms=eng.dense_ms_per_layer, twin_dense_ms=model.dense_ms_per_layer)
@@ -338,9 +354,12 @@ class MixedStepCost(StyleCost):
         self.extra: list[float] = []
         self.k_experts = 1.0
         self.ctx_ms_per_token = self.dense_ctx_ms_per_token = 0.0
+        self.k_dense = 1.0
         if style != "twin":
-            self.decode = GridCost(tables.decode, self.notes)
-            self.dense_grid = GridCost(tables.dense_decode, self.notes) if tables.dense_decode else None
+            decode_t, dense_t, graphed = decode_grids(tables, style)
+            self.decode = GridCost(decode_t, self.notes)
+            self.dense_grid = GridCost(dense_t, self.notes) if dense_t else None
+            self.k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the table
             self.k_experts = situ_factor(tables.in_situ, "experts")
             self.ctx_ms_per_token = context_slope(self.decode)
             self.dense_ctx_ms_per_token = context_slope(self.dense_grid) if self.dense_grid else 0.0
@@ -348,11 +367,7 @@ class MixedStepCost(StyleCost):
     @classmethod
     def from_scenario(cls, scenario, profile: Profile, source: str = "scenario") -> "MixedStepCost":
         eng, model = scenario.engine, scenario.model
-        tables = None
-        if eng.style in UNMEASURED:
-            tables = engine_tables(profile, model.name, source)
-        elif eng.style != "twin":
-            tables = require_style(profile, model.name, eng.style, source)
+        tables = None if eng.style == "twin" else require_style(profile, model.name, eng.style, source)
         return cls(style=eng.style, tables=tables, override_ms=eng.dense_ms_per_layer,
                    twin_dense_ms=model.dense_ms_per_layer)
 
@@ -365,7 +380,7 @@ class MixedStepCost(StyleCost):
         t = self.tables
         layer = dense_layer = 0.0
         if decode_batch:
-            k = situ_factor(t.in_situ, "dense")   # how a whole step meets the table
+            k = self.k_dense
             layer += self.decode.ms(decode_batch, max(1.0, context)) * k
             dense_layer += (self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0) * k
         if prefill_tokens:

@@ -3,7 +3,8 @@
 The planner decides *what* each layer does (docs/architecture.md); an engine style decides how
 the expert computes are issued. The per-expert styles (``twin``, ``hf-eager``, ``offload``)
 issue one FFN per ``COMPUTE``. A grouped style (``grouped``: transformers' grouped_mm;
-``offload-grouped``: simmoe's real-model executor with one grouped GEMM over its slots) issues
+``offload-grouped``: simmoe's real-model executor with one grouped GEMM over its slots;
+``graphs`` and ``offload-graphs``: the same calls between piecewise CUDA-graph replays) issues
 a layer's ready experts in one call: :func:`group_layer` rewrites the planner's layer
 
     DENSE, hit and prefetched COMPUTEs, (demand LOAD, COMPUTE)..., CPU..., prefetch LOADs
@@ -26,9 +27,14 @@ from __future__ import annotations
 from .planner import COMPUTE, CPU, DEQUANT, DENSE, DIRECT, LOAD, READ
 
 GROUP = max(DENSE, LOAD, COMPUTE, CPU, DEQUANT, DIRECT, READ) + 1   # an opcode of its own
-GROUPED_STYLES = ("grouped", "offload-grouped")
+GROUPED_STYLES = ("grouped", "offload-grouped", "graphs", "offload-graphs")
+#: the styles whose non-expert part of a decode step is replayed from piecewise CUDA graphs
+#: (``graphs``: transformers' grouped_mm experts eager between the replays; ``offload-graphs``:
+#: simmoe's real-model executor's grouped dispatch between them): priced by their own decode
+#: table (``engine.<model>.styles.<style>.decode``), measured from the replays
+GRAPHED_STYLES = ("graphs", "offload-graphs")
 #: the styles that price simmoe's real-model executor, and its dispatch in each
-EXECUTOR_DISPATCH = {"offload": "loop", "offload-grouped": "grouped"}
+EXECUTOR_DISPATCH = {"offload": "loop", "offload-grouped": "grouped", "offload-graphs": "graphs"}
 
 
 def _group(computes: list[tuple]) -> tuple:

@@ -188,6 +188,10 @@ class EngineStyle(_Strict):
     host_base_ms: float | None = Field(None, ge=0, description="host ms per MoE layer (after the router sync)")
     host_per_expert_ms: float | None = Field(None, ge=0, description="host ms per expert compute issued")
     host_per_load_ms: float | None = Field(None, ge=0, description="host ms per copy issued")
+    decode: "EngineGrid | None" = Field(None, description="graphed styles: the non-expert decode table replayed "
+                                                          "from CUDA graphs (replaces the model's eager one)")
+    dense_decode: "EngineGrid | None" = Field(None, description="graphed styles: the dense layers' decode table "
+                                                                "replayed from CUDA graphs")
 
 
 class InSitu(_Strict):

@@ -303,7 +303,7 @@ _SHAPE_KEYS = {"num_layers", "num_experts", "top_k", "hidden", "ffn", "gated", "
 
 
 class EngineSpec(_Strict):
-    style: Literal["twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped"] = Field(
+    style: Literal["twin", "hf-eager", "grouped", "graphs", "offload", "offload-grouped", "offload-graphs"] = Field(
         "twin", description="what runs around the experts: simmoe's twin, or a real engine priced by the profile's "
                             "engine tables (grouped styles issue a layer's ready experts in one call)")
     dense_ms_per_layer: float | None = Field(None, ge=0, le=MAX_DENSE_MS, description="overrides the model's (and, in any style, the engine tables)")

@@ -20,6 +20,12 @@ router (:func:`record_routing`, every expert resident) and then forced, which wi
 inputs is the same routing (``executed["router_agrees"]`` counts the MoE layers whose router
 chose what the trace forced).
 
+Dispatch: ``loop`` (engine style ``offload``: one FFN per planned compute), ``grouped``
+(``offload-grouped``: a layer's ready experts in one grouped GEMM, :func:`simulator.engine_styles.group_layer`)
+or ``graphs`` (``offload-graphs``: grouped, and the non-expert parts of each decode step replayed
+from piecewise CUDA graphs over a static KV cache of the prompt and every step,
+:mod:`calibrate.executors.graphs`; on the CPU the same pieces run eagerly).
+
 What ran is counted from the module's own work (copies, bytes copied, experts computed and
 the tokens they computed, CPU experts), and every routed (token, expert) pair must have been
 served by exactly one compute: a plan that missed a pair or served one twice raises.
@@ -75,9 +81,14 @@ class ModelExecutor:
                              "tiers run live in the twin executor only (simmoe validate), not yet in the real model")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
-        if dispatch not in ("loop", "grouped"):
-            raise ValueError(f"dispatch {dispatch!r}: loop (one FFN per expert) or grouped (one grouped GEMM per call)")
-        self.grouped = dispatch == "grouped"   # engine style offload-grouped (simulator/engine_styles.py)
+        if dispatch not in ("loop", "grouped", "graphs"):
+            raise ValueError(f"dispatch {dispatch!r}: loop (one FFN per expert), grouped (one grouped GEMM per "
+                             "call) or graphs (grouped, the non-expert parts replayed from CUDA graphs)")
+        if dispatch == "graphs" and planner is not None:
+            raise ValueError("dispatch graphs replays one batch size's decode step; a serving run's steps vary")
+        # engine styles offload-grouped and offload-graphs (simulator/engine_styles.py)
+        self.grouped = dispatch in ("grouped", "graphs")
+        self.graphs = None if dispatch != "graphs" else False   # the GraphedLayers, made at start()
         self.spec = built.spec
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
@@ -276,7 +287,12 @@ class ModelExecutor:
         """Prefill the prompt with every routed expert computed on the GPU from host weights
         (outside the plan: the trace's steps are decode steps)."""
         from transformers import DynamicCache
-        self.cache = DynamicCache()
+        P = self.prompt.shape[1]
+        if self.graphs is None:
+            self.cache = DynamicCache()
+        else:   # a static cache of the prompt and every decode step (calibrate/executors/graphs.py)
+            from calibrate.executors.graphs import static_cache
+            self.cache = static_cache(self.b, P + self.trace.num_steps)
         saved = [blk.experts for blk in self.b.moe_blocks()]
         for blk, l in zip(self.b.moe_blocks(), range(len(saved))):
             blk.experts = _HostExperts(self, l, saved[l].act_fn)
@@ -284,6 +300,10 @@ class ModelExecutor:
             self.b.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True)
         for blk, mod in zip(self.b.moe_blocks(), saved):
             blk.experts = mod
+        if self.graphs is not None:   # the pieces around the offloaded experts, captured once
+            from calibrate.executors.graphs import GraphedLayers
+            self.graphs = GraphedLayers(self.b)
+            self.graphs.capture(self.prompt.shape[0], P + self.trace.num_steps, self.cache, position=P)
 
     def prepare_step(self, s: int):
         """Plan step ``s`` and zero its counters (the MoE layers then execute the plan);
@@ -310,12 +330,15 @@ class ModelExecutor:
             gate.wait()
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = self.b.model(input_ids=self.next_ids[s], past_key_values=self.cache, use_cache=True).logits
+            if self.graphs:
+                logits = self.graphs.run(self.next_ids[s], self.prompt.shape[1] + s)
+            else:
+                logits = self.b.model(input_ids=self.next_ids[s], past_key_values=self.cache, use_cache=True).logits
         if self.cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             torch.cuda.synchronize(self.device)
         latency = (time.perf_counter() - t0) * 1e3
-        self.last_logits = logits
+        self.last_logits = logits if not self.graphs else logits.clone()   # graphs: a static buffer
         st = ModelStep(step=s, latency_ms=latency, executed=dict(self._executed))
         st.probe = probe
         st.host_fast = gate.check() if gate is not None else None   # did it end in the fast state?

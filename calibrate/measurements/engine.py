@@ -15,10 +15,15 @@ public architecture) this times, per decoder layer:
   sequence, empty cache).
 - ``head``: per step, the embedding of ``batch`` tokens, the rotary table, the final norm and
   the LM head.
+- ``decode_graphs`` (and ``dense_decode_graphs``), with a graphed style (``graphs``,
+  ``offload-graphs``): the same grid, the layer's piece as :mod:`calibrate.executors.graphs`
+  replays it (the residual add of the layer before, then the layer over a static cache of
+  ``context + 1`` tokens at position ``context``), captured as a CUDA graph per point and
+  replayed per trial (on the CPU run eagerly: the same code).
 - ``experts``: per engine style, one MoE layer's routed-expert call
   (``experts(hidden, top_k_index, top_k_weights)``) by batch, with the router's own choice on
   random activations: ``hf-eager`` is transformers' per-expert loop, ``grouped`` its
-  grouped_mm, ``offload`` simmoe's own real-model executor
+  grouped_mm (``graphs``: the same call, run eagerly between the replays), ``offload`` simmoe's own real-model executor
   (:class:`calibrate.executors.model.ModelExecutor`: gather an expert's tokens, its FFN from a
   GPU slot, scatter-add) with every expert resident, preloaded into its slots as the
   ``resident`` policy has them, so only the executor's dispatch is timed. Each point records
@@ -46,17 +51,21 @@ import torch
 from calibrate.executors.model import host_experts
 from calibrate.models.build import EXPERTS_IMPLEMENTATION, BuiltModel, build_model
 from calibrate.measurements.timing import Timer
-from simulator.engine_styles import EXECUTOR_DISPATCH
+from simulator.engine_styles import EXECUTOR_DISPATCH, GRAPHED_STYLES
 
 ENGINE_FORMAT = "simmoe-engine"
 ENGINE_VERSION = 1
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 CONTEXTS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]
 PROMPTS = [16, 64, 256, 1024, 4096]
-STYLES = ["hf-eager", "grouped", "offload", "offload-grouped"]  # the executor's last: they replace the experts modules
+# what ``--style`` may name (the executor's last: they replace the experts modules); measured
+# by default: all but the graphed ones (their capture has not run on a GPU yet: --style graphs)
+STYLES = ["hf-eager", "grouped", "offload", "offload-grouped", "graphs", "offload-graphs"]
+DEFAULT_STYLES = [s for s in STYLES if s not in GRAPHED_STYLES]
 EXECUTOR_STYLES = EXECUTOR_DISPATCH   # style -> ModelExecutor dispatch
 # share of the time budget per table (after the model is built)
-SHARES = {"head": 0.05, "experts": 0.25, "prefill": 0.1, "dense_decode": 0.1, "decode": 0.5}
+SHARES = {"head": 0.05, "experts": 0.25, "prefill": 0.1, "dense_decode": 0.1, "decode": 0.5,
+          "dense_decode_graphs": 0.05, "decode_graphs": 0.3}
 KV_COPIES = 2  # a DynamicCache append copies the layer's whole cache: old and new side by side
 QUICK = dict(batches=[1, 4, 16], contexts=[16, 64], prompts=[8, 32], trials=3, warmup=1)
 
@@ -65,7 +74,7 @@ QUICK = dict(batches=[1, 4, 16], contexts=[16, 64], prompts=[8, 32], trials=3, w
 class EnginePlan:
     preset: str
     device: str = "cuda"
-    styles: list[str] = field(default_factory=lambda: list(STYLES))
+    styles: list[str] = field(default_factory=lambda: list(DEFAULT_STYLES))
     batches: list[int] = field(default_factory=lambda: list(BATCHES))
     contexts: list[int] = field(default_factory=lambda: list(CONTEXTS))
     prompts: list[int] = field(default_factory=lambda: list(PROMPTS))
@@ -191,11 +200,33 @@ class EngineMeasurer:
         self.skipped.append({"table": table, **point, "why": why})
 
     # --- tables ----------------------------------------------------------------------------
-    def decode(self, budget: Budget, layer_idx: int, table: str) -> dict:
+    def graphed_layer_call(self, layer_idx: int, batch: int, context: int, shapes):
+        """The layer's decode piece as the graphed styles replay it (:mod:`calibrate.executors.graphs`):
+        the residual add of the layer before, then the layer over a static cache of
+        ``context + 1`` tokens (``context`` of them random keys and values) at position
+        ``context``; captured on CUDA (replayed per trial), run eagerly on the CPU.
+        Returns ``(call, cache)``."""
+        from calibrate.executors.graphs import LayerRunner, graphed, static_cache
+        cache = static_cache(self.b, context + 1)
+        (k, v) = shapes
+        lay = cache.layers[layer_idx]
+        lay.lazy_initialization(self._randn(batch, k[1], 1, k[3]), self._randn(batch, v[1], 1, v[3]))
+        lay.keys.normal_(generator=self.gen)
+        lay.values.normal_(generator=self.gen)
+        run = LayerRunner(self.b, cache, context + 1)
+        run.pos.fill_(context)
+        prev, routed = self._randn(batch, 1, self.b.spec.hidden), self._randn(batch, 1, self.b.spec.hidden)
+        run.step_tables(prev)   # once per step in the executor's first piece: not in a layer's
+        return graphed(lambda: run.layer(layer_idx, prev + routed), self.device, max(1, self.plan.warmup)), cache
+
+    def decode(self, budget: Budget, layer_idx: int, table: str, graphs: bool = False) -> dict:
+        """The decode grid of one layer: eager over a DynamicCache, or (``graphs``) the graphed
+        piece over a static cache."""
         p = self.plan
         shapes = self.kv_shapes(layer_idx)
         per_token = sum(math.prod(s[1:]) for s in shapes) * self.dtype.itemsize
-        need_per_token = KV_COPIES * per_token + attention_work_bytes(self.b.arch, self.dtype.itemsize)
+        copies = 1 if graphs else KV_COPIES   # a static cache is written in place
+        need_per_token = copies * per_token + attention_work_bytes(self.b.arch, self.dtype.itemsize)
         grid: list[list[dict | None]] = [[None] * len(p.contexts) for _ in p.batches]
         for bi, ci in grid_order(len(p.batches), len(p.contexts)):
             B, C = p.batches[bi], p.contexts[ci]
@@ -210,11 +241,18 @@ class EngineMeasurer:
                 self._skip(table, "time budget", batch=B, context=C)
                 continue
             try:
-                cache = self.filled_cache(layer_idx, B, C, shapes)
-                grid[bi][ci] = self._time(self._layer_call(layer_idx, B, 1, C, cache), self._left(budget))
+                if graphs:
+                    call, _ = self.graphed_layer_call(layer_idx, B, C, shapes)
+                else:
+                    call = self._layer_call(layer_idx, B, 1, C, self.filled_cache(layer_idx, B, C, shapes))
+                grid[bi][ci] = self._time(call, self._left(budget))
             except torch.OutOfMemoryError:
                 self._skip(table, "out of memory", batch=B, context=C)
-            cache = None
+            except RuntimeError as e:   # a capture torch refuses: kept, the other tables still measured
+                if not graphs:
+                    raise
+                self._skip(table, f"CUDA graph capture failed: {str(e).splitlines()[0][:200]}", batch=B, context=C)
+            call = None
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
         return {"layer": layer_idx, "batch": p.batches, "context": p.contexts, "kv_bytes_per_token": per_token,
@@ -413,7 +451,10 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
                     context=c)
     from calibrate.measurements.host_speed import host_probe
     probes = [host_probe(plan.device)]
-    tables = ["head", "experts", "prefill"] + (["dense_decode"] if built.arch.dense_layers else []) + ["decode"]
+    decodes = (["dense_decode"] if built.arch.dense_layers else []) + ["decode"]
+    if any(s in GRAPHED_STYLES for s in plan.styles):   # the same grids, replayed from CUDA graphs
+        decodes += [f"{t}_graphs" for t in decodes]
+    tables = ["head", "experts", "prefill"] + decodes
     budget = Budget(None if plan.max_seconds is None else max(0.0, plan.max_seconds - build_s), tables)
     doc: dict = {}
     stage_s: dict = {"build": build_s}
@@ -430,7 +471,8 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
         elif t == "prefill":
             doc[t] = m.prefill(budget)
         else:
-            doc[t] = m.decode(budget, built.arch.dense_layers[0] if t == "dense_decode" else m.layer_idx, t)
+            layer = built.arch.dense_layers[0] if t.startswith("dense_decode") else m.layer_idx
+            doc[t] = m.decode(budget, layer, t, graphs=t.endswith("_graphs"))
         stage_s[t] = time.perf_counter() - s0
     if plan.in_situ:   # the whole model, every layer, beside the small one (freed of its experts)
         from calibrate.measurements.engine_step import measure_in_situ

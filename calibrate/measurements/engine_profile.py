@@ -4,7 +4,9 @@ The decode grids may have holes (points over the KV budget, out of memory or out
 a batch row with no measured point is dropped; a missing cell is extrapolated log-log along
 context from the two nearest measured cells of its row (one: copied), and listed in
 ``filled``. The grid is then made non-decreasing along both axes (as the simulator reads it);
-``errors`` holds, per measured point, table / measured - 1.
+``errors`` holds, per measured point, table / measured - 1. A graphed style (``graphs``,
+``offload-graphs``) carries its own grids (``styles.<style>.decode`` and ``dense_decode``,
+from the document's ``decode_graphs`` tables), which price its dense op.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator.engine_costs import monotone_grid
+from simulator.engine_styles import GRAPHED_STYLES
 from simulator.errors import InputError
 from simulator.models import get_preset
 from simulator.profile import ModelEngine, parse_profile
@@ -92,10 +95,18 @@ def engine_section(doc: dict) -> dict:
                                 "max_abs_error": fit["max_abs_error"] if fit else None,
                                 "points": [[p["batch"], p["active"], p["ms"]] for p in pts]}
         hf = e.get("host_fit")
-        if style.startswith("offload") and hf and hf["base_ms"] >= 0 and hf["per_expert_ms"] >= 0:
-            # the executor's host time as the engine charges it: per layer, per compute, per copy
+        if (style.startswith("offload") or style in GRAPHED_STYLES) and hf and hf["base_ms"] >= 0 \
+                and hf["per_expert_ms"] >= 0:
+            # the call's host time as the engine charges it: per layer, per compute, per copy
+            # (the executor's, or a graphed style's eager expert call between the replays)
             out["styles"][style].update(host_base_ms=hf["base_ms"], host_per_expert_ms=hf["per_expert_ms"],
                                         host_per_load_ms=e.get("host_per_load_ms"))
+        if style in GRAPHED_STYLES:   # its dense op: the grids replayed from CUDA graphs
+            if "decode_graphs" not in t:
+                raise ValueError(f"style {style}: no decode_graphs table (measured with a graphed style)")
+            out["styles"][style]["decode"] = grid_section(t["decode_graphs"])
+            if "dense_decode_graphs" in t:
+                out["styles"][style]["dense_decode"] = grid_section(t["dense_decode_graphs"])
     if t.get("in_situ"):
         situ = in_situ_factors(t["in_situ"], out)
         if situ["dense"] is not None:

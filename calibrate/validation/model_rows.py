@@ -355,8 +355,9 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     if timing:
         if style not in EXECUTOR_STYLES:
             raise InputError(source, "engine.style", f"{style} does not price what the model executor runs; set "
-                                                     f"engine.style to offload (its per-expert loop) or offload-grouped "
-                                                     f"(one grouped GEMM per call)")
+                                                     f"engine.style to offload (its per-expert loop), offload-grouped "
+                                                     f"(one grouped GEMM per call) or offload-graphs (grouped, "
+                                                     f"between CUDA-graph replays)")
         require_style(prof, spec.name, style, f"profile {prof_name}")
     check_device(device)
     check_host_memory(spec, policies, device, source)

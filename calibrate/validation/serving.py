@@ -243,13 +243,16 @@ def validate_serving(sc, *, rates: list[float] | None = None, profile: str | Pro
     from calibrate.validation.model_rows import EXECUTOR_STYLES, _cpus, built_spec, check_host_memory, host_pools
     from calibrate.validation.validate import check_device
     from simulator.engine_costs import require_style
+    from simulator.engine_styles import GRAPHED_STYLES
 
     timing = not device.startswith("cpu") if timing is None else timing
     spec = built_spec(sc, tiny, layers, source)
     style = sc.engine.style
-    if style not in EXECUTOR_STYLES:
-        raise InputError(source, "engine.style", f"{style} does not price what the model executor runs; set "
-                                                 "engine.style to offload (its per-expert loop) or offload-grouped")
+    if style not in EXECUTOR_STYLES or style in GRAPHED_STYLES:
+        why = ("replays one batch size's decode step from CUDA graphs; a serving run's steps vary"
+               if style in GRAPHED_STYLES else "does not price what the model executor runs")
+        raise InputError(source, "engine.style", f"{style} {why}; set engine.style to offload (its per-expert "
+                                                 "loop) or offload-grouped")
     cells = rate_scenarios(sc, rates, source)
     prof = profile if isinstance(profile, Profile) else load_profile(profile or sc.profile)
     prof_name = profile if isinstance(profile, str) else (sc.profile or prof.name)
