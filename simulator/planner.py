@@ -217,6 +217,11 @@ class Planner:
         # tier is in play (quantised copies, a disk tier, a miss policy that is not a copy)
         self.staged = (self.miss_copies and not self.prefetch_on and not any(c.retains for c in self.caches)
                        and self.raw is None and self.host_cache is None and self.queue is None)
+        # a layer of distinct experts, misses copied, no tier, LRU/FIFO caches: the planner
+        # serves its requests with the caches' common steps done in place (_serve_plain)
+        self.bulk_layers = (all(c.plain for c in self.caches) and self.raw is None and self.host_cache is None
+                            and self.queue is None and self.miss_copies and getattr(self.load, "distinct", False)
+                            and type(self)._insert_demand is Planner._insert_demand)
 
     def _build_caches(self, ctx) -> list[ExpertCache]:
         spec = self.spec.cache
@@ -297,20 +302,136 @@ class Planner:
 
     def _plan_layer(self, s: int, l: int, keys: list[int], tokens: list[int], step: StepRouting,
                     d: Decisions) -> list[tuple]:
-        E, eb = self.E, self.stored_bytes
         cache = self.cache_of_layer[l]
+        hc = self.host_cache
+        if self.queue is not None:
+            self.queue.start_layer()
+        if hc is not None:                  # the last layer's host holds end (parked residents return)
+            for k in self._host_busy:
+                hc.release(k)
+            self._host_busy.clear()
+        d.served += len(keys)
+        serve = self._serve_plain if self.bulk_layers else self._serve_each
+        served = serve(cache, s, l, keys, tokens, d)
+        read_ops, hit_ops, prefetched_hits, miss_ops, cpu_ops, misses, transfers, copies, used, dequants = served
+
+        # prefetches meant for this layer-step that it did not use are wasted
+        pending = self.pending
+        wasted = 0
+        if pending:
+            for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
+                if self._release(key)[2] >= 0:
+                    wasted += 1
+        eb = self.stored_bytes
+        d.hits += len(keys) - misses
+        d.misses += misses
+        d.transfers += transfers
+        d.bytes_h2d += transfers * eb
+        d.copies += copies
+        d.prefetches_used += used
+        d.prefetches_wasted += wasted
+        d.dequants += dequants
+
+        # experts already there first, then prefetched ones in the order their copies went
+        ops = [(DENSE,)]
+        ops += read_ops
+        ops += hit_ops
+        if prefetched_hits:
+            prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
+            ops += [op for _, op in prefetched_hits]
+        ops += miss_ops
+        ops += cpu_ops
+        if self.prefetch_on and l + 1 < self.L:
+            ops += self._plan_prefetch(s, l, step, d)
+            if hc is not None and self.spec.host.lookahead and l + self.spec.host.lookahead < self.L:
+                ops += self._plan_lookahead(s, l, l + self.spec.host.lookahead, step, d)
+        return ops
+
+    def _serve_plain(self, cache: ExpertCache, s: int, l: int, keys: list[int], tokens: list[int],
+                     d: Decisions) -> tuple:
+        """:meth:`_serve_each` for distinct experts, copied misses, no tier and an LRU or FIFO
+        cache (``self.bulk_layers``): the same operations and the same calls on the cache,
+        with its common steps (a hit's move to newest, a free slot, the oldest resident
+        evicted when it is not held) done here rather than through the policy's methods."""
+        pol = cache.policy
+        order, parked, front = pol._order, pol.parked, pol._front
+        move = order.move_to_end if pol.restamp_on_hit else None
+        slot_of, free, pending = cache.slot_of, cache._free, self.pending
+        get = slot_of.get
+        eb = self.stored_bytes
+        coalesce = self.load.coalesce
+        hit_ops: list[tuple] = []
+        prefetched: list[tuple[int, tuple]] = []
+        miss_ops: list[tuple] = []
+        loads: list[tuple[int, int]] = []     # the misses' (slot, key), in order
+        computes: list[tuple] = []          # and their computes
+        used = 0
+        for key, tok in zip(keys, tokens):
+            slot = get(key)
+            if slot is not None:
+                if move is not None:
+                    if key in order:
+                        move(key)
+                    else:                         # parked or released
+                        pol.on_hit(key, 0)
+                if pending:
+                    held = pending.pop(key, None)
+                    if held is not None:
+                        if key in parked:
+                            pol.on_release(key)
+                        if held[2] >= 0:          # arrives by a prefetch copy
+                            used += 1
+                            prefetched.append((held[2], (COMPUTE, slot, key, tok)))
+                            continue
+                hit_ops.append((COMPUTE, slot, key, tok))
+                continue
+            if free:
+                slot_of[key] = slot = free.popleft()
+                order[key] = None
+            elif not front and order and (v := next(iter(order))) not in pending:
+                del order[v]
+                slot_of[key] = slot = slot_of.pop(v)
+                order[key] = None
+            else:                                 # a held resident in the way: the general search
+                slot = self._insert_demand(cache, key, s, l, keys, d)
+            loads.append((slot, key))
+            computes.append((COMPUTE, slot, key, tok))
+        self.t += len(keys)
+        m = len(loads)
+        copies = 0
+        if m:
+            if not coalesce:                      # each copy, then its compute
+                miss_ops = [None] * (2 * m)
+                miss_ops[::2] = zip(repeat(LOAD), [(sl,) for sl, _ in loads], [(k,) for _, k in loads],
+                                    repeat(eb), repeat(False))
+                miss_ops[1::2] = computes
+                copies = m
+            else:                                 # a group's copy, then its computes
+                group: dict[int, int] = {}
+                start = 0
+                for i, (sl, k) in enumerate(loads):
+                    if sl in group:
+                        miss_ops.append(_group_load(group, eb, False))
+                        miss_ops += computes[start:i]
+                        group, start = {}, i
+                        copies += 1
+                    group[sl] = k
+                miss_ops.append(_group_load(group, eb, False))
+                miss_ops += computes[start:]
+                copies += 1
+        return (), hit_ops, prefetched, miss_ops, (), m, m, copies, used, 0
+
+    def _serve_each(self, cache: ExpertCache, s: int, l: int, keys: list[int], tokens: list[int],
+                    d: Decisions) -> tuple:
+        """A layer's requests one by one: ``(read_ops, hit_ops, prefetched_hits, miss_ops,
+        cpu_ops, misses, transfers, copies, prefetches used, dequants)``."""
+        eb = self.stored_bytes
         slot_of = cache.slot_of
         on_hit, on_release, parked = cache.policy.on_hit, cache.policy.on_release, cache.policy.parked
         pending = self.pending
         coalesce = self.load.coalesce
         raw, q, hc = self.raw, self.queue, self.host_cache
         tiered_miss = not self.miss_copies or hc is not None
-        if q is not None:
-            q.start_layer()
-        if hc is not None:                  # the last layer's host holds end (parked residents return)
-            for k in self._host_busy:
-                hc.release(k)
-            self._host_busy.clear()
         read_ops: list[tuple] = []          # disk reads: issued first, so that they overlap
         hit_ops: list[tuple] = []
         prefetched_hits: list[tuple[int, tuple]] = []
@@ -320,10 +441,8 @@ class Planner:
         group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
         group_computes: list[tuple] = []
         loaded_here: set[int] = set()
-        misses = transfers = copies = used = wasted = dequants = 0
+        misses = transfers = copies = used = dequants = 0
         t = self.t
-        d.served += len(keys)
-
         for key, tok in zip(keys, tokens):
             t += 1
             slot = slot_of.get(key)
@@ -395,35 +514,7 @@ class Planner:
             copies += 1
             miss_ops.extend(group_computes)
         self.t = t
-
-        # prefetches meant for this layer-step that it did not use are wasted
-        if pending:
-            for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
-                if self._release(key)[2] >= 0:
-                    wasted += 1
-        d.hits += len(keys) - misses
-        d.misses += misses
-        d.transfers += transfers
-        d.bytes_h2d += transfers * eb
-        d.copies += copies
-        d.prefetches_used += used
-        d.prefetches_wasted += wasted
-        d.dequants += dequants
-
-        # experts already there first, then prefetched ones in the order their copies went
-        ops = [(DENSE,)]
-        ops += read_ops
-        ops += hit_ops
-        if prefetched_hits:
-            prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
-            ops += [op for _, op in prefetched_hits]
-        ops += miss_ops
-        ops += cpu_ops
-        if self.prefetch_on and l + 1 < self.L:
-            ops += self._plan_prefetch(s, l, step, d)
-            if hc is not None and self.spec.host.lookahead and l + self.spec.host.lookahead < self.L:
-                ops += self._plan_lookahead(s, l, l + self.spec.host.lookahead, step, d)
-        return ops
+        return read_ops, hit_ops, prefetched_hits, miss_ops, cpu_ops, misses, transfers, copies, used, dequants
 
     def _plan_lookahead(self, s: int, l: int, tl: int, step: StepRouting, d: Decisions) -> list[tuple]:
         """Disk reads into host memory of the prefetch policy's picks for layer ``tl``."""
@@ -512,24 +603,24 @@ class Planner:
         # next layer of the same forward pass: the next step's routing depends on the token
         # sampled at this step's synchronise, so no prefetch crosses a step boundary
         ts, tl = s, l + 1
-        E, eb = self.E, self.stored_bytes
+        eb = self.stored_bytes
         hc, raw, q = self.host_cache, self.raw, self.queue
-        req = PrefetchRequest(step=s, layer=l, target_step=ts, target_layer=tl, current=step.routing[:, l, :],
-                              future=step.future(tl))
+        req = PrefetchRequest(s, l, ts, tl, step.routing[:, l, :], step.future(tl))
         cache = self.cache_of_layer[tl]
         slot_of, insert = cache.slot_of, cache.insert
         pending = self.pending
         budget = self.prefetch.budget
+        cap = cache.slots if budget is None else budget     # (room runs out before the slots do)
         room = cache.evictable - (sum(1 for kk in pending if kk in slot_of) if pending else 0)
-        coalesce = self.load.coalesce
-        ops: list[tuple] = []
+        plain = cache.plain                 # LRU/FIFO: the common insertions done here
+        if plain:
+            order, front, free = cache.policy._order, cache.policy._front, cache._free
         reads: list[tuple] = []             # disk reads first, then the copies
-        group: dict[int, int] = {}          # coalesced: the open group's slot -> key, in order
+        keys, slots = [], []                # the copies, in order
         seen = set()
-        issued = loads = 0
-        base, t = tl * E, self.t
+        base, t, seq = tl * self.E, self.t, self._prefetch_seq
         for e in self.prefetch.predict(req):
-            if (budget is not None and issued >= budget) or room <= 0 or (hc is not None and not self.host_room()):
+            if len(keys) >= cap or room <= 0 or (hc is not None and not self.host_room()):
                 break
             key = base + int(e)
             if key in seen:
@@ -542,31 +633,31 @@ class Planner:
                 continue
             if hc is not None and self._host_read(key, reads, d) and q is not None:
                 q.read()
-            slot = insert(key, t, pending)[0]
+            if plain and free:                    # cache.insert's steps, for LRU/FIFO
+                slot_of[key] = slot = free.popleft()
+                order[key] = None
+            elif plain and not front and order and (v := next(iter(order))) not in pending:
+                del order[v]
+                slot_of[key] = slot = slot_of.pop(v)
+                order[key] = None
+            else:
+                slot = insert(key, t, pending)[0]
             if raw is not None:
                 raw.add(key)
             if q is not None:
                 q.load(key)
-            pending[key] = (ts, tl, self._prefetch_seq)
-            self._prefetch_seq += 1
-            issued += 1
+            pending[key] = (ts, tl, seq)
+            seq += 1
             room -= 1
-            if coalesce:
-                if slot in group:
-                    ops.append(_group_load(group, eb, True))
-                    loads += 1
-                    group = {}
-                group[slot] = key
-            else:
-                ops.append((LOAD, (slot,), (key,), eb, True))
-                loads += 1
-        if group:
-            ops.append(_group_load(group, eb, True))
-            loads += 1
+            keys.append(key)
+            slots.append(slot)
+        issued = seq - self._prefetch_seq
+        self._prefetch_seq = seq
+        ops = _copies(slots, keys, eb, True, self.load.coalesce) if keys else []
         d.prefetches_issued += issued
         d.transfers += issued
         d.bytes_h2d += issued * eb
-        d.copies += loads
+        d.copies += len(ops)
         return reads + ops if reads else ops
 
 
@@ -576,3 +667,20 @@ _first = itemgetter(0)
 def _group_load(group: dict[int, int], expert_bytes: int, prefetch: bool) -> tuple:
     """The one copy of a coalesced group (slot -> key, in the order they joined)."""
     return (LOAD, tuple(group), tuple(group.values()), expert_bytes * len(group), prefetch)
+
+
+def _copies(slots: list[int], keys: list[int], expert_bytes: int, prefetch: bool, coalesce: bool) -> list[tuple]:
+    """The copies of ``keys`` into ``slots``, in order: one each, or (coalesced) one per group,
+    a group closed where a slot would repeat in it."""
+    if not coalesce:
+        return list(zip(repeat(LOAD), zip(slots), zip(keys), repeat(expert_bytes), repeat(prefetch)))
+    ops: list[tuple] = []
+    group: dict[int, int] = {}
+    for slot, key in zip(slots, keys):
+        if slot in group:
+            ops.append(_group_load(group, expert_bytes, prefetch))
+            group = {}
+        group[slot] = key
+    if group:
+        ops.append(_group_load(group, expert_bytes, prefetch))
+    return ops

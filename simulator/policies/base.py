@@ -64,6 +64,9 @@ class LoadMode(ABC):
     name: ClassVar[str]
     #: all misses of a layer go in one copy
     coalesce: ClassVar[bool] = False
+    #: a layer's requests name distinct experts (per-item loads repeat them): the planner may
+    #: take its fast path for LRU/FIFO caches
+    distinct: ClassVar[bool] = False
 
     @abstractmethod
     def requests(self, step) -> list[tuple[list[int], list[int]]]:
