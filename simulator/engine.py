@@ -236,12 +236,12 @@ class Engine:
                         if tl is not None:
                             tl.append(("compute", t, end, DENSE, None, False))
                         # the router's choice reaches the host only when the layer's dense work
-                        # (attention, router) is done: the host syncs and copies the ids down
+                        # (attention, router) is done: the host syncs (its clock advances to
+                        # then, as in a blocking copy) and copies the ids down
                         if host > now:
                             now = now + (host - now)
                         if end > now:
                             now = end
-                        yield env.at(now)
                         host = now + route_ms + expert_base
                     elif kind == GROUP:             # one grouped call over a layer's ready experts
                         hg = group_of.get(op[4])

@@ -60,6 +60,8 @@ from .tiers import QueueModel, stored_bytes
 from .traces import Trace
 
 DENSE, LOAD, COMPUTE, CPU = 0, 1, 2, 3
+#: routed requests whose routing the planner looks at together (:meth:`StepRouting.steps`)
+CHUNK_REQUESTS = 1 << 18
 DEQUANT, DIRECT, READ = 4, 5, 6
 
 
@@ -97,22 +99,65 @@ class StepRouting:
     ``keys``: int64 ``(tokens, layers, top_k)`` of cache keys ``layer * E + expert``;
     ``uniq``/``counts``: the step's distinct keys (ascending: layer, then expert) and how many
     tokens chose each; ``bounds[l]:bounds[l + 1]`` is layer ``l``'s slice of them.
+    :meth:`steps` makes those of many steps with one ``np.unique`` (and one ``np.lexsort``
+    for the prefetch order) over all of them.
     """
 
-    __slots__ = ("routing", "keys", "uniq", "counts", "bounds", "E", "_future")
+    __slots__ = ("routing", "uniq", "counts", "bounds", "E", "_keys", "_lists", "_future")
 
-    def __init__(self, routing: np.ndarray, num_experts: int):
-        E = num_experts
-        L = routing.shape[1]
-        self.routing, self.E = routing, E
-        self.keys = routing.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
-        self.uniq, self.counts = np.unique(self.keys, return_counts=True)
-        self.bounds = np.searchsorted(self.uniq, np.arange(L + 1, dtype=np.int64) * E).tolist()
-        self._future = None
+    def __init__(self, routing: np.ndarray, num_experts: int, parts: tuple | None = None):
+        """``parts``: ``(uniq, counts, bounds, lists, future)`` made by :meth:`steps`."""
+        self.routing, self.E, self._keys = routing, num_experts, None
+        if parts is None:
+            L = routing.shape[1]
+            self.uniq, self.counts = np.unique(self.keys, return_counts=True)
+            self.bounds = np.searchsorted(self.uniq, np.arange(L + 1, dtype=np.int64) * num_experts).tolist()
+            self._lists = self._future = None
+        else:
+            self.uniq, self.counts, self.bounds, self._lists, self._future = parts
+
+    @classmethod
+    def steps(cls, trace: Trace, start: int, stop: int, num_experts: int, future: bool) -> list[StepRouting]:
+        """Steps ``start..stop-1`` of ``trace``, each as its own :class:`StepRouting` would
+        be (``future``: their prefetch orders too)."""
+        off = trace.step_offsets
+        rows = trace.experts[off[start]:off[stop]]
+        n, L = stop - start, rows.shape[1]
+        E, LE = num_experts, rows.shape[1] * num_experts
+        tokens = np.diff(off[start:stop + 1])
+        first = np.repeat(np.arange(n, dtype=np.int64) * LE, tokens)       # each row's step, as a key offset
+        keys = rows.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None] + first[:, None, None]
+        uniq, counts = np.unique(keys, return_counts=True)
+        bounds = np.searchsorted(uniq, np.arange(n * L + 1, dtype=np.int64) * E).tolist()
+        fut = (uniq[np.lexsort((uniq, -counts, uniq // E))] % E).tolist() if future else None
+        uniq %= LE                          # each step's own keys again
+        ulist, clist = uniq.tolist(), counts.tolist()
+        row = (off[start:stop + 1] - off[start]).tolist()
+        out = []
+        for i in range(n):
+            b = bounds[i * L:(i + 1) * L + 1]
+            lo, hi = b[0], b[-1]
+            out.append(cls(rows[row[i]:row[i + 1]], E, (
+                uniq[lo:hi], counts[lo:hi], [x - lo for x in b], (ulist[lo:hi], clist[lo:hi]),
+                fut[lo:hi] if fut is not None else None)))
+        return out
+
+    @property
+    def keys(self) -> np.ndarray:
+        if self._keys is None:
+            L = self.routing.shape[1]
+            self._keys = self.routing.astype(np.int64) + (np.arange(L, dtype=np.int64) * self.E)[None, :, None]
+        return self._keys
 
     @property
     def unique_requests(self) -> int:
         return len(self.uniq)
+
+    def lists(self) -> tuple[list[int], list[int]]:
+        """``uniq`` and ``counts`` as lists."""
+        if self._lists is None:
+            self._lists = (self.uniq.tolist(), self.counts.tolist())
+        return self._lists
 
     def layer_keys(self) -> list[list[int]]:
         """Per layer, the routed keys token-major (token 0's k keys, token 1's, ...)."""
@@ -135,9 +180,25 @@ class RequestStream:
 
     @cached_property
     def keys(self) -> np.ndarray:
-        E, tr = self.model.num_experts, self.trace
-        parts = [self.load_mode.request_keys(StepRouting(tr.step(s), E)) for s in range(tr.num_steps)]
+        E, tr, parts, s = self.model.num_experts, self.trace, [], 0
+        while s < tr.num_steps:
+            if isinstance(tr, Trace):
+                stop = chunk_stop(tr, s)
+                steps = StepRouting.steps(tr, s, stop, E, False)
+            else:                           # a trace that grows as it is planned (serving)
+                stop, steps = s + 1, [StepRouting(tr.step(s), E)]
+            parts += [self.load_mode.request_keys(step) for step in steps]
+            s = stop
         return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+
+def chunk_stop(trace: Trace, s: int) -> int:
+    """The step after the last one looked at together with step ``s``: up to
+    ``CHUNK_REQUESTS`` routed requests, at least step ``s``."""
+    off = trace.step_offsets
+    per = trace.num_layers * trace.top_k
+    stop = int(np.searchsorted(off, off[s] + max(1, CHUNK_REQUESTS // per), side="right")) - 1
+    return min(trace.num_steps, max(stop, s + 1))
 
 
 class LazyPlanContext:
@@ -192,12 +253,15 @@ class Planner:
         self.prefetch.prepare(ctx)
         self.prefetch_on = pf.kind != "none"
         self.observes = type(self.prefetch).observe is not PrefetchPolicy.observe
-        # experts held for a coming layer-step -> (step, layer, seq): prefetched ones (seq =
+        # experts held for the next layer-step (the only one a hold is ever for: prefetches go
+        # to the next layer, and its planning ends every hold) -> seq: prefetched ones (seq =
         # the copy's issue number) and predicted ones already resident (seq = -1). Neither is
         # evicted before that layer-step has been served.
-        self.pending: dict[int, tuple[int, int, int]] = {}
+        self.pending: dict[int, int] = {}
         self._prefetch_seq = 0
+        self._last_prefetch = (0, 0)        # (first seq, copies) of the last prefetch call
         self.t = -1                                     # index of the last request served
+        self._chunk: dict[int, StepRouting] = {}        # the routing of the steps planned next
         # every request of a cache that keeps nothing is a miss copied into the next staging
         # slot: such layers are planned in one go (no policy calls per request)
         self.preloaded = [kv for c in self.caches for kv in c.preload(c.policy.preload())]
@@ -281,10 +345,23 @@ class Planner:
         return sum(c.slots for c in self.caches)
 
     # ------------------------------------------------------------------------------------
+    def routing_of(self, s: int) -> StepRouting:
+        """Step ``s``'s :class:`StepRouting`; from a :class:`~simulator.traces.Trace`, made with
+        the next steps' (up to ``CHUNK_REQUESTS`` routed requests together)."""
+        got = self._chunk.get(s)
+        if got is None:
+            tr = self.trace
+            if not isinstance(tr, Trace):         # a trace that grows as it is planned (serving)
+                return StepRouting(tr.step(s), self.E)
+            stop = chunk_stop(tr, s)
+            self._chunk = dict(zip(range(s, stop), StepRouting.steps(tr, s, stop, self.E, self.prefetch_on)))
+            got = self._chunk[s]
+        return got
+
     def plan_step(self, s: int) -> tuple[list[list[tuple]], Decisions]:
         """Operations of every layer of step ``s`` (a list per layer) and its decision counts."""
-        routing = self.trace.step(s)
-        step = StepRouting(routing, self.E)
+        step = self.routing_of(s)
+        routing = step.routing
         d = Decisions(tokens=len(routing), requests=routing.size, unique_requests=step.unique_requests)
         layers = []
         plan_layer = self._plan_staged if self.staged else self._plan_layer
@@ -294,8 +371,8 @@ class Planner:
                 self.prefetch.observe(s, l, routing[:, l, :])
         return layers, d
 
-    def _release(self, key: int) -> tuple[int, int, int]:
-        """End the hold on ``key``."""
+    def _release(self, key: int) -> int:
+        """End the hold on ``key``; returns its prefetch copy's number (-1: none)."""
         held = self.pending.pop(key)
         self.cache_of_layer[key // self.E].release(key)
         return held
@@ -319,8 +396,8 @@ class Planner:
         pending = self.pending
         wasted = 0
         if pending:
-            for key in [kk for kk, tgt in pending.items() if tgt[0] == s and tgt[1] == l]:
-                if self._release(key)[2] >= 0:
+            for key in list(pending):            # (every hold is for this layer-step)
+                if self._release(key) >= 0:
                     wasted += 1
         eb = self.stored_bytes
         d.hits += len(keys) - misses
@@ -336,9 +413,7 @@ class Planner:
         ops = [(DENSE,)]
         ops += read_ops
         ops += hit_ops
-        if prefetched_hits:
-            prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
-            ops += [op for _, op in prefetched_hits]
+        ops += prefetched_hits
         ops += miss_ops
         ops += cpu_ops
         if self.prefetch_on and l + 1 < self.L:
@@ -361,7 +436,10 @@ class Planner:
         eb = self.stored_bytes
         coalesce = self.load.coalesce
         hit_ops: list[tuple] = []
-        prefetched: list[tuple[int, tuple]] = []
+        # prefetched experts, put in the order their copies went: the holds of one layer-step
+        # are numbered from one prefetch call, first..first + n - 1
+        first, n = self._last_prefetch
+        prefetched: list = [None] * n
         miss_ops: list[tuple] = []
         loads: list[tuple[int, int]] = []     # the misses' (slot, key), in order
         computes: list[tuple] = []          # and their computes
@@ -379,9 +457,9 @@ class Planner:
                     if held is not None:
                         if key in parked:
                             pol.on_release(key)
-                        if held[2] >= 0:          # arrives by a prefetch copy
+                        if held >= 0:             # arrives by a prefetch copy
                             used += 1
-                            prefetched.append((held[2], (COMPUTE, slot, key, tok)))
+                            prefetched[held - first] = (COMPUTE, slot, key, tok)
                             continue
                 hit_ops.append((COMPUTE, slot, key, tok))
                 continue
@@ -419,6 +497,8 @@ class Planner:
                 miss_ops.append(_group_load(group, eb, False))
                 miss_ops += computes[start:]
                 copies += 1
+        if used < n:
+            prefetched = [op for op in prefetched if op is not None]
         return (), hit_ops, prefetched, miss_ops, (), m, m, copies, used, 0
 
     def _serve_each(self, cache: ExpertCache, s: int, l: int, keys: list[int], tokens: list[int],
@@ -461,12 +541,12 @@ class Planner:
                     if held is not None:
                         if key in parked:
                             on_release(key)
-                        if held[2] >= 0:              # arrives by a prefetch copy
+                        if held >= 0:                 # arrives by a prefetch copy
                             used += 1
-                            arriving[key] = held[2]
+                            arriving[key] = held
                             if dq is not None:
-                                prefetched_hits.append((held[2], dq))
-                            prefetched_hits.append((held[2], op))
+                                prefetched_hits.append((held, dq))
+                            prefetched_hits.append((held, op))
                             continue
                 if key in loaded_here:            # loaded earlier in this layer: compute after that load
                     (group_computes if coalesce and slot in group else miss_ops).append(op)
@@ -514,6 +594,8 @@ class Planner:
             copies += 1
             miss_ops.extend(group_computes)
         self.t = t
+        prefetched_hits.sort(key=_first)         # stable: a key's tokens keep their order
+        prefetched_hits = [op for _, op in prefetched_hits]
         return read_ops, hit_ops, prefetched_hits, miss_ops, cpu_ops, misses, transfers, copies, used, dequants
 
     def _plan_lookahead(self, s: int, l: int, tl: int, step: StepRouting, d: Decisions) -> list[tuple]:
@@ -592,11 +674,11 @@ class Planner:
                 return cache.insert(key, self.t, self.pending)[0]
             except NoVictim:
                 order = {k: i for i, k in reversed(list(enumerate(keys)))}   # first request of each key
-                held = [k for k, tgt in self.pending.items() if tgt[0] == s and tgt[1] == l and k in cache]
+                held = [k for k in self.pending if k in cache]
                 if not held:
                     raise
                 drop = max(held, key=lambda k: (order.get(k, len(keys)), k))
-                if self._release(drop)[2] >= 0:
+                if self._release(drop) >= 0:
                     d.prefetches_wasted += 1
 
     def _plan_prefetch(self, s: int, l: int, step: StepRouting, d: Decisions) -> list[tuple]:
@@ -616,19 +698,26 @@ class Planner:
         if plain:
             order, front, free = cache.policy._order, cache.policy._front, cache._free
         reads: list[tuple] = []             # disk reads first, then the copies
-        keys, slots = [], []                # the copies, in order
+        ops: list[tuple] = []
+        coalesce = self.load.coalesce
+        keys, slots = [], []                # coalesced: the copies, in order
+        plain_picks = getattr(self.prefetch, "plain_picks", False)   # distinct ints: no checks
         seen = set()
-        base, t, seq = tl * self.E, self.t, self._prefetch_seq
+        base, t, seq0 = tl * self.E, self.t, self._prefetch_seq
+        seq, last = seq0, seq0 + cap
         for e in self.prefetch.predict(req):
-            if len(keys) >= cap or room <= 0 or (hc is not None and not self.host_room()):
+            if seq >= last or room <= 0 or (hc is not None and not self.host_room()):
                 break
-            key = base + int(e)
-            if key in seen:
-                continue
-            seen.add(key)
+            if plain_picks:
+                key = base + e
+            else:
+                key = base + int(e)
+                if key in seen:
+                    continue
+                seen.add(key)
             if key in slot_of:                    # already there: hold it for its layer
                 if key not in pending:
-                    pending[key] = (ts, tl, -1)
+                    pending[key] = -1
                     room -= 1
                 continue
             if hc is not None and self._host_read(key, reads, d) and q is not None:
@@ -646,14 +735,19 @@ class Planner:
                 raw.add(key)
             if q is not None:
                 q.load(key)
-            pending[key] = (ts, tl, seq)
+            pending[key] = seq
             seq += 1
             room -= 1
-            keys.append(key)
-            slots.append(slot)
-        issued = seq - self._prefetch_seq
+            if coalesce:
+                keys.append(key)
+                slots.append(slot)
+            else:
+                ops.append((LOAD, (slot,), (key,), eb, True))
+        issued = seq - seq0
         self._prefetch_seq = seq
-        ops = _copies(slots, keys, eb, True, self.load.coalesce) if keys else []
+        self._last_prefetch = (seq0, issued)
+        if coalesce and keys:
+            ops = _copies(slots, keys, eb, True, True)
         d.prefetches_issued += issued
         d.transfers += issued
         d.bytes_h2d += issued * eb

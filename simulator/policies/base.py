@@ -149,6 +149,8 @@ class PrefetchRequest:
 
 class PrefetchPolicy(ABC):
     name: ClassVar[str]
+    #: :meth:`predict` returns distinct Python ints (the planner then checks neither)
+    plain_picks: ClassVar[bool] = False
     #: the keys of ``prefetch.options`` this policy takes (a scenario naming any other is refused)
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
 

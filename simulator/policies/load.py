@@ -24,7 +24,7 @@ class Dedup(LoadMode):
     distinct = True
 
     def requests(self, step):
-        keys, tokens, b = step.uniq.tolist(), step.counts.tolist(), step.bounds
+        (keys, tokens), b = step.lists(), step.bounds
         return [(keys[b[l]:b[l + 1]], tokens[b[l]:b[l + 1]]) for l in range(len(b) - 1)]
 
     def request_keys(self, step):
