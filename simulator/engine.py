@@ -146,8 +146,10 @@ class Engine:
         n_table = len(gpu_ms)
         copy_of: dict[int, float] = {}              # nbytes -> ms
         cpu_of: dict[int, float] = {}               # tokens -> ms of the whole CPU path
-        load_end: dict[int, float] = {}             # slot -> end of the last load into it
-        read_end: dict[int, float] = {}             # slot -> end of the last compute that read it
+        # per slot: end of the last load into it, of the last compute that read it (0.0: none
+        # yet, which no start precedes)
+        load_end = [0.0] * planner.total_slots
+        read_end = [0.0] * planner.total_slots
         COMPUTE_, LOAD_, DENSE_ = COMPUTE, LOAD, DENSE   # locals: the loop compares every op
         now = env.now                               # the host's time at its last wait
         comp_free = copy_free = 0.0                 # when each stream finishes what it holds
@@ -181,12 +183,13 @@ class Engine:
                         t = comp_free if comp_free > now else now
                         if host > t:
                             t = t + (host - t)
-                        dep = load_end.get(op[1])
-                        if dep is not None and dep > t:
+                        sl = op[1]
+                        dep = load_end[sl]
+                        if dep > t:
                             t = dep
                         comp_free = end = t + dur
                         busy_c += dur
-                        read_end[op[1]] = end
+                        read_end[sl] = end
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, op[2], False))
                     elif kind == LOAD_:
@@ -207,14 +210,23 @@ class Engine:
                         t = copy_free if copy_free > now else now
                         if host > t:
                             t = t + (host - t)
-                        for sl in op[1]:
-                            dep = read_end.get(sl)
-                            if dep is not None and dep > t:
+                        slots = op[1]
+                        if len(slots) == 1:         # (most copies: one slot, no loop)
+                            sl = slots[0]
+                            dep = read_end[sl]
+                            if dep > t:
                                 t = dep
-                        copy_free = end = t + dur
-                        busy_x += dur
-                        for sl in op[1]:
+                            copy_free = end = t + dur
                             load_end[sl] = end
+                        else:
+                            for sl in slots:
+                                dep = read_end[sl]
+                                if dep > t:
+                                    t = dep
+                            copy_free = end = t + dur
+                            for sl in slots:
+                                load_end[sl] = end
+                        busy_x += dur
                         if disk_tier:
                             for k in op[2]:
                                 hread_end[hslot_of[k]] = end
@@ -253,8 +265,8 @@ class Engine:
                         if host > t:
                             t = t + (host - t)
                         for sl in op[1]:
-                            dep = load_end.get(sl)
-                            if dep is not None and dep > t:
+                            dep = load_end[sl]
+                            if dep > t:
                                 t = dep
                         comp_free = end = t + dur
                         busy_c += dur
@@ -317,8 +329,8 @@ class Engine:
                         if host > t:
                             t = t + (host - t)
                         if kind == DEQUANT:
-                            dep = load_end.get(op[1])
-                            if dep is not None and dep > t:
+                            dep = load_end[op[1]]
+                            if dep > t:
                                 t = dep
                         elif copy_free > t:         # a direct read shares PCIe with the copies
                             t = copy_free

@@ -62,6 +62,8 @@ from .traces import Trace
 DENSE, LOAD, COMPUTE, CPU = 0, 1, 2, 3
 #: routed requests whose routing the planner looks at together (:meth:`StepRouting.steps`)
 CHUNK_REQUESTS = 1 << 18
+#: most keys and slots whose one-item tuples the planner keeps (:attr:`Planner.singles`)
+SINGLES = 1 << 16
 DEQUANT, DIRECT, READ = 4, 5, 6
 
 
@@ -126,8 +128,8 @@ class StepRouting:
         E, LE = num_experts, rows.shape[1] * num_experts
         tokens = np.diff(off[start:stop + 1])
         first = np.repeat(np.arange(n, dtype=np.int64) * LE, tokens)       # each row's step, as a key offset
-        keys = rows.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None] + first[:, None, None]
-        uniq, counts = np.unique(keys, return_counts=True)
+        keys = rows.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
+        uniq, counts = np.unique(keys + first[:, None, None], return_counts=True)
         bounds = np.searchsorted(uniq, np.arange(n * L + 1, dtype=np.int64) * E).tolist()
         fut = (uniq[np.lexsort((uniq, -counts, uniq // E))] % E).tolist() if future else None
         uniq %= LE                          # each step's own keys again
@@ -137,9 +139,11 @@ class StepRouting:
         for i in range(n):
             b = bounds[i * L:(i + 1) * L + 1]
             lo, hi = b[0], b[-1]
-            out.append(cls(rows[row[i]:row[i + 1]], E, (
+            step = cls(rows[row[i]:row[i + 1]], E, (
                 uniq[lo:hi], counts[lo:hi], [x - lo for x in b], (ulist[lo:hi], clist[lo:hi]),
-                fut[lo:hi] if fut is not None else None)))
+                fut[lo:hi] if fut is not None else None))
+            step._keys = keys[row[i]:row[i + 1]]
+            out.append(step)
         return out
 
     @property
@@ -343,6 +347,13 @@ class Planner:
     @property
     def total_slots(self) -> int:
         return sum(c.slots for c in self.caches)
+
+    @cached_property
+    def singles(self) -> list[tuple[int]] | None:
+        """``(i,)`` for every slot and key ``i``, made once (a copy's slots and keys are such
+        tuples), or None for a model with more than ``SINGLES`` keys and slots."""
+        n = max(self.L * self.E, sum(c.slots for c in self.caches))
+        return [(i,) for i in range(n)] if n <= SINGLES else None
 
     # ------------------------------------------------------------------------------------
     def routing_of(self, s: int) -> StepRouting:
@@ -655,8 +666,13 @@ class Planner:
                 ops += computes[i:j]
             copies = -(-n // size)
         else:
+            one = self.singles
             ops += [None] * (2 * n)
-            ops[1::2] = zip(repeat(LOAD), zip(slots), zip(keys), repeat(eb), repeat(False))
+            if one is None:
+                ops[1::2] = zip(repeat(LOAD), zip(slots), zip(keys), repeat(eb), repeat(False))
+            else:
+                ops[1::2] = zip(repeat(LOAD), map(one.__getitem__, slots), map(one.__getitem__, keys), repeat(eb),
+                                repeat(False))
             ops[2::2] = computes
             copies = n
         d.served += n

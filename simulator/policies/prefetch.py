@@ -43,11 +43,15 @@ class PredictedNextLayer(PrefetchPolicy):
     def predict(self, req):
         future = req.future
         hit = self.rng.random(len(future)) < self.accuracy
-        wrong_pool = np.setdiff1d(np.arange(self.num_experts), future)
-        n_wrong = int((~hit).sum())
+        n_wrong = len(future) - int(np.count_nonzero(hit))
+        if not n_wrong:                     # (a draw of no wrong expert draws nothing)
+            return list(future)
+        others = np.ones(self.num_experts, dtype=bool)
+        others[future] = False
+        wrong_pool = np.flatnonzero(others)         # the experts not needed, ascending
         wrong = self.rng.choice(wrong_pool, size=min(n_wrong, len(wrong_pool)), replace=False).tolist()
         out, w = [], iter(wrong)
-        for e, ok in zip(future, hit):
+        for e, ok in zip(future, hit.tolist()):
             if ok:
                 out.append(e)
             else:
