@@ -440,8 +440,9 @@ class Planner:
         with its common steps (a hit's move to newest, a free slot, the oldest resident
         evicted when it is not held) done here rather than through the policy's methods."""
         pol = cache.policy
-        order, parked, front = pol._order, pol.parked, pol._front
-        move = order.move_to_end if pol.restamp_on_hit else None
+        parked, order, front = pol.parked, pol._order, pol._front
+        popitem, move = order.popitem, order.move_to_end
+        lru = pol.restamp_on_hit            # a hit moves to newest (in place)
         slot_of, free, pending = cache.slot_of, cache._free, self.pending
         get = slot_of.get
         eb = self.stored_bytes
@@ -458,10 +459,10 @@ class Planner:
         for key, tok in zip(keys, tokens):
             slot = get(key)
             if slot is not None:
-                if move is not None:
-                    if key in order:
+                if lru:
+                    try:
                         move(key)
-                    else:                         # parked or released
+                    except KeyError:              # parked or released
                         pol.on_hit(key, 0)
                 if pending:
                     held = pending.pop(key, None)
@@ -474,14 +475,19 @@ class Planner:
                             continue
                 hit_ops.append((COMPUTE, slot, key, tok))
                 continue
-            if free:
+            slot = None
+            if free:                              # ExpertCache.insert's common steps, in place
                 slot_of[key] = slot = free.popleft()
                 order[key] = None
-            elif not front and order and (v := next(iter(order))) not in pending:
-                del order[v]
-                slot_of[key] = slot = slot_of.pop(v)
-                order[key] = None
-            else:                                 # a held resident in the way: the general search
+            elif order and not front:
+                v = popitem(False)[0]
+                if v in pending:                  # held: back in place, for the general search
+                    order[v] = None
+                    move(v, False)
+                else:
+                    slot_of[key] = slot = slot_of.pop(v)
+                    order[key] = None
+            if slot is None:
                 slot = self._insert_demand(cache, key, s, l, keys, d)
             loads.append((slot, key))
             computes.append((COMPUTE, slot, key, tok))
@@ -706,13 +712,14 @@ class Planner:
         req = PrefetchRequest(s, l, ts, tl, step.routing[:, l, :], step.future(tl))
         cache = self.cache_of_layer[tl]
         slot_of, insert = cache.slot_of, cache.insert
+        plain = cache.plain                 # LRU/FIFO: ExpertCache.insert's common steps done here
+        if plain:
+            order, front, free = cache.policy._order, cache.policy._front, cache._free
+            popitem = order.popitem
         pending = self.pending
         budget = self.prefetch.budget
         cap = cache.slots if budget is None else budget     # (room runs out before the slots do)
         room = cache.evictable - (sum(1 for kk in pending if kk in slot_of) if pending else 0)
-        plain = cache.plain                 # LRU/FIFO: the common insertions done here
-        if plain:
-            order, front, free = cache.policy._order, cache.policy._front, cache._free
         reads: list[tuple] = []             # disk reads first, then the copies
         ops: list[tuple] = []
         coalesce = self.load.coalesce
@@ -738,14 +745,21 @@ class Planner:
                 continue
             if hc is not None and self._host_read(key, reads, d) and q is not None:
                 q.read()
-            if plain and free:                    # cache.insert's steps, for LRU/FIFO
+            slot = None
+            if not plain:
+                pass
+            elif free:                            # ExpertCache.insert's common steps, in place
                 slot_of[key] = slot = free.popleft()
                 order[key] = None
-            elif plain and not front and order and (v := next(iter(order))) not in pending:
-                del order[v]
-                slot_of[key] = slot = slot_of.pop(v)
-                order[key] = None
-            else:
+            elif order and not front:
+                v = popitem(False)[0]
+                if v in pending:                  # held: back in place, for the general search
+                    order[v] = None
+                    order.move_to_end(v, False)
+                else:
+                    slot_of[key] = slot = slot_of.pop(v)
+                    order[key] = None
+            if slot is None:
                 slot = insert(key, t, pending)[0]
             if raw is not None:
                 raw.add(key)
