@@ -31,10 +31,11 @@ timed, and the stream computes its start and end on the spot::
 
 with the very floating-point operations the all-events engine performs when its stream
 processes wake, wait and time out (tests/reference_engine.py, the oracle this engine equals bit
-for bit). Nothing per operation is an object or an event. The host yields to SimPy only where it
-waits on the GPU for something it must read: each layer's router output and the step's
-synchronise. A blocking pageable copy or a CPU expert advances the host's own clock, exactly as
-the all-events engine's timeouts do (nothing else runs on the host thread meanwhile).
+for bit). Nothing per operation is an object or an event. The host yields to SimPy once per
+step, at its synchronise. Its other waits (each layer's router output, a blocking pageable copy,
+a CPU expert, a disk read it needs) advance the host's own clock, exactly as the all-events
+engine's waits and timeouts do (nothing else runs on the host thread, and no other process
+shares the environment).
 
 Durations come from :class:`~simulator.profile.CostModel`, frozen into lists and dicts before the
 loop. A step's latency is from the host starting it to the synchronise returning. Same inputs,

@@ -37,8 +37,11 @@ evictable slot. If a demand miss of the target layer then finds every resident h
 planner releases the held expert the layer needs last (one it does not request at all first)
 and counts its prefetch as wasted.
 
-Each step's routing is looked at once (:class:`StepRouting`): one ``np.unique`` over all its
-layers gives the deduplicated requests, the distinct-expert counts and the prefetch ordering.
+The routing of many steps is looked at together (:meth:`StepRouting.steps`): one ``np.unique``
+over all their layers gives each step's deduplicated requests, distinct-expert counts and
+prefetch ordering. LRU and FIFO caches take their common steps in place in the two hot loops
+(:meth:`Planner._serve_plain`, :meth:`Planner._plan_prefetch`), with the very decisions of the
+general path (:meth:`Planner._serve_each`; tests/test_planner_paths.py).
 """
 from __future__ import annotations
 
