@@ -46,7 +46,7 @@ general path (:meth:`Planner._serve_each`; tests/test_planner_paths.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from functools import cached_property
+from functools import cached_property, lru_cache
 from itertools import repeat
 from operator import itemgetter
 
@@ -352,11 +352,11 @@ class Planner:
         return sum(c.slots for c in self.caches)
 
     @cached_property
-    def singles(self) -> list[tuple[int]] | None:
+    def singles(self) -> tuple[tuple[int], ...] | None:
         """``(i,)`` for every slot and key ``i``, made once (a copy's slots and keys are such
         tuples), or None for a model with more than ``SINGLES`` keys and slots."""
         n = max(self.L * self.E, sum(c.slots for c in self.caches))
-        return [(i,) for i in range(n)] if n <= SINGLES else None
+        return _singles(n) if n <= SINGLES else None
 
     # ------------------------------------------------------------------------------------
     def routing_of(self, s: int) -> StepRouting:
@@ -500,8 +500,10 @@ class Planner:
         if m:
             if not coalesce:                      # each copy, then its compute
                 miss_ops = [None] * (2 * m)
-                miss_ops[::2] = zip(repeat(LOAD), [(sl,) for sl, _ in loads], [(k,) for _, k in loads],
-                                    repeat(eb), repeat(False))
+                one = self.singles
+                miss_ops[::2] = (zip(repeat(LOAD), [(sl,) for sl, _ in loads], [(k,) for _, k in loads], repeat(eb),
+                                     repeat(False)) if one is None else
+                                 [(LOAD, one[sl], one[k], eb, False) for sl, k in loads])
                 miss_ops[1::2] = computes
                 copies = m
             else:                                 # a group's copy, then its computes
@@ -728,6 +730,7 @@ class Planner:
         coalesce = self.load.coalesce
         keys, slots = [], []                # coalesced: the copies, in order
         plain_picks = getattr(self.prefetch, "plain_picks", False)   # distinct ints: no checks
+        one = self.singles
         seen = set()
         base, t, seq0 = tl * self.E, self.t, self._prefetch_seq
         seq, last = seq0, seq0 + cap
@@ -774,8 +777,10 @@ class Planner:
             if coalesce:
                 keys.append(key)
                 slots.append(slot)
-            else:
+            elif one is None:
                 ops.append((LOAD, (slot,), (key,), eb, True))
+            else:
+                ops.append((LOAD, one[slot], one[key], eb, True))
         issued = seq - seq0
         self._prefetch_seq = seq
         self._last_prefetch = (seq0, issued)
@@ -789,6 +794,12 @@ class Planner:
 
 
 _first = itemgetter(0)
+
+
+@lru_cache(maxsize=4)
+def _singles(n: int) -> tuple[tuple[int], ...]:
+    """``(0,), (1,), ... (n - 1,)``, shared by the planners of one size."""
+    return tuple((i,) for i in range(n))
 
 
 def _group_load(group: dict[int, int], expert_bytes: int, prefetch: bool) -> tuple:
