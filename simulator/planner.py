@@ -290,7 +290,7 @@ class Planner:
                        and self.raw is None and self.host_cache is None and self.queue is None)
         # a layer of distinct experts, misses copied, no tier, LRU/FIFO caches: the planner
         # serves its requests with the caches' common steps done in place (_serve_plain)
-        self.bulk_layers = (all(c.plain for c in self.caches) and self.raw is None and self.host_cache is None
+        self.plain_layers = (all(c.plain for c in self.caches) and self.raw is None and self.host_cache is None
                             and self.queue is None and self.miss_copies and getattr(self.load, "distinct", False)
                             and type(self)._insert_demand is Planner._insert_demand)
 
@@ -402,7 +402,7 @@ class Planner:
                 hc.release(k)
             self._host_busy.clear()
         d.served += len(keys)
-        serve = self._serve_plain if self.bulk_layers else self._serve_each
+        serve = self._serve_plain if self.plain_layers else self._serve_each
         served = serve(cache, s, l, keys, tokens, d)
         read_ops, hit_ops, prefetched_hits, miss_ops, cpu_ops, misses, transfers, copies, used, dequants = served
 
@@ -439,7 +439,7 @@ class Planner:
     def _serve_plain(self, cache: ExpertCache, s: int, l: int, keys: list[int], tokens: list[int],
                      d: Decisions) -> tuple:
         """:meth:`_serve_each` for distinct experts, copied misses, no tier and an LRU or FIFO
-        cache (``self.bulk_layers``): the same operations and the same calls on the cache,
+        cache (``self.plain_layers``): the same operations and the same calls on the cache,
         with its common steps (a hit's move to newest, a free slot, the oldest resident
         evicted when it is not held) done here rather than through the policy's methods."""
         pol = cache.policy

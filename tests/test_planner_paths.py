@@ -58,7 +58,7 @@ def test_one_call_eviction_equals_victim_remove_insert(monkeypatch, kind, load, 
 
 def _general(planner: Planner) -> Planner:
     """The same planner on its general path: every request and insertion through the policy."""
-    planner.bulk_layers = False
+    planner.plain_layers = False
     for c in planner.caches:
         c.plain = False
     return planner
@@ -75,7 +75,7 @@ def test_lru_fifo_fast_paths_equal_the_general_path(kind, load, prefetch, capaci
                       prefetch=prefetch)
     tr = _trace(6, 2)
     fast = Planner(M, spec, tr, seed=1)
-    assert fast.caches[0].plain and fast.bulk_layers
+    assert fast.caches[0].plain and fast.plain_layers
     assert _plans(fast) == _plans(_general(Planner(M, spec, tr, seed=1)))
 
 
