@@ -64,7 +64,7 @@ from .traces import Trace
 
 DENSE, LOAD, COMPUTE, CPU = 0, 1, 2, 3
 #: routed requests whose routing the planner looks at together (:meth:`StepRouting.steps`)
-CHUNK_REQUESTS = 1 << 18
+CHUNK_REQUESTS = 1 << 16
 #: most keys and slots whose one-item tuples the planner keeps (:attr:`Planner.singles`)
 SINGLES = 1 << 16
 DEQUANT, DIRECT, READ = 4, 5, 6
@@ -111,7 +111,8 @@ class StepRouting:
     __slots__ = ("routing", "uniq", "counts", "bounds", "E", "_keys", "_lists", "_future")
 
     def __init__(self, routing: np.ndarray, num_experts: int, parts: tuple | None = None):
-        """``parts``: ``(uniq, counts, bounds, lists, future)`` made by :meth:`steps`."""
+        """``parts``: ``(uniq, counts, bounds, lists, future)`` made by :meth:`steps` (lists
+        None: made when asked for; future None or an array: likewise)."""
         self.routing, self.E, self._keys = routing, num_experts, None
         if parts is None:
             L = routing.shape[1]
@@ -134,17 +135,15 @@ class StepRouting:
         keys = rows.astype(np.int64) + (np.arange(L, dtype=np.int64) * E)[None, :, None]
         uniq, counts = np.unique(keys + first[:, None, None], return_counts=True)
         bounds = np.searchsorted(uniq, np.arange(n * L + 1, dtype=np.int64) * E).tolist()
-        fut = (uniq[np.lexsort((uniq, -counts, uniq // E))] % E).tolist() if future else None
+        fut = uniq[np.lexsort((uniq, -counts, uniq // E))] % E if future else None
         uniq %= LE                          # each step's own keys again
-        ulist, clist = uniq.tolist(), counts.tolist()
         row = (off[start:stop + 1] - off[start]).tolist()
         out = []
-        for i in range(n):
+        for i in range(n):                  # (lists are made per step, when asked for)
             b = bounds[i * L:(i + 1) * L + 1]
             lo, hi = b[0], b[-1]
             step = cls(rows[row[i]:row[i + 1]], E, (
-                uniq[lo:hi], counts[lo:hi], [x - lo for x in b], (ulist[lo:hi], clist[lo:hi]),
-                fut[lo:hi] if fut is not None else None))
+                uniq[lo:hi], counts[lo:hi], [x - lo for x in b], None, fut[lo:hi] if fut is not None else None))
             step._keys = keys[row[i]:row[i + 1]]
             out.append(step)
         return out
@@ -172,11 +171,13 @@ class StepRouting:
 
     def future(self, layer: int) -> list[int]:
         """Layer ``layer``'s experts (ids, not keys), most routed first, ties by id."""
-        if self._future is None:
-            u, c, E = self.uniq, self.counts, self.E
-            order = np.lexsort((u, -c, u // E))
-            self._future = (u[order] % E).tolist()
-        return self._future[self.bounds[layer]:self.bounds[layer + 1]]
+        f = self._future
+        if type(f) is not list:
+            if f is None:
+                u, c, E = self.uniq, self.counts, self.E
+                f = u[np.lexsort((u, -c, u // E))] % E
+            f = self._future = f.tolist()
+        return f[self.bounds[layer]:self.bounds[layer + 1]]
 
 
 class RequestStream:
