@@ -21,7 +21,10 @@ Workloads (the engine-speed issue's targets):
 extrapolates the DeepSeek-V3 study (six policies, B 1-256, three replications, 256 steps) from
 measured 8-step slices of every (policy, batch size).
 
-    python bench/bench_engine.py --baseline /tmp/simmoe-base --repeats 5 --linearity --study
+    python bench/bench_engine.py --baseline /tmp/simmoe-base --repeats 3 --linearity --study
+
+``--branch LABEL=DIR`` (repeatable) runs another checkout beside the new code in the workload
+rounds (e.g. the previous engine pass), with the new code's speed-up over it.
 """
 from __future__ import annotations
 
@@ -129,9 +132,18 @@ def med(xs):
     return statistics.median(xs)
 
 
+def load_avg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--baseline", type=Path, help="checkout of the simmoe to compare with")
+    ap.add_argument("--branch", action="append", default=[], metavar="LABEL=DIR",
+                    help="another checkout to run beside in the workload rounds (repeatable)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workloads", default="mixtral-b16,v3-b64,v3-b256,per-item-pageable-b16")
     ap.add_argument("--linearity", action="store_true")
@@ -145,9 +157,16 @@ def main():
         print(json.dumps(child(args.child, args.steps, args.lcs)))
         return
     trees = {"new": REPO} | ({"base": args.baseline.resolve()} if args.baseline else {})
+    for b in args.branch:
+        label, _, tree = b.partition("=")
+        if not tree or label in trees:
+            raise SystemExit(f"--branch {b}: give LABEL=DIR with a new label")
+        trees[label] = Path(tree).resolve()
+    t_start = time.time()
     report: dict = {"python": platform.python_version(), "machine": platform.machine(), "repeats": args.repeats,
-                    "workloads": {}}
-    print(f"# engine benchmark: {args.repeats} rounds, CPU time of one pinned process per run")
+                    "trees": {k: str(v) for k, v in trees.items()}, "load_start": load_avg(), "workloads": {}}
+    print(f"# engine benchmark: {args.repeats} rounds, CPU time of one pinned process per run; "
+          f"load average {report['load_start']} at the start")
     print("| workload | routed requests | code | routed req/s (median) | SimPy events / routed req | "
           "trace gen s | speed-up (median of rounds) |")
     print("|---|---:|---|---:|---:|---:|---:|")
@@ -157,17 +176,17 @@ def main():
             for k, tree in trees.items():
                 runs[k].append(spawn(tree, w, with_lcs=(w == "mixtral-b16" and k == "new")))
         rate = {k: [r["routed"] / r["sim_cpu_s"] for r in v] for k, v in runs.items()}
-        ratios = [a / b for a, b in zip(rate["new"], rate["base"])] if "base" in rate else None
         entry = {"routed": runs["new"][0]["routed"]}
         for k, v in runs.items():
             r0 = v[0]
             entry[k] = {"routed_req_per_s": med(rate[k]), "events_per_routed": r0["events"] / r0["routed"],
                         "gen_cpu_s": med([r["gen_cpu_s"] for r in v]), "runs": v}
-            sp = f"**{med(ratios):.2f}x**" if (ratios and k == "new") else ""
+            sp = ""
+            if k != "new":                  # the new code's speed-up over this one, round by round
+                entry[k]["new_speedup_median"] = med([a / b for a, b in zip(rate["new"], rate[k])])
+                sp = f"**{entry[k]['new_speedup_median']:.2f}x** (new over {k})"
             print(f"| {w} | {r0['routed']:,} | {k} | {med(rate[k]):,.0f} | {r0['events'] / r0['routed']:.3f} | "
                   f"{entry[k]['gen_cpu_s']:.2f} | {sp} |")
-        if ratios:
-            entry["speedup_median"] = med(ratios)
         if w == "mixtral-b16":
             lcs = [r["cache_requests"] / r["lcs_cpu_s"] for r in runs["new"]]
             ours = [r["cache_requests"] / r["sim_cpu_s"] for r in runs["new"]]
@@ -192,7 +211,11 @@ def main():
                   f"{cpu / steps * 1e3:.3f} |")
         report["linearity"] = lin
     if args.study:
-        report["study"] = study(trees)
+        report["study"] = study({k: v for k, v in trees.items() if k in ("new", "base")})
+    report["load_end"] = load_avg()
+    report["wall_s"] = time.time() - t_start
+    print(f"\nload average {report['load_start']} at the start, {report['load_end']} at the end; "
+          f"{report['wall_s'] / 60:.1f} minutes wall")
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
 
@@ -203,18 +226,25 @@ def study(trees: dict) -> dict:
     (batch size, replication), shared by the policies)."""
     out = {}
     for k, tree in trees.items():
-        total_sim = total_gen = 0.0
+        by_policy = dict.fromkeys(STUDY_POLICIES, 0.0)
+        total_gen = 0.0
         for b in STUDY_BATCHES:
             gen = None
             for pol in STUDY_POLICIES:
                 r = spawn(tree, f"study:{pol}:{b}", steps=8)
-                total_sim += r["sim_cpu_s"] / r["steps"] * 256 * 3
+                by_policy[pol] += r["sim_cpu_s"] / r["steps"] * 256 * 3
                 gen = r["gen_cpu_s"] / r["steps"] * 256 * 3 if gen is None else gen
             total_gen += gen
+        total_sim = sum(by_policy.values())
         out[k] = {"sim_cpu_min": total_sim / 60, "gen_cpu_min": total_gen / 60,
-                  "total_cpu_min": (total_sim + total_gen) / 60}
+                  "total_cpu_min": (total_sim + total_gen) / 60,
+                  "policy_cpu_min": {p: v / 60 for p, v in by_policy.items()}}
+        shares = ", ".join(f"{p} {v / 60:.1f} ({v / total_sim:.0%})" for p, v in by_policy.items())
         print(f"\nDeepSeek-V3 study ({k}): {out[k]['total_cpu_min']:.1f} CPU-minutes "
-              f"(simulation {out[k]['sim_cpu_min']:.1f}, trace generation {out[k]['gen_cpu_min']:.1f})")
+              f"(simulation {out[k]['sim_cpu_min']:.1f}, trace generation {out[k]['gen_cpu_min']:.1f}); "
+              f"by policy: {shares}")
+    if "base" in out:
+        print(f"study: new / baseline = {out['base']['total_cpu_min'] / out['new']['total_cpu_min']:.1f}x less CPU")
     return out
 
 

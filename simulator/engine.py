@@ -31,10 +31,11 @@ timed, and the stream computes its start and end on the spot::
 
 with the very floating-point operations the all-events engine performs when its stream
 processes wake, wait and time out (tests/reference_engine.py, the oracle this engine equals bit
-for bit). Nothing per operation is an object or an event. The host yields to SimPy only where it
-waits on the GPU for something it must read: each layer's router output and the step's
-synchronise. A blocking pageable copy or a CPU expert advances the host's own clock, exactly as
-the all-events engine's timeouts do (nothing else runs on the host thread meanwhile).
+for bit). Nothing per operation is an object or an event. The host yields to SimPy once per
+step, at its synchronise. Its other waits (each layer's router output, a blocking pageable copy,
+a CPU expert, a disk read it needs) advance the host's own clock, exactly as the all-events
+engine's waits and timeouts do (nothing else runs on the host thread, and no other process
+shares the environment).
 
 Durations come from :class:`~simulator.profile.CostModel`, frozen into lists and dicts before the
 loop. A step's latency is from the host starting it to the synchronise returning. Same inputs,
@@ -146,8 +147,10 @@ class Engine:
         n_table = len(gpu_ms)
         copy_of: dict[int, float] = {}              # nbytes -> ms
         cpu_of: dict[int, float] = {}               # tokens -> ms of the whole CPU path
-        load_end: dict[int, float] = {}             # slot -> end of the last load into it
-        read_end: dict[int, float] = {}             # slot -> end of the last compute that read it
+        # per slot: end of the last load into it, of the last compute that read it (0.0: none
+        # yet, which no start precedes)
+        load_end = [0.0] * planner.total_slots
+        read_end = [0.0] * planner.total_slots
         COMPUTE_, LOAD_, DENSE_ = COMPUTE, LOAD, DENSE   # locals: the loop compares every op
         now = env.now                               # the host's time at its last wait
         comp_free = copy_free = 0.0                 # when each stream finishes what it holds
@@ -181,12 +184,13 @@ class Engine:
                         t = comp_free if comp_free > now else now
                         if host > t:
                             t = t + (host - t)
-                        dep = load_end.get(op[1])
-                        if dep is not None and dep > t:
+                        sl = op[1]
+                        dep = load_end[sl]
+                        if dep > t:
                             t = dep
                         comp_free = end = t + dur
                         busy_c += dur
-                        read_end[op[1]] = end
+                        read_end[sl] = end
                         if tl is not None:
                             tl.append(("compute", t, end, COMPUTE, op[2], False))
                     elif kind == LOAD_:
@@ -207,14 +211,23 @@ class Engine:
                         t = copy_free if copy_free > now else now
                         if host > t:
                             t = t + (host - t)
-                        for sl in op[1]:
-                            dep = read_end.get(sl)
-                            if dep is not None and dep > t:
+                        slots = op[1]
+                        if len(slots) == 1:         # (most copies: one slot, no loop)
+                            sl = slots[0]
+                            dep = read_end[sl]
+                            if dep > t:
                                 t = dep
-                        copy_free = end = t + dur
-                        busy_x += dur
-                        for sl in op[1]:
+                            copy_free = end = t + dur
                             load_end[sl] = end
+                        else:
+                            for sl in slots:
+                                dep = read_end[sl]
+                                if dep > t:
+                                    t = dep
+                            copy_free = end = t + dur
+                            for sl in slots:
+                                load_end[sl] = end
+                        busy_x += dur
                         if disk_tier:
                             for k in op[2]:
                                 hread_end[hslot_of[k]] = end
@@ -236,12 +249,12 @@ class Engine:
                         if tl is not None:
                             tl.append(("compute", t, end, DENSE, None, False))
                         # the router's choice reaches the host only when the layer's dense work
-                        # (attention, router) is done: the host syncs and copies the ids down
+                        # (attention, router) is done: the host syncs (its clock advances to
+                        # then, as in a blocking copy) and copies the ids down
                         if host > now:
                             now = now + (host - now)
                         if end > now:
                             now = end
-                        yield env.at(now)
                         host = now + route_ms + expert_base
                     elif kind == GROUP:             # one grouped call over a layer's ready experts
                         hg = group_of.get(op[4])
@@ -253,8 +266,8 @@ class Engine:
                         if host > t:
                             t = t + (host - t)
                         for sl in op[1]:
-                            dep = load_end.get(sl)
-                            if dep is not None and dep > t:
+                            dep = load_end[sl]
+                            if dep > t:
                                 t = dep
                         comp_free = end = t + dur
                         busy_c += dur
@@ -317,8 +330,8 @@ class Engine:
                         if host > t:
                             t = t + (host - t)
                         if kind == DEQUANT:
-                            dep = load_end.get(op[1])
-                            if dep is not None and dep > t:
+                            dep = load_end[op[1]]
+                            if dep > t:
                                 t = dep
                         elif copy_free > t:         # a direct read shares PCIe with the copies
                             t = copy_free

@@ -21,6 +21,9 @@ class ExpertCache:
         self.slots = slots
         self.first_slot = first_slot
         self.retains = getattr(policy, "retains", True)
+        #: an LRU/FIFO policy (residents in an ordered dict, the oldest evicted unless held),
+        #: whose common steps the planner's fast paths take in place
+        self.plain = self.retains and getattr(policy, "plain", False)
         self.slot_of: dict[int, int] = {}
         self._free = deque(range(first_slot, first_slot + slots))
         self._ring = 0

@@ -64,6 +64,9 @@ class LoadMode(ABC):
     name: ClassVar[str]
     #: all misses of a layer go in one copy
     coalesce: ClassVar[bool] = False
+    #: a layer's requests name distinct experts (per-item loads repeat them): the planner may
+    #: take its fast path for LRU/FIFO caches
+    distinct: ClassVar[bool] = False
 
     @abstractmethod
     def requests(self, step) -> list[tuple[list[int], list[int]]]:
@@ -146,6 +149,8 @@ class PrefetchRequest:
 
 class PrefetchPolicy(ABC):
     name: ClassVar[str]
+    #: :meth:`predict` returns distinct Python ints (the planner then checks neither)
+    plain_picks: ClassVar[bool] = False
     #: the keys of ``prefetch.options`` this policy takes (a scenario naming any other is refused)
     OPTIONS: ClassVar[frozenset[str]] = frozenset()
 

@@ -16,19 +16,23 @@ class _Stamped(EvictionPolicy):
     first. A held resident met at the head by a victim search is parked until its hold ends, so
     no search walks past it twice; released, it rejoins the order at its old place: a parked
     resident is older than everything still in the order, so released ones wait in a small heap
-    by stamp ahead of it."""
+    ahead of it, by when they were parked (a resident parked later is younger than every one
+    parked before it: it was behind them in the order)."""
 
     retains = True
     restamp_on_hit = False
 
     def __init__(self, capacity, **options):
         super().__init__(capacity)
-        self._order: OrderedDict[int, int] = OrderedDict()   # resident -> stamp, oldest first
-        self.parked: dict[int, int] = {}     # held residents set aside -> stamp
-        self._front: list[tuple[int, int]] = []   # released residents (stamp, key): oldest of all
+        self._order: OrderedDict[int, None] = OrderedDict()   # residents, oldest first
+        self.parked: dict[int, int] = {}     # held residents set aside -> parking number
+        self._front: list[tuple[int, int]] = []   # released residents (parking number, key): oldest of all
         self._in_front: dict[int, int] = {}
-        self._tick = count(1)
+        self._parkings = count()
         self._plain_insert = type(self).on_insert is _Stamped.on_insert
+        #: LRU/FIFO: the planner's fast paths move, insert and evict in ``_order`` directly,
+        #: as on_hit, on_insert and replace do
+        self.plain = self._plain_insert
         if self.restamp_on_hit:
             self.on_hit = self._restamp       # no extra call per hit
 
@@ -39,16 +43,18 @@ class _Stamped(EvictionPolicy):
         else:                                 # parked or released: it is the newest now
             self.parked.pop(key, None)
             self._in_front.pop(key, None)
-        order[key] = next(self._tick)
+            order[key] = None
 
     def on_hit(self, key, t):
         pass
 
     def on_insert(self, key, t):
-        self._order[key] = next(self._tick)
+        self._order[key] = None
 
     def on_remove(self, key):
-        if self._order.pop(key, None) is None:
+        if key in self._order:
+            del self._order[key]
+        else:
             self._in_front.pop(key, None)
             self.parked.pop(key, None)
 
@@ -65,7 +71,7 @@ class _Stamped(EvictionPolicy):
             if v not in protected:
                 del order[v]
                 if self._plain_insert:
-                    order[key] = next(self._tick)
+                    order[key] = None
                 else:
                     self.on_insert(key, t)
                 return v
@@ -93,7 +99,8 @@ class _Stamped(EvictionPolicy):
             k = None
         if held:
             for h in held:
-                self.parked[h] = order.pop(h)
+                del order[h]
+                self.parked[h] = next(self._parkings)
         if k is None:
             raise NoVictim
         return k
@@ -212,7 +219,7 @@ class StaticHot(_Stamped):
 
     def on_insert(self, key, t):
         if key not in self.hot:
-            self._order[key] = next(self._tick)
+            self._order[key] = None
 
 @register_eviction("belady")
 class Belady(_ParkingHeap, EvictionPolicy):

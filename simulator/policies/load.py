@@ -21,8 +21,10 @@ class PerItem(LoadMode):
 class Dedup(LoadMode):
     """Each expert a layer-step needs is requested once, with all the tokens routed to it."""
 
+    distinct = True
+
     def requests(self, step):
-        keys, tokens, b = step.uniq.tolist(), step.counts.tolist(), step.bounds
+        (keys, tokens), b = step.lists(), step.bounds
         return [(keys[b[l]:b[l + 1]], tokens[b[l]:b[l + 1]]) for l in range(len(b) - 1)]
 
     def request_keys(self, step):
@@ -45,6 +47,7 @@ class Layer(LoadMode):
     give ``capacity: num_experts`` so the whole layer fits the staging slots."""
 
     coalesce = True
+    distinct = True
 
     def requests(self, step):
         E, L = step.E, step.keys.shape[1]

@@ -9,6 +9,8 @@ from .base import PlanContext, PrefetchPolicy, register_prefetch
 
 @register_prefetch("none")
 class NoPrefetch(PrefetchPolicy):
+    plain_picks = True
+
     def predict(self, req):
         return ()
 
@@ -16,6 +18,8 @@ class NoPrefetch(PrefetchPolicy):
 @register_prefetch("oracle")
 class OracleNextLayer(PrefetchPolicy):
     """Prefetch exactly what the next layer will need (the bound for next-layer prefetch)."""
+
+    plain_picks = True
 
     def predict(self, req):
         return req.future
@@ -25,6 +29,8 @@ class OracleNextLayer(PrefetchPolicy):
 class PredictedNextLayer(PrefetchPolicy):
     """Gate speculation with a given accuracy: each expert the next layer needs is predicted
     with probability ``accuracy``, otherwise a wrong expert is predicted in its place."""
+
+    plain_picks = True      # the right ones, and wrong ones drawn without replacement from the rest
 
     def __init__(self, budget=None, accuracy: float = 0.8, **options):
         super().__init__(budget)
@@ -37,11 +43,15 @@ class PredictedNextLayer(PrefetchPolicy):
     def predict(self, req):
         future = req.future
         hit = self.rng.random(len(future)) < self.accuracy
-        wrong_pool = np.setdiff1d(np.arange(self.num_experts), future)
-        n_wrong = int((~hit).sum())
+        n_wrong = len(future) - int(np.count_nonzero(hit))
+        if not n_wrong:                     # (a draw of no wrong expert draws nothing)
+            return list(future)
+        others = np.ones(self.num_experts, dtype=bool)
+        others[future] = False
+        wrong_pool = np.flatnonzero(others)         # the experts not needed, ascending
         wrong = self.rng.choice(wrong_pool, size=min(n_wrong, len(wrong_pool)), replace=False).tolist()
         out, w = [], iter(wrong)
-        for e, ok in zip(future, hit):
+        for e, ok in zip(future, hit.tolist()):
             if ok:
                 out.append(e)
             else:
@@ -55,6 +65,8 @@ class PredictedNextLayer(PrefetchPolicy):
 class Popularity(PrefetchPolicy):
     """Prefetch the next layer's historically most routed experts (online counts); as many as
     the layer needed on average so far, unless a budget says fewer."""
+
+    plain_picks = True
 
     def prepare(self, ctx: PlanContext):
         self.counts = np.zeros((ctx.model.num_layers, ctx.model.num_experts), dtype=np.int64)
