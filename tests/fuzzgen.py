@@ -430,8 +430,11 @@ _RUN_DIR: dict[str, Path] = {}
 def _base_run() -> Path:
     """One small run folder per process (made once), copied and mutated by report cases."""
     if "run" not in _RUN_DIR:
+        import atexit
+        import shutil
         import tempfile
         d = Path(tempfile.mkdtemp(prefix="simmoe-fuzz-run-"))
+        atexit.register(shutil.rmtree, d, True)   # the process's one folder goes with it
         (d / "s.yaml").write_text(yaml.safe_dump(base_scenario()))
         r = CliRunner().invoke(main, ["run", str(d / "s.yaml"), "-q", "--out", str(d / "run")])
         assert r.exit_code == 0, r.stderr
