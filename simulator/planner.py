@@ -753,12 +753,10 @@ class Planner:
             if hc is not None and self._host_read(key, reads, d) and q is not None:
                 q.read()
             slot = None
-            if not plain:
-                pass
-            elif free:                            # ExpertCache.insert's common steps, in place
+            if plain and free:                    # ExpertCache.insert's common steps, in place
                 slot_of[key] = slot = free.popleft()
                 order[key] = None
-            elif order and not front:
+            elif plain and order and not front:
                 v = popitem(False)[0]
                 if v in pending:                  # held: back in place, for the general search
                     order[v] = None
