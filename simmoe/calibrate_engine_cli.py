@@ -135,6 +135,13 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         if pts:
             console.print(f"experts {style}: {pts[0]['ms']:.3f} ms at batch {pts[0]['batch']} ({pts[0]['active']} active), "
                           f"{pts[-1]['ms']:.3f} ms at batch {pts[-1]['batch']} ({pts[-1]['active']} active)")
+            if "gpu_ms" in pts[0] and "gpu_ms" in pts[-1]:
+                console.print(f"  its GPU work alone (host ahead): {pts[0]['gpu_ms']:.3f} / {pts[-1]['gpu_ms']:.3f} ms")
+    situ = t.get("in_situ")
+    for p in (situ or {}).get("points", []):
+        styles = "".join(f", {s} {ms:.1f}" for s, ms in (p.get("styles") or {}).items())
+        console.print(f"in situ B={p['batch']} context {p['context']}: step without experts {p['null_ms']:.1f} ms, "
+                      f"resident {p['resident_ms']:.1f}{styles} ms")
     if t["head"]["points"]:
         h = t["head"]["points"]
         console.print(f"embed + LM head per step: {h[0]['ms']:.3f} ms at batch {h[0]['batch']}, "

@@ -260,16 +260,21 @@ class Engine:
                         hg = group_of.get(op[4])
                         if hg is None:
                             hg = group_of[op[4]] = dc.group_ms(op[4])
+                        issue = host
                         host += hg[0]
                         dur = hg[1]
                         t = comp_free if comp_free > now else now
-                        if host > t:
-                            t = t + (host - t)
+                        ready = issue if hg[2] else host   # overlapped: from the first launch
+                        if ready > t:
+                            t = t + (ready - t)
                         for sl in op[1]:
                             dep = load_end[sl]
                             if dep > t:
                                 t = dep
-                        comp_free = end = t + dur
+                        end = t + dur
+                        if hg[2] and host > end:           # not before its last launch
+                            end = host
+                        comp_free = end
                         busy_c += dur
                         for sl in op[1]:
                             read_end[sl] = end

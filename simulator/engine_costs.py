@@ -170,6 +170,14 @@ def situ_factor(situ, key: str, batch: float | None = None) -> float:
     return float(np.interp(math.log(max(batch, 1)), [math.log(b) for b in bs], vals))
 
 
+def style_situ_factor(situ, style: str) -> float:
+    """The in situ factor on ``style``'s expert host terms: its own (its resident steps, a
+    grouped style measured in situ), else the per-expert loop's (``experts``), else 1."""
+    if situ is not None and style in situ.styles:
+        return float(situ.styles[style])
+    return situ_factor(situ, "experts")
+
+
 def step_contexts(phases: np.ndarray, start: int) -> np.ndarray:
     """Context (cached tokens) each step attends over: ``start`` plus the decode steps before it."""
     decode = (np.asarray(phases) != PHASE_PREFILL).astype(np.int64)
@@ -207,16 +215,23 @@ class StyleCost:
         from .engine_styles import GROUPED_STYLES
         return self.style in GROUPED_STYLES
 
-    def group_ms(self, active: int) -> tuple[float, float]:
-        """``(host, GPU)`` ms of one grouped call over ``active`` experts: the host its measured
-        host time (else the whole call), the GPU what the measured call took beyond it."""
+    def group_ms(self, active: int) -> tuple[float, float, bool]:
+        """``(host, GPU, overlapped)`` ms of one grouped call over ``active`` experts: the host
+        its measured host time (else the whole call); the GPU its measured GPU work with the
+        host ahead (``gpu_*``, calibrations since 2026-12-02: ``overlapped``, the GPU runs the
+        call's kernels while the host still issues the later ones, so the call ends at the
+        later of its GPU work and its last launch), else what the measured call took beyond
+        the host's time (near zero for a host-bound call), run after the host's issue, so
+        that the two add up to the measured call."""
         st = self.tables.styles[self.style]
         wall = st.base_ms + st.per_expert_ms * active
         if st.host_base_ms is not None and st.host_per_expert_ms is not None:
             host = (st.host_base_ms + st.host_per_expert_ms * active) * self.k_experts
         else:
             host = wall * self.k_experts
-        return host, max(0.0, wall - host)
+        if st.gpu_base_ms is not None and st.gpu_per_expert_ms is not None:
+            return host, st.gpu_base_ms + st.gpu_per_expert_ms * active, True
+        return host, max(0.0, wall - host), False
 
     def load_host_ms(self, default_launch_ms: float) -> float:
         """Host time per copy issued: the style's measured one (``offload``), else the profile's."""
@@ -260,7 +275,7 @@ class DenseCost(StyleCost):
             return
         decode_t, dense_t, graphed = decode_grids(tables, style)
         k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the tables
-        self.k_experts = situ_factor(tables.in_situ, "experts")
+        self.k_experts = style_situ_factor(tables.in_situ, style)
         decode = GridCost(decode_t, self.notes)
         dense_grid = GridCost(dense_t, self.notes) if dense_t else None
         self._dense = np.empty(n)
@@ -360,7 +375,7 @@ class MixedStepCost(StyleCost):
             self.decode = GridCost(decode_t, self.notes)
             self.dense_grid = GridCost(dense_t, self.notes) if dense_t else None
             self.k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the table
-            self.k_experts = situ_factor(tables.in_situ, "experts")
+            self.k_experts = style_situ_factor(tables.in_situ, style)
             self.ctx_ms_per_token = context_slope(self.decode)
             self.dense_ctx_ms_per_token = context_slope(self.dense_grid) if self.dense_grid else 0.0
 

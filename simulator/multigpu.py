@@ -347,16 +347,21 @@ class Gpu:
                 hg = self.group_of.get(op[4])
                 if hg is None:
                     hg = self.group_of[op[4]] = self.dc.group_ms(op[4])
+                issue = self.host
                 self.host += hg[0]
                 dur = hg[1]
                 t = self.comp_free if self.comp_free > self.now else self.now
-                if self.host > t:
-                    t = t + (self.host - t)
+                ready = issue if hg[2] else self.host   # overlapped: from the first launch (engine.py)
+                if ready > t:
+                    t = t + (ready - t)
                 for sl in op[1]:
                     dep = load_end.get(sl)
                     if dep is not None and dep > t:
                         t = dep
-                self.comp_free = end = t + dur
+                end = t + dur
+                if hg[2] and self.host > end:
+                    end = self.host
+                self.comp_free = end
                 self.busy_c += dur
                 self.pairs += op[3]
                 for sl in op[1]:

@@ -188,6 +188,8 @@ class EngineStyle(_Strict):
     host_base_ms: float | None = Field(None, ge=0, description="host ms per MoE layer (after the router sync)")
     host_per_expert_ms: float | None = Field(None, ge=0, description="host ms per expert compute issued")
     host_per_load_ms: float | None = Field(None, ge=0, description="host ms per copy issued")
+    gpu_base_ms: float | None = Field(None, ge=0, description="GPU ms of one call, host ahead (its fixed part)")
+    gpu_per_expert_ms: float | None = Field(None, ge=0, description="GPU ms of one call per active expert, host ahead")
     decode: "EngineGrid | None" = Field(None, description="graphed styles: the non-expert decode table replayed "
                                                           "from CUDA graphs (replaces the model's eager one)")
     dense_decode: "EngineGrid | None" = Field(None, description="graphed styles: the dense layers' decode table "
@@ -200,7 +202,17 @@ class InSitu(_Strict):
 
     dense: float = Field(gt=0, le=100)
     experts: float | None = Field(None, gt=0, le=100)
+    styles: dict[str, float] = Field(default_factory=dict, description="a grouped style's own experts factor "
+                                                                       "(its resident steps), by style")
     points: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("styles")
+    @classmethod
+    def _factors(cls, v: dict[str, float]) -> dict[str, float]:
+        for k, f in v.items():
+            if not (0 < f <= 100):
+                raise ValueError(f"styles.{k}: {f} must be in (0, 100]")
+        return v
 
 
 class ModelEngine(_Strict):

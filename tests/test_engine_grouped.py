@@ -67,9 +67,30 @@ def test_group_call_costs_from_the_style_table():
     dc = _dense("grouped")
     assert dc.grouped and not _dense("offload").grouped
     st = load_profile("h200").engine["olmoe-1b-7b"].styles["grouped"]
-    host, gpu = dc.group_ms(30)
+    host, gpu, overlapped = dc.group_ms(30)
+    assert not overlapped                     # no GPU fit: the GPU share runs after the host's issue
     assert host + gpu == pytest.approx(max(host, (st.base_ms + st.per_expert_ms * 30)))
     assert dc.group_ms(60)[0] >= dc.group_ms(10)[0]
+
+
+def test_group_call_gpu_time_comes_from_its_gpu_fit_when_measured():
+    """A host-bound call's wall time is nearly all host: without a GPU fit its GPU share is what
+    is left (near 0); with one (the call timed behind a sleep kernel) it is that fit, which is
+    what a layer's step exposes after its last copy lands."""
+    prof = load_profile("h200")
+    t = prof.engine["olmoe-1b-7b"]
+    st = t.styles["offload-grouped"].model_copy(update={"gpu_base_ms": None, "gpu_per_expert_ms": None})
+    plain = t.model_copy(update={"styles": {**t.styles, "offload-grouped": st}})
+    fitted = t.model_copy(update={"styles": {**t.styles, "offload-grouped": st.model_copy(
+        update={"gpu_base_ms": 0.05, "gpu_per_expert_ms": 0.004})}})
+    kw = dict(style="offload-grouped", batch=16, phases=np.zeros(4, np.uint8), tokens=np.full(4, 16),
+              start_context=256)
+    h0, g0, o0 = DenseCost(tables=plain, **kw).group_ms(40)
+    h1, g1, o1 = DenseCost(tables=fitted, **kw).group_ms(40)
+    assert not o0 and o1
+    assert h0 == pytest.approx(h1)                                    # the host's share is unchanged
+    assert g0 == pytest.approx(max(0.0, st.base_ms + st.per_expert_ms * 40 - h0))
+    assert g1 == pytest.approx(0.05 + 0.004 * 40) and g1 > g0
 
 
 def test_grouped_style_is_priced_per_call_not_per_expert():
@@ -86,3 +107,32 @@ def test_grouped_style_is_priced_per_call_not_per_expert():
                                                               "cache": {"kind": "lru", "capacity": 256}}])
         return run_scenario(parse_scenario(d, "t")).summary[0]["step_latency_ms"]["mean"]
     assert lat("grouped") < lat("offload")
+
+
+def test_a_grouped_calls_gpu_work_overlaps_its_issue_and_follows_its_last_copy():
+    """With the call's GPU work measured apart from its host time, a layer whose experts are all
+    resident ends at the host's last launch when the GPU work is shorter (it runs while the host
+    still issues), and a layer waiting for copies ends that GPU work after the last copy lands."""
+    from simulator.profile import Profile
+    from simulator.runner import run_scenario
+    from simulator.scenario import parse_scenario
+    from tests.conftest import scenario_dict
+    prof = load_profile("h200")
+
+    def lat(policy, gpu_base):
+        d = prof.model_dump(mode="json", by_alias=True)
+        st = d["engine"]["olmoe-1b-7b"]["styles"]["offload-grouped"]
+        st.update(gpu_base_ms=gpu_base, gpu_per_expert_ms=0.0)
+        sc = parse_scenario(scenario_dict(model="olmoe-1b-7b", profile="h200", batch_sizes=[16], replications=1,
+                                          trace={"generator": "uniform", "steps": 4, "prompt_tokens": 256},
+                                          engine={"style": "offload-grouped"}, policies=[{"name": "p"}]), "t")
+        sc = sc.model_copy(update={"policies": [policy]})
+        return run_scenario(sc, profile=Profile.model_validate(d)).summary[0]["step_latency_ms"]["mean"]
+    resident = PolicySpec(name="resident", load="dedup",            # every expert cached and preloaded
+                          cache={"kind": "static-hot", "capacity": 64 * 16 + 1, "staging": 1})
+    dedup = PolicySpec(name="dedup", load="dedup")
+    L = 16
+    host = prof.engine["olmoe-1b-7b"].styles["offload-grouped"].host_base_ms
+    assert lat(resident, 0.0) == pytest.approx(lat(resident, 0.5 * host), rel=1e-9)   # hidden under the issue
+    assert lat(resident, 10 * host) > lat(resident, 0.0) + L * 5 * host                # far longer: it shows
+    assert lat(dedup, 1.0) - lat(dedup, 0.0) == pytest.approx(L * 1.0, rel=0.05)      # after each layer's copies

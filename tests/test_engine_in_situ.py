@@ -61,6 +61,35 @@ def test_in_situ_factors_recover_how_the_step_meets_the_tables():
     assert in_situ_factors(bad, sec)["experts"] is None
 
 
+def test_a_grouped_style_gets_its_own_in_situ_factor():
+    """Resident steps timed in a grouped style give that style its own experts factor: its step
+    less the eager null step (a graphed style: less the head and its replayed decode table),
+    over MoE layers x its isolated call; the simulator applies it to that style alone."""
+    sec, step = _doc()
+    t = ModelEngine.model_validate(sec)
+    from simulator.engine_costs import GridCost, curve_ms
+    L = step["moe_layers"]
+    grouped = t.styles["offload-grouped"]
+    graphed = grouped.model_copy(update={"decode": t.decode})     # a graphed style's own grid, here the eager one
+    sec["styles"]["offload-graphs"] = graphed.model_dump(mode="json")
+    for p in step["points"]:
+        call = grouped.base_ms + grouped.per_expert_ms * p["active"]
+        around = curve_ms(t.head, p["batch"]) + L * GridCost(t.decode).ms(p["batch"], 256)
+        p["styles"] = {"offload-grouped": p["null_ms"] + 0.8 * L * call, "offload-graphs": around + 0.6 * L * call}
+    f = in_situ_factors(step, sec)
+    assert f["experts"] == pytest.approx(1.5)                               # the loop's, unchanged
+    assert f["styles"] == pytest.approx({"offload-grouped": 0.8, "offload-graphs": 0.6})
+    situ = ModelEngine.model_validate({**sec, "in_situ": f})
+    kw = dict(batch=4, phases=np.zeros(3, np.uint8), tokens=np.full(3, 4), start_context=256, tables=situ)
+    base = ModelEngine.model_validate({**sec, "in_situ": None})
+    for style, k in (("offload-grouped", 0.8), ("offload-graphs", 0.6), ("offload", 1.5)):
+        a = DenseCost(style=style, **{**kw, "tables": base}).expert_host_ms(0.1)
+        b = DenseCost(style=style, **kw).expert_host_ms(0.1)
+        assert b == pytest.approx((k * a[0], k * a[1])), style
+    with pytest.raises(ValueError):
+        ModelEngine.model_validate({**sec, "in_situ": {**f, "styles": {"offload-grouped": -1.0}}})
+
+
 def test_dense_cost_applies_the_in_situ_factors():
     prof = load_profile("h200")
     t = prof.engine[MODEL]
@@ -109,9 +138,12 @@ def test_cpu_lists_parse_and_bad_ones_say_why():
 
 def test_in_situ_steps_run_on_a_tiny_model():
     from calibrate.measurements.engine_step import measure_in_situ
-    step = measure_in_situ(MODEL, device="cpu", tiny=True, batches=[1, 2], contexts=[8], steps=2, warmup=1)
+    step = measure_in_situ(MODEL, device="cpu", tiny=True, batches=[1, 2], contexts=[8], steps=2, warmup=1,
+                           styles={"offload-grouped": "grouped", "offload-graphs": "graphs"})
     assert [p["batch"] for p in step["points"]] == [1, 2]
     assert all(p["null_ms"] > 0 and p["resident_ms"] > 0 and 1 <= p["active"] for p in step["points"])
+    assert all(set(p["styles"]) == {"offload-grouped", "offload-graphs"} and min(p["styles"].values()) > 0
+               for p in step["points"])
 
 
 def test_in_situ_factor_by_batch():

@@ -129,3 +129,19 @@ def test_gpu_offload_graphs_executor():
         _, expected = sim.plan_step(s)
         assert {c: step.executed[c] for c in COUNTED} == {c: expected.as_dict()[c] for c in COUNTED}
         torch.testing.assert_close(ex.last_logits.float(), want[s].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("prompt,steps", [(256, 8), (256, 12), (4000, 10)])
+def test_gpu_offload_graphs_captures_at_the_validation_lengths(prompt, steps):
+    """The full-width OLMoE layer pieces capture over a static cache of prompt + steps tokens:
+    on the H200 a cache of 264 tokens (256 + 8) failed at capture
+    (cudaErrorStreamCaptureInvalidated) where 268 captured (docs/validation.md)."""
+    from calibrate.models.build import build_model as build
+    b = build("olmoe-1b-7b", layers=2, device="cuda")
+    trace = record_routing(b, batch=4, steps=steps, prompt_tokens=prompt, device="cuda")
+    ex = ModelExecutor(b, POLICIES[0], trace, device="cuda", dispatch="graphs", prompt_tokens=prompt)
+    for s in range(steps):
+        ex.run_step(s)
+    ex.release()

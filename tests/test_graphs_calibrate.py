@@ -56,6 +56,10 @@ def test_the_calibration_writes_graphed_tables(merged):
     assert {"decode", "decode_graphs"} <= set(t) and set(t["experts"]) == {"graphs", "offload-graphs"}
     pts = [p for row in t["decode_graphs"]["points"] for p in row]
     assert len(pts) == 4 and all(p["ms"] > 0 and p["trials"] == 3 for p in pts)
+    # the executor's call also timed for its GPU work alone (host ahead); transformers' is not
+    ex = t["experts"]
+    assert all(p["gpu_ms"] > 0 for p in ex["offload-graphs"]["points"]) and "gpu_fit" in ex["offload-graphs"]
+    assert not any("gpu_ms" in p for p in ex["graphs"]["points"]) and "gpu_fit" not in ex["graphs"]
     e = prof.engine[KEY]
     for style in ("graphs", "offload-graphs"):
         st = e.styles[style]

@@ -110,6 +110,30 @@ def test_layer_load_mode_copies_every_expert_each_forward():
         assert step.executed["bytes_h2d"] == E * L * b.spec.expert_bytes
 
 
+@pytest.mark.parametrize("name", ["olmoe-1b-7b", "deepseek-v2-lite"])
+def test_chunked_prefill_gives_the_one_shot_caches_next_logits(name):
+    """A prompt prefilled in chunks of positions (a long prompt at a large batch) leaves the
+    cache that one forward leaves: the next token's logits agree, in a dynamic and a static cache."""
+    import torch
+    from calibrate.executors.graphs import static_cache
+    from calibrate.executors.model import prefill
+    b = build_model(name, tiny=True, dtype="fp32")
+    prompt, nxt = decode_inputs(b.arch.vocab, 3, 1, 40, 0, "cpu")
+    outs = []
+    for chunk in (None, 3 * 16, 3 * 25):
+        for static in (False, True):
+            cache = static_cache(b, 41) if static else DynamicCache()
+            with torch.no_grad():
+                if chunk is None:
+                    b.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+                else:
+                    prefill(b.model, prompt, cache, chunk_tokens=chunk)
+                outs.append(b.model(input_ids=nxt[0], past_key_values=cache, use_cache=True,
+                                    cache_position=torch.tensor([40])).logits)
+    for o in outs[1:]:
+        torch.testing.assert_close(o, outs[0], rtol=1e-4, atol=1e-4)
+
+
 def test_prefill_traces_are_refused():
     b = build_model("olmoe-1b-7b", tiny=True)
     trace = generate(num_layers=b.spec.num_layers, num_experts=b.spec.num_experts, top_k=b.spec.top_k,
@@ -141,3 +165,30 @@ def test_gpu_executor_decisions_and_outputs(memory):
             exp = sim.plan_step(s)[1].as_dict()
             assert {c: step.executed[c] for c in COUNTED} == {c: exp[c] for c in COUNTED}
             torch.testing.assert_close(ex.last_logits, want, rtol=2e-2, atol=2e-2)
+
+
+def test_a_finished_row_releases_its_executor_and_an_oom_is_one_line(monkeypatch):
+    """run_live frees each executor's memory when its row ends (the blocks keep only their
+    activation), and a row that runs out of GPU memory stops with one clear error naming it."""
+    import torch
+    from calibrate.executors.model import ReleasedExperts
+    from calibrate.validation.model_rows import run_live
+    from simulator.errors import InputError
+    b = build_model("olmoe-1b-7b", tiny=True, dtype="fp32")
+    from calibrate.executors.model import host_experts
+    trace = record_routing(b, batch=2, steps=2)
+    host = host_experts(b, pinned=False)
+    lru, dedup = POLICIES[1], POLICIES[0]
+    steps, same = run_live(b, lru, trace, device="cpu", host=host, prompt=4)
+    assert same and len(steps) == 2
+    assert all(isinstance(blk.experts, ReleasedExperts) for blk in b.moe_blocks())
+    with pytest.raises(RuntimeError, match="released"):
+        b.moe_blocks()[0].experts(None, None, None)
+    steps, same = run_live(b, dedup, trace, device="cpu", host=host, prompt=4)   # a new row runs
+    assert same
+
+    def oom(self, s):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 24.00 GiB.")
+    monkeypatch.setattr(ModelExecutor, "run_step", oom)
+    with pytest.raises(InputError, match=r"row dedup-lru-prefetch B=2 prompt 4: out of GPU memory \(CUDA out"):
+        run_live(b, lru, trace, device="cpu", host=host, prompt=4)

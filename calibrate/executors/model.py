@@ -66,6 +66,17 @@ class OffloadedExperts(torch.nn.Module):
         return self.ex._run_layer(self.layer, hidden_states, top_k_index, top_k_weights, self.act_fn)
 
 
+class ReleasedExperts(torch.nn.Module):
+    """What a released executor leaves in a block: the activation only (the next executor's)."""
+
+    def __init__(self, act_fn):
+        super().__init__()
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        raise RuntimeError("this model's experts were released with their executor: make a new ModelExecutor")
+
+
 class ModelExecutor:
     """Runs one policy over one decode trace on a built model (``cuda[:N]`` or ``cpu``)."""
 
@@ -115,6 +126,21 @@ class ModelExecutor:
         self._ops: list[list[tuple]] = []
         self._executed: dict = {}
         self._step = -1
+
+    def release(self) -> None:
+        """Free the GPU memory this executor holds (its slot pool, KV cache, CUDA graphs): the
+        blocks keep only their activations, so a run of many rows (a static cache of 34 GB at
+        B=64 and 4,000 tokens, each) never holds two executors' memory."""
+        for blk in self.b.moe_blocks():
+            if isinstance(blk.experts, OffloadedExperts) and blk.experts.ex is self:
+                blk.experts = ReleasedExperts(blk.experts.act_fn)
+        self.pool = self.cache = self.graphs = self.last_logits = None
+        self.last_load.clear()
+        self.last_read.clear()
+        if self.cuda:
+            import gc
+            gc.collect()
+            torch.cuda.empty_cache()
 
     def _views(self, flat: torch.Tensor):
         n = 2 * self.F * self.H
@@ -297,7 +323,7 @@ class ModelExecutor:
         for blk, l in zip(self.b.moe_blocks(), range(len(saved))):
             blk.experts = _HostExperts(self, l, saved[l].act_fn)
         with torch.no_grad():
-            self.b.model(input_ids=self.prompt, past_key_values=self.cache, use_cache=True)
+            prefill(self.b.model, self.prompt, self.cache)
         for blk, mod in zip(self.b.moe_blocks(), saved):
             blk.experts = mod
         if self.graphs is not None:   # the pieces around the offloaded experts, captured once
@@ -397,6 +423,24 @@ class _HostExperts(torch.nn.Module):
         return out
 
 
+#: prompt tokens (batch x chunk) one prefill forward takes: a long prompt at a large batch is
+#: prefilled in chunks of positions, as an engine's chunked prefill does (OLMoE at B=64 and
+#: 4,000 tokens in one forward asked for 24 GiB of logits alone)
+PREFILL_CHUNK_TOKENS = 16_384
+
+
+def prefill(model, ids: torch.Tensor, cache, chunk_tokens: int = PREFILL_CHUNK_TOKENS) -> None:
+    """Run the prompt ``ids`` (batch x tokens) into ``cache``: chunks of positions of at most
+    ``chunk_tokens`` tokens over the batch (at least 16 positions each), the LM head on each
+    chunk's last position only (its logits are not used)."""
+    B, P = ids.shape
+    step = max(16, chunk_tokens // max(B, 1))
+    for a in range(0, P, step):
+        b = min(P, a + step)
+        model(input_ids=ids[:, a:b], past_key_values=cache, use_cache=True, logits_to_keep=1,
+              cache_position=torch.arange(a, b, device=ids.device))
+
+
 def decode_inputs(vocab: int, batch: int, steps: int, prompt_tokens: int, seed: int, device) -> tuple:
     """The prompt (batch x prompt_tokens) and each decode step's input ids (steps x batch x 1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -419,7 +463,7 @@ def record_routing(built: BuiltModel, *, batch: int, steps: int, prompt_tokens: 
         cache = DynamicCache()
         with torch.no_grad():
             seen.append([None] * L)
-            built.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+            prefill(built.model, prompt, cache)
             seen.clear()
             for s in range(steps):
                 seen.append([None] * L)

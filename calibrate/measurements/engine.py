@@ -159,8 +159,9 @@ class EngineMeasurer:
     def _randn(self, *shape) -> torch.Tensor:
         return torch.randn(*shape, generator=self.gen, device=self.device, dtype=self.dtype)
 
-    def _time(self, fn, deadline_left: float | None = None) -> dict:
-        s = self.timer.time(lambda i: fn(), self.plan.trials, self.plan.warmup, budget_s=deadline_left)
+    def _time(self, fn, deadline_left: float | None = None, gpu_only: bool = False, block_ms: float = 0.0) -> dict:
+        s = self.timer.time(lambda i: fn(), self.plan.trials, self.plan.warmup, budget_s=deadline_left,
+                            gpu_only=gpu_only, block_ms=block_ms)
         return point_stats(s.ms, s.host_ms)
 
     def _layer_call(self, layer_idx: int, batch: int, new: int, context: int, cache):
@@ -313,8 +314,10 @@ class EngineMeasurer:
             else:
                 self.b.config._experts_implementation = EXPERTS_IMPLEMENTATION[style]
                 make = lambda h, idx, w: (lambda: block.experts(h, idx, w))  # noqa: E731
-            pts = self._expert_points(style, order, inputs, make, budget)
+            pts = self._expert_points(style, order, inputs, make, budget, gpu_too=bool(dispatch))
             out[style] = {"points": pts, "fit": fit_per_expert(pts), "host_fit": fit_per_expert(pts, "host_ms")}
+            if dispatch and all("gpu_ms" in p for p in pts):
+                out[style]["gpu_fit"] = fit_per_expert(pts, "gpu_ms")
             if dispatch:  # the same layer, every active expert copied in first (dedup, no cache)
                 loaded = self._expert_points(f"{style}-loaded", order, inputs,
                                              lambda h, idx, w: make(h, idx, w, loaded=True), budget)
@@ -322,7 +325,13 @@ class EngineMeasurer:
                 out[style]["host_per_load_ms"] = per_load_ms(pts, loaded)
         return out
 
-    def _expert_points(self, style: str, order, inputs, make, budget: Budget) -> list[dict]:
+    def _expert_points(self, style: str, order, inputs, make, budget: Budget, gpu_too: bool = False) -> list[dict]:
+        """Per batch, the call's wall time (CUDA events from an idle GPU: the host's issue gaps
+        included) and its host time; ``gpu_too`` (the executor's styles) also its GPU work
+        alone (``gpu_ms``): the same call queued behind a sleep kernel, the router's choice
+        already on the host so that nothing in it waits for the GPU. In a step the host issues
+        a layer's grouped call while its copies are still in flight, so what follows the last
+        copy is this GPU time, not the host's."""
         pts = []
         for B in order:
             if budget.spent():
@@ -334,7 +343,12 @@ class EngineMeasurer:
             def call(fn=fn):
                 with torch.no_grad():
                     return fn()
-            pts.append({"batch": B, "active": active, **self._time(call, self._left(budget))})
+            pt = {"batch": B, "active": active, **self._time(call, self._left(budget))}
+            if gpu_too:
+                fn = make(h, idx.to("cpu"), w)
+                pt["gpu_ms"] = self._time(lambda fn=fn: _no_grad(fn), self._left(budget), gpu_only=True,
+                                          block_ms=3 * pt["host_ms"])["ms"]   # the sleep outlasts the issue
+            pts.append(pt)
             fn = None
         return sorted(pts, key=lambda r: r["batch"])
 
@@ -358,6 +372,11 @@ class EngineMeasurer:
 
     def _left(self, budget: Budget) -> float | None:
         return None if budget.deadline == math.inf else max(0.0, budget.deadline - time.perf_counter())
+
+
+def _no_grad(fn):
+    with torch.no_grad():
+        return fn()
 
 
 def fit_per_expert(points: list[dict], key: str = "ms") -> dict | None:
@@ -479,8 +498,9 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
         if plan.device.startswith("cuda"):
             torch.cuda.empty_cache()
         s0 = time.perf_counter()
+        dispatches = {s: EXECUTOR_STYLES[s] for s in plan.styles if EXECUTOR_STYLES.get(s, "loop") != "loop"}
         doc["in_situ"] = measure_in_situ(plan.preset, device=plan.device, tiny=plan.tiny, seed=plan.seed,
-                                         progress=progress, **({"batches": plan.batches[:3], "contexts": plan.contexts[:1]}
+                                         progress=progress, styles=dispatches, **({"batches": plan.batches[:3], "contexts": plan.contexts[:1]}
                                                                if plan.tiny else {}))
         stage_s["in_situ"] = time.perf_counter() - s0
     probes.append(host_probe(plan.device))

@@ -101,6 +101,12 @@ def engine_section(doc: dict) -> dict:
             # (the executor's, or a graphed style's eager expert call between the replays)
             out["styles"][style].update(host_base_ms=hf["base_ms"], host_per_expert_ms=hf["per_expert_ms"],
                                         host_per_load_ms=e.get("host_per_load_ms"))
+        gf = e.get("gpu_fit")
+        if gf is not None:   # the call's GPU work alone (host ahead): what follows a layer's last copy
+            gb, gp = gf["base_ms"], gf["per_expert_ms"]
+            if gb < 0 or gp < 0:   # a noisy line: the mean per active expert, through 0
+                gb, gp = 0.0, sum(p["gpu_ms"] for p in pts) / sum(p["active"] for p in pts)
+            out["styles"][style].update(gpu_base_ms=gb, gpu_per_expert_ms=gp)
         if style in GRAPHED_STYLES:   # its dense op: the grids replayed from CUDA graphs
             if "decode_graphs" not in t:
                 raise ValueError(f"style {style}: no decode_graphs table (measured with a graphed style)")
@@ -171,8 +177,20 @@ def in_situ_factors(step: dict, section: dict) -> dict:
         if off is not None:
             iso_exp = L * (off.base_ms + off.per_expert_ms * p["active"])
             row["experts"] = (p["resident_ms"] - p["null_ms"]) / iso_exp
+        for style, ms in (p.get("styles") or {}).items():   # a grouped style's own resident step
+            st = t.styles.get(style)
+            if st is None:
+                continue
+            around = p["null_ms"]
+            if st.decode is not None:   # graphed: the head and the replayed tables, not the eager step
+                around = head + L * GridCost(st.decode).ms(B, C) + dense_layers * (
+                    GridCost(st.dense_decode).ms(B, C) if st.dense_decode else 0.0)
+            row[f"experts:{style}"] = (ms - around) / (L * (st.base_ms + st.per_expert_ms * p["active"]))
         rows.append(row)
     def med(k):  # over the points where the factor is meaningful (a noisy CPU run can invert a difference)
         v = [r[k] for r in rows if r.get(k) is not None and r[k] > 0]
         return float(statistics.median(v)) if v else None
-    return {"dense": med("dense"), "experts": med("experts"), "points": rows}
+    styles = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("experts:")})
+    by_style = {s: f for s in styles if (f := med(f"experts:{s}")) is not None}
+    return {"dense": med("dense"), "experts": med("experts"), **({"styles": by_style} if by_style else {}),
+            "points": rows}

@@ -9,13 +9,18 @@ So this measures the whole model, every decoder layer built, through
 
 - ``null``: every routed-expert call replaced by zeros right after the router's choice has
   come to the host (the engine around the experts, plus the route sync);
-- ``resident``: every expert resident in the executor's slots (the ``resident`` policy).
+- ``resident``: every expert resident in the executor's slots (the ``resident`` policy);
+- ``styles``: the same resident steps in each grouped style measured (``offload-grouped``,
+  ``offload-graphs``: the executor's grouped dispatch, the second between CUDA-graph replays),
+  whose host terms a step meets differently from the per-expert loop's.
 
 Per (batch, context) point the median step of each, and the isolated tables' sum for the same
 step, give two factors the profile keeps (``engine.<model>.in_situ``): ``dense`` =
 (null step - head) / (layers x isolated layer), ``experts`` = (resident - null) / (MoE layers
-x isolated offload call at the step's active experts). The simulator multiplies the decode
-table and the style's host terms by them (:class:`simulator.engine_costs.DenseCost`);
+x isolated offload call at the step's active experts), and per grouped style its own
+``experts`` factor (its resident step less the step around its experts: the eager null step,
+or for a graphed style the head and its replayed decode table, over MoE layers x its isolated
+call). The simulator multiplies the decode table and the style's host terms by them (:class:`simulator.engine_costs.DenseCost`);
 :func:`calibrate.measurements.engine_profile.in_situ_factors` computes them.
 """
 from __future__ import annotations
@@ -44,9 +49,10 @@ class _NullAfterRoute(ModelExecutor):
 
 def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts=None, steps: int = STEP_STEPS,
                     warmup: int = STEP_WARMUP, tiny: bool = False, layers: int | None = None, seed: int = 0,
-                    progress=None) -> dict:
+                    progress=None, styles: dict[str, str] | None = None) -> dict:
     """Median decode-step ms of the whole model, ``null`` and ``resident``, per (batch, context),
-    with each point's active experts per MoE layer (mean over the timed steps)."""
+    with each point's active experts per MoE layer (mean over the timed steps); ``styles``
+    (style -> the executor's dispatch): also the resident step in each (``styles`` of a point)."""
     from calibrate.validation.model_rows import resident_policy
 
     built = build_model(preset, tiny=tiny, layers=layers, device=device, seed=seed)
@@ -60,8 +66,12 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
                 progress(f"in situ B={B} context {C}")
             tr = record_routing(built, batch=B, steps=steps + warmup, prompt_tokens=C, seed=seed, device=device)
             out = {}
-            for name, cls in (("resident", ModelExecutor), ("null", _NullAfterRoute)):
-                ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C)
+            # the null run last: the blocks keep the last executor's experts, and the next
+            # batch's routing is recorded through them (the null one's ignores the trace)
+            runs = [("resident", ModelExecutor, "loop")] + [(s, ModelExecutor, d) for s, d in (styles or {}).items()]
+            runs.append(("null", _NullAfterRoute, "loop"))
+            for name, cls, dispatch in runs:
+                ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C, dispatch=dispatch)
                 timed = [ex.run_step(s)[0] for s in range(tr.num_steps)][warmup:]
                 fast = [st for st in timed if st.host_fast is not False]   # --host-state fast: those that ended fast
                 out[name] = statistics.median(st.latency_ms for st in (fast if len(fast) >= 3 else timed))
@@ -69,7 +79,7 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
             active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
                                     for s in range(warmup, tr.num_steps)]))
             pts.append({"batch": B, "context": C, "null_ms": out["null"], "resident_ms": out["resident"],
-                        "active": active})
+                        "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {})})
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,

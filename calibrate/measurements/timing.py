@@ -28,6 +28,7 @@ MIN_TRIALS = 3
 ROTATE_BYTES = 256 << 20  # rotate through at least this much memory: well past any L2/LLC
 MAX_ROTATE = 8
 BLOCKER_CYCLES = 4_000_000  # ~2 ms of GPU sleep: longer than issuing any one trial takes
+BLOCKER_MS = 2.0            # what BLOCKER_CYCLES sleeps, roughly (a ~2 GHz SM clock)
 
 
 @dataclass
@@ -62,12 +63,13 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def time(self, fn: Callable[[int], object], trials: int, warmup: int, stream=None,
-             budget_s: float | None = None, gpu_only: bool = False) -> Samples:
+             budget_s: float | None = None, gpu_only: bool = False, block_ms: float = 0.0) -> Samples:
         """Time ``trials`` calls of ``fn`` after ``warmup`` untimed ones, on ``stream``.
 
         With ``budget_s``, stop early once that much wall time is spent (after at least
         ``MIN_TRIALS`` trials): for slow CPU points. With ``gpu_only`` (CUDA), time the
-        device's work alone, behind a sleep kernel.
+        device's work alone, behind a sleep kernel (``block_ms``: at least this long, for
+        work whose issue takes the host longer than the default ~2 ms).
         """
         self.synchronize()  # buffers made on other streams are ready
         ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
@@ -75,9 +77,10 @@ class Timer:
             for i in range(warmup):
                 fn(i)
             self.synchronize()
-            return self._trials(fn, trials, warmup, budget_s, gpu_only and self.is_cuda)
+            cycles = max(BLOCKER_CYCLES, int(BLOCKER_CYCLES * block_ms / BLOCKER_MS))
+            return self._trials(fn, trials, warmup, budget_s, cycles if gpu_only and self.is_cuda else 0)
 
-    def _trials(self, fn, trials: int, first: int, budget_s: float | None, block: bool = False) -> Samples:
+    def _trials(self, fn, trials: int, first: int, budget_s: float | None, block: int = 0) -> Samples:
         """Each trial through the host gate (:mod:`calibrate.measurements.host_state`): with
         ``--host-state fast`` a trial runs in the host's fast state, run again if it ended slow."""
         out = Samples([], [])
@@ -86,7 +89,7 @@ class Timer:
 
         def one(i: int) -> tuple[float, float]:
             if block:
-                torch.cuda._sleep(BLOCKER_CYCLES)
+                torch.cuda._sleep(block)
             if self.is_cuda:
                 start.record()
             t0 = time.perf_counter()

@@ -119,12 +119,25 @@ def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prom
                        dispatch=dispatch)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
-    for s in range(trace.num_steps):
-        st, dec = ex.run_step(s)
-        want = ref.plan_step(s)[1].as_dict()
-        same &= dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
-        steps.append(st)
+    try:
+        for s in range(trace.num_steps):
+            st, dec = ex.run_step(s)
+            want = ref.plan_step(s)[1].as_dict()
+            same &= dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
+            steps.append(st)
+    except torch_oom() as e:
+        ex.release()
+        raise InputError("command line", "--prompt / --batch-sizes",
+                         f"row {policy.name} B={trace.max_step_tokens} prompt {prompt}: out of GPU memory "
+                         f"({str(e).splitlines()[0][:120]}); run fewer or smaller rows") from None
+    ex.release()
     return steps, same
+
+
+def torch_oom():
+    """torch's out-of-memory error class (an exception no code raises without torch)."""
+    import torch
+    return getattr(torch, "OutOfMemoryError", MemoryError)
 
 
 def live_summary(steps, batch: int, warm: int = 1) -> dict:
