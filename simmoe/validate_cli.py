@@ -13,7 +13,7 @@ def register(main: click.Group) -> None:
 
 
 @click.command("validate")
-@click.argument("scenario", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("scenario", type=click.Path(path_type=Path))
 @click.option("--profile", "-p", help="Profile the simulation uses (name or path) [default: the scenario's].")
 @click.option("--device", default="cuda", show_default=True, help="cuda, cuda:N, or cpu (decisions only: CPU timing is not a GPU's).")
 @click.option("--out", "-o", type=click.Path(file_okay=False, path_type=Path),
@@ -45,11 +45,15 @@ def register(main: click.Group) -> None:
               help="--executor model: add a first row with every expert resident (the engine alone).")
 @click.option("--rates", help="Serving scenarios (a workload: section): arrival rates (requests/s) to validate at, "
                                "e.g. 0.5,1,2 [default: workload.rates, else the scenario's rate].")
+@click.option("--reproject", is_flag=True,
+              help="SCENARIO is then the folder an --executor model run wrote (validation.json, routing.npz): "
+                   "project its live rows again with this code and --profile, on the routing each row ran "
+                   "(no GPU, no model); writes to --out [default: that folder's name + '-reprojected'].")
 @cpus_option
 @host_state_option
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
-                 executor, tiny, layers, routing, prompts, resident, rates, host_state, quiet):
+                 executor, tiny, layers, routing, prompts, resident, rates, reproject, host_state, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -82,9 +86,15 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
     from .cli import parse_int_list
     from .display import progress_bar
 
+    from simulator.errors import InputError
+
+    if reproject:
+        return _reproject(scenario, profile=profile, out=out, quiet=quiet)
+    if scenario.is_dir():
+        raise InputError(str(scenario), "scenario", "is a folder: give a scenario YAML (or --reproject, for the "
+                                                    "folder of an --executor model run)")
     bs = parse_int_list(batch_sizes, "--batch-sizes")
     sc, base = load_scenario(scenario, {"batch_sizes": bs} if bs else None)
-    from simulator.errors import InputError
 
     if sc.what_if is not None and sc.what_if.given():
         raise InputError(str(scenario), "what_if", "validate measures this machine as it is: a hardware what-if "
@@ -210,6 +220,9 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
     say(f"{sc.name}: {report['model']} ({report['moe_layers']} MoE layers) on "
         f"{report['environment']['gpu'] if timing else device}, style {report['style']}, "
         f"profile {report['profile']}, routing {report['routing']}")
+    if report.get("reprojected_from"):
+        say(f"re-projected: the live rows of {report['reprojected_from']} (profile then "
+            f"{report['profile_then']}), projected with this code on the routing each row ran")
     if not timing:
         say("on the CPU only the decisions are checked: timing is not meaningful there (not a GPU's), so "
             "nothing is projected")
@@ -255,6 +268,18 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
     for note in report.get("notes") or []:
         say(f"note: {note}")
     say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
+
+
+def _reproject(run_dir: Path, *, profile, out, quiet) -> None:
+    """``--reproject``: a real-model run's live rows projected again (no GPU)."""
+    from types import SimpleNamespace
+
+    from calibrate.validation.model_rows import reproject, write_model_validation
+
+    report = reproject(run_dir, profile)
+    written = write_model_validation(report, out or run_dir.with_name(run_dir.name + "-reprojected"))
+    if not quiet:
+        print_model_validation(SimpleNamespace(name=report["scenario"]), report, report["device"], written)
 
 
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,

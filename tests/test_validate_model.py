@@ -287,3 +287,55 @@ def test_twin_report_fits_80_columns(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert max(len(ln) for ln in lines) <= 80
     assert sum(ln.split()[:1] == ["cpu-miss"] for ln in lines) == 4 and any("-15.2%" in ln for ln in lines)
+
+
+def test_reproject_gives_the_runs_own_projection_back_and_follows_a_new_profile(tiny_profile, tmp_path):
+    """A run's folder keeps each row's routing (routing.npz): re-projected with the same code and
+    profile every projected figure comes back bit for bit; with a profile whose copies are twice
+    as slow (and a latency of 10 ms a copy, so that the tiny model's copies show), the
+    copying row's projection grows and its live figures stay; the command line
+    writes a folder of its own and prints the table."""
+    import numpy as np
+    from calibrate.validation.model_rows import ROUTING_FILE, reproject, write_model_validation
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    run = tmp_path / "run"
+    written = write_model_validation(rep, run)
+    assert run / ROUTING_FILE in written and (run / ROUTING_FILE).exists()
+    saved = json.loads((run / "validation.json").read_text())
+    assert "_routing" not in saved and saved["spec"]["name"] == "olmoe-1b-7b-tiny"
+    again = reproject(run, str(tiny_profile))
+    for old, new in zip(saved["rows"], again["rows"]):
+        for k in ("sim_median_ms", "sim_steps_ms", "error_pct", "tokens_error_pct", "live_median_ms"):
+            assert new[k] == old[k], k
+    assert again["median_abs_error_pct"] == saved["median_abs_error_pct"]
+    slow = json.loads(Path(tiny_profile).read_text())
+    for kind in ("pinned", "pageable"):
+        c = slow["copy"]["h2d"][kind]
+        c["bandwidth_GBps"] = c["bandwidth_GBps"] / 2
+        c["latency_us"] = 10_000.0
+        c.pop("table", None)
+    (tmp_path / "slow.json").write_text(json.dumps(slow))
+    moved = reproject(run, str(tmp_path / "slow.json"))
+    res, dedup = moved["rows"]
+    assert dedup["sim_median_ms"] > saved["rows"][1]["sim_median_ms"]
+    assert dedup["live_median_ms"] == saved["rows"][1]["live_median_ms"]
+    assert res["sim_median_ms"] == pytest.approx(saved["rows"][0]["sim_median_ms"], rel=1e-9)   # copies none
+    r = CliRunner().invoke(main, ["validate", str(run), "--reproject", "-p", str(tiny_profile)])
+    assert r.exit_code == 0, r.output
+    assert "re-projected" in r.output and (tmp_path / "run-reprojected" / "validation.json").exists()
+    assert np.load(tmp_path / "run-reprojected" / ROUTING_FILE).files
+
+
+def test_reproject_refuses_what_it_cannot_project(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(main, ["validate", str(tmp_path / "empty"), "--reproject"])
+    assert r.exit_code == 2 and "validation.json" in r.output and "Traceback" not in r.output
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "validation.json").write_text(json.dumps({"executor": "model", "timing": True, "rows": []}))
+    r = CliRunner().invoke(main, ["validate", str(old), "--reproject"])
+    assert r.exit_code == 2 and "routing.npz" in r.output and "predates" in r.output
+    r = CliRunner().invoke(main, ["validate", str(old)])
+    assert r.exit_code == 2 and "is a folder" in r.output

@@ -179,9 +179,9 @@ def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
     return Profile.model_validate(d)
 
 
-def probe_factor(steps, prof: Profile, model: str, warm: int) -> tuple[float | None, float | None]:
-    """(the median probe of the timed steps in µs, its ratio to calibration's), or Nones."""
-    vals = [st.probe["dispatch_us"] for st in steps[warm:] if st.probe and st.probe.get("dispatch_us")]
+def probe_factor(probes: list, prof: Profile, model: str) -> tuple[float | None, float | None]:
+    """(the median of the timed steps' probes in µs, its ratio to calibration's), or Nones."""
+    vals = [pr["dispatch_us"] for pr in probes if pr and pr.get("dispatch_us")]
     cal = (prof.engine.get(model).source or {}).get("host_probe_dispatch_us") if model in prof.engine else None
     if not vals:
         return None, None
@@ -229,14 +229,96 @@ def host_pools(built, policies, device: str) -> dict:
 
 
 def write_model_validation(report: dict, out_dir: Path) -> list[Path]:
-    """validation.json (and, with timing, validation.png: live vs projected), written atomically."""
+    """validation.json (and, with timing, validation.png: live vs projected) and the rows'
+    routing (``routing.npz``, for ``--reproject``), written atomically (all or none)."""
+    report = dict(report)
+    traces = report.pop(ROUTING_KEY, None) or {}
+    extra = {ROUTING_FILE: lambda path: write_routing(traces, path)} if traces else {}
     if report["timing"]:
         from calibrate.validation.validate import write_validation
-        return write_validation(report, out_dir)
+        return write_validation(report, out_dir, extra)
     from simulator.atomic import atomic_files
     with atomic_files(Path(out_dir), "--out") as tmp:
         (tmp / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
-    return [Path(out_dir) / "validation.json"]
+        for name, write in extra.items():
+            write(tmp / name)
+    return [Path(out_dir) / "validation.json"] + [Path(out_dir) / n for n in extra]
+
+
+def write_routing(traces: dict[str, Trace], path: Path) -> None:
+    """Each row's decode trace (``p<prompt>_b<batch>``): experts, step offsets, sequences, phases."""
+    arrays = {}
+    for key, tr in traces.items():
+        arrays.update({f"{key}.experts": tr.experts, f"{key}.step_offsets": tr.step_offsets,
+                       f"{key}.seq": tr.seq, f"{key}.phase": tr.phase})
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def read_routing(path: Path, num_experts: int) -> dict[tuple[int, int], Trace]:
+    """:func:`write_routing`'s file back: (prompt, batch) -> Trace (one clear error if unreadable)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            parts: dict[str, dict] = {}
+            for name in z.files:
+                key, _, field = name.partition(".")
+                parts.setdefault(key, {})[field] = z[name]
+        out = {}
+        for key, a in parts.items():
+            prompt, batch = (int(x[1:]) for x in key.split("_"))
+            out[prompt, batch] = Trace(experts=a["experts"], step_offsets=a["step_offsets"], seq=a["seq"],
+                                       phase=a["phase"], num_experts=num_experts).validate(str(path))
+        return out
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(str(path), "routing", f"cannot read the rows' routing: {e}") from None
+
+
+def reproject(run_dir: Path, profile: str | Profile | None = None) -> dict:
+    """A ``--executor model`` run's live rows projected again, with this code and ``profile``
+    (default: the run's), on the routing each row ran: no GPU, no model. Returns the report
+    with the new projections (``reprojected_from``: the run's folder, ``profile_then``: its
+    profile), for :func:`write_model_validation`."""
+    run_dir = Path(run_dir)
+    vj = run_dir / "validation.json"
+    try:
+        doc = json.loads(vj.read_text())
+    except FileNotFoundError:
+        raise InputError(str(vj), "validation.json", "not found: give the folder a `simmoe validate --executor "
+                                                     "model` run wrote") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(str(vj), "validation.json", f"cannot read JSON: {e}") from None
+    if doc.get("executor") != "model" or not doc.get("timing"):
+        raise InputError(str(vj), "executor", "not a timed `--executor model` run (only those have rows to project)")
+    if "spec" not in doc or not (run_dir / ROUTING_FILE).exists():
+        raise InputError(str(run_dir), ROUTING_FILE, "missing: the run predates --reproject (2026-12-02); "
+                                                     "run it again to keep its routing")
+    spec = ModelSpec.model_validate(doc["spec"])
+    pols = {p["name"]: PolicySpec.model_validate(p) for p in doc["policies"]}
+    prof = profile if isinstance(profile, Profile) else load_profile(profile or doc["profile"])
+    prof_name = profile if isinstance(profile, str) else doc["profile"]
+    style, warm = doc["style"], doc["warmup_steps"]
+    require_style(prof, spec.name, style, str(profile or doc["profile"]))
+    traces = read_routing(run_dir / ROUTING_FILE, spec.num_experts)
+    rows, cells, ones = [], [], []
+    for r in doc["rows"]:
+        row = {k: v for k, v in r.items() if k not in PROJECTED}
+        key = (row["prompt"], row["batch_size"])
+        if row["policy"] not in pols or key not in traces:
+            raise InputError(str(vj), "rows", f"row {row['policy']} B={key[1]} prompt {key[0]}: "
+                                              "its policy or routing is missing")
+        pol, tr = pols[row["policy"]], traces[key]
+        ones.append(project_row(row, pol, key[0], tr, spec=spec, sc_name=doc["scenario"], prof=prof,
+                                prof_name=prof_name, style=style, dense_ms=doc.get("dense_ms_per_layer"),
+                                seed=doc.get("seed", 0), warm=warm))
+        cells.append((pol, key[0], key[1], tr))
+        rows.append(row)
+    if any(p.name == "resident" for p, *_ in cells):
+        paired_errors(rows, cells, ones, prof, spec.name, warm)
+    return {**doc, "rows": rows, "profile": prof_name, "profile_then": doc["profile"],
+            "reprojected_from": str(run_dir), **summary_stats(rows, True),
+            ROUTING_KEY: {f"p{p}_b{b}": tr for (p, b), tr in traces.items()}}
 
 
 # ----------------------------------------------------------------- scenario -> built model
@@ -418,38 +500,19 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers
                                     for one, _ in ran[i] for st in one),
                "probes": [st.probe for st in steps]}
+        fast = [st for st in steps if st.host_fast]   # --host-state fast: the steps that ended fast
+        if fast:
+            row.update(fast_steps=[[st.step, st.latency_ms] for st in fast])
         if timing:
-            one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
-                               sc.engine.dense_ms_per_layer, sc.seed)
-            ones.append(one)
-            sim = project(one, tr, prof)
-            med = statistics.median(sim[warm:])
-            live_ms = row["live_median_ms"]
-            row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
-                       error_pct=(med - live_ms) / live_ms * 100,
-                       tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
-            fast = [st for st in steps if st.host_fast]   # --host-state fast: the steps that ended fast
-            if fast:
-                fast_live = statistics.median(st.latency_ms for st in fast)
-                fast_sim = statistics.median(sim[st.step] for st in fast)
-                row.update(live_fast_steps=len(fast), live_fast_median_ms=fast_live, sim_fast_median_ms=fast_sim,
-                           error_fast_pct=(fast_sim - fast_live) / fast_live * 100)
-            now, factor = probe_factor(steps, prof, built.spec.name, 0)
-            row.update(probe_dispatch_us=now, host_factor=factor)
-            if factor is not None:   # the host terms at the speed the probe met beside the row
-                now_ms = statistics.median(project(one, tr, host_scaled(prof, built.spec.name, factor))[warm:])
-                row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
+            ones.append(project_row(row, pol, prompt, tr, spec=built.spec, sc_name=sc.name, prof=prof,
+                                    prof_name=prof_name, style=style, dense_ms=sc.engine.dense_ms_per_layer,
+                                    seed=sc.seed, warm=warm))
         rows.append(row)
     if progress:
         progress(total, total, "done")
     if timing and resident:
         paired_errors(rows, cells, ones, prof, built.spec.name, warm)
-    paired = np.abs([r["error_paired_pct"] for r in rows if r.get("error_paired_pct") is not None])
-    errs = np.abs([r["error_pct"] for r in rows]) if timing else np.zeros(0)
-    now_errs = np.abs([r["error_now_pct"] for r in rows if r.get("error_now_pct") is not None])
-    fast_errs = np.abs([r["error_fast_pct"] for r in rows if r.get("live_fast_steps", 0) >= MIN_FAST_STEPS])
     gate = host_state.gate()
-    tok = np.abs([r["tokens_error_pct"] for r in rows]) if timing else np.zeros(0)
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"])
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
@@ -459,18 +522,71 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                                                 "cpus": _cpus()},
             "build_s": build_s, "rows": rows, "host_now": None, "notes": notes,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
-            "median_abs_error_pct": float(np.median(errs)) if timing else None,
-            "worst_abs_error_pct": float(errs.max()) if timing else None,
-            "median_abs_error_now_pct": float(np.median(now_errs)) if len(now_errs) else None,
-            "worst_abs_error_now_pct": float(now_errs.max()) if len(now_errs) else None,
-            "median_abs_tokens_error_pct": float(np.median(tok)) if timing else None,
             "host_state": gate.summary() if gate is not None else None,
-            "fast_rows": len(fast_errs),
-            "paired_rows": len(paired),
-            "median_abs_error_paired_pct": float(np.median(paired)) if len(paired) else None,
-            "worst_abs_error_paired_pct": float(paired.max()) if len(paired) else None,
-            "median_abs_error_fast_pct": float(np.median(fast_errs)) if len(fast_errs) else None,
-            "worst_abs_error_fast_pct": float(fast_errs.max()) if len(fast_errs) else None}
+            **summary_stats(rows, timing),
+            # what ``--reproject`` needs to project these rows again (routing: ROUTING_FILE)
+            "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
+            "seed": sc.seed, "dense_ms_per_layer": sc.engine.dense_ms_per_layer,
+            ROUTING_KEY: {f"p{prompt}_b{b}": tr for (prompt, b), tr in traces.items()}}
+
+
+#: the live rows' routing, beside validation.json (``simmoe validate RUN --reproject``)
+ROUTING_FILE = "routing.npz"
+ROUTING_KEY = "_routing"   # the report's traces, written to ROUTING_FILE, not to the JSON
+#: the fields a projection sets on a row (cleared before a re-projection)
+PROJECTED = ("sim_median_ms", "sim_tokens_per_s", "sim_steps_ms", "error_pct", "tokens_error_pct",
+             "live_fast_steps", "live_fast_median_ms", "sim_fast_median_ms", "error_fast_pct", "probe_dispatch_us",
+             "host_factor", "sim_now_median_ms", "error_now_pct", "host_factor_paired", "sim_paired_median_ms",
+             "error_paired_pct")
+
+
+def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: ModelSpec, sc_name: str,
+                prof: Profile, prof_name: str, style: str, dense_ms: float | None, seed: int, warm: int) -> Scenario:
+    """Project one live row (its routing ``tr``) and set the projected fields on ``row``: the
+    median step after ``warm``, tokens/s, the errors; with the steps that ended in the host's
+    fast state (``fast_steps``), their error; with probes beside the steps, the projection at
+    the host's speed then ("now"). Returns the row's one-row scenario."""
+    b = int(tr.max_step_tokens)
+    one = row_scenario(sc_name, spec, pol, tr, prompt, prof_name, style, dense_ms, seed)
+    sim = project(one, tr, prof)
+    med = statistics.median(sim[warm:])
+    live_ms = row["live_median_ms"]
+    row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
+               error_pct=(med - live_ms) / live_ms * 100,
+               tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
+    fast = row.get("fast_steps") or []
+    if fast:
+        fast_live = statistics.median(ms for _, ms in fast)
+        fast_sim = statistics.median(sim[s] for s, _ in fast)
+        row.update(live_fast_steps=len(fast), live_fast_median_ms=fast_live, sim_fast_median_ms=fast_sim,
+                   error_fast_pct=(fast_sim - fast_live) / fast_live * 100)
+    now, factor = probe_factor(row.get("probes") or [], prof, spec.name)
+    row.update(probe_dispatch_us=now, host_factor=factor)
+    if factor is not None:   # the host terms at the speed the probe met beside the row
+        now_ms = statistics.median(project(one, tr, host_scaled(prof, spec.name, factor))[warm:])
+        row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
+    return one
+
+
+def summary_stats(rows: list[dict], timing: bool) -> dict:
+    """The report's medians and worsts of |error| over the rows (plain, now, fast, paired, tokens/s)."""
+    def col(key, pred=lambda r: True):
+        return np.abs([r[key] for r in rows if r.get(key) is not None and pred(r)])
+    errs = col("error_pct") if timing else np.zeros(0)
+    now_errs, paired, tok = col("error_now_pct"), col("error_paired_pct"), col("tokens_error_pct")
+    fast_errs = col("error_fast_pct", lambda r: r.get("live_fast_steps", 0) >= MIN_FAST_STEPS)
+
+    def med(a):
+        return float(np.median(a)) if len(a) else None
+
+    def worst(a):
+        return float(a.max()) if len(a) else None
+    return {"median_abs_error_pct": med(errs) if timing else None, "worst_abs_error_pct": worst(errs) if timing else None,
+            "median_abs_error_now_pct": med(now_errs), "worst_abs_error_now_pct": worst(now_errs),
+            "median_abs_tokens_error_pct": med(tok) if timing else None,
+            "fast_rows": len(fast_errs), "paired_rows": len(paired),
+            "median_abs_error_paired_pct": med(paired), "worst_abs_error_paired_pct": worst(paired),
+            "median_abs_error_fast_pct": med(fast_errs), "worst_abs_error_fast_pct": worst(fast_errs)}
 
 
 def _cpus() -> str:

@@ -305,8 +305,9 @@ def _readable_log_ticks(scatter, errors, batches: list[int]) -> None:
     errors.xaxis.set_minor_locator(NullLocator())
 
 
-def write_validation(report: dict, out_dir: Path) -> list[Path]:
-    """validation.json and validation.png (live vs simulated), written atomically."""
+def write_validation(report: dict, out_dir: Path, extra: dict | None = None) -> list[Path]:
+    """validation.json and validation.png (live vs simulated), written atomically; ``extra``:
+    more files of the same folder, name -> a function writing it at the path it is given."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,6 +344,8 @@ def write_validation(report: dict, out_dir: Path) -> list[Path]:
         with atomic_files(out_dir, "--out") as tmp:   # both files or none
             (tmp / "validation.json").write_text(json.dumps(report, indent=1) + "\n")
             fig.savefig(tmp / "validation.png", dpi=120)
+            for name, write in (extra or {}).items():
+                write(tmp / name)
     finally:
         plt.close(fig)
-    return [out_dir / "validation.json", out_dir / "validation.png"]
+    return [out_dir / "validation.json", out_dir / "validation.png"] + [out_dir / n for n in (extra or {})]
