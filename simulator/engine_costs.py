@@ -387,12 +387,27 @@ class MixedStepCost(StyleCost):
                    twin_dense_ms=model.dense_ms_per_layer)
 
     def price(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int,
-              prefill_context: int = 0) -> tuple[float, float]:
+              prefill_context: int = 0, longest: int | None = None) -> tuple[float, float]:
         """``(dense op ms per MoE layer, per-step extra ms)`` of one mixed step;
-        ``prefill_context``: the sum of its prefill chunks' offsets into their prompts."""
+        ``prefill_context``: the sum of its prefill chunks' offsets into their prompts;
+        ``longest``: its longest row of new tokens. In a padded style
+        (:data:`simulator.engine_styles.PADDED_STYLES`) a step of several rows, one longer than
+        a token, runs its non-expert part on ``sequences x longest`` tokens: priced as one
+        prefill of that many (which charges the padded rows' attention as one prompt's, an
+        upper bound, small beside the layers' linear work at chunks of hundreds of tokens),
+        plus the context term of every row (a decode row reads its cache as a chunk does)."""
         if self.style == "twin":
             return self.const, 0.0
+        from .engine_styles import PADDED_STYLES
         t = self.tables
+        if longest and longest > 1 and sequences > 1 and self.style in PADDED_STYLES:
+            padded = sequences * longest
+            p = curve_ms(t.prefill, padded) if t.prefill else self.decode.ms(padded, 1)
+            read = prefill_context + decode_batch * max(0.0, context)
+            layer = p + self.ctx_ms_per_token * read
+            dense_layer = p + (self.dense_ctx_ms_per_token if self.dense_grid else self.ctx_ms_per_token) * read
+            head = curve_ms(t.head, sequences) if t.head else 0.0
+            return (layer if self.override is None else self.override), head + t.dense_layers * dense_layer
         layer = dense_layer = 0.0
         if decode_batch:
             k = self.k_dense
@@ -406,8 +421,8 @@ class MixedStepCost(StyleCost):
         return (layer if self.override is None else self.override), head + t.dense_layers * dense_layer
 
     def add(self, decode_batch: int, context: float, prefill_tokens: int, sequences: int,
-            prefill_context: int = 0) -> None:
-        d, x = self.price(decode_batch, context, prefill_tokens, sequences, prefill_context)
+            prefill_context: int = 0, longest: int | None = None) -> None:
+        d, x = self.price(decode_batch, context, prefill_tokens, sequences, prefill_context, longest)
         self.dense.append(d)
         self.extra.append(x)
 

@@ -33,6 +33,12 @@ GROUPED_STYLES = ("grouped", "offload-grouped", "graphs", "offload-graphs")
 #: simmoe's real-model executor's grouped dispatch between them): priced by their own decode
 #: table (``engine.<model>.styles.<style>.decode``), measured from the replays
 GRAPHED_STYLES = ("graphs", "offload-graphs")
+#: the styles whose batched forward is transformers': a step's rows of new tokens right-padded
+#: to its longest (a decode token beside a 256-token prompt chunk is a row of 256), so the
+#: non-expert part of a mixed step runs on rows x longest tokens (the MoE layers see the real
+#: tokens only, as the live executor routes them): priced so in a serving run
+#: (:meth:`simulator.engine_costs.MixedStepCost.price`)
+PADDED_STYLES = ("hf-eager", "grouped", "offload", "offload-grouped")
 #: the styles that price simmoe's real-model executor, and its dispatch in each
 EXECUTOR_DISPATCH = {"offload": "loop", "offload-grouped": "grouped", "offload-graphs": "graphs"}
 

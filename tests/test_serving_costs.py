@@ -94,3 +94,23 @@ def test_the_driver_prices_chunks_by_their_offsets():
     assert mix.dense[:3] == pytest.approx(want)
     assert want[2] - want[1] == pytest.approx(want[1] - want[0]) and want[1] > want[0]
     assert len(serve_one(sc, sc.policies[0], 1, 0, prof).steps) == 4
+
+
+def test_a_padded_style_prices_a_mixed_step_on_its_padded_rows():
+    """transformers' batched forward pads a step's rows to its longest: a decode token beside a
+    256-token chunk is a row of 256, so the step's non-expert part is one prefill of rows x
+    longest tokens (plus every row's context term); a decode-only or one-row step, and a
+    style that does not pad (graphs), keep the unpadded price (decode and prefill added up as
+    two passes; the padded step is one, so it can be the cheaper)."""
+    prof = load_profile("h200")
+    mix = MixedStepCost.from_scenario(olmoe("offload-grouped"), prof)
+    t = prof.engine["olmoe-1b-7b"]
+    from simulator.engine_costs import curve_ms
+    plain = mix.price(3, 512, 256, 4, prefill_context=0)
+    padded = mix.price(3, 512, 256, 4, prefill_context=0, longest=256)
+    assert padded[0] == pytest.approx(curve_ms(t.prefill, 4 * 256) + mix.ctx_ms_per_token * 3 * 512)
+    assert padded[0] != plain[0] and padded[1] == pytest.approx(plain[1])     # the head: per sequence
+    assert mix.price(4, 512, 0, 4, longest=1) == mix.price(4, 512, 0, 4)       # decode only: no padding
+    assert mix.price(0, 0, 256, 1, longest=256) == mix.price(0, 0, 256, 1)     # one row: none
+    graphs = MixedStepCost.from_scenario(olmoe("offload-graphs"), prof)
+    assert graphs.price(3, 512, 256, 4, longest=256) == graphs.price(3, 512, 256, 4)

@@ -183,7 +183,8 @@ class Driver:
             dec = [it for it in items if it.kind == DECODE]
             ctx = sum(it.row0 + 1 for it in dec) / len(dec) if dec else 0.0
             pre = [it for it in items if it.kind != DECODE]
-            self.cost.add(len(dec), ctx, sum(it.count for it in pre), len(items), sum(it.row0 for it in pre))
+            self.cost.add(len(dec), ctx, sum(it.count for it in pre), len(items), sum(it.row0 for it in pre),
+                          longest=max((it.count for it in items), default=1))
         return self.trace.append(rows, kinds, seqs)
 
     def steps(self):
