@@ -613,6 +613,11 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
     act_bytes = cost.activation_bytes_per_token
     route_ms = cost.copy_ms(ROUTE_ID_BYTES * trace.max_step_tokens * sc.model.top_k, "pageable", "d2h")
     sync_ms = cost.sync
+    # with one host CPU (one host link) for every GPU, each planner's queue model (miss:
+    # cheapest) is told per layer when the CPU (the link) is free of the other GPUs' work, timed
+    # or planned (its times run from the moment the layer's routing reached its host: the
+    # GPU's clock then)
+    cheap_shared = n > 1 and (sh.host or sh.pcie) and any(planners[g].queue is not None for g in live)
     now = 0.0
     rows = []
     for s in range(trace.num_steps):
@@ -627,17 +632,32 @@ def simulate_gpus(sc: Scenario, policy: PolicySpec, trace: Trace, cost: CostMode
             busiest, moved = all_to_all(routing, owner, n, act_bytes)
         for l in range(trace.num_layers):
             layer = {}
+            if ep:
+                for g in live:              # the layer's dense work, then the host reads the routing
+                    gpus[g].dense(route_ms)
+            cpu_busy, link_busy = sh.cpu_free, sh.link_free   # the shared CPU and link, as timed so far
             for g in live:
-                ops = next(plans[g])
-                layer[g] = group_layer(ops) if gpus[g].grouped else ops
-                assert layer[g][0][0] == DENSE
                 if not ep:                  # replicate: each GPU's layer is timed as it is planned
                     gpus[g].dense(route_ms)
+                q = planners[g].queue if cheap_shared else None
+                if q is not None:           # a cost-aware miss sees the others' use of what they share
+                    now_g = gpus[g].now
+                    if sh.host:
+                        q.cpu_ready = max(0.0, max(cpu_busy, sh.cpu_free) - now_g)
+                    if sh.pcie:
+                        q.link_ready = max(0.0, max(link_busy, sh.link_free) - now_g)
+                ops = next(plans[g])
+                if q is not None and ep:    # planned, not yet timed: the next planner waits for them
+                    if sh.host and q.cpu > 0:
+                        cpu_busy = max(cpu_busy, now_g + q.host + q.cpu)
+                    if sh.pcie and q.copy > 0:
+                        link_busy = max(link_busy, now_g + q.copy)
+                layer[g] = group_layer(ops) if gpus[g].grouped else ops
+                assert layer[g][0][0] == DENSE
+                if not ep:
                     gpus[g].expert_ops(layer[g][1:], sh, fetch)
             if not ep:
                 continue
-            for g in live:                  # the layer's dense work, then the host reads the routing
-                gpus[g].dense(route_ms)
             if n > 1:                       # dispatch: when every GPU has its routing
                 a2a = peer_lat + float(busiest[l]) / bw
                 start = max(gpus[g].host for g in live)

@@ -59,7 +59,11 @@ class QueueModel:
     experts, which the planner issues after the layer's GPU work; ``comp``, ``copy``: when each
     stream is free; ``disk``: when each disk lane is free. Between layers the copy stream and
     the disk carry their backlog over, less the layer's dense op (``dense_ms``: the scenario's
-    constant, also for measured engine styles).
+    constant, also for measured engine styles). ``cpu_ready``: when a CPU shared with other
+    GPUs' planners is free of their experts, in the same time base (set per layer by the
+    several-GPU engine, :mod:`simulator.multigpu`; 0 on one GPU); ``link_ready``: the same
+    for a host link shared with them (``shared_pcie``), which this GPU's copies and direct
+    reads wait for.
     """
 
     def __init__(self, cost: CostModel, *, memory: str, load_bytes: int, stored: int, dequant: str | None,
@@ -74,6 +78,7 @@ class QueueModel:
         self.has_cpu = cost.cpu_expert is not None
         self.dense = dense_ms + cost.launch_dense
         self.host = self.cpu = self.comp = self.copy = 0.0
+        self.cpu_ready = self.link_ready = 0.0
         self.disk = [0.0] * queue_depth
         self.arrivals: dict[int, float] = {}   # key -> predicted end of the prefetch copy it arrives by
 
@@ -108,7 +113,7 @@ class QueueModel:
     def load(self, key: int | None = None) -> float:
         """A copy issued now (a prefetch of ``key``, or a demand miss's); returns when it ends."""
         self.host += self.cost.launch_copy
-        end = self.copy = max(self.copy, self.host) + self.copy_ms
+        end = self.copy = max(self.copy, self.host, self.link_ready) + self.copy_ms
         if self.blocking:
             self.host = end + self.tail
         if key is not None:
@@ -137,9 +142,10 @@ class QueueModel:
                 self.comp = max(self.comp, self.host, end) + c.expert_ms(tokens)
             elif how == "direct":
                 self.host = max(self.host, ready) + c.launch_expert
-                self.comp = self.copy = max(self.comp, self.host, self.copy) + c.direct_ms(tokens, self.stored)
+                self.comp = self.copy = max(self.comp, self.host, self.copy, self.link_ready) + c.direct_ms(tokens,
+                                                                                                      self.stored)
             else:
-                start = max(self.host + self.cpu, ready)
+                start = max(self.host + self.cpu, ready, self.cpu_ready)   # the CPU free of the others'
                 self.cpu = start - self.host + c.cpu_path_ms(tokens)
             out[how] = (max(self.comp, self.host + self.cpu), self.host, self.cpu, self.comp, self.copy,
                         list(self.disk))

@@ -260,3 +260,30 @@ def test_peer_fetch_never_increases_pcie_bytes(n, cap, batch, shared, memory, lo
     assert (on["misses"] == off["misses"]).all() and (on["bytes_h2d"] == off["bytes_h2d"]).all()
     assert (on["pcie_bytes"] <= off["pcie_bytes"]).all()
     assert (on["pcie_bytes"] + on["peer_fetch_bytes"] == on["bytes_h2d"]).all()
+
+
+@pytest.mark.parametrize("mode", ["expert-parallel", "replicate"])
+def test_cost_aware_misses_see_the_other_gpus_use_of_a_shared_cpu(mode):
+    """`miss: cheapest` on several GPUs with one host CPU: each planner is told when the CPU is
+    free of the other GPUs' experts (timed, or planned earlier in the same layer), so it sends
+    fewer misses to that CPU than when every GPU has a CPU of its own; with a host each, the
+    decisions are what each planner alone would make."""
+    pol = {"name": "ch", "miss": "cheapest", "cache": {"kind": "lru", "capacity": 24}}
+    shared = run(scenario(pol, {"count": 4, "mode": mode}, batch=64))
+    free = run(scenario(pol, {"count": 4, "mode": mode, "shared_host": False}, batch=64))
+    assert free["cpu_computes"].sum() > 0
+    assert shared["cpu_computes"].sum() < free["cpu_computes"].sum()
+
+
+def test_the_queue_models_cpu_and_link_wait_for_what_others_hold():
+    from simulator.tiers import QueueModel
+    sc = scenario({"name": "ch", "miss": "cheapest", "cache": LRU})
+    cost = cost_model(sc, load_profile("h200"), 8)
+    q = QueueModel(cost, memory="pinned", load_bytes=10 << 20, stored=10 << 20, dequant=None, io="buffered",
+                   queue_depth=1, dense_ms=0.1)
+    free = q.options(4, False)
+    q.cpu_ready, q.link_ready = 50.0, 80.0
+    busy = q.options(4, False)
+    assert busy["cpu"][0] == pytest.approx(50.0 + cost.cpu_path_ms(4)) and busy["cpu"][0] > free["cpu"][0]
+    assert busy["copy"][4] == pytest.approx(80.0 + q.copy_ms) and busy["copy"][0] > free["copy"][0]
+    assert busy["direct"][0] > free["direct"][0]
