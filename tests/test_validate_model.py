@@ -339,3 +339,12 @@ def test_reproject_refuses_what_it_cannot_project(tmp_path):
     assert r.exit_code == 2 and "routing.npz" in r.output and "predates" in r.output
     r = CliRunner().invoke(main, ["validate", str(old)])
     assert r.exit_code == 2 and "is a folder" in r.output
+
+
+def test_a_prompt_past_the_models_positions_is_one_line(tmp_path):
+    """OLMoE-1B-7B has 4,096 positions: a prompt of 4,096 plus the scenario's decode steps is
+    refused before anything is built, with the longest prompt that fits."""
+    path = write_scenario(tmp_path)
+    r = CliRunner().invoke(main, ["validate", str(path), "--executor", "model", "--tiny", "--device", "cpu",
+                                  "--prompt", "4096"])
+    assert r.exit_code == 2 and "positions: at most" in r.output and "Traceback" not in r.output

@@ -436,6 +436,11 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     prompts = prompts or [max(1, sc.trace.prompt_tokens or DEFAULT_PROMPT)]
     if max(prompts) > MAX_CONTEXT:
         raise InputError("command line", "--prompt", f"{max(prompts):,} tokens is past any context (at most {MAX_CONTEXT:,})")
+    arch = spec.arch
+    if max(prompts) + sc.trace.steps > arch.max_positions:
+        raise InputError("command line", "--prompt", f"{max(prompts):,} tokens + {sc.trace.steps} decode steps pass "
+                                                     f"{sc.model.name}'s {arch.max_positions:,} positions: at most "
+                                                     f"{arch.max_positions - sc.trace.steps:,}")
     policies = [scaled_policy(p, sc.model, spec) for p in sc.policies]
     if resident:
         if any(p.name == "resident" for p in policies):
