@@ -5,36 +5,61 @@
 # (docs/validation.md, "The host's two speeds").
 #   bash bench/h200_real_models.sh MODEL [PROMPTS] [CPUS] [STYLES]
 # MODEL: olmoe-1b-7b | deepseek-v2-lite | qwen3-30b-a3b | mixtral-8x7b
+# PROMPTS: one or more, e.g. "256 4000" (OLMoE has 4,096 positions: prompt + steps must fit).
 # STYLES: default "offload-grouped offload" (the grouped executor first: it is copy-bound where
-# copies happen, so the projection holds there within ~1%; the per-expert loop is host-bound).
-# "offload-graphs offload-grouped" adds the graphed executor (non-expert part replayed from
-# piecewise CUDA graphs); its GPU tests passed on the H200 (2026-12-02), but one capture failed
-# there over a static cache of 264 tokens (tests/test_graphs.py's length test), so not yet the default.
+# copies happen, so the projection holds there within a few percent; the per-expert loop is
+# host-bound). "offload-graphs offload-grouped" adds the graphed executor (non-expert part
+# replayed from piecewise CUDA graphs); its GPU tests passed on the H200 (2026-12-02), but one
+# capture failed there over a static cache of 264 tokens (tests/test_graphs.py's length test),
+# so not yet the default.
 # BASE=1 also re-measures the base profile's copy, CPU-expert and host terms on the pinned
 # cores (simmoe calibrate --cpus): the CPU-miss rows need the run's torch threads, and the
-# pageable copies the run's cores. Times measured 2026-12-02 (OLMoE, pinned 2-9): engine
-# calibration of both styles + in situ 72 s (45 s budget + in situ), 24 rows of one style
-# 210-260 s; the base calibration of one model is not yet timed.
-# Writes under ${OUT:-results/h200}/MODEL: the engine run, the merged profile, the validations.
-set -euo pipefail
+# pageable copies the run's cores. PROFILE=FILE starts from that profile instead of the shipped
+# one (a profile an earlier call calibrated) and skips the engine calibration.
+# DEADLINE=S (default 570): seconds from the start after which nothing new starts; each
+# validation is cut at it (timeout), so what finished comes back. STEPS=N overrides the
+# scenario's decode steps. EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
+# only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
+# Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
+# 90-125 s; 24 rows of one style 150-300 s (12 steps: ~210 s); the base calibration is untimed.
+# Writes under results/h200/MODEL: the engine run, the merged profile, the validations (each
+# with routing.npz: `simmoe validate DIR --reproject` projects them again later); with OUT set
+# (the device's), $OUT/MODEL.tgz of all of it, refreshed after each validation (one file: the
+# device brings back at most 8).
+set -uo pipefail
 model=${1:?model}
 prompts=${2:-256}
 cpus=${3:-2-9}
 styles=${4:-offload-grouped offload}
-out=${OUT:-results/h200}/$model
+deadline=${DEADLINE:-570}
+t0=$(date +%s)
+left() { echo $(( deadline - ($(date +%s) - t0) )); }
+root=results/h200
+out=$root/$model
 mkdir -p "$out"
 scenario=scenarios/validate_${model%%-*}_model.yaml
-if [ "${BASE:-0}" = 1 ]; then
-  python -m simmoe calibrate --cpus "$cpus" -m "$model" -n 30 -o "$out/h200.json" --name h200
+if [ -n "${PROFILE:-}" ]; then
+  cp "$PROFILE" "$out/h200.json"
 else
-  cp simulator/profiles/h200.json "$out/h200.json"
+  if [ "${BASE:-0}" = 1 ]; then
+    timeout "$(left)" python -m simmoe calibrate --cpus "$cpus" -m "$model" -n 30 -o "$out/h200.json" --name h200 \
+      || cp simulator/profiles/h200.json "$out/h200.json"
+  else
+    cp simulator/profiles/h200.json "$out/h200.json"
+  fi
+  style_flags=$(for s in $styles; do printf -- "--style %s " "$s"; done)
+  timeout "$(left)" python -m simmoe calibrate engine --model "$model" $style_flags --in-situ \
+      --cpus "$cpus" --max-seconds 100 -o "$out/engine.json" \
+    && python -m simmoe calibrate engine-merge "$out/engine.json" -p "$out/h200.json"
 fi
-style_flags=$(for s in $styles; do printf -- "--style %s " "$s"; done)
-python -m simmoe calibrate engine --model "$model" $style_flags --in-situ \
-    --cpus "$cpus" --max-seconds 60 -o "$out/engine.json"
-python -m simmoe calibrate engine-merge "$out/engine.json" -p "$out/h200.json"
 for style in $styles; do
-  sed "s/style: offload,/style: $style,/" "$scenario" > "$out/scenario-$style.yaml"
-  python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompts" --cpus "$cpus" \
-      -p "$out/h200.json" -o "$out/validate-$style"
+  sed -e "s/style: offload,/style: $style,/" ${STEPS:+-e "s/steps: [0-9]*,/steps: $STEPS,/"} "$scenario" \
+      > "$out/scenario-$style.yaml"
+  for prompt in $prompts; do
+    [ "$(left)" -gt 60 ] || { echo "deadline: $style prompt $prompt not run"; continue; }
+    echo "=== $style prompt $prompt ($(left) s left)"
+    timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt" \
+        --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style-$prompt" ${EXTRA:-}
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/$model.tgz" -C "$root" "$model"; fi
+  done
 done
