@@ -318,7 +318,7 @@ class ModelExecutor:
             self.cache = DynamicCache()
         else:   # a static cache of the prompt and every decode step (calibrate/executors/graphs.py)
             from calibrate.executors.graphs import static_cache
-            self.cache = static_cache(self.b, P + self.trace.num_steps)
+            self.cache = static_cache(self.b, graphed_cache_len(P + self.trace.num_steps))
         saved = [blk.experts for blk in self.b.moe_blocks()]
         for blk, l in zip(self.b.moe_blocks(), range(len(saved))):
             blk.experts = _HostExperts(self, l, saved[l].act_fn)
@@ -329,7 +329,8 @@ class ModelExecutor:
         if self.graphs is not None:   # the pieces around the offloaded experts, captured once
             from calibrate.executors.graphs import GraphedLayers
             self.graphs = GraphedLayers(self.b)
-            self.graphs.capture(self.prompt.shape[0], P + self.trace.num_steps, self.cache, position=P)
+            self.graphs.capture(self.prompt.shape[0], graphed_cache_len(P + self.trace.num_steps), self.cache,
+                                position=P)
 
     def prepare_step(self, s: int):
         """Plan step ``s`` and zero its counters (the MoE layers then execute the plan);
@@ -421,6 +422,15 @@ class _HostExperts(torch.nn.Module):
             views = self.ex._views(self.ex.host[self.layer][e].to(hidden_states.device))
             self.ex._ffn(out, hidden_states, pairs // k, w[pairs], views, self.act_fn)
         return out
+
+
+def graphed_cache_len(tokens: int) -> int:
+    """The static cache's length for ``tokens`` (prompt + steps) in the graphed dispatch: one
+    more (masked, never written) when ``tokens`` is a multiple of 8. On the H200 the one capture
+    that failed (cudaErrorStreamCaptureInvalidated) was over 264 keys, while 129-4,033, 266 and
+    268 captured: every length that captured was not a multiple of 8, where attention may take
+    another kernel (tests/test_graphs.py's length test checks this on a GPU)."""
+    return tokens + 1 if tokens % 8 == 0 else tokens
 
 
 #: prompt tokens (batch x chunk) one prefill forward takes: a long prompt at a large batch is
