@@ -142,8 +142,8 @@ class QueueModel:
                 self.comp = max(self.comp, self.host, end) + c.expert_ms(tokens)
             elif how == "direct":
                 self.host = max(self.host, ready) + c.launch_expert
-                self.comp = self.copy = max(self.comp, self.host, self.copy, self.link_ready) + c.direct_ms(tokens,
-                                                                                                      self.stored)
+                start = max(self.comp, self.host, self.copy, self.link_ready)
+                self.comp = self.copy = start + c.direct_ms(tokens, self.stored)
             else:
                 start = max(self.host + self.cpu, ready, self.cpu_ready)   # the CPU free of the others'
                 self.cpu = start - self.host + c.cpu_path_ms(tokens)
