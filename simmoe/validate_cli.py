@@ -265,6 +265,9 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
             key = {"now": "now", "paired": "paired", "fast": "fast"}[n]
             med, worst = report[f"median_abs_error_{key}_pct"], report[f"worst_abs_error_{key}_pct"]
             say(f"{n}: median |error| {med:.2f}%, worst {worst:.2f}%")
+    if report.get("estimate_s") and report.get("live_s") and not report.get("reprojected_from"):
+        from simulator.estimate import fmt_seconds
+        say(f"the live rows took {fmt_seconds(report['live_s'])} (estimated {fmt_seconds(report['estimate_s'])})")
     for note in report.get("notes") or []:
         say(f"note: {note}")
     say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
@@ -282,6 +285,12 @@ def _reproject(run_dir: Path, *, profile, out, quiet) -> None:
         print_model_validation(SimpleNamespace(name=report["scenario"]), report, report["device"], written)
 
 
+def _say_err(text: str) -> None:
+    """A line on stderr, folded at 80 columns (the live run's estimate)."""
+    import textwrap
+    click.echo(textwrap.fill(text, 80, subsequent_indent="  "), err=True)
+
+
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
                     passes=1):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
@@ -295,7 +304,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
     with progress_bar(quiet, "validating") as cb:
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
-                                progress=cb, passes=passes)
+                                progress=cb, passes=passes, say=None if quiet else _say_err)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         print_model_validation(sc, report, device, written)

@@ -348,3 +348,15 @@ def test_a_prompt_past_the_models_positions_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["validate", str(path), "--executor", "model", "--tiny", "--device", "cpu",
                                   "--prompt", "4096"])
     assert r.exit_code == 2 and "positions: at most" in r.output and "Traceback" not in r.output
+
+
+def test_the_live_rows_are_announced_with_their_projected_time(tiny_profile, tmp_path):
+    """Before the live rows, one line says how long they will take: the projection of their
+    steps and prompts, kept in the report beside the time they took."""
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    lines = []
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, say=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("2 live row(s): about ")
+    steps = sum(sum(r["sim_steps_ms"]) for r in rep["rows"]) / 1e3
+    assert rep["estimate_s"] >= steps > 0 and rep["live_s"] > 0

@@ -416,7 +416,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
-                   passes: int = 1) -> dict:
+                   passes: int = 1, say: Callable[[str], None] | None = None) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -424,7 +424,9 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     ``resident``: a first row ``resident`` with every expert cached and preloaded (the engine
     alone; a scenario cannot name it: a cache there holds at most every expert, staging included).
     On the CPU (``device='cpu'``) only the decisions are checked: CPU timing is not a GPU's,
-    so no projection is made (``timing``: default, not on the CPU; tests force it on the CPU)."""
+    so no projection is made (``timing``: default, not on the CPU; tests force it on the CPU).
+    ``say``: receives one line, with timing, before the live rows: how long they will take
+    (:func:`live_estimate_s`; the report keeps it, ``estimate_s``, beside ``live_s``)."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
@@ -487,6 +489,16 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     # host's speed the resident row meets is the one its neighbours meet (the paired error below)
     cells = [(pol, prompt, b, tr) for (prompt, b), tr in traces.items() for pol in policies]
     total = len(cells) * passes
+    estimate = None
+    if timing:
+        estimate = passes * sum(live_estimate_s(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
+                                                             sc.engine.dense_ms_per_layer, sc.seed), tr, prof, prompt)
+                                for pol, prompt, b, tr in cells)
+        if say:
+            from simulator.estimate import fmt_seconds
+            say(f"{total} live row(s): about {fmt_seconds(estimate)} (their projected steps and prompts; "
+                f"the model took {fmt_seconds(time.perf_counter() - t0)} to build)")
+    live_t0 = time.perf_counter()
     ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
     done = 0
     for p in range(passes):
@@ -513,6 +525,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                                     prof_name=prof_name, style=style, dense_ms=sc.engine.dense_ms_per_layer,
                                     seed=sc.seed, warm=warm))
         rows.append(row)
+    live_s = time.perf_counter() - live_t0   # the live rows and their projections
     if progress:
         progress(total, total, "done")
     if timing and resident:
@@ -528,6 +541,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "build_s": build_s, "rows": rows, "host_now": None, "notes": notes,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "host_state": gate.summary() if gate is not None else None,
+            "estimate_s": estimate, "live_s": live_s,
             **summary_stats(rows, timing),
             # what ``--reproject`` needs to project these rows again (routing: ROUTING_FILE)
             "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
@@ -571,6 +585,27 @@ def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: Mod
         now_ms = statistics.median(project(one, tr, host_scaled(prof, spec.name, factor))[warm:])
         row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
     return one
+
+
+def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int) -> float:
+    """Seconds one live row takes, as its projection has it: its steps, plus its prompt's
+    prefill as the executor runs it (chunks of at most ``PREFILL_CHUNK_TOKENS`` tokens, each
+    copying every expert of every MoE layer from pinned host memory and running the layer's
+    prefill over the chunk). Model build, routing records and CUDA-graph captures are not in
+    it (on the H200, OLMoE: ~45 s to build, then 150-300 s for 24 rows at prompt 256)."""
+    from calibrate.executors.model import PREFILL_CHUNK_TOKENS
+    from simulator.engine_costs import curve_ms
+
+    m = one.model
+    B = int(trace.max_step_tokens)
+    per_chunk = max(16, PREFILL_CHUNK_TOKENS // max(B, 1))
+    chunks = -(-prompt // per_chunk)
+    cost = cost_model(one, prof, B)
+    tables = prof.engine.get(m.name)
+    layer_ms = m.num_experts * cost.copy_ms(m.expert_bytes, "pinned")
+    if tables is not None and tables.prefill:
+        layer_ms += curve_ms(tables.prefill, min(prompt, per_chunk) * B)
+    return (sum(project(one, trace, prof)) + chunks * m.num_layers * layer_ms) / 1e3
 
 
 def summary_stats(rows: list[dict], timing: bool) -> dict:
