@@ -18,7 +18,9 @@
 # one (a profile an earlier call calibrated) and skips the engine calibration.
 # DEADLINE=S (default 570): seconds from the start after which nothing new starts; each
 # validation is cut at it (timeout), so what finished comes back. STEPS=N overrides the
-# scenario's decode steps. EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
+# scenario's decode steps. ROW_BUDGET=S stops a row's steps once they took S seconds (after
+# the warm-up and 3 timed steps; OLMoE's 24 rows at prompt 256: ~127 s projected, ~82 s with 8).
+# EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
 # only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
 # Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
 # 90-125 s; 24 rows of one style 150-300 s (12 steps: ~210 s); the base calibration is untimed.
@@ -59,7 +61,8 @@ for style in $styles; do
     [ "$(left)" -gt 60 ] || { echo "deadline: $style prompt $prompt not run"; continue; }
     echo "=== $style prompt $prompt ($(left) s left)"
     timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt" \
-        --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style-$prompt" ${EXTRA:-}
+        --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style-$prompt" \
+        ${ROW_BUDGET:+--row-budget "$ROW_BUDGET"} ${EXTRA:-}
     if [ -n "${OUT:-}" ]; then tar czf "$OUT/$model.tgz" -C "$root" "$model"; fi
   done
 done

@@ -23,8 +23,10 @@ def register(main: click.Group) -> None:
               help="Twin: live replays per row (within --row-budget), a step's latency its median over them "
                    "[default: 3]. --executor model: passes over all rows, interleaved (row 1..N, then again), "
                    "a row's latency the median of every pass's timed steps [default: 1].")
-@click.option("--row-budget", type=click.FloatRange(0), default=15.0, show_default=True,
-              help="Seconds a row may spend on further replays.")
+@click.option("--row-budget", type=click.FloatRange(0),
+              help="Twin: seconds a row may spend on further replays [default: 15]. --executor model: a row "
+                   "stops its steps once they took this long, after the warm-up and 3 timed steps (a pageable "
+                   "layer-baseline step of OLMoE takes ~2 s on the H200) [default: every step].")
 @click.option("--host-now/--no-host-now", default=None,
               help="Also measure the host terms (issue costs, pageable copy, CPU path) beside each row, with "
                    "calibration's probes between the replays, and report the error with them  [default: on for cuda].")
@@ -120,7 +122,7 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         hs.enable_for(host_state, device)
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
-                               quiet=quiet, passes=repeats or 1)
+                               quiet=quiet, passes=repeats or 1, row_budget=row_budget)
     repeats = repeats or 3
     if tiny or layers or prompts or routing != "own" or host_state:
         from simulator.errors import InputError
@@ -129,7 +131,8 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         raise InputError("command line", flag, "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
-                          row_budget_s=row_budget, host_now=host_now, host_window_s=host_window)
+                          row_budget_s=15.0 if row_budget is None else row_budget, host_now=host_now,
+                          host_window_s=host_window)
     written = write_validation(report, out or results_dir(sc.name, "-validation"))
     if quiet:
         return
@@ -292,7 +295,7 @@ def _say_err(text: str) -> None:
 
 
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
-                    passes=1):
+                    passes=1, row_budget=None):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -304,7 +307,8 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
     with progress_bar(quiet, "validating") as cb:
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
-                                progress=cb, passes=passes, say=None if quiet else _say_err)
+                                progress=cb, passes=passes, say=None if quiet else _say_err,
+                                row_budget_s=row_budget)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         print_model_validation(sc, report, device, written)

@@ -360,3 +360,20 @@ def test_the_live_rows_are_announced_with_their_projected_time(tiny_profile, tmp
     assert len(lines) == 1 and lines[0].startswith("2 live row(s): about ")
     steps = sum(sum(r["sim_steps_ms"]) for r in rep["rows"]) / 1e3
     assert rep["estimate_s"] >= steps > 0 and rep["live_s"] > 0
+
+
+def test_a_row_budget_cuts_a_rows_steps_and_its_projection_follows(tiny_profile, tmp_path):
+    """--row-budget on the model executor: a row stops once its steps took that long, after the
+    warm-up and 3 timed steps; its projection's median is over the same steps."""
+    import statistics
+    path = write_scenario(tmp_path, profile=str(tiny_profile))
+    path.write_text(path.read_text().replace("steps: 2,", "steps: 8,"))
+    sc, base = load_scenario(path)
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, row_budget_s=0.0)
+    warm = rep["warmup_steps"]
+    for r in rep["rows"]:
+        assert r["steps"] == 8 and r["steps_run"] == warm + 3 and len(r["live_steps_ms"]) == 3
+        assert r["sim_median_ms"] == statistics.median(r["sim_steps_ms"][warm:warm + 3])
+    full = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    assert all(r["steps_run"] == 8 for r in full["rows"])

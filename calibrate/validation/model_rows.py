@@ -109,22 +109,30 @@ def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str 
 
 
 # ------------------------------------------------------------------------------- live rows
+#: timed steps a row keeps however short its budget (``row_budget_s``)
+MIN_TIMED_STEPS = 3
+
+
 def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False,
-             dispatch: str = "loop"):
-    """Every step of ``trace`` through :class:`ModelExecutor`; returns the steps and whether
-    every step's decisions and executed work equal the planner's."""
+             dispatch: str = "loop", budget_s: float | None = None, warm: int = 1):
+    """The steps of ``trace`` through :class:`ModelExecutor` (every one, or with ``budget_s``
+    those until they took that long, ``warm`` + ``MIN_TIMED_STEPS`` at least); returns the
+    steps and whether every step's decisions and executed work equal the planner's."""
     from calibrate.executors.model import ModelExecutor
 
     ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe,
                        dispatch=dispatch)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
+    t0 = time.perf_counter()
     try:
         for s in range(trace.num_steps):
             st, dec = ex.run_step(s)
             want = ref.plan_step(s)[1].as_dict()
             same &= dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
             steps.append(st)
+            if budget_s is not None and s + 1 >= warm + MIN_TIMED_STEPS and time.perf_counter() - t0 > budget_s:
+                break
     except torch_oom() as e:
         ex.release()
         raise InputError("command line", "--prompt / --batch-sizes",
@@ -362,12 +370,12 @@ def built_spec(sc: Scenario, tiny: bool, layers: int | None, source: str) -> Mod
 
 
 def host_factor_matching(one: Scenario, trace: Trace, prof: Profile, model: str, live_ms: float, warm: int,
-                         lo: float = 0.2, hi: float = 5.0, iters: int = 14) -> float:
+                         lo: float = 0.2, hi: float = 5.0, iters: int = 14, upto: int | None = None) -> float:
     """The factor on the profile's host terms (:func:`host_scaled`) at which the projection
-    of ``one`` (a resident row) takes ``live_ms`` in the median: bisection (the projection
-    grows with the factor), clamped to [lo, hi]."""
+    of ``one`` (a resident row) takes ``live_ms`` in the median (of its steps ``warm:upto``):
+    bisection (the projection grows with the factor), clamped to [lo, hi]."""
     def med(f: float) -> float:
-        return statistics.median(project(one, trace, host_scaled(prof, model, f))[warm:])
+        return statistics.median(project(one, trace, host_scaled(prof, model, f))[warm:upto])
     if med(lo) >= live_ms:
         return lo
     if med(hi) <= live_ms:
@@ -389,12 +397,13 @@ def paired_errors(rows: list[dict], cells: list, ones: list[Scenario], prof: Pro
     factors = {}
     for row, (pol, prompt, b, tr), one in zip(rows, cells, ones):
         key = (prompt, b)
+        upto = row.get("steps_run")
         if pol.name == "resident":
-            factors[key] = host_factor_matching(one, tr, prof, model, row["live_median_ms"], warm)
+            factors[key] = host_factor_matching(one, tr, prof, model, row["live_median_ms"], warm, upto=upto)
         if key not in factors:
             continue
         f = factors[key]
-        med = statistics.median(project(one, tr, host_scaled(prof, model, f))[warm:])
+        med = statistics.median(project(one, tr, host_scaled(prof, model, f))[warm:upto])
         row.update(host_factor_paired=f, sim_paired_median_ms=med)
         if pol.name != "resident":   # the resident row meets itself by construction
             row["error_paired_pct"] = (med - row["live_median_ms"]) / row["live_median_ms"] * 100
@@ -416,7 +425,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
-                   passes: int = 1, say: Callable[[str], None] | None = None) -> dict:
+                   passes: int = 1, say: Callable[[str], None] | None = None,
+                   row_budget_s: float | None = None) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -492,7 +502,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     estimate = None
     if timing:
         estimate = passes * sum(live_estimate_s(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
-                                                             sc.engine.dense_ms_per_layer, sc.seed), tr, prof, prompt)
+                                                             sc.engine.dense_ms_per_layer, sc.seed), tr, prof, prompt,
+                                                budget_s=row_budget_s, warm=warm)
                                 for pol, prompt, b, tr in cells)
         if say:
             from simulator.estimate import fmt_seconds
@@ -506,12 +517,13 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             if progress:
                 progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
             ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
-                                   dispatch=EXECUTOR_STYLES.get(style, "loop")))
+                                   dispatch=EXECUTOR_STYLES.get(style, "loop"), budget_s=row_budget_s, warm=warm))
             done += 1
     for i, (pol, prompt, b, tr) in enumerate(cells):
         same = all(ok for _, ok in ran[i])
         steps = [st for one, _ in ran[i] for st in one[warm:]]          # every pass's timed steps
         row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps, "passes": passes,
+               "steps_run": max(len(one) for one, _ in ran[i]),   # fewer than steps: cut by --row-budget
                "decisions_identical": same, **live_summary(steps, b, 0),
                "warmup_steps_ms": [st.latency_ms for one, _ in ran[i] for st in one[:warm]],
                "router_agrees": all(st.executed["router_agrees"] == built.spec.num_layers
@@ -568,7 +580,8 @@ def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: Mod
     b = int(tr.max_step_tokens)
     one = row_scenario(sc_name, spec, pol, tr, prompt, prof_name, style, dense_ms, seed)
     sim = project(one, tr, prof)
-    med = statistics.median(sim[warm:])
+    upto = row.get("steps_run")           # the steps the row ran (a --row-budget cuts them)
+    med = statistics.median(sim[warm:upto])
     live_ms = row["live_median_ms"]
     row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
                error_pct=(med - live_ms) / live_ms * 100,
@@ -582,17 +595,19 @@ def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: Mod
     now, factor = probe_factor(row.get("probes") or [], prof, spec.name)
     row.update(probe_dispatch_us=now, host_factor=factor)
     if factor is not None:   # the host terms at the speed the probe met beside the row
-        now_ms = statistics.median(project(one, tr, host_scaled(prof, spec.name, factor))[warm:])
+        now_ms = statistics.median(project(one, tr, host_scaled(prof, spec.name, factor))[warm:upto])
         row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
     return one
 
 
-def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int) -> float:
+def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int, budget_s: float | None = None,
+                    warm: int = 1) -> float:
     """Seconds one live row takes, as its projection has it: its steps, plus its prompt's
     prefill as the executor runs it (chunks of at most ``PREFILL_CHUNK_TOKENS`` tokens, each
     copying every expert of every MoE layer from pinned host memory and running the layer's
     prefill over the chunk). Model build, routing records and CUDA-graph captures are not in
-    it (on the H200, OLMoE: ~45 s to build, then 150-300 s for 24 rows at prompt 256)."""
+    it (on the H200, OLMoE: ~45 s to build, then 150-300 s for 24 rows at prompt 256).
+    ``budget_s``: a row's steps stop once they took that long (after ``warm`` + 3)."""
     from calibrate.executors.model import PREFILL_CHUNK_TOKENS
     from simulator.engine_costs import curve_ms
 
@@ -605,7 +620,16 @@ def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int) -> 
     layer_ms = m.num_experts * cost.copy_ms(m.expert_bytes, "pinned")
     if tables is not None and tables.prefill:
         layer_ms += curve_ms(tables.prefill, min(prompt, per_chunk) * B)
-    return (sum(project(one, trace, prof)) + chunks * m.num_layers * layer_ms) / 1e3
+    sim = project(one, trace, prof)
+    steps_s = sum(sim) / 1e3
+    if budget_s is not None:    # the first step past the budget still runs
+        done, n = 0.0, 0
+        for n, ms in enumerate(sim, 1):
+            done += ms / 1e3
+            if n >= warm + MIN_TIMED_STEPS and done > budget_s:
+                break
+        steps_s = done
+    return steps_s + chunks * m.num_layers * layer_ms / 1e3
 
 
 def summary_stats(rows: list[dict], timing: bool) -> dict:
