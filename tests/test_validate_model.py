@@ -377,3 +377,20 @@ def test_a_row_budget_cuts_a_rows_steps_and_its_projection_follows(tiny_profile,
         assert r["sim_median_ms"] == statistics.median(r["sim_steps_ms"][warm:warm + 3])
     full = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
     assert all(r["steps_run"] == 8 for r in full["rows"])
+
+
+def test_a_row_too_big_for_the_free_gpu_memory_is_one_line_before_any_row():
+    """The slot pool and KV cache of each row against the GPU memory free after the build:
+    the largest row is named before anything runs (on the H200 a 4,000-token row at B=64 ran
+    out of memory minutes into a call)."""
+    from calibrate.executors.model import record_routing
+    from calibrate.models.build import build_model
+    from calibrate.validation.model_rows import check_gpu_memory, resident_policy, row_gpu_bytes
+    b = build_model("olmoe-1b-7b", tiny=True, dtype="fp32")
+    tr = record_routing(b, batch=4, steps=2)
+    pol = resident_policy(b.spec.num_experts, b.spec.num_layers)
+    small, big = row_gpu_bytes(b, pol, tr, 8, 2), row_gpu_bytes(b, pol, tr, 4000, 2)
+    assert big > small > b.spec.num_experts * b.spec.num_layers * b.spec.expert_bytes
+    check_gpu_memory(b, [(pol, 8, 4, tr)], 2, free=10 * small)
+    with pytest.raises(InputError, match=r"row resident B=4 prompt 4000 needs ~.* GiB of GPU memory"):
+        check_gpu_memory(b, [(pol, 8, 4, tr), (pol, 4000, 4, tr)], 2, free=2 * small)

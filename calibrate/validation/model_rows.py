@@ -499,6 +499,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     # host's speed the resident row meets is the one its neighbours meet (the paired error below)
     cells = [(pol, prompt, b, tr) for (prompt, b), tr in traces.items() for pol in policies]
     total = len(cells) * passes
+    if device.startswith("cuda"):
+        check_gpu_memory(built, cells, sc.trace.steps, torch.cuda.mem_get_info(torch.device(device))[0])
     estimate = None
     if timing:
         estimate = passes * sum(live_estimate_s(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
@@ -598,6 +600,31 @@ def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: Mod
         now_ms = statistics.median(project(one, tr, host_scaled(prof, spec.name, factor))[warm:upto])
         row.update(sim_now_median_ms=now_ms, error_now_pct=(now_ms - live_ms) / live_ms * 100)
     return one
+
+
+#: of the GPU memory free after the build, what one row may need (the rest: activations, allocator)
+GPU_MEMORY_SHARE = 0.85
+
+
+def row_gpu_bytes(built, policy: PolicySpec, trace: Trace, prompt: int, steps: int) -> int:
+    """GPU bytes one live row holds beyond the built model: its slot pool and its KV cache of
+    the prompt and every step (a dynamic cache's append copies a layer's cache: counted twice)."""
+    slots = Planner(built.spec, policy, trace).total_slots
+    a = built.spec.arch
+    kv = int(trace.max_step_tokens) * (prompt + steps + 1) * a.kv_bytes_per_token(built.spec.dtype_bytes) \
+        * len(built.decoder_layers)
+    return slots * built.spec.expert_bytes + 2 * kv
+
+
+def check_gpu_memory(built, cells: list, steps: int, free: int) -> None:
+    """One clear line, before any row runs, when a row would need more GPU memory than is free."""
+    for pol, prompt, b, tr in cells:
+        need = row_gpu_bytes(built, pol, tr, prompt, steps)
+        if need > GPU_MEMORY_SHARE * free:
+            raise InputError("command line", "--prompt / --batch-sizes",
+                             f"row {pol.name} B={b} prompt {prompt} needs ~{need / 2**30:.1f} GiB of GPU memory "
+                             f"(expert slots and KV cache), {free / 2**30:.1f} GiB is free after the model: "
+                             "run fewer or smaller rows")
 
 
 def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int, budget_s: float | None = None,
