@@ -17,14 +17,16 @@
 # pageable copies the run's cores. PROFILE=FILE starts from that profile instead of the shipped
 # one (a profile an earlier call calibrated) and skips the engine calibration.
 # DEADLINE=S (default 570): seconds from the start after which nothing new starts; each
-# validation is cut at it (timeout), so what finished comes back. STEPS=N overrides the
+# style's validation (one model build, every prompt) gets an equal share of the time left as
+# its --max-seconds (BUILD_S, default 60, the build's part of it), so its rows that finished
+# come back; a validation still running at the deadline is cut (timeout). STEPS=N overrides the
 # scenario's decode steps. ROW_BUDGET=S stops a row's steps once they took S seconds (after
 # the warm-up and 3 timed steps; OLMoE's 24 rows at prompt 256: ~127 s projected, ~82 s with 8).
 # EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
 # only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
 # Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
 # 90-125 s; 24 rows of one style 150-300 s (12 steps: ~210 s); the base calibration is untimed.
-# Writes under results/h200/MODEL: the engine run, the merged profile, the validations (each
+# Writes under results/h200/MODEL: the engine run, the merged profile, validate-STYLE (each
 # with routing.npz: `simmoe validate DIR --reproject` projects them again later); with OUT set
 # (the device's), $OUT/MODEL.tgz of all of it, refreshed after each validation (one file: the
 # device brings back at most 8).
@@ -54,15 +56,20 @@ else
       --cpus "$cpus" --max-seconds 100 -o "$out/engine.json" \
     && python -m simmoe calibrate engine-merge "$out/engine.json" -p "$out/h200.json"
 fi
+n_styles=$(echo $styles | wc -w)
+prompt_list=$(echo $prompts | tr ' ' ',')
 for style in $styles; do
   sed -e "s/style: offload,/style: $style,/" ${STEPS:+-e "s/steps: [0-9]*,/steps: $STEPS,/"} "$scenario" \
       > "$out/scenario-$style.yaml"
-  for prompt in $prompts; do
-    [ "$(left)" -gt 60 ] || { echo "deadline: $style prompt $prompt not run"; continue; }
-    echo "=== $style prompt $prompt ($(left) s left)"
-    timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt" \
-        --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style-$prompt" \
-        ${ROW_BUDGET:+--row-budget "$ROW_BUDGET"} ${EXTRA:-}
-    if [ -n "${OUT:-}" ]; then tar czf "$OUT/$model.tgz" -C "$root" "$model"; fi
-  done
+  [ "$(left)" -gt 90 ] || { echo "deadline: $style not run"; n_styles=$((n_styles - 1)); continue; }
+  # one model build per style, every prompt in it; the live rows get this style's share of
+  # the time left, less the build (~45 s for OLMoE) and the longest row (~20 s)
+  share=$(( $(left) / n_styles - ${BUILD_S:-60} - 20 ))
+  [ "$share" -gt 30 ] || share=30
+  echo "=== $style prompts $prompt_list ($(left) s left, rows for at most $share s)"
+  timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt_list" \
+      --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style" --max-seconds "$share" \
+      ${ROW_BUDGET:+--row-budget "$ROW_BUDGET"} ${EXTRA:-}
+  n_styles=$((n_styles - 1))
+  if [ -n "${OUT:-}" ]; then tar czf "$OUT/$model.tgz" -C "$root" "$model"; fi
 done

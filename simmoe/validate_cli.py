@@ -27,6 +27,9 @@ def register(main: click.Group) -> None:
               help="Twin: seconds a row may spend on further replays [default: 15]. --executor model: a row "
                    "stops its steps once they took this long, after the warm-up and 3 timed steps (a pageable "
                    "layer-baseline step of OLMoE takes ~2 s on the H200) [default: every step].")
+@click.option("--max-seconds", type=click.FloatRange(0),
+              help="--executor model: start no row once the live rows have taken this long; the rows left "
+                   "are listed (validation.json: rows_not_run) and the rows that ran reported [default: no limit].")
 @click.option("--host-now/--no-host-now", default=None,
               help="Also measure the host terms (issue costs, pageable copy, CPU path) beside each row, with "
                    "calibration's probes between the replays, and report the error with them  [default: on for cuda].")
@@ -54,7 +57,7 @@ def register(main: click.Group) -> None:
 @cpus_option
 @host_state_option
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, host_now, host_window, cpus,
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, max_seconds, host_now, host_window, cpus,
                  executor, tiny, layers, routing, prompts, resident, rates, reproject, host_state, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
@@ -112,6 +115,8 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
             raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
                                                            "give --executor model")
         from .serve_cli import parse_rates, validate_serving_cmd
+        if max_seconds is not None:
+            raise InputError("command line", "--max-seconds", "not for a serving scenario (its rates run whole)")
 
         return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
                                     layers=layers, rates=parse_rates(rates), quiet=quiet)
@@ -122,12 +127,12 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         hs.enable_for(host_state, device)
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
-                               quiet=quiet, passes=repeats or 1, row_budget=row_budget)
+                               quiet=quiet, passes=repeats or 1, row_budget=row_budget, max_seconds=max_seconds)
     repeats = repeats or 3
-    if tiny or layers or prompts or routing != "own" or host_state:
+    if tiny or layers or prompts or routing != "own" or host_state or max_seconds is not None:
         from simulator.errors import InputError
         flag = ("--tiny" if tiny else "--layers" if layers else "--prompt" if prompts
-                else "--routing" if routing != "own" else "--host-state")
+                else "--routing" if routing != "own" else "--host-state" if host_state else "--max-seconds")
         raise InputError("command line", flag, "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
@@ -273,6 +278,9 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
         say(f"the live rows took {fmt_seconds(report['live_s'])} (estimated {fmt_seconds(report['estimate_s'])})")
     for note in report.get("notes") or []:
         say(f"note: {note}")
+    if report.get("rows_not_run"):
+        left = report["rows_not_run"]
+        say(f"--max-seconds {report['max_seconds']:g}: {len(left)} row(s) not run: " + ", ".join(left))
     say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
 
 
@@ -295,7 +303,7 @@ def _say_err(text: str) -> None:
 
 
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
-                    passes=1, row_budget=None):
+                    passes=1, row_budget=None, max_seconds=None):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -308,7 +316,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
                                 progress=cb, passes=passes, say=None if quiet else _say_err,
-                                row_budget_s=row_budget)
+                                row_budget_s=row_budget, max_seconds=max_seconds)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         print_model_validation(sc, report, device, written)

@@ -379,6 +379,28 @@ def test_a_row_budget_cuts_a_rows_steps_and_its_projection_follows(tiny_profile,
     assert all(r["steps_run"] == 8 for r in full["rows"])
 
 
+def test_max_seconds_keeps_the_rows_that_ran_and_names_the_rest(tiny_profile, tmp_path):
+    """--max-seconds on the model executor: no row starts once the live rows took that long;
+    the rows that ran are reported and projected, the others named (rows_not_run); with 0
+    the first row runs (the clock starts with it) and every later one is cut."""
+    path = write_scenario(tmp_path, profile=str(tiny_profile))
+    sc, base = load_scenario(path)
+    sc = sc.model_copy(update={"batch_sizes": [2, 4], "policies": sc.policies[:1]})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, max_seconds=0.0)
+    assert [(r["policy"], r["batch_size"]) for r in rep["rows"]] == [("resident", 2)]
+    assert rep["rows_not_run"] == [f"{sc.policies[0].name} B=2 prompt {rep['rows'][0]['prompt']}",
+                                   f"resident B=4 prompt {rep['rows'][0]['prompt']}",
+                                   f"{sc.policies[0].name} B=4 prompt {rep['rows'][0]['prompt']}"]
+    assert rep["rows"][0]["sim_median_ms"] > 0
+    full = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    assert len(full["rows"]) == 4 and full["rows_not_run"] == []
+
+
+def test_max_seconds_is_only_for_the_model_executor(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--max-seconds", "5"])
+    assert r.exit_code == 2 and "--max-seconds" in r.output and "only with --executor model" in r.output
+
+
 def test_a_row_too_big_for_the_free_gpu_memory_is_one_line_before_any_row():
     """The slot pool and KV cache of each row against the GPU memory free after the build:
     the largest row is named before anything runs (on the H200 a 4,000-token row at B=64 ran

@@ -164,21 +164,23 @@ class ModelExecutor:
         counts = np.bincount(flat, minlength=self.E)
         nxt = np.concatenate([[0], np.cumsum(counts)[:-1]])  # next unserved pair of each expert, in ``order``
         end = nxt + counts
-        order_dev = self._to_device(order)
-        tok = order_dev // k                                  # the pair's token
-        w = top_k_weights.reshape(-1)[order_dev]              # its routing weight
+        if self.grouped:   # each grouped call sends its own pairs (_grouped_window)
+            ops, tok, w = group_layer(self._ops[l]), None, None
+        else:
+            ops = self._ops[l]
+            order_dev = self._to_device(order)
+            tok = order_dev // k                              # the pair's token
+            w = top_k_weights.reshape(-1)[order_dev]          # its routing weight
         out = torch.zeros_like(hidden)
-        for op in (group_layer(self._ops[l]) if self.grouped else self._ops[l]):
+        for op in ops:
             kind = op[0]
             if kind == GROUP:
                 runs = [(c[1], *self._take(nxt, end, c[2] % self.E, c[3])) for c in op[2]]
                 runs = [r for r in runs if r[2] > r[1]]
                 if runs:
-                    for sl in op[1]:
-                        self._wait_load(sl)
+                    self._wait_loads(op[1])
                     self._grouped_ffn(out, hidden, runs, order, k, top_k_weights, act_fn)
-                    for sl in op[1]:
-                        self._mark_read(sl)
+                    self._mark_read(*op[1])
                 ex["computes"] += len(runs)
                 ex["computed_tokens"] += sum(b - a for _, a, b in runs)
             elif kind == DENSE:
@@ -230,12 +232,25 @@ class ModelExecutor:
         if ev is not None:
             torch.cuda.current_stream(self.device).wait_event(ev)
 
-    def _mark_read(self, slot: int) -> None:
-        """The next copy into ``slot`` waits for this compute (CUDA)."""
+    def _wait_loads(self, slots) -> None:
+        """The compute stream waits for the last copies into ``slots``: each copy's event once
+        (the slots of one batched copy share it)."""
+        if not self.cuda:
+            return
+        last = self.last_load
+        events = {id(ev): ev for ev in (last.get(sl) for sl in slots) if ev is not None}
+        stream = torch.cuda.current_stream(self.device)
+        for ev in events.values():
+            stream.wait_event(ev)
+
+    def _mark_read(self, *slots: int) -> None:
+        """The next copy into each of ``slots`` waits for this compute (CUDA): one event
+        recorded after it (a grouped call reads all its slots), shared by the slots."""
         if self.cuda:
             done = torch.cuda.Event()
             done.record(torch.cuda.current_stream(self.device))
-            self.last_read[slot] = done
+            for sl in slots:
+                self.last_read[sl] = done
 
     def _load(self, slots, keys) -> None:
         ex = self._executed
@@ -284,15 +299,19 @@ class ModelExecutor:
 
     def _grouped_window(self, out, hidden, runs, order, k, weights, act_fn):
         lo, hi = runs[0][0], runs[-1][0] + 1
-        sel = np.concatenate([order[a:b] for _, a, b in runs])
-        counts = np.zeros(hi - lo, np.int64)
-        for slot, a, b in runs:
-            counts[slot - lo] += b - a
-        offs = self._to_device(np.cumsum(counts).astype(np.int32))
-        sel_dev = self._to_device(sel)
-        tok = sel_dev // k
-        w = weights.reshape(-1)[sel_dev]
         n, F, H = hi - lo, self.F, self.H
+        sel = np.concatenate([order[a:b] for _, a, b in runs])
+        m = len(sel)
+        # one host buffer, one copy: [the window's cumulative rows | the pairs | their tokens]
+        idx = np.zeros(n + 2 * m, np.int32)
+        for slot, a, b in runs:
+            idx[slot - lo] += b - a
+        np.cumsum(idx[:n], out=idx[:n])
+        idx[n:n + m] = sel
+        idx[n + m:] = sel // k
+        idx_dev = self._to_device(idx)
+        offs, sel_dev, tok = idx_dev[:n], idx_dev[n:n + m], idx_dev[n + m:]
+        w = weights.reshape(-1).index_select(0, sel_dev)
         gate_up = self.pool[lo:hi, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
         down = self.pool[lo:hi, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
         x = hidden.index_select(0, tok).to(self.dtype)

@@ -426,7 +426,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
                    passes: int = 1, say: Callable[[str], None] | None = None,
-                   row_budget_s: float | None = None) -> dict:
+                   row_budget_s: float | None = None, max_seconds: float | None = None) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -436,7 +436,11 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     On the CPU (``device='cpu'``) only the decisions are checked: CPU timing is not a GPU's,
     so no projection is made (``timing``: default, not on the CPU; tests force it on the CPU).
     ``say``: receives one line, with timing, before the live rows: how long they will take
-    (:func:`live_estimate_s`; the report keeps it, ``estimate_s``, beside ``live_s``)."""
+    (:func:`live_estimate_s`; the report keeps it, ``estimate_s``, beside ``live_s``).
+    ``max_seconds``: no row starts once the live rows have taken this long; the rows left
+    are listed in the report (``rows_not_run``), the rows that ran reported as usual (the
+    first row always runs; a run inside a time limit, such as the lent GPU's 10 minutes a
+    call, keeps what it finished)."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
@@ -514,14 +518,19 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     live_t0 = time.perf_counter()
     ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
     done = 0
+    not_run: list[str] = []
     for p in range(passes):
         for i, (pol, prompt, b, tr) in enumerate(cells):
+            if max_seconds is not None and done and time.perf_counter() - live_t0 >= max_seconds:
+                not_run.append(f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
+                continue
             if progress:
                 progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
             ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
                                    dispatch=EXECUTOR_STYLES.get(style, "loop"), budget_s=row_budget_s, warm=warm))
             done += 1
-    for i, (pol, prompt, b, tr) in enumerate(cells):
+    ran_cells = [(i, cell) for i, cell in enumerate(cells) if ran[i]]
+    for i, (pol, prompt, b, tr) in ran_cells:
         same = all(ok for _, ok in ran[i])
         steps = [st for one, _ in ran[i] for st in one[warm:]]          # every pass's timed steps
         row = {"policy": pol.name, "batch_size": b, "prompt": prompt, "steps": tr.num_steps, "passes": passes,
@@ -543,7 +552,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     if progress:
         progress(total, total, "done")
     if timing and resident:
-        paired_errors(rows, cells, ones, prof, built.spec.name, warm)
+        paired_errors(rows, [cell for _, cell in ran_cells], ones, prof, built.spec.name, warm)
     gate = host_state.gate()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"])
@@ -555,7 +564,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "build_s": build_s, "rows": rows, "host_now": None, "notes": notes,
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "host_state": gate.summary() if gate is not None else None,
-            "estimate_s": estimate, "live_s": live_s,
+            "estimate_s": estimate, "live_s": live_s, "max_seconds": max_seconds, "rows_not_run": not_run,
             **summary_stats(rows, timing),
             # what ``--reproject`` needs to project these rows again (routing: ROUTING_FILE)
             "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
