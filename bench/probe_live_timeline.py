@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from calibrate.executors.model import ModelExecutor, record_routing
+from calibrate.executors.model import ModelExecutor, host_experts, record_routing
 from calibrate.measurements.engine import EXECUTOR_STYLES
 from calibrate.models.build import build_model
 from calibrate.validation.model_rows import project, row_scenario
@@ -106,7 +106,6 @@ def main() -> None:
     built = build_model("olmoe-1b-7b", layers=a.layers, tiny=a.tiny, device=a.device)
     trace = record_routing(built, batch=a.batch, steps=a.steps, prompt_tokens=a.prompt, device=a.device)
     prof = load_profile(a.profile)
-    from calibrate.executors.model import host_experts
     host = host_experts(built, pinned=a.device.startswith("cuda"))
     report = {"batch": a.batch, "layers": a.layers, "style": a.style, "prompt": a.prompt,
               "build_s": time.perf_counter() - t0, "rows": {}}

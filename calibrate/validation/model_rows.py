@@ -521,11 +521,12 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     not_run: list[str] = []
     for p in range(passes):
         for i, (pol, prompt, b, tr) in enumerate(cells):
+            label = f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else "")
             if max_seconds is not None and done and time.perf_counter() - live_t0 >= max_seconds:
-                not_run.append(f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
+                not_run.append(label)
                 continue
             if progress:
-                progress(done, total, f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else ""))
+                progress(done, total, label)
             ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
                                    dispatch=EXECUTOR_STYLES.get(style, "loop"), budget_s=row_budget_s, warm=warm))
             done += 1
