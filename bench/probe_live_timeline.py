@@ -51,8 +51,40 @@ def gpu_events(trace_path: Path) -> list[dict]:
         if cat in ("kernel", "gpu_memcpy", "gpu_memset") and "dur" in ev:
             a = ev.get("args", {})
             out.append({"cat": cat, "name": ev.get("name", ""), "ts": float(ev["ts"]), "dur": float(ev["dur"]),
-                        "stream": a.get("stream"), "bytes": a.get("bytes")})
+                        "stream": a.get("stream"), "bytes": a.get("bytes"), "corr": a.get("correlation")})
     return sorted(out, key=lambda e: e["ts"])
+
+
+def launches(trace_path: Path) -> dict:
+    """correlation id -> (host ts of the runtime call that launched it, its name)."""
+    doc = json.loads(trace_path.read_text())
+    return {ev["args"]["correlation"]: (float(ev["ts"]), ev.get("name", ""))
+            for ev in doc.get("traceEvents", [])
+            if ev.get("cat") == "cuda_runtime" and "correlation" in ev.get("args", {})}
+
+
+def gap_detail(evs: list[dict], launched: dict, copy_stream, min_us: float = 300.0) -> list[dict]:
+    """Each gap on the copy stream over ``min_us``: the copy's number after the gap (64 per
+    layer in these rows), whether the host launched it late (launch after the previous copy
+    ended) or the GPU held it (launched early, started late: a wait on an event), and the
+    host calls launched during the gap (what the host was doing)."""
+    cs = [e for e in evs if e["cat"] == "gpu_memcpy" and e["stream"] == copy_stream]
+    calls = sorted(launched.values())
+    out = []
+    for i, (a, b) in enumerate(zip(cs, cs[1:])):
+        gap = b["ts"] - (a["ts"] + a["dur"])
+        if gap < min_us:
+            continue
+        lt = launched.get(b["corr"], (None, ""))[0]
+        end = a["ts"] + a["dur"]
+        during = [n for t, n in calls if end <= t < b["ts"]]
+        names: dict = {}
+        for n in during:
+            names[n] = names.get(n, 0) + 1
+        out.append({"copy": i + 1, "gap_us": gap, "launch_after_prev_end_us": None if lt is None else lt - end,
+                    "start_after_launch_us": None if lt is None else b["ts"] - lt,
+                    "host_calls_in_gap": dict(sorted(names.items(), key=lambda kv: -kv[1])[:8])})
+    return out
 
 
 def summarise(evs: list[dict], steps: int) -> dict:
@@ -122,6 +154,7 @@ def main() -> None:
         p.export_chrome_trace(str(path))
         ex.release()
         evs = gpu_events(path)
+        launched = launches(path)
         with open(path, "rb") as f, gzip.open(str(path) + ".gz", "wb") as g:
             g.write(f.read())
         path.unlink()
@@ -135,6 +168,7 @@ def main() -> None:
                                 "profiled_steps_ms": prof_lat, "sim_median_ms": statistics.median(sim[warm:]),
                                 "sim_steps_ms": sim, **summarise(evs, 2)}
         r = report["rows"][name]
+        r["gaps"] = gap_detail(evs, launched, r.get("copy_stream"))
         print(f"{name}: live {r['live_median_ms']:.2f} ms, sim {r['sim_median_ms']:.2f} ms; "
               f"copy busy {r.get('copy_busy_ms_per_step', 0):.2f} ms/step, gaps {r.get('gap_ms_total_per_step', 0):.2f} "
               f"ms/step, copies {r.get('copy_GBps_median') or 0:.1f} GB/s median", flush=True)

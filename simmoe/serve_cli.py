@@ -112,7 +112,8 @@ def parse_rates(rates: str | None) -> list[float] | None:
     return grid
 
 
-def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, rates, quiet) -> None:
+def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, rates, quiet,
+                         max_seconds=None) -> None:
     """``simmoe validate`` of a serving scenario: live vs projected per-request latency."""
     from calibrate.validation.serving import validate_serving, write_serving_validation
     from simulator.names import results_dir
@@ -123,10 +124,13 @@ def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, 
     check_model_executor(device)
     with progress_bar(quiet, "validating") as cb:
         report = validate_serving(sc, rates=rates, profile=profile, device=device, tiny=tiny, layers=layers,
-                                  base_dir=base, source=str(path), progress=cb)
+                                  base_dir=base, source=str(path), progress=cb, max_seconds=max_seconds)
     written = write_serving_validation(report, out or results_dir(sc.name, "-serving-validation"))
     if not quiet:
         print_serving_validation(report)
+        if report.get("rows_not_run"):
+            left = report["rows_not_run"]
+            click.echo(f"--max-seconds {report['max_seconds']:g}: {len(left)} row(s) not run: " + ", ".join(left))
         click.echo(f"wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [r["mismatch"] for r in report["rows"] if r["mismatch"]]

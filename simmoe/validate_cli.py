@@ -28,8 +28,9 @@ def register(main: click.Group) -> None:
                    "stops its steps once they took this long, after the warm-up and 3 timed steps (a pageable "
                    "layer-baseline step of OLMoE takes ~2 s on the H200) [default: every step].")
 @click.option("--max-seconds", type=click.FloatRange(0),
-              help="--executor model: start no row once the live rows have taken this long; the rows left "
-                   "are listed (validation.json: rows_not_run) and the rows that ran reported [default: no limit].")
+              help="--executor model (a serving scenario too): start no row once the live rows have taken this "
+                   "long; the rows left are listed (validation.json: rows_not_run) and the rows that ran "
+                   "reported [default: no limit].")
 @click.option("--host-now/--no-host-now", default=None,
               help="Also measure the host terms (issue costs, pageable copy, CPU path) beside each row, with "
                    "calibration's probes between the replays, and report the error with them  [default: on for cuda].")
@@ -115,11 +116,8 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
             raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
                                                            "give --executor model")
         from .serve_cli import parse_rates, validate_serving_cmd
-        if max_seconds is not None:
-            raise InputError("command line", "--max-seconds", "not for a serving scenario (its rates run whole)")
-
         return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
-                                    layers=layers, rates=parse_rates(rates), quiet=quiet)
+                                    layers=layers, rates=parse_rates(rates), quiet=quiet, max_seconds=max_seconds)
     if rates:
         raise InputError("command line", "--rates", "only for a serving scenario (a workload: section)")
     if executor == "model":

@@ -9,7 +9,10 @@ Resources, as a CUDA program has them:
   host until done (after a pageable copy, the next call also waits ``host.pageable_tail_us``
   while the driver finishes the staged copy); each step ends with a synchronise.
 - **compute stream**: dense work and expert FFNs, in issue order. An FFN waits for the last
-  load into its slot.
+  load into its slot. A layer's dense op priced from engine tables with a GPU-only grid
+  (``engine.<model>.decode_gpu``) runs as its kernels are issued: it ends no sooner than the
+  lone layer's measured time after its issue, nor than its GPU work alone after the stream
+  is free (so a GPU waiting on copies meets only the GPU part).
 - **copy stream**: host-to-device copies (a copy engine), in issue order. A load waits for the
   last compute that read the slot it overwrites.
 - **disk** (a disk tier, :mod:`simulator.tiers`): ``queue_depth`` lanes of reads into host
@@ -126,9 +129,11 @@ class Engine:
         grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
+            gpu_of = None
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
+            gpu_of = dc.gpu_per_step()             # the dense op's GPU work alone, or None
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
             grouped = dc.grouped                    # a layer's ready experts in one call
@@ -165,6 +170,7 @@ class Engine:
             cpu_ms = 0.0
             if dense_of is not None:
                 dense_ms, extra = dense_of[s], extra_of[s]
+                dense_gpu = dense_ms if gpu_of is None else gpu_of[s]
                 if extra > 0:                       # embedding, LM head, dense layers
                     host += l_dense
                     t = comp_free if comp_free > now else now
@@ -244,8 +250,17 @@ class Engine:
                         t = comp_free if comp_free > now else now
                         if host > t:
                             t = t + (host - t)
-                        comp_free = end = t + dense_ms
-                        busy_c += dense_ms
+                        if gpu_of is None:
+                            comp_free = end = t + dense_ms
+                            busy_c += dense_ms
+                        else:   # its kernels run as they are issued: a GPU behind meets their GPU
+                            end = t + dense_gpu   # work alone, an idle one the lone layer's time
+                            if dense_gpu < dense_ms:
+                                e = host + dense_ms
+                                if e > end:
+                                    end = e
+                            comp_free = end
+                            busy_c += dense_gpu
                         if tl is not None:
                             tl.append(("compute", t, end, DENSE, None, False))
                         # the router's choice reaches the host only when the layer's dense work

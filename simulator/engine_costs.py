@@ -194,6 +194,10 @@ class StyleCost:
     tables: ModelEngine | None
     k_experts: float = 1.0
 
+    def gpu_per_step(self) -> list[float] | None:
+        """The dense op's GPU work alone per step (``decode_gpu``), None without that grid."""
+        return None
+
     def expert_host_ms(self, default_launch_ms: float) -> tuple[float, float]:
         """``(per layer, per expert)`` host time of the style's routed-expert call, as the
         engine prices it: the twin keeps the profile's launch cost and nothing per layer; a
@@ -266,6 +270,7 @@ class DenseCost(StyleCost):
         self.contexts = step_contexts(phases, start_context)
         self.notes: set[str] = set()
         self.k_experts = 1.0
+        self._gpu = None
         if style == "twin" or tables is None:
             if style != "twin":
                 raise ValueError(f"engine style {style!r} needs the profile's engine tables")
@@ -278,8 +283,11 @@ class DenseCost(StyleCost):
         self.k_experts = style_situ_factor(tables.in_situ, style)
         decode = GridCost(decode_t, self.notes)
         dense_grid = GridCost(dense_t, self.notes) if dense_t else None
+        gpu = GridCost(tables.decode_gpu, self.notes) if tables.decode_gpu and not graphed \
+            and override_ms is None else None
         self._dense = np.empty(n)
         self._extra = np.empty(n)
+        self._gpu = np.empty(n) if gpu is not None else None
         for s in range(n):
             c = int(self.contexts[s])
             if phases[s] == PHASE_PREFILL:
@@ -290,6 +298,8 @@ class DenseCost(StyleCost):
                 layer = decode.ms(batch, c) * k_dense
                 dense_layer = (dense_grid.ms(batch, c) if dense_grid else 0.0) * k_dense
             self._dense[s] = layer if override_ms is None else override_ms
+            if gpu is not None:   # a prefill step's layer is GPU-bound: its whole time
+                self._gpu[s] = layer if phases[s] == PHASE_PREFILL else min(gpu.ms(batch, c), layer)
             head = curve_ms(tables.head, batch) if tables.head else 0.0
             self._extra[s] = head + tables.dense_layers * dense_layer
 
@@ -320,6 +330,9 @@ class DenseCost(StyleCost):
         """The dense op's duration and the per-step extra of every step, as lists (the engine
         indexes them by step)."""
         return self._dense.tolist(), self._extra.tolist()
+
+    def gpu_per_step(self) -> list[float] | None:
+        return None if self._gpu is None else self._gpu.tolist()
 
     def dense_ms(self, step: int, layer: int) -> float:
         """The dense (non-expert) op of MoE layer ``layer`` at ``step``."""
@@ -370,8 +383,12 @@ class MixedStepCost(StyleCost):
         self.k_experts = 1.0
         self.ctx_ms_per_token = self.dense_ctx_ms_per_token = 0.0
         self.k_dense = 1.0
+        self.gpu: list[float] | None = None   # the dense op's GPU work alone per step (decode_gpu)
+        self.gpu_grid = None
         if style != "twin":
             decode_t, dense_t, graphed = decode_grids(tables, style)
+            if tables.decode_gpu and not graphed and override_ms is None:
+                self.gpu, self.gpu_grid = [], GridCost(tables.decode_gpu, self.notes)
             self.decode = GridCost(decode_t, self.notes)
             self.dense_grid = GridCost(dense_t, self.notes) if dense_t else None
             self.k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the table
@@ -425,9 +442,15 @@ class MixedStepCost(StyleCost):
         d, x = self.price(decode_batch, context, prefill_tokens, sequences, prefill_context, longest)
         self.dense.append(d)
         self.extra.append(x)
+        if self.gpu is not None:   # a step with prefill in it: GPU-bound, its whole time
+            self.gpu.append(min(self.gpu_grid.ms(decode_batch, max(1.0, context)), d)
+                            if decode_batch and not prefill_tokens else d)
 
     def per_step(self) -> tuple[list[float], list[float]]:
         return self.dense, self.extra
+
+    def gpu_per_step(self) -> list[float] | None:
+        return self.gpu
 
 
 def context_slope(grid: GridCost) -> float:

@@ -245,6 +245,7 @@ class Gpu:
         self.l_copy, self.l_expert, self.l_dense = cost.launch_copy, cost.launch_expert, cost.launch_dense
         self.blocking = memory == "pageable" and cost.pageable_blocks_host
         self.dense_ms, self.dense_of, self.extra_of, self.expert_base = 0.0, None, None, 0.0
+        self.dense_gpu, self.gpu_of = 0.0, None   # the dense op's GPU work alone (Engine's)
         self.grouped, self.group_of, self.dc = False, {}, None
         if isinstance(dense, (int, float)):
             self.dense_ms = dense
@@ -253,6 +254,7 @@ class Gpu:
             self.dc = dc
             n = planner.trace.num_steps
             self.dense_of, self.extra_of = dc.per_step() if holds else ([0.0] * n, [0.0] * n)
+            self.gpu_of = dc.gpu_per_step() if holds else None
             self.expert_base, self.l_expert = dc.expert_host_ms(self.l_expert)
             self.l_copy = dc.load_host_ms(self.l_copy)
             self.grouped = dc.grouped
@@ -276,6 +278,7 @@ class Gpu:
         if self.dense_of is None:
             return
         self.dense_ms, extra = self.dense_of[s], self.extra_of[s]
+        self.dense_gpu = self.dense_ms if self.gpu_of is None else self.gpu_of[s]
         if extra > 0:                       # embedding, LM head, dense layers
             host = self.host + self.l_dense
             now = self.now
@@ -295,8 +298,14 @@ class Gpu:
         t = self.comp_free if self.comp_free > now else now
         if host > t:
             t = t + (host - t)
-        self.comp_free = end = t + self.dense_ms
-        self.busy_c += self.dense_ms
+        g = self.dense_gpu if self.dense_of is not None else self.dense_ms
+        end = t + g
+        if g < self.dense_ms:           # its issue ends no sooner than a lone layer's would
+            e = host + self.dense_ms
+            if e > end:
+                end = e
+        self.comp_free = end
+        self.busy_c += g
         if self.tl is not None:
             self.tl.append(("compute", t, end, DENSE, None, False, self.g))
         if host > now:

@@ -219,6 +219,8 @@ class ModelEngine(_Strict):
     """The engine around the experts of one model (``simmoe calibrate engine``)."""
 
     decode: EngineGrid
+    decode_gpu: EngineGrid | None = Field(None, description="the decode grid's GPU work alone (timed behind a "
+                                          "blocker): what a layer costs after the copies it waits behind")
     dense_decode: EngineGrid | None = None
     dense_layers: int = Field(0, ge=0, description="dense decoder layers per step (priced by dense_decode)")
     prefill: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] per layer")

@@ -157,3 +157,25 @@ def test_cli_validates_a_serving_scenario_on_the_cpu(tmp_path):
                                      "policies": POLICIES[:1]}))
     refused = CliRunner().invoke(main, ["validate", str(plain), "--device", "cpu", "--rates", "1"])
     assert refused.exit_code == 2 and "--rates" in refused.output
+
+
+def test_max_seconds_keeps_the_first_row_and_names_the_rest(tiny_profile):
+    """--max-seconds 0 on a serving scenario: the first row still runs (a report with no row
+    says nothing), every other (rate, policy) is named in rows_not_run, none twice."""
+    rep = validate_serving(parse_scenario(scenario_dict()), rates=[2.0, 40.0], profile=tiny_profile, device="cpu",
+                           tiny=True, timing=True, max_seconds=0.0)
+    assert [(r["rate"], r["policy"]) for r in rep["rows"]] == [(2.0, POLICIES[0]["name"])]
+    want = [f"{p['name']} B=3 rate {r:g}/s" for r in (2.0, 40.0) for p in POLICIES][1:]
+    assert rep["rows_not_run"] == want and rep["max_seconds"] == 0.0 and rep["live_s"] > 0
+
+
+def test_max_seconds_on_the_command_line(tmp_path):
+    """The flag reaches a serving validation and its report names the rows not run."""
+    path = tmp_path / "sv.yaml"
+    path.write_text(yaml.safe_dump(scenario_dict(n=2, policies=POLICIES[:2])))
+    r = CliRunner().invoke(main, ["validate", str(path), "--executor", "model", "--tiny", "--device", "cpu",
+                                  "--rates", "5", "--max-seconds", "0", "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "1 row(s) not run: bypass B=3 rate 5/s" in r.output
+    doc = json.loads((tmp_path / "out" / "validation.json").read_text())
+    assert doc["rows_not_run"] == ["bypass B=3 rate 5/s"] and len(doc["rows"]) == 1

@@ -249,7 +249,12 @@ class EngineMeasurer:
                     call, _ = self.graphed_layer_call(layer_idx, B, C, shapes)
                 else:
                     call = self._layer_call(layer_idx, B, 1, C, self.filled_cache(layer_idx, B, C, shapes))
-                grid[bi][ci] = self._time(call, self._left(budget))
+                grid[bi][ci] = pt = self._time(call, self._left(budget))
+                if not graphs and self.device.type == "cuda":
+                    # the layer's GPU work alone, queued behind a sleep that outlasts its issue:
+                    # what a step whose GPU is behind (waiting on copies) meets of it
+                    pt["gpu_ms"] = self._time(call, self._left(budget), gpu_only=True,
+                                              block_ms=3 * pt["host_ms"])["ms"]
             except torch.OutOfMemoryError:
                 self._skip(table, "out of memory", batch=B, context=C)
             except RuntimeError as e:   # a capture torch refuses: kept, the other tables still measured

@@ -44,12 +44,13 @@ def _fill_row(ctx: list[int], row: list[float | None]) -> tuple[list[float], lis
     return out, filled
 
 
-def grid_section(table: dict) -> dict:
-    """A profile ``EngineGrid`` from a measured decode table (``points[i][j]`` or None)."""
+def grid_section(table: dict, key: str = "ms") -> dict:
+    """A profile ``EngineGrid`` from a measured decode table (``points[i][j]`` or None), of
+    each point's ``key`` (``gpu_ms``: its GPU work alone)."""
     batches, ctx = table["batch"], table["context"]
     rows, keep, filled, measured = [], [], [], []
     for i, b in enumerate(batches):
-        row = [None if p is None else p["ms"] for p in table["points"][i]]
+        row = [None if p is None else p.get(key) for p in table["points"][i]]
         if all(v is None for v in row):
             continue
         full, f = _fill_row(ctx, row)
@@ -65,12 +66,24 @@ def grid_section(table: dict) -> dict:
             "max_abs_error": max(abs(e) for r in errors for e in r)}
 
 
+def gpu_grid_section(table: dict) -> dict | None:
+    """The decode grid's GPU time alone (points timed behind a blocker, ``gpu_ms``), never over
+    the point's own time; None when no point has one (a CPU run, an older document)."""
+    pts = [p for row in table["points"] for p in row if p is not None]
+    if not any(p.get("gpu_ms") for p in pts):
+        return None
+    capped = {**table, "points": [[None if p is None or not p.get("gpu_ms") else {"ms": min(p["gpu_ms"], p["ms"])}
+                                   for p in row] for row in table["points"]]}
+    return grid_section(capped)
+
+
 def engine_section(doc: dict) -> dict:
     """The profile's ``engine[model]`` entry from one ``simmoe calibrate engine`` document."""
     t = doc["tables"]
     arch = get_preset(doc["model"]).arch
     out = {
         "decode": grid_section(t["decode"]),
+        "decode_gpu": gpu_grid_section(t["decode"]),
         "dense_layers": len(arch.dense_layers) if arch else 0,
         "prefill": [[p["tokens"], p["ms"]] for p in t["prefill"]["points"]],
         "head": [[p["batch"], p["ms"]] for p in t["head"]["points"]],
@@ -81,6 +94,8 @@ def engine_section(doc: dict) -> dict:
     probes = [q["dispatch_us"] for q in doc.get("host_probe") or [] if q.get("dispatch_us")]
     if probes:  # the host's dispatch speed while these tables were measured (before, after)
         out["source"]["host_probe_dispatch_us"] = sum(probes) / len(probes)
+    if out["decode_gpu"] is None:
+        del out["decode_gpu"]
     if "dense_decode" in t:
         out["dense_decode"] = grid_section(t["dense_decode"])
     for style, e in t["experts"].items():

@@ -235,11 +235,13 @@ def error_summary(rows: list[dict]) -> dict:
 def validate_serving(sc, *, rates: list[float] | None = None, profile: str | Profile | None = None,
                      device: str = "cuda", tiny: bool = False, layers: int | None = None, base_dir: Path | None = None,
                      source: str = "scenario", progress: Callable[[int, int, str], None] | None = None,
-                     timing: bool | None = None, warmup: bool = True) -> dict:
+                     timing: bool | None = None, warmup: bool = True, max_seconds: float | None = None) -> dict:
     """Every (rate, policy, max batch) of a serving scenario, live on the real model and
     projected (module docstring). ``timing``: project (default: not on the CPU; tests force
     it with a profile that prices the tiny model). ``warmup``: one untimed run of the first
-    two requests before the rows (the first CUDA kernels of a process are slow)."""
+    two requests before the rows (the first CUDA kernels of a process are slow).
+    ``max_seconds``: no row starts once the live rows (warm-up included) took that long (the
+    first always runs); the rows left are named in ``rows_not_run``."""
     from calibrate.validation.model_rows import EXECUTOR_STYLES, _cpus, built_spec, check_host_memory, host_pools
     from calibrate.validation.validate import check_device
     from simulator.engine_costs import require_style
@@ -285,16 +287,21 @@ def validate_serving(sc, *, rates: list[float] | None = None, profile: str | Pro
             torch.cuda.empty_cache()
         return out[0], out[1], deferred
 
+    live_t0 = time.perf_counter()
     if warmup:
         csc = cells[0][1]
         live(csc, policies[0], csc.batch_sizes[0], make_requests(csc.workload, csc.seed, 0, base_dir)[:2])
-    rows, total, done = [], len(cells) * len(policies) * len(sc.batch_sizes), 0
+    rows, total, done, not_run = [], len(cells) * len(policies) * len(sc.batch_sizes), 0, []
     for rate, csc in cells:
         reqs = make_requests(csc.workload, csc.seed, 0, base_dir)
         for i, pol in enumerate(policies):
             for b in csc.batch_sizes:
+                label = f"{pol.name} B={b}" + (f" rate {rate:g}/s" if rate is not None else "")
+                if max_seconds is not None and rows and time.perf_counter() - live_t0 >= max_seconds:
+                    not_run.append(label)
+                    continue
                 if progress:
-                    progress(done, total, f"{pol.name} B={b}" + (f" rate {rate:g}/s" if rate is not None else ""))
+                    progress(done, total, label)
                 began = time.perf_counter()
                 live_req, live_steps, deferred = live(csc, pol, b, reqs)
                 wall = time.perf_counter() - began
@@ -311,7 +318,8 @@ def validate_serving(sc, *, rates: list[float] | None = None, profile: str | Pro
             "timing": timing, "routing": "forced (the scenario's per-request routing)",
             "rates": [r for r, _ in cells], "requests": sc.workload.requests,
             "environment": {"gpu": gpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": _cpus()},
-            "build_s": build_s, "decisions_identical": all(r["decisions_identical"] for r in rows),
+            "build_s": build_s, "live_s": time.perf_counter() - live_t0, "max_seconds": max_seconds,
+            "rows_not_run": not_run, "decisions_identical": all(r["decisions_identical"] for r in rows),
             "errors": error_summary(rows) if timing else None, "rows": rows}
 
 
