@@ -18,7 +18,7 @@
 # one (a profile an earlier call calibrated) and skips the engine calibration.
 # DEADLINE=S (default 570): seconds from the start after which nothing new starts; each
 # style's validation (one model build, every prompt) gets an equal share of the time left as
-# its --max-seconds (BUILD_S, default 60, the build's part of it), so its rows that finished
+# its --max-seconds (BUILD_S, default 75, the build's part of it), so its rows that finished
 # come back; a validation still running at the deadline is cut (timeout). STEPS=N overrides the
 # scenario's decode steps. ROW_BUDGET=S stops a row's steps once they took S seconds (after
 # the warm-up and 3 timed steps; OLMoE's 24 rows at prompt 256: ~127 s projected, ~82 s with 8).
@@ -63,8 +63,10 @@ for style in $styles; do
       > "$out/scenario-$style.yaml"
   [ "$(left)" -gt 90 ] || { echo "deadline: $style not run"; n_styles=$((n_styles - 1)); continue; }
   # one model build per style, every prompt in it; the live rows get this style's share of
-  # the time left, less the build (~45 s for OLMoE) and the longest row (~20 s)
-  share=$(( $(left) / n_styles - ${BUILD_S:-60} - 20 ))
+  # the time left, less the build (45-68 s for OLMoE on the H200), the longest row and the
+  # projections after the rows (~40 s: a 256-prompt run cut at 119 s of rows lost every row
+  # to the deadline, 2026-12-02)
+  share=$(( $(left) / n_styles - ${BUILD_S:-75} - 40 ))
   [ "$share" -gt 30 ] || share=30
   echo "=== $style prompts $prompt_list ($(left) s left, rows for at most $share s)"
   timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt_list" \

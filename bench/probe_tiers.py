@@ -52,7 +52,8 @@ def main() -> int:
         except Exception as e:          # noqa: BLE001  (reported, not hidden)
             errors[pol.name] = f"{type(e).__name__}: {e}"
         print(f"{pol.name}: {time.time() - t0:.0f} s {errors.get(pol.name, '')}", flush=True)
-    (a.out / "validate-tiers.json").write_text(json.dumps({"rows": rows, "errors": errors}, indent=1, default=str))
+        # after each policy: a run cut short keeps the rows it made
+        (a.out / "validate-tiers.json").write_text(json.dumps({"rows": rows, "errors": errors}, indent=1, default=str))
     for r in rows:
         print(f"{r['policy']:>14} B={r['batch_size']:<3} live {r['live_median_ms']:8.3f} sim {r['sim_median_ms']:8.3f} "
               f"err {r['error_pct']:+6.1f}%")

@@ -12,7 +12,12 @@ Resources, as a CUDA program has them:
   load into its slot. A layer's dense op priced from engine tables with a GPU-only grid
   (``engine.<model>.decode_gpu``) runs as its kernels are issued: it ends no sooner than the
   lone layer's measured time after its issue, nor than its GPU work alone after the stream
-  is free (so a GPU waiting on copies meets only the GPU part).
+  is free (so a GPU waiting on copies meets only the GPU part). In a style priced from engine
+  tables (the real model's executors), the router's choice reaches the host only after the
+  host-to-device copies issued before it have finished as well: on the H200 the real model's
+  router read (a small device-to-host copy) waits behind the copy engine's queue
+  (``bench/probe_live_timeline.py``: a next-layer prefetch is issued only once the layer's
+  prefetched copies are done, 3.2-3.7 ms late at two layers in five).
 - **copy stream**: host-to-device copies (a copy engine), in issue order. A load waits for the
   last compute that read the slot it overwrites.
 - **disk** (a disk tier, :mod:`simulator.tiers`): ``queue_depth`` lanes of reads into host
@@ -129,11 +134,12 @@ class Engine:
         grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
-            gpu_of = None
+            gpu_of, route_waits = None, False
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
             gpu_of = dc.gpu_per_step()             # the dense op's GPU work alone, or None
+            route_waits = dc.style != "twin"        # the real model's router read (see above)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
             grouped = dc.grouped                    # a layer's ready experts in one call
@@ -270,6 +276,8 @@ class Engine:
                             now = now + (host - now)
                         if end > now:
                             now = end
+                        if route_waits and copy_free > now:   # behind the copies issued before it
+                            now = copy_free
                         host = now + route_ms + expert_base
                     elif kind == GROUP:             # one grouped call over a layer's ready experts
                         hg = group_of.get(op[4])

@@ -192,7 +192,7 @@ def scaled_engine(engine: dict, gpu: float, host: float, prefill: float | None =
             **{k: getattr(st, k) * host for k in HOST_STYLE_TERMS if getattr(st, k, None) is not None}})
             for s, st in e.styles.items()}
         out[name] = e.model_copy(update={
-            "decode": grid(e.decode), "dense_decode": grid(e.dense_decode),
+            "decode": grid(e.decode), "decode_gpu": grid(e.decode_gpu), "dense_decode": grid(e.dense_decode),
             "prefill": [(t, ms * prefill) for t, ms in e.prefill], "head": [(b, ms * gpu) for b, ms in e.head],
             "styles": styles})
     return out

@@ -14,6 +14,7 @@ import pytest
 
 from calibrate.measurements.engine_profile import engine_section
 from simulator.engine_costs import MixedStepCost
+from simulator.planner import DENSE as DENSE_OP
 from simulator.profile import load_profile, parse_profile
 from simulator.runner import build_trace, cost_model, simulate
 from simulator.scenario import parse_scenario
@@ -120,3 +121,40 @@ def test_calibrated_gpu_points_become_the_grid_capped_at_the_point():
     assert g["batch"] == [1] and g["ms"][0][0] == pytest.approx(0.3) and g["ms"][0][1] <= 1.2
     assert (np.diff(np.array(g["ms"]), axis=1) >= 0).all()
     assert "decode_gpu" not in engine_section(measured_doc())   # a CPU run has none
+
+
+def copy_batches(tl: list) -> list[list[tuple]]:
+    """The copy stream's operations, split where the host issued them from another layer
+    (between two DENSE ops)."""
+    out, cur = [], []
+    for e in tl:            # the timeline is in issue order
+        if e[0] == "compute" and e[3] == DENSE_OP and e[4] is None:
+            if cur:
+                out.append(cur)
+            cur = []
+        elif e[0] == "copy":
+            cur.append(e)
+    return out + ([cur] if cur else [])
+
+
+def test_the_router_read_waits_behind_the_copies_issued_before_it():
+    """A real model's router read queues behind the host-to-device copies issued before it
+    (bench/probe_live_timeline.py on the H200): with next-layer prefetch, the copies a layer
+    issues after its router read start no sooner than the read itself ends after the copies
+    issued before it (a gap of at least the read; without the wait they would queue back to
+    back behind the prefetched ones)."""
+    from simulator.engine import ROUTE_ID_BYTES, Engine
+    from simulator.engine_costs import DenseCost
+    from simulator.planner import Planner
+
+    prof = profile(0.2)
+    sc = scenario(LRU_PF, batch=64)
+    tr = build_trace(sc, 64, 0, None)
+    cost = cost_model(sc, prof, tr.max_step_tokens)
+    tl: list = []
+    Engine(cost, "pinned", DenseCost.for_trace(sc, prof, tr), timeline=tl).run(Planner(sc.model, sc.policies[0], tr))
+    batches = [b for b in copy_batches(tl) if b]
+    assert len(batches) > LAYERS and sum(any(e[5] for e in b) for b in batches) > LAYERS   # prefetches ran
+    read = cost.copy_ms(ROUTE_ID_BYTES * 64 * sc.model.top_k, "pageable", "d2h")
+    gaps = [min(e[1] for e in n) - max(e[2] for e in p) for p, n in zip(batches, batches[1:])]
+    assert min(gaps) >= read - 1e-9

@@ -78,8 +78,10 @@ def test_group_call_gpu_time_comes_from_its_gpu_fit_when_measured():
     is left (near 0); with one (the call timed behind a sleep kernel) it is that fit, which is
     what a layer's step exposes after its last copy lands."""
     prof = load_profile("h200")
-    t = prof.engine["olmoe-1b-7b"]
-    st = t.styles["offload-grouped"].model_copy(update={"gpu_base_ms": None, "gpu_per_expert_ms": None})
+    t = prof.engine["olmoe-1b-7b"].model_copy(update={"in_situ": None})   # host terms as measured
+    st = t.styles["offload-grouped"].model_copy(update={   # a host-bound call: its wall is its host time
+        "base_ms": 0.8, "per_expert_ms": 0.005, "host_base_ms": 0.8, "host_per_expert_ms": 0.005,
+        "gpu_base_ms": None, "gpu_per_expert_ms": None})
     plain = t.model_copy(update={"styles": {**t.styles, "offload-grouped": st}})
     fitted = t.model_copy(update={"styles": {**t.styles, "offload-grouped": st.model_copy(
         update={"gpu_base_ms": 0.05, "gpu_per_expert_ms": 0.004})}})
@@ -134,5 +136,6 @@ def test_a_grouped_calls_gpu_work_overlaps_its_issue_and_follows_its_last_copy()
     L = 16
     host = prof.engine["olmoe-1b-7b"].styles["offload-grouped"].host_base_ms
     assert lat(resident, 0.0) == pytest.approx(lat(resident, 0.5 * host), rel=1e-9)   # hidden under the issue
-    assert lat(resident, 10 * host) > lat(resident, 0.0) + L * 5 * host                # far longer: it shows
+    assert lat(resident, 10 * host) > lat(resident, 0.0) + L * 4 * host                # far longer: it shows
+    # (by less than 10 x host a layer: the dense op after it then meets only its GPU part)
     assert lat(dedup, 1.0) - lat(dedup, 0.0) == pytest.approx(L * 1.0, rel=0.05)      # after each layer's copies
