@@ -31,6 +31,9 @@ def register(main: click.Group) -> None:
               help="--executor model (a serving scenario too): start no row once the live rows have taken this "
                    "long; the rows left are listed (validation.json: rows_not_run) and the rows that ran "
                    "reported [default: no limit].")
+@click.option("--skip-unfit", is_flag=True,
+              help="--executor model: leave out the rows that would not fit the GPU's free memory and list "
+                   "them (validation.json: rows_not_run) [default: one error before any row].")
 @click.option("--host-now/--no-host-now", default=None,
               help="Also measure the host terms (issue costs, pageable copy, CPU path) beside each row, with "
                    "calibration's probes between the replays, and report the error with them  [default: on for cuda].")
@@ -58,7 +61,8 @@ def register(main: click.Group) -> None:
 @cpus_option
 @host_state_option
 @click.option("--quiet", "-q", is_flag=True)
-def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, max_seconds, host_now, host_window, cpus,
+def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, max_seconds, skip_unfit, host_now,
+                 host_window, cpus,
                  executor, tiny, layers, routing, prompts, resident, rates, reproject, host_state, quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
@@ -116,6 +120,9 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
             raise InputError("command line", "--executor", "a serving scenario is validated on the real model: "
                                                            "give --executor model")
         from .serve_cli import parse_rates, validate_serving_cmd
+        if skip_unfit:
+            raise InputError("command line", "--skip-unfit", "not for a serving scenario (its memory is the "
+                                                             "scheduler's: workload.scheduler.gpu_memory)")
         return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
                                     layers=layers, rates=parse_rates(rates), quiet=quiet, max_seconds=max_seconds)
     if rates:
@@ -125,12 +132,14 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         hs.enable_for(host_state, device)
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
-                               quiet=quiet, passes=repeats or 1, row_budget=row_budget, max_seconds=max_seconds)
+                               quiet=quiet, passes=repeats or 1, row_budget=row_budget, max_seconds=max_seconds,
+                               skip_unfit=skip_unfit)
     repeats = repeats or 3
-    if tiny or layers or prompts or routing != "own" or host_state or max_seconds is not None:
+    if tiny or layers or prompts or routing != "own" or host_state or max_seconds is not None or skip_unfit:
         from simulator.errors import InputError
         flag = ("--tiny" if tiny else "--layers" if layers else "--prompt" if prompts
-                else "--routing" if routing != "own" else "--host-state" if host_state else "--max-seconds")
+                else "--routing" if routing != "own" else "--host-state" if host_state
+                else "--max-seconds" if max_seconds is not None else "--skip-unfit")
         raise InputError("command line", flag, "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
@@ -278,7 +287,8 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
         say(f"note: {note}")
     if report.get("rows_not_run"):
         left = report["rows_not_run"]
-        say(f"--max-seconds {report['max_seconds']:g}: {len(left)} row(s) not run: " + ", ".join(left))
+        why = f"--max-seconds {report['max_seconds']:g}: " if report.get("max_seconds") is not None else ""
+        say(f"{why}{len(left)} row(s) not run: " + ", ".join(left))
     say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
 
 
@@ -301,7 +311,7 @@ def _say_err(text: str) -> None:
 
 
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
-                    passes=1, row_budget=None, max_seconds=None):
+                    passes=1, row_budget=None, max_seconds=None, skip_unfit=False):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -314,7 +324,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
         report = validate_model(sc, profile=profile, device=device, tiny=tiny, layers=layers, routing=routing,
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
                                 progress=cb, passes=passes, say=None if quiet else _say_err,
-                                row_budget_s=row_budget, max_seconds=max_seconds)
+                                row_budget_s=row_budget, max_seconds=max_seconds, skip_unfit=skip_unfit)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         print_model_validation(sc, report, device, written)

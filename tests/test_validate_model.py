@@ -414,5 +414,14 @@ def test_a_row_too_big_for_the_free_gpu_memory_is_one_line_before_any_row():
     small, big = row_gpu_bytes(b, pol, tr, 8, 2), row_gpu_bytes(b, pol, tr, 4000, 2)
     assert big > small > b.spec.num_experts * b.spec.num_layers * b.spec.expert_bytes
     check_gpu_memory(b, [(pol, 8, 4, tr)], 2, free=10 * small)
-    with pytest.raises(InputError, match=r"row resident B=4 prompt 4000 needs ~.* GiB of GPU memory"):
+    with pytest.raises(InputError, match=r"row resident B=4 prompt 4000 needs ~.* GiB of GPU memory.*--skip-unfit"):
         check_gpu_memory(b, [(pol, 8, 4, tr), (pol, 4000, 4, tr)], 2, free=2 * small)
+    # --skip-unfit: the rows that do not fit are named, the others kept
+    assert check_gpu_memory(b, [(pol, 8, 4, tr), (pol, 4000, 4, tr), (pol, 8, 4, tr)], 2, free=2 * small,
+                            skip=True) == {1}
+    assert check_gpu_memory(b, [(pol, 8, 4, tr)], 2, free=10 * small, skip=True) == set()
+
+
+def test_skip_unfit_is_only_for_the_model_executor_rows(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--skip-unfit"])
+    assert r.exit_code == 2 and "--skip-unfit" in r.output and "only with --executor model" in r.output

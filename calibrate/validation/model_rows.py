@@ -426,7 +426,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
                    passes: int = 1, say: Callable[[str], None] | None = None,
-                   row_budget_s: float | None = None, max_seconds: float | None = None) -> dict:
+                   row_budget_s: float | None = None, max_seconds: float | None = None,
+                   skip_unfit: bool = False) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -440,7 +441,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     ``max_seconds``: no row starts once the live rows have taken this long; the rows left
     are listed in the report (``rows_not_run``), the rows that ran reported as usual (the
     first row always runs; a run inside a time limit, such as the lent GPU's 10 minutes a
-    call, keeps what it finished)."""
+    call, keeps what it finished). ``skip_unfit``: a row that would not fit the GPU's free
+    memory is left out and named in ``rows_not_run`` (else one error before any row)."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
@@ -503,8 +505,14 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     # host's speed the resident row meets is the one its neighbours meet (the paired error below)
     cells = [(pol, prompt, b, tr) for (prompt, b), tr in traces.items() for pol in policies]
     total = len(cells) * passes
+    not_run: list[str] = []
     if device.startswith("cuda"):
-        check_gpu_memory(built, cells, sc.trace.steps, torch.cuda.mem_get_info(torch.device(device))[0])
+        unfit = check_gpu_memory(built, cells, sc.trace.steps, torch.cuda.mem_get_info(torch.device(device))[0],
+                                 skip=skip_unfit)
+        not_run += [f"{pol.name} B={b} prompt {prompt} (GPU memory)" for i, (pol, prompt, b, _) in enumerate(cells)
+                    if i in unfit]
+        cells = [c for i, c in enumerate(cells) if i not in unfit]
+        total = len(cells) * passes
     estimate = None
     if timing:
         estimate = passes * sum(live_estimate_s(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
@@ -518,7 +526,6 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     live_t0 = time.perf_counter()
     ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
     done = 0
-    not_run: list[str] = []
     for p in range(passes):
         for i, (pol, prompt, b, tr) in enumerate(cells):
             label = f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else "")
@@ -626,15 +633,25 @@ def row_gpu_bytes(built, policy: PolicySpec, trace: Trace, prompt: int, steps: i
     return slots * built.spec.expert_bytes + 2 * kv
 
 
-def check_gpu_memory(built, cells: list, steps: int, free: int) -> None:
-    """One clear line, before any row runs, when a row would need more GPU memory than is free."""
-    for pol, prompt, b, tr in cells:
+def unfit_cells(built, cells: list, steps: int, free: int) -> list[tuple[int, str]]:
+    """``(index, why)`` of each row that would need more GPU memory than is free."""
+    out = []
+    for i, (pol, prompt, b, tr) in enumerate(cells):
         need = row_gpu_bytes(built, pol, tr, prompt, steps)
         if need > GPU_MEMORY_SHARE * free:
-            raise InputError("command line", "--prompt / --batch-sizes",
-                             f"row {pol.name} B={b} prompt {prompt} needs ~{need / 2**30:.1f} GiB of GPU memory "
-                             f"(expert slots and KV cache), {free / 2**30:.1f} GiB is free after the model: "
-                             "run fewer or smaller rows")
+            out.append((i, f"row {pol.name} B={b} prompt {prompt} needs ~{need / 2**30:.1f} GiB of GPU memory "
+                           f"(expert slots and KV cache), {free / 2**30:.1f} GiB is free after the model"))
+    return out
+
+
+def check_gpu_memory(built, cells: list, steps: int, free: int, skip: bool = False) -> set[int]:
+    """Before any row runs: one clear line when a row would need more GPU memory than is free,
+    or with ``skip`` the indices of such rows (left out, and named in the report)."""
+    unfit = unfit_cells(built, cells, steps, free)
+    if unfit and not skip:
+        raise InputError("command line", "--prompt / --batch-sizes",
+                         f"{unfit[0][1]}: run fewer or smaller rows (or --skip-unfit)")
+    return {i for i, _ in unfit}
 
 
 def live_estimate_s(one: Scenario, trace: Trace, prof: Profile, prompt: int, budget_s: float | None = None,
