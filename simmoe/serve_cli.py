@@ -119,7 +119,7 @@ def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, 
     from simulator.names import results_dir
 
     from .display import progress_bar
-    from .validate_cli import check_model_executor
+    from .validate_cli import check_model_executor, not_run_line
 
     check_model_executor(device)
     with progress_bar(quiet, "validating") as cb:
@@ -129,8 +129,7 @@ def validate_serving_cmd(sc, path, base, *, profile, device, out, tiny, layers, 
     if not quiet:
         print_serving_validation(report)
         if report.get("rows_not_run"):
-            left = report["rows_not_run"]
-            click.echo(f"--max-seconds {report['max_seconds']:g}: {len(left)} row(s) not run: " + ", ".join(left))
+            click.echo(not_run_line(report))
         click.echo(f"wrote {', '.join(str(p) for p in written)}")
     if not report["decisions_identical"]:
         bad = [r["mismatch"] for r in report["rows"] if r["mismatch"]]

@@ -286,10 +286,15 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
     for note in report.get("notes") or []:
         say(f"note: {note}")
     if report.get("rows_not_run"):
-        left = report["rows_not_run"]
-        why = f"--max-seconds {report['max_seconds']:g}: " if report.get("max_seconds") is not None else ""
-        say(f"{why}{len(left)} row(s) not run: " + ", ".join(left))
+        say(not_run_line(report))
     say(f"decisions identical: {report['decisions_identical']}; wrote {', '.join(str(p) for p in written)}")
+
+
+def not_run_line(report: dict) -> str:
+    """The rows a report left out (``--max-seconds``, ``--skip-unfit``), in one line."""
+    left = report["rows_not_run"]
+    why = f"--max-seconds {report['max_seconds']:g}: " if report.get("max_seconds") is not None else ""
+    return f"{why}{len(left)} row(s) not run: " + ", ".join(left)
 
 
 def _reproject(run_dir: Path, *, profile, out, quiet) -> None:

@@ -44,13 +44,12 @@ def _fill_row(ctx: list[int], row: list[float | None]) -> tuple[list[float], lis
     return out, filled
 
 
-def grid_section(table: dict, key: str = "ms") -> dict:
-    """A profile ``EngineGrid`` from a measured decode table (``points[i][j]`` or None), of
-    each point's ``key`` (``gpu_ms``: its GPU work alone)."""
+def grid_section(table: dict) -> dict:
+    """A profile ``EngineGrid`` from a measured decode table (``points[i][j]`` or None)."""
     batches, ctx = table["batch"], table["context"]
     rows, keep, filled, measured = [], [], [], []
     for i, b in enumerate(batches):
-        row = [None if p is None else p.get(key) for p in table["points"][i]]
+        row = [None if p is None else p["ms"] for p in table["points"][i]]
         if all(v is None for v in row):
             continue
         full, f = _fill_row(ctx, row)
