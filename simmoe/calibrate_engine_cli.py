@@ -142,6 +142,10 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         styles = "".join(f", {s} {ms:.1f}" for s, ms in (p.get("styles") or {}).items())
         console.print(f"in situ B={p['batch']} context {p['context']}: step without experts {p['null_ms']:.1f} ms, "
                       f"resident {p['resident_ms']:.1f}{styles} ms")
+    if (situ or {}).get("pageable_copy"):
+        pc = situ["pageable_copy"]
+        console.print(f"in situ pageable copies: {pc['ms']:.3f} ms per expert of {pc['bytes'] / 1e6:.1f} MB "
+                      f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
     if t["head"]["points"]:
         h = t["head"]["points"]
         console.print(f"embed + LM head per step: {h[0]['ms']:.3f} ms at batch {h[0]['batch']}, "

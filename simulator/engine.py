@@ -134,7 +134,7 @@ class Engine:
         grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
-            gpu_of, route_waits = None, False
+            gpu_of, route_waits, copy_k = None, False, 1.0
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
@@ -142,6 +142,7 @@ class Engine:
             route_waits = dc.style != "twin"        # the real model's router read (see above)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
+            copy_k = dc.copy_factor(cost, memory)   # pageable copies as the executor's pool meets them
             grouped = dc.grouped                    # a layer's ready experts in one call
             if grouped:
                 expert_base, group_of = 0.0, {}     # active -> (host, GPU) ms of one call
@@ -219,7 +220,7 @@ class Engine:
                         nbytes = op[3]
                         dur = copy_of.get(nbytes)
                         if dur is None:
-                            dur = copy_of[nbytes] = cost.copy_ms(nbytes, memory)
+                            dur = copy_of[nbytes] = cost.copy_ms(nbytes, memory) * copy_k
                         t = copy_free if copy_free > now else now
                         if host > t:
                             t = t + (host - t)

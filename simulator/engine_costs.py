@@ -242,6 +242,18 @@ class StyleCost:
         st = self.tables.styles.get(self.style) if self.tables else None
         return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
 
+    def copy_factor(self, cost, memory: str) -> float:
+        """The factor on the profile's copy times for this run's expert copies: 1, except from
+        pageable memory in a real model's style whose in situ calibration timed the executor's
+        own pageable pool (``in_situ.pageable_copy``: that ms over the profile curve's at the
+        same bytes; the executor's one-tensor-per-expert pool copies slower than the slices of
+        one buffer that ``calibrate`` times, 6.1-6.5 against 7.9 GB/s for OLMoE on the H200)."""
+        situ = self.tables.in_situ if self.tables is not None else None
+        if memory != "pageable" or self.style == "twin" or situ is None or situ.pageable_copy is None:
+            return 1.0
+        pc = situ.pageable_copy
+        return pc.ms / cost.copy_ms(pc.bytes, "pageable")
+
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:
         not measured for the style, or the twin)."""

@@ -196,14 +196,25 @@ class EngineStyle(_Strict):
                                                                 "replayed from CUDA graphs")
 
 
+class PageableCopy(_Strict):
+    """One expert's copy from the executor's own pageable pool, timed as the layer baseline
+    meets it (``calibrate engine --in-situ``)."""
+
+    bytes: int = Field(gt=0, description="the expert's bytes")
+    ms: float = Field(gt=0, le=MAX_US, description="ms per copy, median over layers and passes")
+
+
 class InSitu(_Strict):
     """How a whole decode step meets the isolated tables: factors on the decode table
-    (``dense``) and on the style's expert host terms (``experts``), medians of ``points``."""
+    (``dense``) and on the style's expert host terms (``experts``), medians of ``points``;
+    ``pageable_copy`` scales the profile's pageable copy curve for this model's rows."""
 
     dense: float = Field(gt=0, le=100)
     experts: float | None = Field(None, gt=0, le=100)
     styles: dict[str, float] = Field(default_factory=dict, description="a grouped style's own experts factor "
                                                                        "(its resident steps), by style")
+    pageable_copy: PageableCopy | None = Field(None, description="an expert's copy from the executor's "
+                                               "pageable pool (the profile's pageable curve is scaled to meet it)")
     points: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("styles")

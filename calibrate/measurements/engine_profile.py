@@ -206,5 +206,7 @@ def in_situ_factors(step: dict, section: dict) -> dict:
         return float(statistics.median(v)) if v else None
     styles = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("experts:")})
     by_style = {s: f for s in styles if (f := med(f"experts:{s}")) is not None}
+    copy = step.get("pageable_copy")   # the executor's pageable pool, as the layer baseline meets it
+    copy = {"bytes": copy["bytes"], "ms": copy["ms"]} if copy else None
     return {"dense": med("dense"), "experts": med("experts"), **({"styles": by_style} if by_style else {}),
-            "points": rows}
+            **({"pageable_copy": copy} if copy else {}), "points": rows}
