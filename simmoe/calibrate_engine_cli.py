@@ -11,6 +11,7 @@ from .options import cpus_option, host_state_option
 from rich.console import Console
 
 from simulator.errors import InputError
+from simulator.units import fmt_bytes
 
 
 def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
@@ -144,7 +145,7 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
                       f"resident {p['resident_ms']:.1f}{styles} ms")
     if (situ or {}).get("pageable_copy"):
         pc = situ["pageable_copy"]
-        console.print(f"in situ pageable copies: {pc['ms']:.3f} ms per expert of {pc['bytes'] / 1e6:.1f} MB "
+        console.print(f"in situ pageable copies: {pc['ms']:.3f} ms per expert of {fmt_bytes(pc['bytes'])} "
                       f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
     if t["head"]["points"]:
         h = t["head"]["points"]
