@@ -67,11 +67,12 @@ for style in $styles; do
   sed -e "s/style: offload,/style: $style,/" ${STEPS:+-e "s/steps: [0-9]*,/steps: $STEPS,/"} "$scenario" \
       > "$out/scenario-$style.yaml"
   [ "$(left)" -gt 90 ] || { echo "deadline: $style not run"; n_styles=$((n_styles - 1)); continue; }
-  # one model build per style, every prompt in it; the live rows get this style's share of
-  # the time left, less the build (45-68 s for OLMoE on the H200), the longest row and the
-  # projections after the rows (~40 s: a 256-prompt run cut at 119 s of rows lost every row
-  # to the deadline, 2026-12-02)
-  share=$(( $(left) / n_styles - ${BUILD_S:-75} - 40 ))
+  # one model build per style, every prompt in it; the style's share of the time left
+  # (--max-seconds counts from the command's start, the model's build included: 97-104 s for
+  # OLMoE and DeepSeek-V2-Lite on the H200), less the longest row and the projections after
+  # the rows (~40 s: a 256-prompt run cut at 119 s of rows lost every row to the deadline,
+  # 2026-12-02). At the deadline timeout's SIGTERM stops the rows and the ones done are kept.
+  share=$(( $(left) / n_styles - ${TAIL_S:-60} ))
   [ "$share" -gt 30 ] || share=30
   echo "=== $style prompts $prompt_list ($(left) s left, rows for at most $share s)"
   timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt_list" \

@@ -28,9 +28,10 @@ def register(main: click.Group) -> None:
                    "stops its steps once they took this long, after the warm-up and 3 timed steps (a pageable "
                    "layer-baseline step of OLMoE takes ~2 s on the H200) [default: every step].")
 @click.option("--max-seconds", type=click.FloatRange(0),
-              help="--executor model (a serving scenario too): start no row once the live rows have taken this "
-                   "long; the rows left are listed (validation.json: rows_not_run) and the rows that ran "
-                   "reported [default: no limit].")
+              help="--executor model: start no row once this many seconds have passed since the command "
+                   "began (the model's build included; a serving scenario: since its live rows began); the rows "
+                   "left are listed (validation.json: rows_not_run) and the rows that ran reported; a SIGTERM "
+                   "stops the rows the same way [default: no limit].")
 @click.option("--skip-unfit", is_flag=True,
               help="--executor model: leave out the rows that would not fit the GPU's free memory and list "
                    "them (validation.json: rows_not_run) [default: one error before any row].")
@@ -293,7 +294,8 @@ def print_model_validation(sc, report: dict, device: str, written) -> None:
 def not_run_line(report: dict) -> str:
     """The rows a report left out (``--max-seconds``, ``--skip-unfit``), in one line."""
     left = report["rows_not_run"]
-    why = f"--max-seconds {report['max_seconds']:g}: " if report.get("max_seconds") is not None else ""
+    timed_out = any(not name.endswith(")") for name in left)   # the others carry their reason
+    why = f"--max-seconds {report['max_seconds']:g}: " if timed_out and report.get("max_seconds") is not None else ""
     return f"{why}{len(left)} row(s) not run: " + ", ".join(left)
 
 

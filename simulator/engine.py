@@ -134,7 +134,8 @@ class Engine:
         grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
-            gpu_of, route_waits, copy_k = None, False, 1.0
+            gpu_of, route_waits = None, False
+            copy_price = None
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
@@ -142,7 +143,7 @@ class Engine:
             route_waits = dc.style != "twin"        # the real model's router read (see above)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
-            copy_k = dc.copy_factor(cost, memory)   # pageable copies as the executor's pool meets them
+            copy_price = dc.copy_pricer(cost, memory, l_copy + (tail if blocking else 0.0))
             grouped = dc.grouped                    # a layer's ready experts in one call
             if grouped:
                 expert_base, group_of = 0.0, {}     # active -> (host, GPU) ms of one call
@@ -220,7 +221,8 @@ class Engine:
                         nbytes = op[3]
                         dur = copy_of.get(nbytes)
                         if dur is None:
-                            dur = copy_of[nbytes] = cost.copy_ms(nbytes, memory) * copy_k
+                            dur = copy_of[nbytes] = (cost.copy_ms(nbytes, memory) if copy_price is None
+                                                     else copy_price(nbytes))
                         t = copy_free if copy_free > now else now
                         if host > t:
                             t = t + (host - t)

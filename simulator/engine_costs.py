@@ -242,17 +242,30 @@ class StyleCost:
         st = self.tables.styles.get(self.style) if self.tables else None
         return default_launch_ms if st is None or st.host_per_load_ms is None else st.host_per_load_ms * self.k_experts
 
-    def copy_factor(self, cost, memory: str) -> float:
-        """The factor on the profile's copy times for this run's expert copies: 1, except from
-        pageable memory in a real model's style whose in situ calibration timed the executor's
-        own pageable pool (``in_situ.pageable_copy``: that ms over the profile curve's at the
-        same bytes; the executor's one-tensor-per-expert pool copies slower than the slices of
-        one buffer that ``calibrate`` times, 6.1-6.5 against 7.9 GB/s for OLMoE on the H200)."""
+    def copy_pricer(self, cost, memory: str, host_ms: float):
+        """``nbytes -> ms`` of one copy operation on the copy stream for this run's expert
+        copies: the profile's curve, except from pageable memory in a real model's style whose
+        in situ calibration timed the executor's own pageable pool (``in_situ.pageable_copy``).
+        That pool is one tensor per expert, copied one by one (a coalesced copy of m experts
+        is m copies back to back), and each of its copies is slower than the slices of one
+        buffer that ``calibrate`` times (6.1-7.0 against 7.9 GB/s for OLMoE on the H200). Its
+        ms is the wall per copy with everything around it: an operation of m whole experts
+        costs m of them less ``host_ms``, the host terms the engine adds to each operation
+        (its launch, and the tail after a blocking copy); other sizes: the curve scaled by the
+        measured ms over the curve's at the expert's bytes."""
         situ = self.tables.in_situ if self.tables is not None else None
         if memory != "pageable" or self.style == "twin" or situ is None or situ.pageable_copy is None:
-            return 1.0
+            return lambda nbytes: cost.copy_ms(nbytes, memory)
         pc = situ.pageable_copy
-        return pc.ms / cost.copy_ms(pc.bytes, "pageable")
+        k = pc.ms / cost.copy_ms(pc.bytes, "pageable")
+
+        def price(nbytes: int) -> float:
+            m, rest = divmod(nbytes, pc.bytes)
+            if m and not rest:
+                whole = m * pc.ms
+                return whole - host_ms if whole > 2 * host_ms else whole
+            return cost.copy_ms(nbytes, "pageable") * k
+        return price
 
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:

@@ -247,7 +247,7 @@ class Gpu:
         self.dense_ms, self.dense_of, self.extra_of, self.expert_base = 0.0, None, None, 0.0
         self.dense_gpu, self.gpu_of = 0.0, None   # the dense op's GPU work alone (Engine's)
         self.route_waits = False                  # the real model's router read waits on copies
-        self.copy_k = 1.0                         # pageable copies as the executor's pool meets them
+        self.copy_price = None                    # pageable copies as the executor's pool meets them
         self.grouped, self.group_of, self.dc = False, {}, None
         if isinstance(dense, (int, float)):
             self.dense_ms = dense
@@ -258,9 +258,10 @@ class Gpu:
             self.dense_of, self.extra_of = dc.per_step() if holds else ([0.0] * n, [0.0] * n)
             self.gpu_of = dc.gpu_per_step() if holds else None
             self.route_waits = dc.style != "twin"
-            self.copy_k = dc.copy_factor(cost, memory)
             self.expert_base, self.l_expert = dc.expert_host_ms(self.l_expert)
             self.l_copy = dc.load_host_ms(self.l_copy)
+            tail = cost.pageable_tail if self.blocking else 0.0
+            self.copy_price = dc.copy_pricer(cost, memory, self.l_copy + tail)
             self.grouped = dc.grouped
             if self.grouped:
                 self.expert_base = 0.0
@@ -434,7 +435,8 @@ class Gpu:
         nbytes = op[3]
         dur = self.copy_of.get(nbytes)
         if dur is None:
-            dur = self.copy_of[nbytes] = self.cost.copy_ms(nbytes, self.memory) * self.copy_k
+            dur = self.copy_of[nbytes] = (self.cost.copy_ms(nbytes, self.memory) if self.copy_price is None
+                                          else self.copy_price(nbytes))
         t = self.copy_free if self.copy_free > self.now else self.now
         if self.host > t:
             t = t + (self.host - t)

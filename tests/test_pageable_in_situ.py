@@ -1,10 +1,12 @@
 """Pageable copies as the real-model executor meets them (``engine.<model>.in_situ.pageable_copy``).
 
 ``calibrate engine --in-situ`` times every expert's copy from the executor's own pageable pool
-(one tensor per expert), and the engine scales the profile's pageable curve by that time over
-the curve's at the same bytes, for a real model's style only. Pinned copies, the twin, a
-profile without the term and the several-GPU engine on one GPU keep today's numbers; a factor
-k makes a layer-baseline step's copies k times as long."""
+(one tensor per expert, a layer's copied back to back), the wall per copy with its launch and
+the host's wait. For a real model's style the engine prices a copy of m whole experts from
+pageable memory as m of those less the host terms it adds itself (the layer baseline's layer
+copy is m copies back to back in the executor), other sizes as the curve scaled by the
+measured ms over the curve's. Pinned copies, the twin, a profile without the term and the
+several-GPU engine on one GPU keep today's numbers."""
 from __future__ import annotations
 
 import copy
@@ -54,22 +56,56 @@ LAYER = {"name": "layer-baseline", "load": "layer", "cache": {"kind": "none", "c
 PINNED = {"name": "dedup", "load": "dedup"}
 
 
+def layer_ops(sc) -> int:
+    """Copy operations of a layer-baseline step: one per layer (all its experts in one)."""
+    return get_preset(MODEL).num_layers
+
+
 @pytest.mark.parametrize("style", ["offload-grouped", "offload"])
-def test_a_factor_of_one_is_the_engine_bit_for_bit(style):
+def test_a_layer_copy_costs_its_experts_measured_copies(style):
+    """Each layer's copy of all 64 experts costs 64 measured copies less a fixed host part
+    (the same for any measured ms, positive and below a millisecond), so each step's copy
+    stream grows by exactly L x 64 x the change of the measured ms."""
     sc = scenario(LAYER, style)
-    assert (run(sc, profile(None))["latency_ms"].to_numpy() == run(sc, profile(1.0))["latency_ms"].to_numpy()).all()
+    E, L = get_preset(MODEL).num_experts, layer_ops(sc)
+    plain = cost_model(sc, profile(None), 1).copy_ms(get_preset(MODEL).expert_bytes, "pageable")
+    hosts = []
+    for f in (0.8, 1.0, 1.6):
+        out = run(sc, profile(f))
+        per_step = out["transfer_ms"].to_numpy()
+        hosts.append(E * plain * f - per_step / L)
+    for h in hosts:
+        np.testing.assert_allclose(h, hosts[0], rtol=0, atol=1e-9)
+    assert 0.0 < hosts[0][0] < 1.0
 
 
-@pytest.mark.parametrize("factor", [0.5, 1.3, 2.0])
-def test_pageable_copies_take_the_factor_times_as_long(factor):
-    """The layer baseline copies every expert of each layer: its copy stream's busy time
-    (every byte of the step) scales by the factor, and the step gets slower with it."""
+def test_the_measured_copy_replaces_the_curve_for_a_layer():
+    """At the measured ms equal to the curve's, a layer's copy is 64 single-expert copies,
+    cheaper than the curve's one 800 MB copy whenever the curve's large sizes are slower."""
     sc = scenario(LAYER)
-    base, scaled = run(sc, profile(None)), run(sc, profile(factor))
-    assert scaled["transfer_ms"].sum() == pytest.approx(base["transfer_ms"].sum() * factor, rel=1e-9)
-    assert (scaled["bytes_h2d"] == base["bytes_h2d"]).all()   # the same decisions
-    lat, lat0 = scaled["latency_ms"].to_numpy(), base["latency_ms"].to_numpy()
-    assert ((lat > lat0) if factor > 1 else (lat < lat0)).all()
+    nb = get_preset(MODEL).expert_bytes
+    cm = cost_model(sc, profile(None), 1)
+    E = get_preset(MODEL).num_experts
+    one_copy = cm.copy_ms(nb * E, "pageable")
+    base, situ = run(sc, profile(None)), run(sc, profile(1.0))
+    L = layer_ops(sc)
+    np.testing.assert_allclose(base["transfer_ms"].to_numpy(), L * one_copy, rtol=1e-9)
+    assert (situ["transfer_ms"].to_numpy() < L * E * cm.copy_ms(nb, "pageable")).all()
+    assert (situ["bytes_h2d"] == base["bytes_h2d"]).all()   # the same decisions
+
+
+def test_other_sizes_scale_the_curve():
+    from simulator.engine_costs import DenseCost
+    prof = profile(1.5)
+    sc = scenario(LAYER)
+    cm = cost_model(sc, prof, 1)
+    dc = DenseCost(style="offload-grouped", batch=1, phases=[0], tokens=[1], start_context=256,
+                   tables=prof.engine[MODEL])
+    price = dc.copy_pricer(cm, "pageable", 0.1)
+    nb = get_preset(MODEL).expert_bytes
+    assert price(nb // 2) == pytest.approx(cm.copy_ms(nb // 2, "pageable") * 1.5, rel=1e-12)
+    assert price(3 * nb) == pytest.approx(3 * 1.5 * cm.copy_ms(nb, "pageable") - 0.1, rel=1e-12)
+    assert dc.copy_pricer(cm, "pinned", 0.1)(nb) == cm.copy_ms(nb, "pinned")
 
 
 def test_pinned_copies_and_the_twin_do_not_move():

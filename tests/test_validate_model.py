@@ -393,9 +393,9 @@ def test_a_row_budget_cuts_a_rows_steps_and_its_projection_follows(tiny_profile,
 
 
 def test_max_seconds_keeps_the_rows_that_ran_and_names_the_rest(tiny_profile, tmp_path):
-    """--max-seconds on the model executor: no row starts once the live rows took that long;
+    """--max-seconds on the model executor: no row starts once the call has taken that long;
     the rows that ran are reported and projected, the others named (rows_not_run); with 0
-    the first row runs (the clock starts with it) and every later one is cut."""
+    the first row runs and every later one is cut."""
     path = write_scenario(tmp_path, profile=str(tiny_profile))
     sc, base = load_scenario(path)
     sc = sc.model_copy(update={"batch_sizes": [2, 4], "policies": sc.policies[:1]})
@@ -407,6 +407,33 @@ def test_max_seconds_keeps_the_rows_that_ran_and_names_the_rest(tiny_profile, tm
     assert rep["rows"][0]["sim_median_ms"] > 0
     full = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
     assert len(full["rows"]) == 4 and full["rows_not_run"] == []
+
+
+def test_a_sigterm_during_the_rows_keeps_the_rows_done(tiny_profile, tmp_path):
+    """timeout's SIGTERM in the third row: that row is dropped and named with the reason, the
+    rows after it named too, the two done projected and reported; the handler is restored."""
+    import os
+    import signal
+    path = write_scenario(tmp_path, profile=str(tiny_profile))
+    sc, base = load_scenario(path)
+    sc = sc.model_copy(update={"batch_sizes": [2, 4], "policies": sc.policies[:1]})
+    before = signal.getsignal(signal.SIGTERM)
+
+    def progress(done, total, label):
+        if done == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True,
+                         progress=progress)
+    prompt = rep["rows"][0]["prompt"]
+    assert [(r["policy"], r["batch_size"]) for r in rep["rows"]] == [("resident", 2), (sc.policies[0].name, 2)]
+    assert rep["stopped"] == "stopped by SIGTERM"
+    assert rep["rows_not_run"] == [f"resident B=4 prompt {prompt} (stopped by SIGTERM)",
+                                   f"{sc.policies[0].name} B=4 prompt {prompt} (stopped by SIGTERM)"]
+    assert all(r["sim_median_ms"] > 0 for r in rep["rows"])
+    assert signal.getsignal(signal.SIGTERM) is before
+    from simmoe.validate_cli import not_run_line
+    assert not_run_line(rep).startswith("2 row(s) not run: resident B=4")   # each with its reason
+    assert not_run_line({**rep, "max_seconds": 9.0, "rows_not_run": ["x B=1 prompt 8"]}).startswith("--max-seconds 9: ")
 
 
 def test_max_seconds_is_only_for_the_model_executor(tmp_path):

@@ -172,6 +172,9 @@ class ModelExecutor:
             tok = order_dev // k                              # the pair's token
             w = top_k_weights.reshape(-1)[order_dev]          # its routing weight
         out = torch.zeros_like(hidden)
+        on_host = None
+        if any(op[0] == CPU for op in ops):   # the layer's input and weights come down once, now
+            on_host = (hidden.to("cpu"), top_k_weights.reshape(-1).to("cpu"))   # (the GPU is idle: just synced)
         for op in ops:
             kind = op[0]
             if kind == GROUP:
@@ -200,7 +203,7 @@ class ModelExecutor:
                 ex["computed_tokens"] += b - a
             elif kind == CPU:
                 a, b = self._take(nxt, end, op[1] % self.E, op[2])
-                self._cpu(out, hidden, order[a:b] // k, top_k_weights, order[a:b], self.host[l][op[1] % self.E], act_fn)
+                self._cpu(out, on_host, order[a:b] // k, order[a:b], self.host[l][op[1] % self.E], act_fn)
                 ex["cpu_computes"] += 1
                 ex["computed_tokens"] += b - a
         left = int((end - nxt).sum())
@@ -319,13 +322,25 @@ class ModelExecutor:
         y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
         out.index_add_(0, tok, y.to(out.dtype))
 
-    def _cpu(self, out, hidden, tok: np.ndarray, weights, pairs: np.ndarray, host_flat, act_fn):
-        """The FFN on the host: the layer's activations and weights down, the result up."""
-        h = hidden.to("cpu")
-        w = weights.reshape(-1).to("cpu")[torch.from_numpy(pairs)]
-        part = torch.zeros_like(h)
-        self._ffn(part, h, torch.from_numpy(tok), w, self._views(host_flat), act_fn)
-        out.add_(part.to(out.device))
+    def _cpu(self, out, on_host, tok: np.ndarray, pairs: np.ndarray, host_flat, act_fn):
+        """The FFN on the host weights for the tokens ``tok`` (their pairs ``pairs``), from the
+        layer's activations and routing weights on the host (``on_host``, copied down once per
+        layer when the router's choice came up, while the GPU was idle); the result goes up
+        from pinned memory without a wait, and is added in on the compute stream. Nothing here
+        waits for the GPU's queue: the hits' computes issued before it run meanwhile, as the
+        simulator has it."""
+        h, w = on_host
+        idx = torch.from_numpy(tok)
+        gate_up, down = self._views(host_flat)
+        gate, up = torch.nn.functional.linear(h.index_select(0, idx), gate_up).chunk(2, dim=-1)
+        y = torch.nn.functional.linear(act_fn(gate) * up, down) * w[torch.from_numpy(pairs)][:, None]
+        y = y.to(out.dtype)
+        if not self.cuda:
+            out.index_add_(0, idx, y)
+            return
+        up_y = torch.empty(y.shape, dtype=y.dtype, pin_memory=True)   # the caching host allocator's
+        up_y.copy_(y)
+        out.index_add_(0, self._to_device(tok), up_y.to(out.device, non_blocking=True))
 
     # ----------------------------------------------------------------------- steps
     def start(self) -> None:

@@ -43,6 +43,7 @@ STEP_BATCHES = [1, 4, 16, 64]
 STEP_CONTEXTS = [256]
 STEP_STEPS = 8
 STEP_WARMUP = 2
+STEP_PASSES = 3     # passes over the points (each point's runs in every pass)
 COPY_PASSES = 2      # passes over the whole pageable pool (the first pass timed too: no warm-up)
 
 
@@ -84,9 +85,10 @@ class _NullAfterRoute(ModelExecutor):
 
 def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts=None, steps: int = STEP_STEPS,
                     warmup: int = STEP_WARMUP, tiny: bool = False, layers: int | None = None, seed: int = 0,
-                    progress=None, styles: dict[str, str] | None = None) -> dict:
+                    progress=None, styles: dict[str, str] | None = None, passes: int = STEP_PASSES) -> dict:
     """Median decode-step ms of the whole model, ``null`` and ``resident``, per (batch, context),
-    with each point's active experts per MoE layer (mean over the timed steps); ``styles``
+    over ``passes`` passes of ``steps`` timed steps each, the points in turn in each pass, with
+    each point's active experts per MoE layer (mean over the timed steps); ``styles``
     (style -> the executor's dispatch): also the resident step in each (``styles`` of a point)."""
     from calibrate.validation.model_rows import resident_policy
 
@@ -94,31 +96,44 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
     spec = built.spec
     host = host_experts(built, pinned=False)
     pol = resident_policy(spec.num_experts, spec.num_layers)
-    pts = []
-    for C in contexts or STEP_CONTEXTS:
-        for B in batches or STEP_BATCHES:
+    points = [(C, B) for C in contexts or STEP_CONTEXTS for B in batches or STEP_BATCHES]
+    traces = {}
+    for C, B in points:   # every routing first, through the model's own experts
+        if progress:
+            progress(f"in situ routing B={B} context {C}")
+        traces[C, B] = record_routing(built, batch=B, steps=steps + warmup, prompt_tokens=C, seed=seed, device=device)
+    runs = [("resident", ModelExecutor, "loop")] + [(s, ModelExecutor, d) for s, d in (styles or {}).items()]
+    runs.append(("null", _NullAfterRoute, "loop"))
+    # the points in turn, ``passes`` times over: a host whose speed drifts between its two
+    # states (the H200's, for tens of seconds) moves every point alike, not one point's runs
+    timed: dict[tuple, list] = {}
+    for p in range(passes):
+        for C, B in points:
             if progress:
-                progress(f"in situ B={B} context {C}")
-            tr = record_routing(built, batch=B, steps=steps + warmup, prompt_tokens=C, seed=seed, device=device)
-            out = {}
-            # the null run last: the blocks keep the last executor's experts, and the next
-            # batch's routing is recorded through them (the null one's ignores the trace)
-            runs = [("resident", ModelExecutor, "loop")] + [(s, ModelExecutor, d) for s, d in (styles or {}).items()]
-            runs.append(("null", _NullAfterRoute, "loop"))
+                progress(f"in situ B={B} context {C}, pass {p + 1}/{passes}")
+            tr = traces[C, B]
             for name, cls, dispatch in runs:
                 ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C, dispatch=dispatch)
-                timed = [ex.run_step(s)[0] for s in range(tr.num_steps)][warmup:]
-                fast = [st for st in timed if st.host_fast is not False]   # --host-state fast: those that ended fast
-                out[name] = statistics.median(st.latency_ms for st in (fast if len(fast) >= 3 else timed))
+                timed.setdefault((C, B, name), []).extend([ex.run_step(s)[0] for s in range(tr.num_steps)][warmup:])
+                ex.release()
                 ex = None
-            active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
-                                    for s in range(warmup, tr.num_steps)]))
-            pts.append({"batch": B, "context": C, "null_ms": out["null"], "resident_ms": out["resident"],
-                        "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {})})
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
+    pts = []
+    for C, B in points:
+        out = {}
+        for name, _, _ in runs:
+            steps_ = timed[C, B, name]
+            fast = [st for st in steps_ if st.host_fast is not False]   # --host-state fast: those that ended fast
+            out[name] = statistics.median(st.latency_ms for st in (fast if len(fast) >= 3 else steps_))
+        tr = traces[C, B]
+        active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
+                                for s in range(warmup, tr.num_steps)]))
+        pts.append({"batch": B, "context": C, "null_ms": out["null"], "resident_ms": out["resident"],
+                    "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {})})
     copy = pageable_copy(host, device)
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")
     return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,
+            "passes": passes,
             "points": pts, **({"pageable_copy": copy} if copy else {})}

@@ -18,6 +18,7 @@ warm-up (at least the first step; the same steps on both sides).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -421,6 +422,31 @@ def thread_notes(prof: Profile, threads: int, cpu_policies: list) -> list[str]:
             f"calibrate with the same --cpus for these rows to be comparable"]
 
 
+class Stopped(BaseException):
+    """A SIGTERM during the live rows (a BaseException: no ``except Exception`` swallows it)."""
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """Within: a SIGTERM raises :class:`Stopped` (in the main thread; elsewhere nothing
+    changes), so that the rows done are still projected and written. The previous handler is
+    back afterwards: a second SIGTERM during the projections ends the process as before."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped("stopped by SIGTERM")
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device: str = "cuda", tiny: bool = False,
                    layers: int | None = None, routing: str = "own", prompts: list[int] | None = None,
                    resident: bool = True, base_dir: Path | None = None, source: str = "scenario",
@@ -438,10 +464,12 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     so no projection is made (``timing``: default, not on the CPU; tests force it on the CPU).
     ``say``: receives one line, with timing, before the live rows: how long they will take
     (:func:`live_estimate_s`; the report keeps it, ``estimate_s``, beside ``live_s``).
-    ``max_seconds``: no row starts once the live rows have taken this long; the rows left
-    are listed in the report (``rows_not_run``), the rows that ran reported as usual (the
-    first row always runs; a run inside a time limit, such as the lent GPU's 10 minutes a
-    call, keeps what it finished). ``skip_unfit``: a row that would not fit the GPU's free
+    ``max_seconds``: no row starts once this many seconds have passed since the call began
+    (the model's build and routing included); the rows left are listed in the report
+    (``rows_not_run``), the rows that ran reported as usual (the first row always runs; a run
+    inside a time limit, such as the lent GPU's 10 minutes a call, keeps what it finished).
+    A SIGTERM (``timeout``'s) during the rows stops them the same way: the row it cut is
+    dropped and named, and the rows done are projected and reported. ``skip_unfit``: a row that would not fit the GPU's free
     memory is left out and named in ``rows_not_run`` (else one error before any row)."""
     from calibrate.validation.validate import check_device
 
@@ -526,17 +554,25 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     live_t0 = time.perf_counter()
     ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
     done = 0
-    for p in range(passes):
-        for i, (pol, prompt, b, tr) in enumerate(cells):
-            label = f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else "")
-            if max_seconds is not None and done and time.perf_counter() - live_t0 >= max_seconds:
-                not_run.append(label)
-                continue
-            if progress:
-                progress(done, total, label)
-            ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt, probe=timing,
-                                   dispatch=EXECUTOR_STYLES.get(style, "loop"), budget_s=row_budget_s, warm=warm))
-            done += 1
+    stopped = None
+    with stop_on_sigterm():
+        for p in range(passes):
+            for i, (pol, prompt, b, tr) in enumerate(cells):
+                label = f"{pol.name} B={b} prompt {prompt}" + (f" pass {p + 1}" if passes > 1 else "")
+                if stopped or (max_seconds is not None and done and time.perf_counter() - t0 >= max_seconds):
+                    not_run.append(label + (f" ({stopped})" if stopped else ""))
+                    continue
+                try:
+                    if progress:
+                        progress(done, total, label)
+                    ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt,
+                                           probe=timing, dispatch=EXECUTOR_STYLES.get(style, "loop"),
+                                           budget_s=row_budget_s, warm=warm))
+                except Stopped as why:
+                    stopped = str(why)
+                    not_run.append(f"{label} ({stopped})")
+                    continue
+                done += 1
     ran_cells = [(i, cell) for i, cell in enumerate(cells) if ran[i]]
     for i, (pol, prompt, b, tr) in ran_cells:
         same = all(ok for _, ok in ran[i])
@@ -573,6 +609,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "decisions_identical": all(r["decisions_identical"] for r in rows),
             "host_state": gate.summary() if gate is not None else None,
             "estimate_s": estimate, "live_s": live_s, "max_seconds": max_seconds, "rows_not_run": not_run,
+            "stopped": stopped,
             **summary_stats(rows, timing),
             # what ``--reproject`` needs to project these rows again (routing: ROUTING_FILE)
             "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
