@@ -147,6 +147,10 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         pc = situ["pageable_copy"]
         console.print(f"in situ pageable copies: {pc['ms']:.3f} ms per expert of {fmt_bytes(pc['bytes'])} "
                       f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
+    cp = (situ or {}).get("cpu_path")
+    if cp and cp.get("tokens"):
+        console.print(f"in situ CPU experts ({cp['threads']} threads): {cp['ms'][0]:.3f} ms at {cp['tokens'][0]} "
+                      f"token(s), {cp['ms'][-1]:.3f} ms at {cp['tokens'][-1]}")
     if t["head"]["points"]:
         h = t["head"]["points"]
         console.print(f"embed + LM head per step: {h[0]['ms']:.3f} ms at batch {h[0]['batch']}, "

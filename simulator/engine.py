@@ -136,6 +136,7 @@ class Engine:
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
             gpu_of, route_waits = None, False
             copy_price = None
+            cpu_price = cost.cpu_path_ms
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
@@ -144,6 +145,7 @@ class Engine:
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
             copy_price = dc.copy_pricer(cost, memory, l_copy + (tail if blocking else 0.0))
+            cpu_price = dc.cpu_pricer(cost)         # the executor's own CPU expert, where measured
             grouped = dc.grouped                    # a layer's ready experts in one call
             if grouped:
                 expert_base, group_of = 0.0, {}     # active -> (host, GPU) ms of one call
@@ -316,7 +318,7 @@ class Engine:
                         tok = op[2]
                         dur = cpu_of.get(tok)
                         if dur is None:
-                            dur = cpu_of[tok] = cost.cpu_path_ms(tok)
+                            dur = cpu_of[tok] = cpu_price(tok)
                         start = now
                         now = now + dur
                         cpu_ms += dur

@@ -146,6 +146,41 @@ def decode_grids(tables: ModelEngine, style: str):
     return tables.decode, tables.dense_decode, False
 
 
+@dataclass
+class SituDecode:
+    """The eager decode layer as a whole step meets it: the isolated table's wall with the in
+    situ factor ``k`` on its host part only.
+
+    A measured point's wall is about the larger of its host part (the issue of its kernels,
+    ``decode_host``: 0.86-1.05 ms for OLMoE on the H200 at every batch and context below
+    B=256 x 4k) and its GPU work (``decode_gpu``: 0.17 ms at B=1, 1.92 ms at B=16 and 4k
+    tokens), plus a rest. ``k`` was measured where the host part is the wall (context 256),
+    and it scales the host: in a step the layer takes max(k x host, GPU) + rest. Without a
+    host grid (an older profile) the whole wall is scaled, as before."""
+
+    wall: "GridCost"
+    host: "GridCost | None"
+    gpu: "GridCost | None"
+    k: float
+
+    def ms(self, batch: float, context: float) -> float:
+        wall = self.wall.ms(batch, context)
+        if self.host is None or self.k == 1.0:
+            return wall * self.k
+        host = min(self.host.ms(batch, context), wall)
+        gpu = min(self.gpu.ms(batch, context), wall) if self.gpu is not None else 0.0
+        rest = wall - max(host, gpu)
+        return max(self.k * host, gpu) + rest
+
+
+def situ_decode(tables: ModelEngine, decode: "GridCost", graphed: bool, k: float, notes: set) -> SituDecode:
+    """:class:`SituDecode` of a style's decode grid: the host part scaled when the profile has
+    ``decode_host`` (the eager grid's; a graphed style's grid has no in situ factor)."""
+    eager = not graphed and tables.decode_host is not None
+    return SituDecode(decode, GridCost(tables.decode_host, notes) if eager else None,
+                      GridCost(tables.decode_gpu, notes) if eager and tables.decode_gpu else None, k)
+
+
 def situ_factor(situ, key: str, batch: float | None = None) -> float:
     """How a whole step met the isolated tables (``calibrate engine --in-situ``): the median of
     the measured points (what the engine uses: on the H200 the points scatter with the host's
@@ -267,6 +302,16 @@ class StyleCost:
             return cost.copy_ms(nbytes, "pageable") * k
         return price
 
+    def cpu_pricer(self, cost):
+        """``tokens -> ms`` of one CPU expert for this run: for a real model's style whose in
+        situ calibration timed the executor's own CPU path (``in_situ.cpu_path``), that curve;
+        else the profile's (``CostModel.cpu_path_ms``, the twin's path)."""
+        situ = self.tables.in_situ if self.tables is not None else None
+        if self.style == "twin" or situ is None or not situ.cpu_path:
+            return cost.cpu_path_ms
+        pts = situ.cpu_path
+        return lambda tokens: curve_ms(pts, tokens)
+
     def expert_call_ms(self, active: int) -> float | None:
         """One layer's routed-expert call with every expert resident, in this style (None:
         not measured for the style, or the twin)."""
@@ -310,6 +355,7 @@ class DenseCost(StyleCost):
         dense_grid = GridCost(dense_t, self.notes) if dense_t else None
         gpu = GridCost(tables.decode_gpu, self.notes) if tables.decode_gpu and not graphed \
             and override_ms is None else None
+        in_step = situ_decode(tables, decode, graphed, k_dense, self.notes)
         self._dense = np.empty(n)
         self._extra = np.empty(n)
         self._gpu = np.empty(n) if gpu is not None else None
@@ -320,7 +366,7 @@ class DenseCost(StyleCost):
                 layer = curve_ms(tables.prefill, t) if tables.prefill else decode.ms(batch, c)
                 dense_layer = layer  # a dense layer's prefill: priced as a MoE layer's non-expert part
             else:
-                layer = decode.ms(batch, c) * k_dense
+                layer = in_step.ms(batch, c)
                 dense_layer = (dense_grid.ms(batch, c) if dense_grid else 0.0) * k_dense
             self._dense[s] = layer if override_ms is None else override_ms
             if gpu is not None:   # a prefill step's layer is GPU-bound: its whole time
@@ -417,6 +463,7 @@ class MixedStepCost(StyleCost):
             self.decode = GridCost(decode_t, self.notes)
             self.dense_grid = GridCost(dense_t, self.notes) if dense_t else None
             self.k_dense = 1.0 if graphed else situ_factor(tables.in_situ, "dense")   # how a whole step meets the table
+            self.in_step = situ_decode(tables, self.decode, graphed, self.k_dense, self.notes)
             self.k_experts = style_situ_factor(tables.in_situ, style)
             self.ctx_ms_per_token = context_slope(self.decode)
             self.dense_ctx_ms_per_token = context_slope(self.dense_grid) if self.dense_grid else 0.0
@@ -453,7 +500,7 @@ class MixedStepCost(StyleCost):
         layer = dense_layer = 0.0
         if decode_batch:
             k = self.k_dense
-            layer += self.decode.ms(decode_batch, max(1.0, context)) * k
+            layer += self.in_step.ms(decode_batch, max(1.0, context))
             dense_layer += (self.dense_grid.ms(decode_batch, max(1.0, context)) if self.dense_grid else 0.0) * k
         if prefill_tokens:
             p = curve_ms(t.prefill, prefill_tokens) if t.prefill else self.decode.ms(prefill_tokens, 1)

@@ -248,6 +248,7 @@ class Gpu:
         self.dense_gpu, self.gpu_of = 0.0, None   # the dense op's GPU work alone (Engine's)
         self.route_waits = False                  # the real model's router read waits on copies
         self.copy_price = None                    # pageable copies as the executor's pool meets them
+        self.cpu_price = cost.cpu_path_ms         # a CPU expert (the executor's own, where measured)
         self.grouped, self.group_of, self.dc = False, {}, None
         if isinstance(dense, (int, float)):
             self.dense_ms = dense
@@ -262,6 +263,7 @@ class Gpu:
             self.l_copy = dc.load_host_ms(self.l_copy)
             tail = cost.pageable_tail if self.blocking else 0.0
             self.copy_price = dc.copy_pricer(cost, memory, self.l_copy + tail)
+            self.cpu_price = dc.cpu_pricer(cost)
             self.grouped = dc.grouped
             if self.grouped:
                 self.expert_base = 0.0
@@ -399,7 +401,7 @@ class Gpu:
                 tok = op[2]
                 dur = self.cpu_of.get(tok)
                 if dur is None:
-                    dur = self.cpu_of[tok] = cost.cpu_path_ms(tok)
+                    dur = self.cpu_of[tok] = self.cpu_price(tok)
                 start = now
                 now = now + dur
                 self.cpu_ms += dur

@@ -215,7 +215,18 @@ class InSitu(_Strict):
                                                                        "(its resident steps), by style")
     pageable_copy: PageableCopy | None = Field(None, description="an expert's copy from the executor's "
                                                "pageable pool (the profile's pageable curve is scaled to meet it)")
+    cpu_path: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] of one CPU expert "
+                                              "as the real-model executor runs it (in place of compute.cpu)")
+    cpu_threads: int | None = Field(None, gt=0, description="torch threads cpu_path was timed with")
     points: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("cpu_path")
+    @classmethod
+    def _cpu_path(cls, v: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        toks = [t for t, _ in v]
+        if toks != sorted(set(toks)) or any(t < 1 for t in toks) or any(not 0 < ms <= MAX_US for _, ms in v):
+            raise ValueError("cpu_path must be [tokens, ms] pairs, tokens >= 1 ascending, ms > 0")
+        return v
 
     @field_validator("styles")
     @classmethod
@@ -232,6 +243,8 @@ class ModelEngine(_Strict):
     decode: EngineGrid
     decode_gpu: EngineGrid | None = Field(None, description="the decode grid's GPU work alone (timed behind a "
                                           "blocker): what a layer costs after the copies it waits behind")
+    decode_host: EngineGrid | None = Field(None, description="the decode grid's host part (the issue of its "
+                                           "kernels): what the in situ factor scales")
     dense_decode: EngineGrid | None = None
     dense_layers: int = Field(0, ge=0, description="dense decoder layers per step (priced by dense_decode)")
     prefill: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] per layer")

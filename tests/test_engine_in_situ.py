@@ -10,7 +10,7 @@ import pytest
 from calibrate.measurements.engine import edge_contexts, per_load_ms
 from calibrate.measurements.engine_profile import engine_section, in_situ_factors
 from calibrate.validation.model_rows import host_scaled
-from simulator.engine_costs import DenseCost
+from simulator.engine_costs import DenseCost, GridCost
 from simulator.profile import ModelEngine, load_profile
 
 MODEL = "olmoe-1b-7b"
@@ -93,12 +93,16 @@ def test_a_grouped_style_gets_its_own_in_situ_factor():
 def test_dense_cost_applies_the_in_situ_factors():
     prof = load_profile("h200")
     t = prof.engine[MODEL]
-    plain = t.model_copy(update={"in_situ": None})
-    situ = ModelEngine.model_validate({**t.model_dump(mode="json"), "in_situ": {"dense": 1.25, "experts": 1.5}})
+    plain = t.model_copy(update={"in_situ": None, "decode_host": None})
+    situ = ModelEngine.model_validate({**t.model_dump(mode="json"), "in_situ": {"dense": 1.25, "experts": 1.5},
+                                       "decode_host": None})
     assert not situ.in_situ.points
     kw = dict(style="offload", batch=4, phases=np.zeros(3, np.uint8), tokens=np.full(3, 4), start_context=256)
     a, b = DenseCost(tables=plain, **kw), DenseCost(tables=situ, **kw)
-    assert b.dense_ms(1, 0) == pytest.approx(1.25 * a.dense_ms(1, 0))
+    assert b.dense_ms(1, 0) == pytest.approx(1.25 * a.dense_ms(1, 0))   # no host part: the whole wall
+    with_host = ModelEngine.model_validate({**situ.model_dump(mode="json"), "decode_host": t.decode_host.model_dump()})
+    host = GridCost(t.decode_host).ms(4, 257)   # a host-bound point (step 1: context 257): its host part scaled
+    assert DenseCost(tables=with_host, **kw).dense_ms(1, 0) == pytest.approx(a.dense_ms(1, 0) + 0.25 * host)
     assert b.step_extra_ms(1) == pytest.approx(a.step_extra_ms(1))          # the head is measured per step
     (ba, pa), (bb, pb) = a.expert_host_ms(0.1), b.expert_host_ms(0.1)
     assert (bb, pb) == pytest.approx((1.5 * ba, 1.5 * pa))

@@ -113,19 +113,29 @@ def test_pinned_copies_and_the_twin_do_not_move():
         assert (run(sc, profile(None))["latency_ms"].to_numpy() == run(sc, profile(2.0))["latency_ms"].to_numpy()).all()
 
 
-def test_the_several_gpu_engine_on_one_gpu_still_equals_the_engine():
-    prof = profile(1.7)
-    one = run(scenario(LAYER), prof)["latency_ms"].to_numpy()
-    mg = run(scenario(LAYER, gpus={"count": 1, "mode": "expert-parallel"}), prof)["latency_ms"].to_numpy()
+def assert_one_gpu_is_the_engine(policy: dict, prof, scenario_of=None) -> None:
+    """The several-GPU engine on one GPU gives the engine's step latencies for ``policy``."""
+    scenario_of = scenario_of or scenario
+    one = run(scenario_of(policy), prof)["latency_ms"].to_numpy()
+    mg = run(scenario_of(policy, gpus={"count": 1, "mode": "expert-parallel"}), prof)["latency_ms"].to_numpy()
     np.testing.assert_allclose(mg, one, rtol=1e-12)
 
 
-def test_in_situ_factors_keep_the_measured_copy():
+def situ_step(**measured) -> tuple[dict, dict]:
+    """The shipped OLMoE engine section without its in situ, and a one-point in situ step
+    document with ``measured`` beside its point."""
     sec = copy.deepcopy(load_profile("h200").to_json()["engine"][MODEL])
     sec.pop("in_situ")
-    step = {"moe_layers": 16, "layers": 16, "points": [{"batch": 1, "context": 256, "null_ms": 30.0, "resident_ms": 40.0,
-                                                      "active": 8.0}],
-            "pageable_copy": {"bytes": 12_582_912, "ms": 2.0, "p10": 1.9, "p90": 2.2, "n": 32, "gbps": 6.3}}
+    return sec, {"moe_layers": 16, "layers": 16, "points": [{"batch": 1, "context": 256, "null_ms": 30.0,
+                                                             "resident_ms": 40.0, "active": 8.0}], **measured}
+
+
+def test_the_several_gpu_engine_on_one_gpu_still_equals_the_engine():
+    assert_one_gpu_is_the_engine(LAYER, profile(1.7))
+
+
+def test_in_situ_factors_keep_the_measured_copy():
+    sec, step = situ_step(pageable_copy={"bytes": 12_582_912, "ms": 2.0, "p10": 1.9, "p90": 2.2, "n": 32, "gbps": 6.3})
     situ = in_situ_factors(step, sec)
     assert situ["pageable_copy"] == {"bytes": 12_582_912, "ms": 2.0}
     sec["in_situ"] = situ

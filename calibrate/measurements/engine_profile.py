@@ -65,13 +65,14 @@ def grid_section(table: dict) -> dict:
             "max_abs_error": max(abs(e) for r in errors for e in r)}
 
 
-def gpu_grid_section(table: dict) -> dict | None:
-    """The decode grid's GPU time alone (points timed behind a blocker, ``gpu_ms``), never over
-    the point's own time; None when no point has one (a CPU run, an older document)."""
+def part_grid_section(table: dict, key: str) -> dict | None:
+    """One part of the decode grid's time: ``gpu_ms`` (the GPU work alone, timed behind a
+    blocker) or ``host_ms`` (the host's time in the call, the issue of its kernels), never
+    over the point's own time; None when no point has it (a CPU run, an older document)."""
     pts = [p for row in table["points"] for p in row if p is not None]
-    if not any(p.get("gpu_ms") for p in pts):
+    if not any(p.get(key) for p in pts):
         return None
-    capped = {**table, "points": [[None if p is None or not p.get("gpu_ms") else {"ms": min(p["gpu_ms"], p["ms"])}
+    capped = {**table, "points": [[None if p is None or not p.get(key) else {"ms": min(p[key], p["ms"])}
                                    for p in row] for row in table["points"]]}
     return grid_section(capped)
 
@@ -82,7 +83,8 @@ def engine_section(doc: dict) -> dict:
     arch = get_preset(doc["model"]).arch
     out = {
         "decode": grid_section(t["decode"]),
-        "decode_gpu": gpu_grid_section(t["decode"]),
+        "decode_gpu": part_grid_section(t["decode"], "gpu_ms"),
+        "decode_host": part_grid_section(t["decode"], "host_ms"),
         "dense_layers": len(arch.dense_layers) if arch else 0,
         "prefill": [[p["tokens"], p["ms"]] for p in t["prefill"]["points"]],
         "head": [[p["batch"], p["ms"]] for p in t["head"]["points"]],
@@ -93,8 +95,9 @@ def engine_section(doc: dict) -> dict:
     probes = [q["dispatch_us"] for q in doc.get("host_probe") or [] if q.get("dispatch_us")]
     if probes:  # the host's dispatch speed while these tables were measured (before, after)
         out["source"]["host_probe_dispatch_us"] = sum(probes) / len(probes)
-    if out["decode_gpu"] is None:
-        del out["decode_gpu"]
+    for key in ("decode_gpu", "decode_host"):
+        if out[key] is None:
+            del out[key]
     if "dense_decode" in t:
         out["dense_decode"] = grid_section(t["dense_decode"])
     for style, e in t["experts"].items():
@@ -208,5 +211,8 @@ def in_situ_factors(step: dict, section: dict) -> dict:
     by_style = {s: f for s in styles if (f := med(f"experts:{s}")) is not None}
     copy = step.get("pageable_copy")   # the executor's pageable pool, as the layer baseline meets it
     copy = {"bytes": copy["bytes"], "ms": copy["ms"]} if copy else None
+    cpu = step.get("cpu_path")        # the executor's own CPU expert, by tokens
+    cpu = {"cpu_path": [[t, ms] for t, ms in zip(cpu["tokens"], cpu["ms"])], "cpu_threads": cpu["threads"]} \
+        if cpu and cpu.get("tokens") else {}
     return {"dense": med("dense"), "experts": med("experts"), **({"styles": by_style} if by_style else {}),
-            **({"pageable_copy": copy} if copy else {}), "points": rows}
+            **({"pageable_copy": copy} if copy else {}), **cpu, "points": rows}

@@ -17,7 +17,10 @@ So this measures the whole model, every decoder layer built, through
   expert, as :func:`calibrate.executors.model.host_experts` lays them out) copied to a GPU
   slot, a layer's experts back to back, as the layer baseline copies them. On the H200 these
   ran at 6.1-6.5 GB/s for OLMoE's 12.6 MB experts while the profile's pageable fit (slices
-  of one buffer) said 7.9 GB/s, so every layer-baseline row was projected 18-22% fast.
+  of one buffer) said 7.9 GB/s, so every layer-baseline row was projected 18-22% fast;
+- ``cpu_path``: the executor's own CPU expert (:func:`cpu_path`) by tokens, with its torch
+  threads: the real model's styles price a CPU miss by it in place of the profile's CPU table
+  (the twin's path).
 
 Per (batch, context) point the median step of each, and the isolated tables' sum for the same
 step, give two factors the profile keeps (``engine.<model>.in_situ``): ``dense`` =
@@ -38,6 +41,7 @@ import torch
 
 from calibrate.executors.model import ModelExecutor, host_experts, record_routing
 from calibrate.models.build import build_model
+from simulator.scenario import PolicySpec
 
 STEP_BATCHES = [1, 4, 16, 64]
 STEP_CONTEXTS = [256]
@@ -73,6 +77,62 @@ def pageable_copy(host: list[list[torch.Tensor]], device: str, passes: int = COP
     del slots
     return {"bytes": int(nbytes), "ms": float(q[1]), "p10": float(q[0]), "p90": float(q[2]), "n": len(per),
             "gbps": float(nbytes / (q[1] * 1e-3) / 1e9)}
+
+
+CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+CPU_PASSES = 3       # passes over the token counts (each count's bursts in every pass)
+CPU_BURSTS = 4       # bursts per token count and pass
+CPU_STOP_MS = 25.0   # no larger token count once a call took this long
+
+
+def cpu_path(built, host: list[list[torch.Tensor]], trace, device: str, tokens=None,
+             passes: int = CPU_PASSES) -> dict:
+    """The ms of one CPU expert as the real-model executor runs it (``ModelExecutor._cpu``), by
+    the tokens it computes: per burst, a layer's activations and routing weights come down once
+    (as the executor does at the router sync), then ``top_k`` CPU experts on successive experts
+    of the pool (cold weights), each result sent up from pinned memory; the time per call of
+    the burst, medians over bursts and passes. ``{"tokens", "ms", "threads"}`` (the points
+    stop past ``CPU_STOP_MS``). The profile's CPU table is the twin's path (each call copies
+    its tokens down and up and waits for the GPU), which the executor no longer takes."""
+    spec = built.spec
+    act_fn = built.moe_blocks()[0].experts.act_fn
+    pol = PolicySpec(name="cpu-probe", load="dedup", cache={"kind": "lru", "capacity": spec.num_experts}, miss="cpu")
+    ex = ModelExecutor(built, pol, trace, device=device, host=host)
+    cuda = str(device).startswith("cuda")
+    tokens = list(tokens or CPU_TOKENS)
+    n = max(tokens)
+    gen = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(n, spec.hidden, generator=gen, device=device, dtype=host[0][0].dtype)
+    weights = torch.rand(n, spec.top_k, generator=gen, device=device)
+    burst = max(2, spec.top_k)
+    L, E = len(host), len(host[0])
+    key = 0
+    times: dict[int, list[float]] = {}
+    live = list(tokens)
+    for p in range(passes + 1):               # the first pass warms up, untimed
+        for t in list(live):
+            out = torch.zeros(t, spec.hidden, device=device, dtype=hidden.dtype)
+            tok = np.arange(t)
+            pairs = tok * spec.top_k
+            for _ in range(CPU_BURSTS if p else 1):
+                if cuda:
+                    torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                on_host = (hidden[:t].to("cpu"), weights[:t].reshape(-1).to("cpu"))
+                for _ in range(burst):
+                    ex._cpu(out, on_host, tok, pairs, host[(key // E) % L][key % E], act_fn)
+                    key += 1
+                ms = (time.perf_counter() - t0) * 1e3 / burst
+                if p:
+                    times.setdefault(t, []).append(ms)
+            if p == 1 and statistics.median(times[t]) > CPU_STOP_MS:
+                live = live[:live.index(t) + 1]
+                break
+    if cuda:
+        torch.cuda.synchronize(device)
+    ex.release()
+    pts = sorted(times)
+    return {"tokens": pts, "ms": [statistics.median(times[t]) for t in pts], "threads": torch.get_num_threads()}
 
 
 class _NullAfterRoute(ModelExecutor):
@@ -134,6 +194,9 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
     copy = pageable_copy(host, device)
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")
+    if progress:
+        progress("in situ CPU experts")
+    cpu = cpu_path(built, host, traces[points[0]], device)
     return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,
-            "passes": passes,
+            "passes": passes, "cpu_path": cpu,
             "points": pts, **({"pageable_copy": copy} if copy else {})}

@@ -168,15 +168,16 @@ def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
     """The profile with its host-bound terms scaled by ``factor`` (the host's dispatch speed
     now against calibration's, :mod:`calibrate.measurements.host_speed`): the host's issue
     costs, and the model's engine tables, whose eager decode is host-bound (every table entry:
-    the non-expert layer, the embedding and head, prefill, and each style's call). The GPU's
-    terms (copy curves, expert compute) stay as measured."""
+    the non-expert layer and its host part, the embedding and head, prefill, and each style's
+    call; the in situ CPU path). The GPU's terms (copy curves, expert compute, ``decode_gpu``)
+    stay as measured."""
     d = profile.model_dump(mode="json", by_alias=True)
     h = d["host"]
     h["launch_us"] = {k: v * factor for k, v in h["launch_us"].items()}
     h["sync_us"] *= factor
     h["pageable_tail_us"] *= factor
     e = d["engine"][model]
-    for g in ("decode", "dense_decode"):
+    for g in ("decode", "decode_host", "dense_decode"):
         if e.get(g):
             e[g]["ms"] = [[v * factor for v in row] for row in e[g]["ms"]]
     for t in ("prefill", "head"):
@@ -185,6 +186,8 @@ def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
         for k in ("base_ms", "per_expert_ms", "host_base_ms", "host_per_expert_ms", "host_per_load_ms"):
             if st.get(k) is not None:
                 st[k] *= factor
+    if (e.get("in_situ") or {}).get("cpu_path"):
+        e["in_situ"]["cpu_path"] = [[t, v * factor] for t, v in e["in_situ"]["cpu_path"]]
     return Profile.model_validate(d)
 
 
@@ -410,11 +413,14 @@ def paired_errors(rows: list[dict], cells: list, ones: list[Scenario], prof: Pro
             row["error_paired_pct"] = (med - row["live_median_ms"]) / row["live_median_ms"] * 100
 
 
-def thread_notes(prof: Profile, threads: int, cpu_policies: list) -> list[str]:
+def thread_notes(prof: Profile, threads: int, cpu_policies: list, model: str | None = None) -> list[str]:
     """A note when the run's CPU misses compute with other than the profile's torch threads:
     the profile's CPU expert times then do not describe this run (on the H200, 8 pinned
-    threads against a profile of 16 put every CPU-miss row 22-44% slower live)."""
-    cal = (prof.provenance or {}).get("cpu_threads")
+    threads against a profile of 16 put every CPU-miss row 22-44% slower live). ``model``:
+    the threads of its in situ CPU path, where the profile has one (what the rows are priced by)."""
+    eng = prof.engine.get(model) if model else None
+    situ = eng.in_situ if eng is not None else None
+    cal = situ.cpu_threads if situ is not None and situ.cpu_path else (prof.provenance or {}).get("cpu_threads")
     if not cpu_policies or not cal or cal == threads:
         return []
     names = ", ".join(p.name for p in cpu_policies)
@@ -599,7 +605,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
         paired_errors(rows, [cell for _, cell in ran_cells], ones, prof, built.spec.name, warm)
     gate = host_state.gate()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
-    notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"])
+    notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"],
+                         built.spec.name if style != "twin" else None)
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
