@@ -13,9 +13,10 @@ timestamps), per decode step:
 - ``isolated``: the calibration's own call (:class:`calibrate.measurements.engine.EngineMeasurer`:
   one MoE layer, its routed experts left out, over a filled ``DynamicCache`` of ``context``
   tokens, ``attention_mask=None``), as ``simmoe calibrate engine`` times it;
-- ``model``: the model's own decode forward (the first ``--layers`` decoder layers, every
-  expert resident), its cache prefilled with ``context`` prompt tokens and cropped back after
-  each step, per decoder layer.
+- ``model``: the model's own decode forward (the first ``--layers`` decoder layers, their
+  routed experts left out as in the isolated call), its cache prefilled with ``context``
+  prompt tokens and cropped back after each step, per decoder layer (the embedding and LM
+  head spread over the layers).
 
 For each: GPU ms per layer, and the kernels behind it (name, calls, us per layer), so the
 attention kernel each path takes is named. Writes ``--out``/probe-decode-attention.json.
@@ -31,24 +32,17 @@ from pathlib import Path
 import torch
 
 from calibrate.executors.model import decode_inputs, prefill
-from calibrate.measurements.engine import EngineMeasurer, EnginePlan
+from calibrate.measurements.engine import EngineMeasurer, EnginePlan, _null_experts
 from calibrate.models.build import build_model
 
 STEPS = 6
 
 
-def device_us(evt) -> float:
-    """An event's own GPU time in us (torch renamed the field over versions)."""
-    for name in ("self_device_time_total", "self_cuda_time_total"):
-        v = getattr(evt, name, None)
-        if v is not None:
-            return float(v)
-    return 0.0
-
-
 def profiled(fn, steps: int, per: int, cuda: bool) -> dict:
     """``fn`` run ``steps`` times under the profiler: GPU ms per unit (``per`` units a call)
-    and the kernels, heaviest first."""
+    and the kernels (the profiler's device-side events only, so no CPU op's launch is counted
+    beside its kernel), heaviest first."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
     for _ in range(2):
         fn()
@@ -58,12 +52,15 @@ def profiled(fn, steps: int, per: int, cuda: bool) -> dict:
             fn()
         if cuda:
             torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if device_us(e) > 0]
-    total = sum(device_us(e) for e in kernels)
-    kernels.sort(key=device_us, reverse=True)
+    by_name: dict[str, list[float]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA:
+            by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+    total = sum(sum(v) for v in by_name.values())
+    kernels = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))
     return {"gpu_ms_per_layer": total / 1e3 / steps / per,
-            "kernels": [{"name": e.key[:120], "calls_per_layer": e.count / steps / per,
-                         "us_per_layer": device_us(e) / steps / per} for e in kernels[:12]]}
+            "kernels": [{"name": name[:120], "calls_per_layer": len(v) / steps / per,
+                         "us_per_layer": sum(v) / steps / per} for name, v in kernels[:12]]}
 
 
 def main() -> None:
@@ -78,6 +75,7 @@ def main() -> None:
     cuda = a.device.startswith("cuda")
     points = [tuple(int(x) for x in p.split("x")) for p in a.points.split(",")]
     built = build_model(a.model, tiny=a.tiny, layers=None if a.tiny else a.layers, device=a.device)
+    _null_experts(built)   # both paths without their routed experts: the non-expert work alone
     m = EngineMeasurer(EnginePlan(a.model, device=a.device, tiny=a.tiny), built)
     idx = m.layer_idx
     shapes = m.kv_shapes(idx)
