@@ -218,6 +218,9 @@ class InSitu(_Strict):
     cpu_path: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] of one CPU expert "
                                               "as the real-model executor runs it (in place of compute.cpu)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads cpu_path was timed with")
+    probe_dispatch_us: float | None = Field(None, gt=0, le=MAX_US, description="the host-speed probe beside "
+                                            "the in situ steps (us per op issued, median): the host's speed "
+                                            "these terms were measured at")
     points: list[dict[str, Any]] = Field(default_factory=list)
 
     @field_validator("cpu_path")

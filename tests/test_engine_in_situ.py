@@ -11,7 +11,7 @@ from calibrate.measurements.engine import edge_contexts, per_load_ms
 from calibrate.measurements.engine_profile import engine_section, in_situ_factors
 from calibrate.validation.model_rows import host_scaled
 from simulator.engine_costs import DenseCost, GridCost
-from simulator.profile import ModelEngine, load_profile
+from simulator.profile import ModelEngine, load_profile, parse_profile
 
 MODEL = "olmoe-1b-7b"
 
@@ -148,6 +148,28 @@ def test_in_situ_steps_run_on_a_tiny_model():
     assert all(p["null_ms"] > 0 and p["resident_ms"] > 0 and 1 <= p["active"] for p in step["points"])
     assert all(set(p["styles"]) == {"offload-grouped", "offload-graphs"} and min(p["styles"].values()) > 0
                for p in step["points"])
+    assert all(p["probe_dispatch_us"] > 0 for p in step["points"])   # the host's speed beside its steps
+
+
+def test_now_is_against_the_probe_beside_the_in_situ_steps():
+    """validate's "now" factor divides the row's probe by the one the in situ steps met, where
+    the profile has it, else by the engine run's own (before and after it)."""
+    from calibrate.measurements.engine_profile import in_situ_factors
+    from calibrate.validation.model_rows import probe_factor
+    doc = load_profile("h200").to_json()
+    sec = doc["engine"][MODEL]
+    run_probe = sec["source"]["host_probe_dispatch_us"]
+    step = {"moe_layers": 16, "layers": 16, "points": [
+        {"batch": b, "context": 256, "null_ms": 30.0, "resident_ms": 40.0, "active": 8.0, "probe_dispatch_us": us}
+        for b, us in ((1, 7.0), (4, 7.2), (16, 9.5))]}
+    situ = in_situ_factors(step, {k: v for k, v in sec.items() if k != "in_situ"})
+    assert situ["probe_dispatch_us"] == pytest.approx(7.2)            # the points' median
+    probes = [{"dispatch_us": 9.0}, {"dispatch_us": 10.0}, None]
+    sec["in_situ"] = situ
+    assert probe_factor(probes, parse_profile(doc, "p"), MODEL) == pytest.approx((9.5, 9.5 / 7.2))
+    del sec["in_situ"]["probe_dispatch_us"]
+    assert probe_factor(probes, parse_profile(doc, "p"), MODEL) == pytest.approx((9.5, 9.5 / run_probe))
+    assert probe_factor([], parse_profile(doc, "p"), MODEL) == (None, None)
 
 
 def test_in_situ_factor_by_batch():

@@ -7,6 +7,10 @@ host an eager step of OLMoE-1B-7B took 1.4x the sum of its isolated parts (docs/
 So this measures the whole model, every decoder layer built, through
 :class:`calibrate.executors.model.ModelExecutor` on its own router's routing:
 
+Each timed step is preceded by the host-speed probe (:mod:`calibrate.measurements.host_speed`),
+as a validation row's steps are; each point keeps its median (``probe_dispatch_us``), the
+speed its steps were measured at:
+
 - ``null``: every routed-expert call replaced by zeros right after the router's choice has
   come to the host (the engine around the experts, plus the route sync);
 - ``resident``: every expert resident in the executor's slots (the ``resident`` policy);
@@ -173,7 +177,7 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
                 progress(f"in situ B={B} context {C}, pass {p + 1}/{passes}")
             tr = traces[C, B]
             for name, cls, dispatch in runs:
-                ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C, dispatch=dispatch)
+                ex = cls(built, pol, tr, device=device, host=host, prompt_tokens=C, dispatch=dispatch, probe=True)
                 timed.setdefault((C, B, name), []).extend([ex.run_step(s)[0] for s in range(tr.num_steps)][warmup:])
                 ex.release()
                 ex = None
@@ -186,11 +190,15 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
             steps_ = timed[C, B, name]
             fast = [st for st in steps_ if st.host_fast is not False]   # --host-state fast: those that ended fast
             out[name] = statistics.median(st.latency_ms for st in (fast if len(fast) >= 3 else steps_))
+        probes = [st.probe["dispatch_us"] for name, _, _ in runs for st in timed[C, B, name]
+                  if st.probe and st.probe.get("dispatch_us")]
         tr = traces[C, B]
         active = float(np.mean([[len(np.unique(tr.step(s)[:, l, :])) for l in range(spec.num_layers)]
                                 for s in range(warmup, tr.num_steps)]))
         pts.append({"batch": B, "context": C, "null_ms": out["null"], "resident_ms": out["resident"],
-                    "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {})})
+                    "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {}),
+                    # the host-speed probe before each timed step (validate's "now" divides by it)
+                    **({"probe_dispatch_us": statistics.median(probes)} if probes else {})})
     copy = pageable_copy(host, device)
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")

@@ -192,9 +192,16 @@ def host_scaled(profile: Profile, model: str, factor: float) -> Profile:
 
 
 def probe_factor(probes: list, prof: Profile, model: str) -> tuple[float | None, float | None]:
-    """(the median of the timed steps' probes in µs, its ratio to calibration's), or Nones."""
+    """(the median of the timed steps' probes in µs, its ratio to calibration's), or Nones.
+    Calibration's is the probe beside the in situ steps (``in_situ.probe_dispatch_us``), which
+    the profile's step terms were measured at; else the engine run's own, before and after it
+    (``source.host_probe_dispatch_us``: on the H200 that one met the slow state, 9.1 us, while
+    the in situ steps between ran in the fast one)."""
     vals = [pr["dispatch_us"] for pr in probes if pr and pr.get("dispatch_us")]
-    cal = (prof.engine.get(model).source or {}).get("host_probe_dispatch_us") if model in prof.engine else None
+    eng = prof.engine.get(model)
+    situ = eng.in_situ if eng is not None else None
+    cal = situ.probe_dispatch_us if situ is not None and situ.probe_dispatch_us else \
+        ((eng.source or {}).get("host_probe_dispatch_us") if eng is not None else None)
     if not vals:
         return None, None
     now = statistics.median(vals)
