@@ -172,6 +172,12 @@ def print_serving_validation(report: dict) -> None:
         click.echo(f"{key(r)}{cells} {r['step_ms']['all']['error_pct']:+6.1f}%")
     for k, v in report["errors"].items():
         click.echo(f"  {k}: median |error| {v['median_abs_pct']:.2f}%, worst {v['worst_abs_pct']:.2f}%")
+    factors = [r.get("host_factor") for r in rows]
+    if any(f is not None for f in factors):   # replayed_now: the host terms scaled by these
+        import textwrap
+        click.echo(textwrap.fill("host factor now, by row (its steps' probes over the in situ steps'; "
+                                 "*_replayed_now: the replay with it): "
+                                 + " ".join("-" if f is None else f"{f:.2f}" for f in factors), 80))
 
 
 def _ms(v) -> str:

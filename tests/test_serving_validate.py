@@ -87,6 +87,14 @@ def test_report_rows_are_computed_from_the_runs(tiny_profile, capsys):
             assert m["error_pct"] == pytest.approx((m["projected"] / m["live"] - 1) * 100)
             assert m["replayed_error_pct"] == pytest.approx((m["replayed"] / m["live"] - 1) * 100)
             assert r["latency"][col]["p90"]["live"] >= min(cdf)
+        # the replay with the host terms now: the row's probes over the profile's, and its errors
+        assert r["probe_dispatch_us"] > 0 and r["host_factor"] > 0
+        for col in LATENCY_COLS:
+            n = r["latency_now"][col]["mean"]
+            assert n["error_pct"] == pytest.approx((n["replayed_now"] / r["latency"][col]["mean"]["live"] - 1) * 100)
+            rep_m = r["latency"][col]["mean"]["replayed"]
+            assert (n["replayed_now"] <= rep_m * (1 + 1e-9)) if r["host_factor"] < 1 else (n["replayed_now"] >= rep_m * (1 - 1e-9))
+    assert "e2e_ms_mean_replayed_now" in rep["errors"] and "host factor now" in out
     by = {(r["rate"], r["policy"]): r for r in rep["rows"]}
     assert by[2.0, "defer"]["deferred_prompt_tokens"] > 0 and by[2.0, "lru"]["deferred_prompt_tokens"] == 0
     assert by[2.0, "defer"]["steps"] > by[2.0, "bypass"]["steps"]       # prompts spread over more steps

@@ -33,9 +33,9 @@ class ServingExecutor(ModelExecutor):
     """A :class:`ModelExecutor` over a serving planner's steps, a KV cache per request."""
 
     def __init__(self, built, policy, planner: ServingPlanner, *, device: str = "cpu", seed: int = 0, host=None,
-                 dispatch: str = "loop"):
+                 dispatch: str = "loop", probe: bool = False):
         super().__init__(built, policy, planner.trace, device=device, seed=seed, host=host, planner=planner,
-                         dispatch=dispatch)
+                         dispatch=dispatch, probe=probe)
         self.kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.vocab = built.arch.vocab
         self.seed = seed
@@ -91,6 +91,10 @@ class ServingExecutor(ModelExecutor):
         decisions = self.prepare_step(s)
         ids, pos, mask, cache, rows, P = self._batch(plan)
         self._rows = rows
+        probe = None
+        if self.probe:   # the host's speed before the step, as a validation row's steps have it
+            from calibrate.measurements.host_speed import host_probe
+            probe = host_probe(self.device)
         if self.cuda:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
@@ -109,18 +113,21 @@ class ServingExecutor(ModelExecutor):
             old = self.kv.get(it.rid)
             self.kv[it.rid] = new if old is None else [(torch.cat([ok, nk], 2), torch.cat([ov, nv], 2))
                                                         for (ok, ov), (nk, nv) in zip(old, new)]
-        return ModelStep(step=s, latency_ms=ms, executed=dict(self._executed)), decisions
+        st = ModelStep(step=s, latency_ms=ms, executed=dict(self._executed))
+        st.probe = probe
+        return st, decisions
 
     def drop(self, rid: int) -> None:
         self.kv.pop(rid, None)
 
 
 def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: str = "cpu", base_dir=None,
-               requests=None, host=None, keep_logits: bool = False, dispatch: str = "loop"):
+               requests=None, host=None, keep_logits: bool = False, dispatch: str = "loop", probe: bool = False):
     """One policy at one max batch, live: ``(requests table, steps list of (plan items,
     ModelStep, Decisions), executor)``; the scheduler's clock runs on the measured step times.
     ``keep_logits``: the executor keeps each produced token's logits (``executor.logits``).
-    ``dispatch``: the executor's (``loop``: engine style offload; ``grouped``: offload-grouped)."""
+    ``dispatch``: the executor's (``loop``: engine style offload; ``grouped``: offload-grouped).
+    ``probe``: the host-speed probe before each step (``ModelStep.probe``; outside its time)."""
     from simulator.runner import derive_seed
     from simulator.serving.runner import make_driver, setup_run
 
@@ -129,7 +136,7 @@ def serve_live(sc, policy, max_batch: int, replication: int, built, *, device: s
     run = setup_run(sc, policy, max_batch, replication, base_dir=base_dir, requests=requests)
     reqs, sched, planner = run.requests, run.sched, run.planner
     ex = ServingExecutor(built, policy, planner, device=device, seed=derive_seed(sc.seed, replication, 13), host=host,
-                         dispatch=dispatch)
+                         dispatch=dispatch, probe=probe)
     ex.keep_logits = keep_logits
     ex._prompt = {r.rid: r.prompt for r in reqs}
     drive = make_driver(run)

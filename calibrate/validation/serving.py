@@ -213,7 +213,32 @@ def serving_row(sc, pol, index: int, rate, b: int, reqs, live_req, live_steps, p
                projected_prompt_tokens_per_s=pp,
                prompt_tokens_per_s_error_pct=_err(pp, row["live_prompt_tokens_per_s"]))
     row["cdf"]["projected"] = {c: sorted(map(float, proj.requests[c])) for c in LATENCY_COLS}
+    row.update(host_now(sc, pol, b, index, schedule, reqs, live_steps, live_stats, live_ms, prof, base_dir))
     return row
+
+
+def host_now(sc, pol, b: int, index: int, schedule, reqs, live_steps, live_stats, live_ms, prof, base_dir) -> dict:
+    """The replay again with the profile's host terms scaled by the host's speed the row's
+    steps met (their probes' median over the in situ steps', as ``validate --executor model``'s
+    "now" column): ``probe_dispatch_us``, ``host_factor`` and, with a factor, the latency
+    errors of that replay (``latency_now``: per column and statistic, its value and error) and
+    its decode steps' (``step_ms_now``). On the H200 the host has two states (~7 and ~9.5 us
+    per op issued): a host-bound decode step meets one or the other."""
+    from calibrate.validation.model_rows import host_scaled, probe_factor
+    probes = [st.probe for _, st, _ in live_steps]
+    now, factor = probe_factor(probes, prof, sc.model.name)
+    out = {"probe_dispatch_us": now, "host_factor": factor}
+    if factor is None or sc.model.name not in prof.engine:
+        return out
+    _, now_ms = replay(sc, pol, b, index, schedule, host_scaled(prof, sc.model.name, factor), base_dir)
+    now_ms = np.asarray(now_ms)
+    stats = latency_stats(replay_requests(reqs, schedule, now_ms.tolist(), sc.workload.slo))
+    pre_tok = np.array([sum(it.count for it in items if it.kind != DECODE) for items in schedule])
+    out["latency_now"] = {col: {q: {"replayed_now": stats[col][q], "error_pct": _err(stats[col][q], live_stats[col][q])}
+                                for q in STATS} for col in LATENCY_COLS}
+    out["step_ms_now"] = {"all": step_block(live_ms, now_ms, np.ones(len(live_ms), bool)),
+                          "decode": step_block(live_ms, now_ms, pre_tok == 0)}
+    return out
 
 
 def error_summary(rows: list[dict]) -> dict:
@@ -229,6 +254,12 @@ def error_summary(rows: list[dict]) -> dict:
     e = [abs(r["step_ms"]["all"]["error_pct"]) for r in rows]
     if e:
         out["step_median_replayed"] = {"median_abs_pct": float(np.median(e)), "worst_abs_pct": float(max(e))}
+    for col in LATENCY_COLS:     # the replay with the host terms now (host_now)
+        for q in STATS:
+            e = [abs(v) for r in rows if r.get("latency_now")
+                 if (v := r["latency_now"][col][q]["error_pct"]) is not None]
+            if e:
+                out[f"{col}_{q}_replayed_now"] = {"median_abs_pct": float(np.median(e)), "worst_abs_pct": float(max(e))}
     return out
 
 
@@ -280,7 +311,7 @@ def validate_serving(sc, *, rates: list[float] | None = None, profile: str | Pro
 
     def live(csc, pol, b, reqs):
         out = serve_live(csc, pol, b, 0, built, device=device, base_dir=base_dir, requests=reqs,
-                         host=hosts[pol.memory], dispatch=dispatch)
+                         host=hosts[pol.memory], dispatch=dispatch, probe=timing)
         deferred = out[2].planner.deferred
         del out[2].pool
         if device.startswith("cuda"):
