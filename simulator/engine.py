@@ -46,7 +46,9 @@ engine's waits and timeouts do (nothing else runs on the host thread, and no oth
 shares the environment).
 
 Durations come from :class:`~simulator.profile.CostModel`, frozen into lists and dicts before the
-loop. A step's latency is from the host starting it to the synchronise returning. Same inputs,
+loop; in a style priced from engine tables, a pageable copy and a CPU expert are priced as the
+real-model executor meets them where its in situ calibration timed them
+(:meth:`~simulator.engine_costs.StyleCost.copy_pricer`, ``cpu_pricer``). A step's latency is from the host starting it to the synchronise returning. Same inputs,
 same float operations in the same order: runs are bit-for-bit reproducible.
 """
 from __future__ import annotations
