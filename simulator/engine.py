@@ -48,13 +48,15 @@ shares the environment).
 Durations come from :class:`~simulator.profile.CostModel`, frozen into lists and dicts before the
 loop; in a style priced from engine tables, a pageable copy and a CPU expert are priced as the
 real-model executor meets them where its in situ calibration timed them
-(:meth:`~simulator.engine_costs.StyleCost.copy_pricer`, ``cpu_pricer``). A step's latency is from the host starting it to the synchronise returning. Same inputs,
+(:meth:`~simulator.engine_costs.StyleCost.copy_pricer`, ``cpu_pricer``). A step's latency is
+from the host starting it to the synchronise returning. Same inputs,
 same float operations in the same order: runs are bit-for-bit reproducible.
 """
 from __future__ import annotations
 
 import gc
 from dataclasses import dataclass
+from functools import partial
 from heapq import heappush
 
 import simpy
@@ -137,7 +139,7 @@ class Engine:
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
             gpu_of, route_waits = None, False
-            copy_price = None
+            copy_price = partial(cost.copy_ms, memory=memory)   # nbytes -> ms
             cpu_price = cost.cpu_path_ms
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
@@ -225,8 +227,7 @@ class Engine:
                         nbytes = op[3]
                         dur = copy_of.get(nbytes)
                         if dur is None:
-                            dur = copy_of[nbytes] = (cost.copy_ms(nbytes, memory) if copy_price is None
-                                                     else copy_price(nbytes))
+                            dur = copy_of[nbytes] = copy_price(nbytes)
                         t = copy_free if copy_free > now else now
                         if host > t:
                             t = t + (host - t)

@@ -29,6 +29,7 @@ host memory (a disk tier: :func:`share_host_memory`), each GPU's send side of th
 from __future__ import annotations
 
 from dataclasses import fields
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -247,7 +248,7 @@ class Gpu:
         self.dense_ms, self.dense_of, self.extra_of, self.expert_base = 0.0, None, None, 0.0
         self.dense_gpu, self.gpu_of = 0.0, None   # the dense op's GPU work alone (Engine's)
         self.route_waits = False                  # the real model's router read waits on copies
-        self.copy_price = None                    # pageable copies as the executor's pool meets them
+        self.copy_price = partial(cost.copy_ms, memory=memory)   # nbytes -> ms (a real model's: its pool's)
         self.cpu_price = cost.cpu_path_ms         # a CPU expert (the executor's own, where measured)
         self.grouped, self.group_of, self.dc = False, {}, None
         if isinstance(dense, (int, float)):
@@ -437,8 +438,7 @@ class Gpu:
         nbytes = op[3]
         dur = self.copy_of.get(nbytes)
         if dur is None:
-            dur = self.copy_of[nbytes] = (self.cost.copy_ms(nbytes, self.memory) if self.copy_price is None
-                                          else self.copy_price(nbytes))
+            dur = self.copy_of[nbytes] = self.copy_price(nbytes)
         t = self.copy_free if self.copy_free > self.now else self.now
         if self.host > t:
             t = t + (self.host - t)
