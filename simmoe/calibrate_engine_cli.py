@@ -45,12 +45,16 @@ def _int_list(flag: str, values: tuple[str, ...]) -> list[int] | None:
 @click.option("--context", "contexts", multiple=True, help="KV-cache lengths [default: 128..32768, powers of 2].")
 @click.option("--prompt", "prompts", multiple=True, help="Prefill prompt lengths [default: 16,64,256,1024,4096].")
 @click.option("--trials", "-n", type=click.IntRange(3, 10_000), help="Timed trials per point [default: 20; --quick: 3].")
-@click.option("--max-seconds", type=click.FloatRange(1, 86_400), help="Time budget: the grid is trimmed, coarse to fine, to fit.")
+@click.option("--max-seconds", type=click.FloatRange(1, 86_400),
+              help="Time budget of the tables: the grid is trimmed, coarse to fine, to fit (--in-situ comes "
+                   "after, and says how long it will take).")
 @click.option("--layers", type=click.IntRange(1, 1000), help="Decoder layers to build [default: up to the first MoE layer].")
 @click.option("--tiny", is_flag=True, help="The architecture at small dimensions (CPU tests).")
 @click.option("--in-situ", "in_situ", is_flag=True,
-              help="Also time whole decode steps of the full model (every layer; experts resident and left out) "
-                   "and keep how they meet the isolated tables (engine.<model>.in_situ).")
+              help="Also time whole decode steps of the full model (every layer; experts resident and left out), "
+                   "its pageable copies and CPU experts as the executor meets them, and keep how they meet the "
+                   "isolated tables (engine.<model>.in_situ). It builds the whole model: on the H200 97-104 s "
+                   "for OLMoE and DeepSeek-V2-Lite, then 60-300 s of steps.")
 @cpus_option
 @host_state_option
 @click.option("--quick", is_flag=True, help="A small grid and 3 trials (with --tiny: seconds on the CPU).")

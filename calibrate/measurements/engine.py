@@ -506,6 +506,11 @@ def measure_engine(plan: EnginePlan, progress=None) -> dict:
         if plan.device.startswith("cuda"):
             torch.cuda.empty_cache()
         s0 = time.perf_counter()
+        if progress and not plan.tiny:   # the whole model's build is the long part: say so first
+            n_all = arch.total_layers
+            est = build_s * n_all / max(1, len(built.decoder_layers))
+            progress(f"in situ: the whole model ({n_all} decoder layers) next; its build alone about "
+                     f"{est:.0f} s (this {len(built.decoder_layers)}-layer one took {build_s:.0f} s), then its steps")
         dispatches = {s: EXECUTOR_STYLES[s] for s in plan.styles if EXECUTOR_STYLES.get(s, "loop") != "loop"}
         doc["in_situ"] = measure_in_situ(plan.preset, device=plan.device, tiny=plan.tiny, seed=plan.seed,
                                          progress=progress, styles=dispatches, **({"batches": plan.batches[:3], "contexts": plan.contexts[:1]}
