@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
@@ -290,7 +291,7 @@ class StyleCost:
         measured ms over the curve's at the expert's bytes."""
         situ = self.tables.in_situ if self.tables is not None else None
         if memory != "pageable" or self.style == "twin" or situ is None or situ.pageable_copy is None:
-            return lambda nbytes: cost.copy_ms(nbytes, memory)
+            return partial(cost.copy_ms, memory=memory)
         pc = situ.pageable_copy
         k = pc.ms / cost.copy_ms(pc.bytes, "pageable")
 

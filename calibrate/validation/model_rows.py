@@ -482,8 +482,9 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     (``rows_not_run``), the rows that ran reported as usual (the first row always runs; a run
     inside a time limit, such as the lent GPU's 10 minutes a call, keeps what it finished).
     A SIGTERM (``timeout``'s) during the rows stops them the same way: the row it cut is
-    dropped and named, and the rows done are projected and reported. ``skip_unfit``: a row that would not fit the GPU's free
-    memory is left out and named in ``rows_not_run`` (else one error before any row)."""
+    dropped and named, and the rows done are projected and reported. ``skip_unfit``: a row
+    that would not fit the GPU's free memory is left out and named in ``rows_not_run`` (else
+    one error before any row)."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
