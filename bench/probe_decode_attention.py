@@ -7,16 +7,25 @@ context 4,000 took 29.5 ms, experts included: less than the table's 16 x 1.92 ms
 large batch x context the real model's layer is cheaper than the isolated one, and the
 projection of every row there is slow (resident +97%, dedup and LRU +6 to +8%).
 
-This probe times, at each (batch, context), with torch.profiler (CUPTI: the GPU's own
-timestamps), per decode step:
+Its first run on the H200 (2026-12-04, seventh session) found the isolated and the model's
+layer alike (1.85 and 1.87 ms), 1.59 ms of each in one cat kernel (``CatArrayBatchedCopy``,
+2-byte elements): both put the cache back after each step with a crop, which leaves a strided
+view whose next append takes the GPU's element-wise path. A running model's cache is the
+contiguous tensor the last append wrote. The calibration now puts the filled tensors back
+instead (:func:`calibrate.measurements.engine.restore_kv`); this probe times both ways.
+
+It times, at each (batch, context), with torch.profiler (CUPTI: the GPU's own timestamps),
+per decode step:
 
 - ``isolated``: the calibration's own call (:class:`calibrate.measurements.engine.EngineMeasurer`:
   one MoE layer, its routed experts left out, over a filled ``DynamicCache`` of ``context``
   tokens, ``attention_mask=None``), as ``simmoe calibrate engine`` times it;
+- ``isolated_crop``: the same, the cache cropped back after each trial (the calibration
+  before 2026-12-04);
 - ``model``: the model's own decode forward (the first ``--layers`` decoder layers, their
   routed experts left out as in the isolated call), its cache prefilled with ``context``
-  prompt tokens and cropped back after each step, per decoder layer (the embedding and LM
-  head spread over the layers).
+  prompt tokens and its filled tensors put back after each step, per decoder layer (the
+  embedding and LM head spread over the layers).
 
 For each: GPU ms per layer, and the kernels behind it (name, calls, us per layer), so the
 attention kernel each path takes is named. Writes ``--out``/probe-decode-attention.json.
@@ -32,7 +41,7 @@ from pathlib import Path
 import torch
 
 from calibrate.executors.model import decode_inputs, prefill
-from calibrate.measurements.engine import EngineMeasurer, EnginePlan, _null_experts
+from calibrate.measurements.engine import EngineMeasurer, EnginePlan, _null_experts, contiguous_kv
 from calibrate.models.build import build_model
 
 STEPS = 6
@@ -84,17 +93,26 @@ def main() -> None:
     for B, C in points:
         call = m._layer_call(idx, B, 1, C, m.filled_cache(idx, B, C, shapes))
         iso = profiled(call, STEPS, 1, cuda)
-        call = None
+        cache = m.filled_cache(idx, B, C, shapes)
+        call = m._layer_call(idx, B, 1, C, cache)
+
+        def cropped(call=call, cache=cache):
+            extra = cache.get_seq_length(idx) - C
+            if extra > 0:
+                cache.layers[idx].crop(-extra)
+            return call()
+        iso_crop = profiled(cropped, STEPS, 1, cuda)
+        call = cache = cropped = None
         from transformers import DynamicCache
         prompt, nxt = decode_inputs(built.arch.vocab, B, 1, C, 0, a.device)
         cache = DynamicCache()
         with torch.no_grad():
             prefill(built.model, prompt, cache)
+        kept = [contiguous_kv(cache, i) for i in range(len(cache.layers))]
 
         def step():
-            extra = cache.get_seq_length() - C
-            if extra > 0:   # back to the prompt: every step appends one
-                cache.crop(-extra)
+            for lay, kv in zip(cache.layers, kept):   # back to the prompt: every step appends one
+                lay.keys, lay.values = kv
             with torch.no_grad():
                 built.model(input_ids=nxt[0], past_key_values=cache, use_cache=True,
                             cache_position=torch.arange(C, C + 1, device=nxt.device))
@@ -102,11 +120,11 @@ def main() -> None:
         cache = None
         if cuda:
             torch.cuda.empty_cache()
-        rows.append({"batch": B, "context": C, "isolated": iso, "model": own})
+        rows.append({"batch": B, "context": C, "isolated": iso, "isolated_crop": iso_crop, "model": own})
         print(f"B={B:3d} context {C:5d}: GPU ms per layer isolated {iso['gpu_ms_per_layer']:.3f}, "
-              f"in the model {own['gpu_ms_per_layer']:.3f} (its head and embedding spread over "
-              f"{n_layers} layers)")
-        for name, r in (("isolated", iso), ("model", own)):
+              f"cropped {iso_crop['gpu_ms_per_layer']:.3f}, in the model {own['gpu_ms_per_layer']:.3f} "
+              f"(its head and embedding spread over {n_layers} layers)")
+        for name, r in (("isolated", iso), ("cropped", iso_crop), ("model", own)):
             for k in r["kernels"][:4]:
                 print(f"  {name:8s} {k['us_per_layer']:8.1f} us x{k['calls_per_layer']:.1f}  {k['name'][:60]}")
     a.out.mkdir(parents=True, exist_ok=True)

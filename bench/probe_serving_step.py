@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from calibrate.measurements.engine import contiguous_kv
 from calibrate.models.build import build_model
 
 
@@ -96,12 +97,14 @@ def main() -> None:
                 ragged[b, :C - p] = 0
             ragged_pos = torch.tensor(pasts, device=dev).view(B, 1)
 
+            kept = [contiguous_kv(cache, i) for i in range(len(cache.layers))]
+
             def run(mask, position):
                 def fn():
-                    for i, lay in enumerate(cache.layers):   # back to C tokens: each trial appends one
-                        extra = cache.get_seq_length(i) - C
-                        if extra > 0:
-                            lay.crop(-extra)
+                    # back to C tokens (each trial appends one): the filled tensors, not a crop's
+                    # strided view (calibrate.measurements.engine.restore_kv)
+                    for lay, kv in zip(cache.layers, kept):
+                        lay.keys, lay.values = kv
                     with torch.no_grad():
                         built.model(input_ids=ids, position_ids=position, attention_mask=mask,
                                     past_key_values=cache, use_cache=True)

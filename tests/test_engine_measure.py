@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from calibrate.measurements.engine import (  # noqa: E402
-    Budget, EngineMeasurer, EnginePlan, coarse_to_fine, fit_per_expert, grid_order, measure_engine,
+    Budget, EngineMeasurer, EnginePlan, coarse_to_fine, fit_per_expert, grid_order, measure_engine, restore_kv,
 )
 from calibrate.models.build import build_model  # noqa: E402
 from simmoe.cli import main  # noqa: E402
@@ -58,6 +58,36 @@ def test_decode_cache_holds_context_and_its_real_size(name):
         out = call()
         assert cache.layers[layer].keys.shape[-2] == 21
     assert out.shape == (3, 1, b.spec.hidden)
+
+
+@pytest.mark.parametrize("name", ["olmoe-1b-7b", "deepseek-v2-lite"])
+def test_each_decode_trial_appends_to_the_filled_contiguous_cache(name):
+    """A trial starts from the cache as filled, contiguous, as a running model's is after each
+    append: a crop back to ``context`` would leave a strided view, whose append the GPU runs
+    element by element (1.85 against 0.53 ms of OLMoE's layer at B=16 and 4k tokens)."""
+    b = build_model(name, tiny=True)
+    m = EngineMeasurer(EnginePlan(name, device="cpu", tiny=True, **SMALL), b)
+    layer = b.moe_layers[0]
+    cache = m.filled_cache(layer, 2, 12, m.kv_shapes(layer))
+    k0, v0 = cache.layers[layer].keys.clone(), cache.layers[layer].values.clone()
+    call = m._layer_call(layer, 2, 1, 12, cache)
+    lay = cache.layers[layer]
+    seen, update = [], lay.update
+
+    def spy(*a, **kw):   # the cache as the trial's append meets it
+        seen.append(lay.keys.is_contiguous() and lay.values.is_contiguous())
+        return update(*a, **kw)
+    lay.update = spy
+    for _ in range(3):
+        call()
+        assert lay.keys.shape[-2] == 13 and torch.equal(lay.keys[..., :12, :], k0)
+        assert torch.equal(lay.values[..., :12, :], v0)
+    assert seen == [True] * 3
+    restore_kv(cache, layer, (k0, v0), 1)
+    assert cache.layers[layer].keys is k0 and cache.layers[layer].keys.is_contiguous()
+    update(torch.zeros_like(k0[..., :1, :]), torch.zeros_like(v0[..., :1, :]))
+    restore_kv(cache, layer, None, 1)   # no kept tensors (the prefill table's empty cache): a crop
+    assert cache.layers[layer].keys.shape[-2] == 12 and not cache.layers[layer].keys.is_contiguous()
 
 
 def test_measure_engine_tables_and_skips():

@@ -465,3 +465,26 @@ def test_a_row_too_big_for_the_free_gpu_memory_is_one_line_before_any_row():
 def test_skip_unfit_is_only_for_the_model_executor_rows(tmp_path):
     r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--skip-unfit"])
     assert r.exit_code == 2 and "--skip-unfit" in r.output and "only with --executor model" in r.output
+
+
+def test_merge_keeps_the_in_situ_factors_of_styles_it_keeps(tiny_profile, tmp_path):
+    """A style the new run did not time keeps its table and the in situ factor taken against
+    it; a style it timed takes the new factor."""
+    base = json.loads(tiny_profile.read_text())
+    sec = base["engine"]["olmoe-1b-7b-tiny"]
+    sec["styles"]["offload-graphs"] = dict(sec["styles"]["offload"])
+    sec["in_situ"] = {"dense": 1.0, "experts": 1.31, "styles": {"offload-graphs": 1.09}, "points": []}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    doc = json.loads((tiny_profile.parent / "engine.json").read_text())
+    doc["tables"]["in_situ"] = {"layers": 2, "moe_layers": 2, "steps": 4, "points": [
+        {"batch": 1, "context": 8, "null_ms": 5.0, "resident_ms": 9.0, "active": 2}]}
+    (tmp_path / "offload.json").write_text(json.dumps(doc))
+    doc["tables"]["experts"] = {"hf-eager": doc["tables"]["experts"]["offload"]}
+    (tmp_path / "eager.json").write_text(json.dumps(doc))
+    situ = merge_engine(tmp_path / "base.json", [tmp_path / "offload.json"],
+                        tmp_path / "out.json")["engine"]["olmoe-1b-7b-tiny"]["in_situ"]
+    assert situ["styles"] == {"offload-graphs": 1.09}        # kept with its table
+    assert situ["experts"] != 1.31                           # offload timed anew: its own factor
+    situ = merge_engine(tmp_path / "base.json", [tmp_path / "eager.json"],
+                        tmp_path / "out.json")["engine"]["olmoe-1b-7b-tiny"]["in_situ"]
+    assert situ["experts"] == 1.31 and situ["styles"] == {"offload-graphs": 1.09}   # offload kept

@@ -156,13 +156,30 @@ def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dic
             new = engine_section(doc)
             old = prof.setdefault("engine", {}).get(key) or {}
             # styles the new document did not measure stay (``--style offload`` adds one)
+            fresh = set(new["styles"])
             new["styles"] = {**old.get("styles", {}), **new["styles"]}
+            keep_style_factors(new, old, fresh)
             prof["engine"][key] = new
         except (KeyError, TypeError, ValueError) as e:
             raise InputError(str(p), "tables", f"cannot use: {e}") from None
     parse_profile(prof, str(out))
     write_atomic(prof, out)
     return prof
+
+
+def keep_style_factors(new: dict, old: dict, fresh: set[str]) -> None:
+    """A style kept from ``old`` (not in ``fresh``, the styles the new document timed) keeps
+    its in situ factor too, taken against the same style table: ``in_situ.styles[style]``,
+    and ``experts`` (the per-expert loop's, ``offload``) when the new steps did not give one. Without the old
+    factors a kept style's host terms fell back to 1 (OLMoE's ``offload`` from 1.31)."""
+    old_situ, situ = old.get("in_situ") or {}, new.get("in_situ")
+    if situ is None or not old_situ:
+        return
+    kept = {s: f for s, f in (old_situ.get("styles") or {}).items() if s not in fresh and s in new["styles"]}
+    if kept:
+        situ["styles"] = {**kept, **(situ.get("styles") or {})}
+    if situ.get("experts") is None and old_situ.get("experts") is not None and "offload" not in fresh:
+        situ["experts"] = old_situ["experts"]
 
 
 def _read_json(p: Path, what: str) -> dict:
