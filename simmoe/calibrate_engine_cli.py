@@ -147,10 +147,11 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         styles = "".join(f", {s} {ms:.1f}" for s, ms in (p.get("styles") or {}).items())
         console.print(f"in situ B={p['batch']} context {p['context']}: step without experts {p['null_ms']:.1f} ms, "
                       f"resident {p['resident_ms']:.1f}{styles} ms")
-    if (situ or {}).get("pageable_copy"):
-        pc = situ["pageable_copy"]
-        console.print(f"in situ pageable copies: {pc['ms']:.3f} ms per expert of {fmt_bytes(pc['bytes'])} "
-                      f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
+    for kind in ("pageable", "pinned"):
+        pc = (situ or {}).get(f"{kind}_copy")
+        if pc:
+            console.print(f"in situ {kind} copies: {pc['ms']:.3f} ms per expert of {fmt_bytes(pc['bytes'])} "
+                          f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
     cp = (situ or {}).get("cpu_path")
     if cp and cp.get("tokens"):
         console.print(f"in situ CPU experts ({cp['threads']} threads): {cp['ms'][0]:.3f} ms at {cp['tokens'][0]} "

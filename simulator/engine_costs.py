@@ -280,27 +280,30 @@ class StyleCost:
 
     def copy_pricer(self, cost, memory: str, host_ms: float):
         """``nbytes -> ms`` of one copy operation on the copy stream for this run's expert
-        copies: the profile's curve, except from pageable memory in a real model's style whose
-        in situ calibration timed the executor's own pageable pool (``in_situ.pageable_copy``).
-        That pool is one tensor per expert, copied one by one (a coalesced copy of m experts
-        is m copies back to back), and each of its copies is slower than the slices of one
-        buffer that ``calibrate`` times (6.1-7.0 against 7.9 GB/s for OLMoE on the H200). Its
-        ms is the wall per copy with everything around it: an operation of m whole experts
-        costs m of them less ``host_ms``, the host terms the engine adds to each operation
-        (its launch, and the tail after a blocking copy); other sizes: the curve scaled by the
-        measured ms over the curve's at the expert's bytes."""
+        copies: the profile's curve, except in a real model's style whose in situ calibration
+        timed the executor's own pool of that memory kind (``in_situ.pageable_copy``,
+        ``in_situ.pinned_copy``). That pool is one tensor per expert, copied one by one (a
+        coalesced copy of m experts is m copies back to back), and each of its copies is
+        slower than the one buffer that ``calibrate`` times (pageable: 6.1-7.0 against 7.9
+        GB/s for OLMoE on the H200). Its ms is the wall per copy of a layer's copies back to
+        back: an operation of m whole experts costs m of them; a pageable one less
+        ``host_ms``, the host terms the engine adds to each blocking operation (its launch,
+        and the tail after it), which that wall holds (a pinned copy's launch overlaps the
+        copies before it); other sizes: the curve scaled by the measured ms over the curve's
+        at the expert's bytes."""
         situ = self.tables.in_situ if self.tables is not None else None
-        if memory != "pageable" or self.style == "twin" or situ is None or situ.pageable_copy is None:
+        pc = None if situ is None else {"pageable": situ.pageable_copy, "pinned": situ.pinned_copy}.get(memory)
+        if self.style == "twin" or pc is None:
             return partial(cost.copy_ms, memory=memory)
-        pc = situ.pageable_copy
-        k = pc.ms / cost.copy_ms(pc.bytes, "pageable")
+        k = pc.ms / cost.copy_ms(pc.bytes, memory)
+        blocking = memory == "pageable"
 
         def price(nbytes: int) -> float:
             m, rest = divmod(nbytes, pc.bytes)
             if m and not rest:
                 whole = m * pc.ms
-                return whole - host_ms if whole > 2 * host_ms else whole
-            return cost.copy_ms(nbytes, "pageable") * k
+                return whole - host_ms if blocking and whole > 2 * host_ms else whole
+            return cost.copy_ms(nbytes, memory) * k
         return price
 
     def cpu_pricer(self, cost):

@@ -196,9 +196,9 @@ class EngineStyle(_Strict):
                                                                 "replayed from CUDA graphs")
 
 
-class PageableCopy(_Strict):
-    """One expert's copy from the executor's own pageable pool, timed as the layer baseline
-    meets it (``calibrate engine --in-situ``)."""
+class PoolCopy(_Strict):
+    """One expert's copy from the executor's own pool (pageable or pinned), timed back to
+    back a layer at a time, as the layer baseline meets it (``calibrate engine --in-situ``)."""
 
     bytes: int = Field(gt=0, description="the expert's bytes")
     ms: float = Field(gt=0, le=MAX_US, description="ms per copy, median over layers and passes")
@@ -207,14 +207,16 @@ class PageableCopy(_Strict):
 class InSitu(_Strict):
     """How a whole decode step meets the isolated tables: factors on the decode table
     (``dense``) and on the style's expert host terms (``experts``), medians of ``points``;
-    ``pageable_copy`` scales the profile's pageable copy curve for this model's rows."""
+    ``pageable_copy`` and ``pinned_copy`` price this model's expert copies of each kind."""
 
     dense: float = Field(gt=0, le=100)
     experts: float | None = Field(None, gt=0, le=100)
     styles: dict[str, float] = Field(default_factory=dict, description="a grouped style's own experts factor "
                                                                        "(its resident steps), by style")
-    pageable_copy: PageableCopy | None = Field(None, description="an expert's copy from the executor's "
-                                               "pageable pool (the profile's pageable curve is scaled to meet it)")
+    pageable_copy: PoolCopy | None = Field(None, description="an expert's copy from the executor's "
+                                           "pageable pool (the profile's pageable curve is scaled to meet it)")
+    pinned_copy: PoolCopy | None = Field(None, description="an expert's copy from a pinned pool of the "
+                                         "executor's, back to back (the pinned curve is scaled to meet it)")
     cpu_path: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] of one CPU expert "
                                               "as the real-model executor runs it (in place of compute.cpu)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads cpu_path was timed with")

@@ -158,3 +158,64 @@ def test_no_copy_engine_no_measurement():
     import torch
     host = [[torch.zeros(16) for _ in range(4)] for _ in range(2)]
     assert pageable_copy(host, "cpu") is None
+
+
+def pinned_profile(factor: float):
+    """The shipped h200 profile with OLMoE's in situ pinned copy at ``factor`` x the pinned curve."""
+    doc = copy.deepcopy(load_profile("h200").to_json())
+    nbytes = get_preset(MODEL).expert_bytes
+    plain = cost_model(scenario(PINNED), parse_profile(doc, "plain"), 1).copy_ms(nbytes, "pinned")
+    doc["engine"][MODEL]["in_situ"]["pinned_copy"] = {"bytes": nbytes, "ms": plain * factor}
+    return parse_profile(doc, "test profile")
+
+
+def test_a_pinned_pool_copy_prices_pinned_loads_whole():
+    """A pinned copy of m whole experts costs m measured copies (the launch overlaps the copies
+    before it: nothing taken off); other sizes the pinned curve scaled; pageable untouched."""
+    from simulator.engine_costs import DenseCost
+    prof = pinned_profile(1.08)
+    cm = cost_model(scenario(PINNED), prof, 1)
+    dc = DenseCost(style="offload-grouped", batch=1, phases=[0], tokens=[1], start_context=256,
+                   tables=prof.engine[MODEL])
+    nb = get_preset(MODEL).expert_bytes
+    price = dc.copy_pricer(cm, "pinned", 0.036)
+    assert price(nb) == pytest.approx(1.08 * cm.copy_ms(nb, "pinned"), rel=1e-12)
+    assert price(3 * nb) == pytest.approx(3 * 1.08 * cm.copy_ms(nb, "pinned"), rel=1e-12)
+    assert price(nb // 2) == pytest.approx(1.08 * cm.copy_ms(nb // 2, "pinned"), rel=1e-12)
+    doc = prof.to_json()
+    del doc["engine"][MODEL]["in_situ"]["pinned_copy"]
+    without = DenseCost(style="offload-grouped", batch=1, phases=[0], tokens=[1], start_context=256,
+                        tables=parse_profile(doc, "p").engine[MODEL])
+    for n in (nb, 64 * nb, nb // 3):
+        assert dc.copy_pricer(cm, "pageable", 0.1)(n) == without.copy_pricer(cm, "pageable", 0.1)(n)
+
+
+def test_a_slower_pinned_pool_slows_a_copy_bound_row_by_its_copies():
+    """Copy-bound (dedup at B=4): each step's copy stream grows by its copies x the change per
+    copy; the twin keeps the curve."""
+    sc = scenario(PINNED)
+    nb = get_preset(MODEL).expert_bytes
+    a, b = run(sc, pinned_profile(1.0)), run(sc, pinned_profile(1.1))
+    plain = cost_model(sc, pinned_profile(1.0), 1).copy_ms(nb, "pinned")
+    copies = (a["bytes_h2d"] / nb).to_numpy()
+    np.testing.assert_allclose(b["transfer_ms"].to_numpy() - a["transfer_ms"].to_numpy(), copies * 0.1 * plain,
+                               rtol=1e-9)
+    assert (b["latency_ms"] > a["latency_ms"]).all()
+    twin = scenario(PINNED, style="twin")
+    assert (run(twin, pinned_profile(1.0))["latency_ms"] == run(twin, pinned_profile(1.3))["latency_ms"]).all()
+
+
+def test_in_situ_factors_keep_the_pinned_copy_and_the_cpu_refuses_to_time_it():
+    from calibrate.measurements.engine_step import pinned_copy
+    import torch
+    sec, step = situ_step(pinned_copy={"bytes": 12_582_912, "ms": 0.25, "p10": 0.24, "p90": 0.26, "n": 6, "gbps": 50.3})
+    situ = in_situ_factors(step, sec)
+    assert situ["pinned_copy"] == {"bytes": 12_582_912, "ms": 0.25}
+    sec["in_situ"] = situ
+    doc = copy.deepcopy(load_profile("h200").to_json())
+    doc["engine"][MODEL] = sec
+    assert parse_profile(doc, "p").engine[MODEL].in_situ.pinned_copy.ms == 0.25
+    doc["engine"][MODEL]["in_situ"]["pinned_copy"] = {"bytes": 10, "ms": -1.0}
+    with pytest.raises(InputError, match="in_situ.pinned_copy"):
+        parse_profile(doc, "p.json")
+    assert pinned_copy([[torch.zeros(16) for _ in range(4)]], "cpu") is None

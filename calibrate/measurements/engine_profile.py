@@ -226,12 +226,12 @@ def in_situ_factors(step: dict, section: dict) -> dict:
         return float(statistics.median(v)) if v else None
     styles = sorted({k.split(":", 1)[1] for r in rows for k in r if k.startswith("experts:")})
     by_style = {s: f for s in styles if (f := med(f"experts:{s}")) is not None}
-    copy = step.get("pageable_copy")   # the executor's pageable pool, as the layer baseline meets it
-    copy = {"bytes": copy["bytes"], "ms": copy["ms"]} if copy else None
+    # the executor's pools, pageable (as the layer baseline meets it) and pinned
+    copies = {k: {"bytes": c["bytes"], "ms": c["ms"]} for k in ("pageable_copy", "pinned_copy") if (c := step.get(k))}
     cpu = step.get("cpu_path")        # the executor's own CPU expert, by tokens
     cpu = {"cpu_path": [[t, ms] for t, ms in zip(cpu["tokens"], cpu["ms"])], "cpu_threads": cpu["threads"]} \
         if cpu and cpu.get("tokens") else {}
     probes = [p["probe_dispatch_us"] for p in step["points"] if p.get("probe_dispatch_us")]   # the host meanwhile
     probe = {"probe_dispatch_us": float(np.median(probes))} if probes else {}
     return {"dense": med("dense"), "experts": med("experts"), **({"styles": by_style} if by_style else {}),
-            **({"pageable_copy": copy} if copy else {}), **cpu, **probe, "points": rows}
+            **copies, **cpu, **probe, "points": rows}

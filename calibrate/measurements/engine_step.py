@@ -22,6 +22,10 @@ speed its steps were measured at:
   slot, a layer's experts back to back, as the layer baseline copies them. On the H200 these
   ran at 6.1-6.5 GB/s for OLMoE's 12.6 MB experts while the profile's pageable fit (slices
   of one buffer) said 7.9 GB/s, so every layer-baseline row was projected 18-22% fast;
+- ``pinned_copy``: the same over a pinned copy of the pool's first ``PINNED_LAYERS`` layers,
+  as every pinned policy's loads meet it: on the H200 (2026-12-04) OLMoE's copy-bound rows
+  moved 12.6 MB experts at 50-51 GB/s or less, step gaps included, while ``calibrate``'s one
+  timed copy of a 12.6 MB buffer said 54.4 GB/s, and dedup and LRU were projected 4-7% fast;
 - ``cpu_path``: the executor's own CPU expert (:func:`cpu_path`) by tokens, with its torch
   threads: the real model's styles price a CPU miss by it in place of the profile's CPU table
   (the twin's path).
@@ -53,13 +57,15 @@ STEP_STEPS = 8
 STEP_WARMUP = 2
 STEP_PASSES = 3     # passes over the points (each point's runs in every pass)
 COPY_PASSES = 2      # passes over the whole pageable pool (the first pass timed too: no warm-up)
+PINNED_LAYERS = 2    # layers of the pool pinned for ``pinned_copy`` (OLMoE: 1.6 GB; Mixtral: 5.6 GB)
+PINNED_PASSES = 3
 
 
 def pageable_copy(host: list[list[torch.Tensor]], device: str, passes: int = COPY_PASSES) -> dict | None:
-    """The ms of one expert's copy from the executor's pageable pool, as the layer baseline
-    meets it: per layer, its experts copied back to back into a layer's worth of GPU slots on a
-    copy stream (each copy from pageable memory returns to the host when done), the layer's
-    wall time over its experts. ``{"bytes", "ms" (median over layers and passes), "p10",
+    """The ms of one expert's copy from the executor's pool ``host`` (pageable, or pinned:
+    :func:`pinned_copy`), as the layer baseline meets it: per layer, its experts copied back
+    to back into a layer's worth of GPU slots on a copy stream (each copy from pageable memory
+    returns to the host when done), the layer's wall time over its experts. ``{"bytes", "ms" (median over layers and passes), "p10",
     "p90", "n", "gbps"}``; None off CUDA (no copy engine to time)."""
     if not str(device).startswith("cuda") or not host or not host[0]:
         return None
@@ -81,6 +87,20 @@ def pageable_copy(host: list[list[torch.Tensor]], device: str, passes: int = COP
     del slots
     return {"bytes": int(nbytes), "ms": float(q[1]), "p10": float(q[0]), "p90": float(q[2]), "n": len(per),
             "gbps": float(nbytes / (q[1] * 1e-3) / 1e9)}
+
+
+def pinned_copy(host: list[list[torch.Tensor]], device: str, layers: int = PINNED_LAYERS,
+                passes: int = PINNED_PASSES) -> dict | None:
+    """:func:`pageable_copy` over a pinned copy of the first ``layers`` layers of the pool, one
+    pinned tensor per expert as :func:`calibrate.executors.model.host_experts` lays out a
+    pinned policy's pool; None off CUDA."""
+    if not str(device).startswith("cuda") or not host or not host[0]:
+        return None
+    pinned = [[torch.empty(t.numel(), dtype=t.dtype, pin_memory=True).copy_(t) for t in layer]
+              for layer in host[:layers]]
+    out = pageable_copy(pinned, device, passes)
+    del pinned
+    return out
 
 
 CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -202,9 +222,10 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
     copy = pageable_copy(host, device)
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")
+    pinned = pinned_copy(host, device)
     if progress:
         progress("in situ CPU experts")
     cpu = cpu_path(built, host, traces[points[0]], device)
     return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,
             "passes": passes, "cpu_path": cpu,
-            "points": pts, **({"pageable_copy": copy} if copy else {})}
+            "points": pts, **({"pageable_copy": copy} if copy else {}), **({"pinned_copy": pinned} if pinned else {})}
