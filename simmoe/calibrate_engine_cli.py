@@ -152,6 +152,10 @@ def print_engine_summary(console: Console, doc: dict, out: Path) -> None:
         if pc:
             console.print(f"in situ {kind} copies: {pc['ms']:.3f} ms per expert of {fmt_bytes(pc['bytes'])} "
                           f"({pc['gbps']:.1f} GB/s, {pc['n']} layers timed)")
+    rw = (situ or {}).get("route_wait")
+    if rw:
+        console.print(f"in situ router read behind a layer's queued copies ({rw['copies_ms']:.1f} ms): "
+                      f"waits {rw['fraction']:.2f} of their time (mean of {len(rw['fractions'])})")
     cp = (situ or {}).get("cpu_path")
     if cp and cp.get("tokens"):
         console.print(f"in situ CPU experts ({cp['threads']} threads): {cp['ms'][0]:.3f} ms at {cp['tokens'][0]} "

@@ -138,14 +138,14 @@ class Engine:
         grouped = False
         if isinstance(self.dense_ms, (int, float)):
             dense_ms, dense_of, extra_of, expert_base = self.dense_ms, None, None, 0.0
-            gpu_of, route_waits = None, False
+            gpu_of, route_wait = None, 0.0
             copy_price = partial(cost.copy_ms, memory=memory)   # nbytes -> ms
             cpu_price = cost.cpu_path_ms
         else:                                       # priced per step from engine tables
             dc = self.dense_ms
             dense_of, extra_of = dc.per_step()     # lists (a serving run's grow as it runs)
             gpu_of = dc.gpu_per_step()             # the dense op's GPU work alone, or None
-            route_waits = dc.style != "twin"        # the real model's router read (see above)
+            route_wait = dc.route_wait              # the real model's router read (see above)
             expert_base, l_expert = dc.expert_host_ms(l_expert)
             l_copy = dc.load_host_ms(l_copy)
             copy_price = dc.copy_pricer(cost, memory, l_copy + (tail if blocking else 0.0))
@@ -284,8 +284,8 @@ class Engine:
                             now = now + (host - now)
                         if end > now:
                             now = end
-                        if route_waits and copy_free > now:   # behind the copies issued before it
-                            now = copy_free
+                        if route_wait and copy_free > now:   # behind the copies issued before it
+                            now = copy_free if route_wait == 1.0 else now + route_wait * (copy_free - now)
                         host = now + route_ms + expert_base
                     elif kind == GROUP:             # one grouped call over a layer's ready experts
                         hg = group_of.get(op[4])

@@ -306,6 +306,18 @@ class StyleCost:
             return cost.copy_ms(nbytes, memory) * k
         return price
 
+    @property
+    def route_wait(self) -> float:
+        """How much of the copy queue issued before a layer's router read the read waits for
+        (the engine's host clock goes that far towards the copy stream's free time): 0 for the
+        twin (its timing since before the rule), the in situ measurement where there is one
+        (``in_situ.route_wait``), else 1, the whole queue (bench/probe_live_timeline.py found
+        the read behind the prefetches at two layer boundaries in five on the H200)."""
+        if self.style == "twin":
+            return 0.0
+        situ = self.tables.in_situ if self.tables is not None else None
+        return 1.0 if situ is None or situ.route_wait is None else float(situ.route_wait)
+
     def cpu_pricer(self, cost):
         """``tokens -> ms`` of one CPU expert for this run: for a real model's style whose in
         situ calibration timed the executor's own CPU path (``in_situ.cpu_path``), that curve;

@@ -247,7 +247,7 @@ class Gpu:
         self.blocking = memory == "pageable" and cost.pageable_blocks_host
         self.dense_ms, self.dense_of, self.extra_of, self.expert_base = 0.0, None, None, 0.0
         self.dense_gpu, self.gpu_of = 0.0, None   # the dense op's GPU work alone (Engine's)
-        self.route_waits = False                  # the real model's router read waits on copies
+        self.route_wait = 0.0                     # how far the real model's router read waits on copies
         self.copy_price = partial(cost.copy_ms, memory=memory)   # nbytes -> ms (a real model's: its pool's)
         self.cpu_price = cost.cpu_path_ms         # a CPU expert (the executor's own, where measured)
         self.grouped, self.group_of, self.dc = False, {}, None
@@ -259,7 +259,7 @@ class Gpu:
             n = planner.trace.num_steps
             self.dense_of, self.extra_of = dc.per_step() if holds else ([0.0] * n, [0.0] * n)
             self.gpu_of = dc.gpu_per_step() if holds else None
-            self.route_waits = dc.style != "twin"
+            self.route_wait = dc.route_wait
             self.expert_base, self.l_expert = dc.expert_host_ms(self.l_expert)
             self.l_copy = dc.load_host_ms(self.l_copy)
             tail = cost.pageable_tail if self.blocking else 0.0
@@ -320,8 +320,9 @@ class Gpu:
             now = now + (host - now)
         if end > now:
             now = end
-        if self.route_waits and self.copy_free > now:            # the real model's router read
-            now = self.copy_free                                 # waits behind the copies (Engine)
+        w = self.route_wait
+        if w and self.copy_free > now:                           # the real model's router read
+            now = self.copy_free if w == 1.0 else now + w * (self.copy_free - now)   # waits (Engine)
         self.now = now
         self.host = now + route_ms + self.expert_base
 

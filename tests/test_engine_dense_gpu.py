@@ -161,3 +161,46 @@ def test_the_router_read_waits_behind_the_copies_issued_before_it():
     read = cost.copy_ms(ROUTE_ID_BYTES * 64 * sc.model.top_k, "pageable", "d2h")
     gaps = [min(e[1] for e in n) - max(e[2] for e in p) for p, n in zip(batches, batches[1:])]
     assert min(gaps) >= read - 1e-9
+
+
+def route_profile(fraction: float | None):
+    """:func:`profile` (GPU part 0.2) with OLMoE's in situ ``route_wait`` set to ``fraction``."""
+    doc = profile(0.2).to_json()
+    doc["engine"]["olmoe-1b-7b"].setdefault("in_situ", {"dense": 1.0})["route_wait"] = fraction
+    return parse_profile(doc, "test profile")
+
+
+@pytest.mark.parametrize("batch", [4, 64])
+def test_a_measured_route_wait_scales_the_wait_between_none_and_the_whole_queue(batch):
+    """``in_situ.route_wait``: 1 is the rule without a measurement, bit for bit; 0 lets the
+    router read through (a next-layer prefetch never slower than with the wait); a fraction
+    in between lands in between, step by step; decisions never move."""
+    sc = scenario(LRU_PF, batch=batch)
+    none, whole, half, zero = (latencies(sc, route_profile(f)) for f in (None, 1.0, 0.5, 0.0))
+    assert (none == whole).all()
+    assert (zero <= half + 1e-9).all() and (half <= whole + 1e-9).all() and zero.sum() < whole.sum()
+    for f in (0.0, 0.5, 1.0):
+        doc = route_profile(f).to_json()
+        assert (latencies(scenario(DEDUP, batch=batch), parse_profile(doc, "p")) ==
+                latencies(scenario(DEDUP, batch=batch), route_profile(None))).all()   # no queue ahead: no wait
+    twin = scenario(LRU_PF, style="twin", batch=batch)
+    assert (latencies(twin, route_profile(0.0)) == latencies(twin, route_profile(1.0))).all()
+
+
+def test_a_bad_route_wait_is_refused():
+    from simulator.errors import InputError
+    doc = profile(0.2).to_json()
+    doc["engine"]["olmoe-1b-7b"].setdefault("in_situ", {"dense": 1.0})["route_wait"] = 1.5
+    with pytest.raises(InputError, match="in_situ.route_wait"):
+        parse_profile(doc, "p.json")
+
+
+def test_in_situ_factors_keep_the_route_wait():
+    from calibrate.measurements.engine_profile import in_situ_factors
+    sec = copy.deepcopy(load_profile("h200").to_json()["engine"]["olmoe-1b-7b"])
+    sec.pop("in_situ")
+    step = {"moe_layers": 16, "layers": 16, "route_wait": {"fraction": 0.4, "fractions": [0.0, 1.0], "copies_ms": 15.0},
+            "points": [{"batch": 1, "context": 256, "null_ms": 30.0, "resident_ms": 40.0, "active": 8.0}]}
+    assert in_situ_factors(step, sec)["route_wait"] == 0.4
+    del step["route_wait"]
+    assert "route_wait" not in in_situ_factors(step, sec)

@@ -206,7 +206,7 @@ def test_a_slower_pinned_pool_slows_a_copy_bound_row_by_its_copies():
 
 
 def test_in_situ_factors_keep_the_pinned_copy_and_the_cpu_refuses_to_time_it():
-    from calibrate.measurements.engine_step import pinned_copy
+    from calibrate.measurements.engine_step import pinned_pool, route_wait
     import torch
     sec, step = situ_step(pinned_copy={"bytes": 12_582_912, "ms": 0.25, "p10": 0.24, "p90": 0.26, "n": 6, "gbps": 50.3})
     situ = in_situ_factors(step, sec)
@@ -218,4 +218,5 @@ def test_in_situ_factors_keep_the_pinned_copy_and_the_cpu_refuses_to_time_it():
     doc["engine"][MODEL]["in_situ"]["pinned_copy"] = {"bytes": 10, "ms": -1.0}
     with pytest.raises(InputError, match="in_situ.pinned_copy"):
         parse_profile(doc, "p.json")
-    assert pinned_copy([[torch.zeros(16) for _ in range(4)]], "cpu") is None
+    host = [[torch.zeros(16) for _ in range(4)]]
+    assert pinned_pool(host, "cpu") is None and route_wait(host, "cpu") is None

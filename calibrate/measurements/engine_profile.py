@@ -231,7 +231,9 @@ def in_situ_factors(step: dict, section: dict) -> dict:
     cpu = step.get("cpu_path")        # the executor's own CPU expert, by tokens
     cpu = {"cpu_path": [[t, ms] for t, ms in zip(cpu["tokens"], cpu["ms"])], "cpu_threads": cpu["threads"]} \
         if cpu and cpu.get("tokens") else {}
+    route = step.get("route_wait")   # the router read behind queued copies (a fraction of their time)
+    route = {"route_wait": route["fraction"]} if route else {}
     probes = [p["probe_dispatch_us"] for p in step["points"] if p.get("probe_dispatch_us")]   # the host meanwhile
     probe = {"probe_dispatch_us": float(np.median(probes))} if probes else {}
     return {"dense": med("dense"), "experts": med("experts"), **({"styles": by_style} if by_style else {}),
-            **copies, **cpu, **probe, "points": rows}
+            **copies, **route, **cpu, **probe, "points": rows}

@@ -26,6 +26,8 @@ speed its steps were measured at:
   as every pinned policy's loads meet it: on the H200 (2026-12-04) OLMoE's copy-bound rows
   moved 12.6 MB experts at 50-51 GB/s or less, step gaps included, while ``calibrate``'s one
   timed copy of a 12.6 MB buffer said 54.4 GB/s, and dedup and LRU were projected 4-7% fast;
+- ``route_wait``: how long the router's read waits behind copies queued before it, as a
+  fraction of their time (:func:`route_wait`);
 - ``cpu_path``: the executor's own CPU expert (:func:`cpu_path`) by tokens, with its torch
   threads: the real model's styles price a CPU miss by it in place of the profile's CPU table
   (the twin's path).
@@ -59,6 +61,7 @@ STEP_PASSES = 3     # passes over the points (each point's runs in every pass)
 COPY_PASSES = 2      # passes over the whole pageable pool (the first pass timed too: no warm-up)
 PINNED_LAYERS = 2    # layers of the pool pinned for ``pinned_copy`` (OLMoE: 1.6 GB; Mixtral: 5.6 GB)
 PINNED_PASSES = 3
+ROUTE_TRIALS = 20
 
 
 def pageable_copy(host: list[list[torch.Tensor]], device: str, passes: int = COPY_PASSES) -> dict | None:
@@ -89,18 +92,47 @@ def pageable_copy(host: list[list[torch.Tensor]], device: str, passes: int = COP
             "gbps": float(nbytes / (q[1] * 1e-3) / 1e9)}
 
 
-def pinned_copy(host: list[list[torch.Tensor]], device: str, layers: int = PINNED_LAYERS,
-                passes: int = PINNED_PASSES) -> dict | None:
-    """:func:`pageable_copy` over a pinned copy of the first ``layers`` layers of the pool, one
-    pinned tensor per expert as :func:`calibrate.executors.model.host_experts` lays out a
-    pinned policy's pool; None off CUDA."""
+def pinned_pool(host: list[list[torch.Tensor]], device: str, layers: int = PINNED_LAYERS):
+    """A pinned copy of the first ``layers`` layers of the pool, one pinned tensor per expert
+    as :func:`calibrate.executors.model.host_experts` lays out a pinned policy's pool; None
+    off CUDA (nothing to pin for)."""
     if not str(device).startswith("cuda") or not host or not host[0]:
         return None
-    pinned = [[torch.empty(t.numel(), dtype=t.dtype, pin_memory=True).copy_(t) for t in layer]
-              for layer in host[:layers]]
-    out = pageable_copy(pinned, device, passes)
-    del pinned
-    return out
+    return [[torch.empty(t.numel(), dtype=t.dtype, pin_memory=True).copy_(t) for t in layer] for layer in host[:layers]]
+
+
+def route_wait(pinned: list[list[torch.Tensor]], device: str, batch: int = 4, top_k: int = 8,
+               trials: int = ROUTE_TRIALS) -> dict | None:
+    """How long the executor's router read waits behind the copies queued before it, as a
+    fraction of their time: per trial a layer's experts are queued on a copy stream (pinned,
+    back to back), then a router's choice (``batch x top_k`` ids on the idle compute stream)
+    comes to the host as the executor's ``top_k_index.to("cpu")`` does; the read's wait over
+    the copies' wall. 0: the read does not wait; 1: it returns with the last copy. On the H200
+    a live timeline (2026-12-02) found the read behind the prefetches at two layer boundaries in
+    five, and the engine has had it wait at every one, which made LRU + prefetch 6-8% slow at
+    B=4 (2026-12-04). ``{"fraction" (mean), "fractions", "copies_ms" (median)}``; None off CUDA."""
+    if pinned is None or not str(device).startswith("cuda"):
+        return None
+    layer = pinned[0]
+    slots = torch.empty((len(layer), layer[0].numel()), dtype=layer[0].dtype, device=device)
+    ids = torch.zeros((batch, top_k), dtype=torch.int64, device=device)
+    stream = torch.cuda.Stream(device)
+    fracs, walls = [], []
+    for t in range(trials + 1):           # the first warms up
+        torch.cuda.synchronize(device)
+        with torch.cuda.stream(stream):
+            for i, src in enumerate(layer):
+                slots[i].copy_(src, non_blocking=True)
+        t1 = time.perf_counter()
+        ids.to("cpu")
+        t2 = time.perf_counter()
+        stream.synchronize()
+        t3 = time.perf_counter()
+        if t:
+            fracs.append(min(1.0, (t2 - t1) / max(t3 - t1, 1e-9)))
+            walls.append((t3 - t1) * 1e3)
+    del slots
+    return {"fraction": float(np.mean(fracs)), "fractions": fracs, "copies_ms": float(np.median(walls))}
 
 
 CPU_TOKENS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -222,10 +254,14 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
     copy = pageable_copy(host, device)
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")
-    pinned = pinned_copy(host, device)
+    pool = pinned_pool(host, device)
+    pinned = None if pool is None else pageable_copy(pool, device, PINNED_PASSES)
+    route = route_wait(pool, device, top_k=spec.top_k)
+    pool = None
     if progress:
         progress("in situ CPU experts")
     cpu = cpu_path(built, host, traces[points[0]], device)
     return {"layers": len(built.decoder_layers), "moe_layers": spec.num_layers, "steps": steps, "warmup": warmup,
             "passes": passes, "cpu_path": cpu,
-            "points": pts, **({"pageable_copy": copy} if copy else {}), **({"pinned_copy": pinned} if pinned else {})}
+            "points": pts, **({"pageable_copy": copy} if copy else {}), **({"pinned_copy": pinned} if pinned else {}),
+            **({"route_wait": route} if route else {})}
