@@ -258,6 +258,9 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
     pinned = None if pool is None else pageable_copy(pool, device, PINNED_PASSES)
     route = route_wait(pool, device, top_k=spec.top_k)
     pool = None
+    if progress and pinned and route:
+        progress(f"in situ pinned copies: {pinned['ms']:.3f} ms per expert ({pinned['gbps']:.1f} GB/s); the router "
+                 f"read waits {route['fraction']:.2f} of the copies queued before it")
     if progress:
         progress("in situ CPU experts")
     cpu = cpu_path(built, host, traces[points[0]], device)
