@@ -26,6 +26,9 @@
 # come back; a validation still running at the deadline is cut (timeout). STEPS=N overrides the
 # scenario's decode steps. ROW_BUDGET=S stops a row's steps once they took S seconds (after
 # the warm-up and 3 timed steps; OLMoE's 24 rows at prompt 256: ~127 s projected, ~82 s with 8).
+# INSITU=1 (with PROFILE) has validate time the in situ terms on the model it builds for the
+# rows (validate --in-situ: whole steps, the executor's pools, the router read, its CPU experts)
+# and project with them: one build, no engine calibration (DeepSeek-V2-Lite's 119 s build once).
 # EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
 # only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
 # Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
@@ -77,7 +80,7 @@ for style in $styles; do
   echo "=== $style prompts $prompt_list ($(left) s left, rows for at most $share s)"
   timeout "$(left)" python -m simmoe validate "$out/scenario-$style.yaml" --executor model --prompt "$prompt_list" \
       --cpus "$cpus" -p "$out/h200.json" -o "$out/validate-$style" --max-seconds "$share" --skip-unfit \
-      ${ROW_BUDGET:+--row-budget "$ROW_BUDGET"} ${EXTRA:-}
+      ${ROW_BUDGET:+--row-budget "$ROW_BUDGET"} ${INSITU:+--in-situ} ${EXTRA:-}
   n_styles=$((n_styles - 1))
   if [ -n "${OUT:-}" ]; then tar czf "$OUT/$model.tgz" -C "$root" "$model"; fi
 done

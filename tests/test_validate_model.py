@@ -488,3 +488,34 @@ def test_merge_keeps_the_in_situ_factors_of_styles_it_keeps(tiny_profile, tmp_pa
     situ = merge_engine(tmp_path / "base.json", [tmp_path / "eager.json"],
                         tmp_path / "out.json")["engine"]["olmoe-1b-7b-tiny"]["in_situ"]
     assert situ["experts"] == 1.31 and situ["styles"] == {"offload-graphs": 1.09}   # offload kept
+
+
+def test_in_situ_before_the_rows_projects_them_with_its_terms_and_reprojects_bit_for_bit(tiny_profile, tmp_path):
+    """--in-situ: the in situ steps run on the model just built, before any row; the rows are
+    projected with the profile they give (written beside the rows, with the raw steps), and
+    --reproject of the folder uses that profile: the same numbers, bit for bit."""
+    from calibrate.measurements.engine_step import STEP_BATCHES
+    from calibrate.validation.model_rows import reproject, write_model_validation
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
+    lines: list[str] = []
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, in_situ=True,
+                         say=lines.append)
+    assert rep["profile"] == "profile.json" and rep["in_situ_s"] > 0
+    assert any("in situ" in ln for ln in lines)
+    out = tmp_path / "run"
+    write_model_validation(rep, out)
+    prof = json.loads((out / "profile.json").read_text())
+    situ = prof["engine"]["olmoe-1b-7b-tiny"]["in_situ"]
+    assert [p["batch"] for p in situ["points"]] == STEP_BATCHES and situ["dense"] > 0 and situ["cpu_path"]
+    steps = json.loads((out / "in_situ.json").read_text())
+    assert len(steps["points"]) == len(STEP_BATCHES) and "null_ms" in steps["points"][0]
+    again = reproject(out)
+    assert [r["sim_steps_ms"] for r in again["rows"]] == [r["sim_steps_ms"] for r in rep["rows"]]
+    plain = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    assert "in_situ_s" not in plain and plain["profile"] == str(tiny_profile)
+
+
+def test_in_situ_is_refused_for_the_twin(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--in-situ"])
+    assert r.exit_code == 2 and "--in-situ: only with --executor model" in r.output

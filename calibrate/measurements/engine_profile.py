@@ -167,6 +167,27 @@ def merge_engine(profile_path: Path, engine_paths: list[Path], out: Path) -> dic
     return prof
 
 
+def merge_in_situ(profile_doc: dict, model: str, step: dict, source: str = "in situ") -> dict:
+    """``profile_doc`` (a profile's JSON) with ``engine[model].in_situ`` taken from in situ
+    steps (:func:`calibrate.measurements.engine_step.measure_in_situ`) against its own tables:
+    the factors of the styles the steps timed (and the per-expert loop's) new, the others' kept
+    (``simmoe validate --in-situ``, on the model its rows run on). Validated; returns the new
+    document."""
+    doc = json.loads(json.dumps(profile_doc))
+    sec = (doc.get("engine") or {}).get(model)
+    if sec is None:
+        raise InputError(source, f"engine.{model}", "no engine tables for the model to take the in situ steps against")
+    old = {"in_situ": sec.get("in_situ")} if sec.get("in_situ") else {}
+    sec["in_situ"] = in_situ_factors(step, sec)
+    if sec["in_situ"]["dense"] is None:
+        raise InputError(source, "in_situ", "the in situ steps gave no factor (every step without experts "
+                                            "came out shorter than its head): nothing to project with")
+    timed = {s for p in step["points"] for s in (p.get("styles") or {})} | {"offload"}
+    keep_style_factors(sec, old, timed)
+    parse_profile(doc, source)
+    return doc
+
+
 def keep_style_factors(new: dict, old: dict, fresh: set[str]) -> None:
     """A style kept from ``old`` (not in ``fresh``, the styles the new document timed) keeps
     its in situ factor too, taken against the same style table: ``in_situ.styles[style]``,

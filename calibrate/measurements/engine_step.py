@@ -201,16 +201,21 @@ class _NullAfterRoute(ModelExecutor):
 
 def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts=None, steps: int = STEP_STEPS,
                     warmup: int = STEP_WARMUP, tiny: bool = False, layers: int | None = None, seed: int = 0,
-                    progress=None, styles: dict[str, str] | None = None, passes: int = STEP_PASSES) -> dict:
+                    progress=None, styles: dict[str, str] | None = None, passes: int = STEP_PASSES,
+                    built=None, host: list[list[torch.Tensor]] | None = None) -> dict:
     """Median decode-step ms of the whole model, ``null`` and ``resident``, per (batch, context),
     over ``passes`` passes of ``steps`` timed steps each, the points in turn in each pass, with
     each point's active experts per MoE layer (mean over the timed steps); ``styles``
-    (style -> the executor's dispatch): also the resident step in each (``styles`` of a point)."""
+    (style -> the executor's dispatch): also the resident step in each (``styles`` of a point).
+    ``built``, ``host``: a model already built with its own experts (``simmoe validate
+    --in-situ``: the model its rows run on, before any executor) and its pageable pool."""
     from calibrate.validation.model_rows import resident_policy
 
-    built = build_model(preset, tiny=tiny, layers=layers, device=device, seed=seed)
+    if built is None:
+        built = build_model(preset, tiny=tiny, layers=layers, device=device, seed=seed)
     spec = built.spec
-    host = host_experts(built, pinned=False)
+    if host is None:
+        host = host_experts(built, pinned=False)
     pol = resident_policy(spec.num_experts, spec.num_layers)
     points = [(C, B) for C in contexts or STEP_CONTEXTS for B in batches or STEP_BATCHES]
     traces = {}

@@ -253,6 +253,10 @@ def write_model_validation(report: dict, out_dir: Path) -> list[Path]:
     report = dict(report)
     traces = report.pop(ROUTING_KEY, None) or {}
     extra = {ROUTING_FILE: lambda path: write_routing(traces, path)} if traces else {}
+    for key, name in ((PROFILE_KEY, PROFILE_FILE), (IN_SITU_KEY, IN_SITU_FILE)):   # --in-situ's
+        doc = report.pop(key, None)
+        if doc is not None:
+            extra[name] = lambda path, doc=doc: path.write_text(json.dumps(doc, indent=1) + "\n")
     if report["timing"]:
         from calibrate.validation.validate import write_validation
         return write_validation(report, out_dir, extra)
@@ -315,8 +319,11 @@ def reproject(run_dir: Path, profile: str | Profile | None = None) -> dict:
                                                      "run it again to keep its routing")
     spec = ModelSpec.model_validate(doc["spec"])
     pols = {p["name"]: PolicySpec.model_validate(p) for p in doc["policies"]}
-    prof = profile if isinstance(profile, Profile) else load_profile(profile or doc["profile"])
-    prof_name = profile if isinstance(profile, str) else doc["profile"]
+    then = doc["profile"]
+    if profile is None and then == PROFILE_FILE:   # --in-situ: the profile written beside the rows
+        profile = str(run_dir / PROFILE_FILE)
+    prof = profile if isinstance(profile, Profile) else load_profile(profile or then)
+    prof_name = profile if isinstance(profile, str) else then
     style, warm = doc["style"], doc["warmup_steps"]
     require_style(prof, spec.name, style, str(profile or doc["profile"]))
     traces = read_routing(run_dir / ROUTING_FILE, spec.num_experts)
@@ -466,7 +473,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
                    passes: int = 1, say: Callable[[str], None] | None = None,
                    row_budget_s: float | None = None, max_seconds: float | None = None,
-                   skip_unfit: bool = False) -> dict:
+                   skip_unfit: bool = False, in_situ: bool = False) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -484,7 +491,12 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     A SIGTERM (``timeout``'s) during the rows stops them the same way: the row it cut is
     dropped and named, and the rows done are projected and reported. ``skip_unfit``: a row
     that would not fit the GPU's free memory is left out and named in ``rows_not_run`` (else
-    one error before any row)."""
+    one error before any row). ``in_situ`` (with timing): before the rows, the in situ terms
+    are timed on the model just built (:func:`calibrate.measurements.engine_step.measure_in_situ`:
+    whole decode steps, the executor's pools, the router read, its CPU experts) and the rows are
+    projected with them in place of the profile's (:func:`merge_in_situ`; the report's
+    profile is then the one written beside it, ``profile.json``), so the terms and the rows
+    meet one host state, and one build serves both."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
@@ -542,6 +554,20 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
         cost_model(project_sc, prof, 1)
     hosts = host_pools(built, policies, device)
     build_s = time.perf_counter() - t0
+    situ_doc = prof_doc = None
+    if in_situ and timing:   # before any executor: the in situ steps need the model's own experts
+        from calibrate.measurements.engine_profile import merge_in_situ
+        from calibrate.measurements.engine_step import measure_in_situ
+        from simulator.profile import parse_profile
+        if say:
+            say(f"timing the in situ terms on the model just built (on the H200 about 3 min for OLMoE-1B-7B)")
+        dispatch = EXECUTOR_STYLES.get(style, "loop")
+        situ_doc = measure_in_situ(built.spec.name, device=device, built=built, host=hosts.get("pageable"),
+                                   styles={style: dispatch} if dispatch != "loop" else None, progress=say)
+        situ_doc["elapsed_s"] = time.perf_counter() - t0 - build_s
+        prof_doc = merge_in_situ(prof.to_json(), built.spec.name, situ_doc, source=f"profile {prof_name}")
+        prof = parse_profile(prof_doc, f"profile {prof_name} with the in situ terms")
+        prof_name = PROFILE_FILE
     rows, ones = [], []   # ones: each row's one-row scenario (with timing)
     # batch-major: a (prompt, batch)'s policies run back to back, the resident row first, so the
     # host's speed the resident row meets is the one its neighbours meet (the paired error below)
@@ -629,12 +655,16 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             # what ``--reproject`` needs to project these rows again (routing: ROUTING_FILE)
             "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
             "seed": sc.seed, "dense_ms_per_layer": sc.engine.dense_ms_per_layer,
+            **({"in_situ_s": situ_doc["elapsed_s"], IN_SITU_KEY: situ_doc, PROFILE_KEY: prof_doc} if situ_doc else {}),
             ROUTING_KEY: {f"p{prompt}_b{b}": tr for (prompt, b), tr in traces.items()}}
 
 
 #: the live rows' routing, beside validation.json (``simmoe validate RUN --reproject``)
 ROUTING_FILE = "routing.npz"
 ROUTING_KEY = "_routing"   # the report's traces, written to ROUTING_FILE, not to the JSON
+#: ``--in-situ``: the profile the rows were projected with, and its in situ steps, beside validation.json
+PROFILE_FILE, PROFILE_KEY = "profile.json", "_profile"
+IN_SITU_FILE, IN_SITU_KEY = "in_situ.json", "_in_situ"
 #: the fields a projection sets on a row (cleared before a re-projection)
 PROJECTED = ("sim_median_ms", "sim_tokens_per_s", "sim_steps_ms", "error_pct", "tokens_error_pct",
              "live_fast_steps", "live_fast_median_ms", "sim_fast_median_ms", "error_fast_pct", "probe_dispatch_us",
