@@ -280,9 +280,9 @@ class StyleCost:
 
     def copy_pricer(self, cost, memory: str, host_ms: float):
         """``nbytes -> ms`` of one copy operation on the copy stream for this run's expert
-        copies: the profile's curve, except in a real model's style whose in situ calibration
-        timed the executor's own pool of that memory kind (``in_situ.pageable_copy``,
-        ``in_situ.pinned_copy``). That pool is one tensor per expert, copied one by one (a
+        copies: the profile's curve, except in an executor style (``offload*``, simmoe's
+        real-model executor) whose in situ calibration timed the executor's own pool of that
+        memory kind (``in_situ.pageable_copy``, ``in_situ.pinned_copy``). That pool is one tensor per expert, copied one by one (a
         coalesced copy of m experts is m copies back to back), and each of its copies is
         slower than the one buffer that ``calibrate`` times (pageable: 6.1-7.0 against 7.9
         GB/s for OLMoE on the H200). Its ms is the wall per copy of a layer's copies back to
@@ -290,10 +290,12 @@ class StyleCost:
         ``host_ms``, the host terms the engine adds to each blocking operation (its launch,
         and the tail after it), which that wall holds (a pinned copy's launch overlaps the
         copies before it); other sizes: the curve scaled by the measured ms over the curve's
-        at the expert's bytes."""
+        at the expert's bytes. transformers' own styles (``hf-eager``, ``grouped``: accelerate's
+        offload copies a layer's fused expert tensors, two copies) keep the curve."""
+        from .engine_styles import EXECUTOR_DISPATCH
         situ = self.tables.in_situ if self.tables is not None else None
         pc = None if situ is None else {"pageable": situ.pageable_copy, "pinned": situ.pinned_copy}.get(memory)
-        if self.style == "twin" or pc is None:
+        if self.style not in EXECUTOR_DISPATCH or pc is None:   # the pool is simmoe's executor's
             return partial(cost.copy_ms, memory=memory)
         k = pc.ms / cost.copy_ms(pc.bytes, memory)
         blocking = memory == "pageable"
