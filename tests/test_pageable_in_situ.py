@@ -134,16 +134,18 @@ def test_the_several_gpu_engine_on_one_gpu_still_equals_the_engine():
     assert_one_gpu_is_the_engine(LAYER, profile(1.7))
 
 
-def test_in_situ_factors_keep_the_measured_copy():
-    sec, step = situ_step(pageable_copy={"bytes": 12_582_912, "ms": 2.0, "p10": 1.9, "p90": 2.2, "n": 32, "gbps": 6.3})
+@pytest.mark.parametrize("kind,ms", [("pageable_copy", 2.0), ("pinned_copy", 0.25)])
+def test_in_situ_factors_keep_the_measured_copy(kind, ms):
+    sec, step = situ_step(**{kind: {"bytes": 12_582_912, "ms": ms, "p10": ms * 0.9, "p90": ms * 1.1, "n": 32,
+                                    "gbps": 12.6 / ms}})
     situ = in_situ_factors(step, sec)
-    assert situ["pageable_copy"] == {"bytes": 12_582_912, "ms": 2.0}
+    assert situ[kind] == {"bytes": 12_582_912, "ms": ms}
     sec["in_situ"] = situ
     doc = copy.deepcopy(load_profile("h200").to_json())
     doc["engine"][MODEL] = sec
-    assert parse_profile(doc, "p").engine[MODEL].in_situ.pageable_copy.ms == 2.0
-    del step["pageable_copy"]
-    assert "pageable_copy" not in in_situ_factors(step, sec)
+    assert getattr(parse_profile(doc, "p").engine[MODEL].in_situ, kind).ms == ms
+    del step[kind]
+    assert kind not in in_situ_factors(step, sec)
 
 
 @pytest.mark.parametrize("bad", [{"bytes": 0, "ms": 1.0}, {"bytes": 10, "ms": 0.0}, {"bytes": 10, "ms": 1.0, "x": 1}])
@@ -205,16 +207,10 @@ def test_a_slower_pinned_pool_slows_a_copy_bound_row_by_its_copies():
     assert (run(twin, pinned_profile(1.0))["latency_ms"] == run(twin, pinned_profile(1.3))["latency_ms"]).all()
 
 
-def test_in_situ_factors_keep_the_pinned_copy_and_the_cpu_refuses_to_time_it():
+def test_a_bad_pinned_copy_is_refused_and_the_cpu_times_no_pool():
     from calibrate.measurements.engine_step import pinned_pool, route_wait
     import torch
-    sec, step = situ_step(pinned_copy={"bytes": 12_582_912, "ms": 0.25, "p10": 0.24, "p90": 0.26, "n": 6, "gbps": 50.3})
-    situ = in_situ_factors(step, sec)
-    assert situ["pinned_copy"] == {"bytes": 12_582_912, "ms": 0.25}
-    sec["in_situ"] = situ
     doc = copy.deepcopy(load_profile("h200").to_json())
-    doc["engine"][MODEL] = sec
-    assert parse_profile(doc, "p").engine[MODEL].in_situ.pinned_copy.ms == 0.25
     doc["engine"][MODEL]["in_situ"]["pinned_copy"] = {"bytes": 10, "ms": -1.0}
     with pytest.raises(InputError, match="in_situ.pinned_copy"):
         parse_profile(doc, "p.json")
