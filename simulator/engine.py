@@ -161,6 +161,8 @@ class Engine:
         hread_end: dict[int, float] = {}            # host slot -> end of the last op that read it
         small_of: dict[tuple, float] = {}           # (kind, size) -> ms of dequantise / direct ops
         act_bytes = cost.activation_bytes_per_token
+        dq_host = cost.dequant_host_ms(planner.quant) if planner.quant else None
+        l_dequant = l_dense if dq_host is None else dq_host   # a dequantise's issue: its kernels' launches
         route_ms = cost.copy_ms(ROUTE_ID_BYTES * planner.trace.max_step_tokens * planner.k, "pageable", "d2h")
         gpu_ms = cost.gpu_expert.tolist()
         n_table = len(gpu_ms)
@@ -357,7 +359,7 @@ class Engine:
                             if dur is None:
                                 dur = small_of[key] = cost.direct_ms(op[2], op[3])
                         else:
-                            host += l_dense
+                            host += l_dequant
                             key = (DEQUANT, op[3])
                             dur = small_of.get(key)
                             if dur is None:

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -314,6 +314,9 @@ class TierSection(_Strict):
         "fp8": CopyCurve(latency_us=10.0, bandwidth_GBps=800.0),
         "int4": CopyCurve(latency_us=12.0, bandwidth_GBps=450.0)},
         description="GPU dequantise time by quantised bytes, per stored dtype")
+    dequant_host_us: dict[Literal["int8", "fp8", "int4"], Annotated[float, Field(ge=0, le=MAX_US)]] = Field(
+        default_factory=dict, description="host time to issue one dequantise (us), per stored dtype, "
+                                          "measured with it; none: one dense launch (host.launch_us)")
     direct: DirectReadTerms = Field(default_factory=DirectReadTerms)
     disk: DiskTerms = Field(default_factory=DiskTerms)
     source: dict[str, str] = Field(default_factory=lambda: {
@@ -553,6 +556,11 @@ class CostModel:
                              f"{', '.join(sorted(self.profile.tiers.dequant)) or 'none'}); "
                              "calibrate with: simmoe calibrate tiers")
         return copy_ms_from_curve(curve, nbytes)
+
+    def dequant_host_ms(self, dtype: str) -> float | None:
+        """Host time to issue one dequantise of ``dtype`` (its kernels' launches), where measured."""
+        us = self.profile.tiers.dequant_host_us.get(dtype)
+        return None if us is None else us * 1e-3
 
     def direct_ms(self, tokens: int, nbytes: int) -> float:
         """An expert over ``tokens`` tokens computed from mapped host memory (``nbytes`` read)."""

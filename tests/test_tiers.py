@@ -312,3 +312,32 @@ def test_every_request_served_once_and_no_tier_over_capacity(pol, b, seed):
         assert all(r.latency_ms > 0 for r in recs)
         assert all(e[2] >= e[1] for e in timeline)
     assert runs[0] == runs[1]
+
+
+def test_a_measured_dequantise_issue_costs_the_host_each_dequantise(tmp_path):
+    """``tiers.dequant_host_us``: each dequantise costs the host its measured issue time in
+    place of one dense launch (int4's unpacking is about eight kernels); another dtype's
+    figure changes nothing, bit for bit; decisions never move; a bad figure is one line."""
+    import json
+
+    from simulator.profile import parse_profile
+    base = load_profile("h100-pcie5").to_json()
+
+    def with_host(**us):
+        doc = json.loads(json.dumps(base))
+        doc["tiers"]["dequant_host_us"] = us
+        path = tmp_path / f"p{len(list(tmp_path.iterdir()))}.json"
+        path.write_text(json.dumps(doc))
+        return str(path)
+    sc = scenario([{"name": "int4", "cache": LRU, "expert_dtype": "int4"}])
+    plain = {r["batch_size"]: r for r in run_scenario(sc, profile="h100-pcie5").summary}
+    other = {r["batch_size"]: r for r in run_scenario(sc, profile=with_host(int8=900.0)).summary}
+    slow = {r["batch_size"]: r for r in run_scenario(sc, profile=with_host(int4=900.0)).summary}
+    for b in (1, 8):
+        assert other[b]["step_latency_ms"] == plain[b]["step_latency_ms"]
+        assert slow[b]["transfers"] == plain[b]["transfers"] and slow[b]["dequants"] > 0
+        assert slow[b]["step_latency_ms"]["mean"] > plain[b]["step_latency_ms"]["mean"]
+    doc = json.loads(json.dumps(base))
+    doc["tiers"]["dequant_host_us"] = {"int4": -1.0}
+    with pytest.raises(InputError, match="tiers.dequant_host_us"):
+        parse_profile(doc, "p.json")

@@ -20,6 +20,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from calibrate.executors.quant import aligned_host, dequantise, mapped_view, quantise, unregister
@@ -55,7 +56,9 @@ PAGE = 4096
 
 def dequant_sweep(timer: Timer, numels: list[int] = DEQUANT_SIZES, dtypes=tuple(QUANT_BITS), trials: int = 20,
                   warmup: int = 3, out_dtype: torch.dtype = torch.bfloat16) -> tuple[dict, dict]:
-    """``({dtype: curve}, raw)``: dequantise time by stored bytes (ms = latency + bytes / GB/s)."""
+    """``({dtype: curve}, raw)``: dequantise time by stored bytes (ms = latency + bytes / GB/s),
+    and in ``raw[dtype]["host_us"]`` the host's time to issue one call (the median over the
+    sizes: its kernels' launches, whatever the size; int4's unpacking issues about eight)."""
     curves, raw = {}, {}
     for dt in dtypes:
         pts = []
@@ -64,10 +67,11 @@ def dequant_sweep(timer: Timer, numels: list[int] = DEQUANT_SIZES, dtypes=tuple(
             q = quantise(src, dt)
             out = torch.empty(n, dtype=out_dtype, device=timer.device)
             s = timer.time(lambda i: dequantise(q, dt, out), trials, warmup)
-            pts.append({"values": n, "bytes": q.numel(), "ms": summary(s.ms)})
+            pts.append({"values": n, "bytes": q.numel(), "ms": summary(s.ms), "host_ms": summary(s.host_ms)})
         curve, rec = fit_curve([(p["bytes"], p["ms"]["median"]) for p in pts])
         curves[dt] = curve
-        raw[dt] = {"points": pts, "fit": rec}
+        raw[dt] = {"points": pts, "fit": rec,
+                   "host_us": float(np.median([p["host_ms"]["median"] for p in pts])) * 1e3}
     return curves, raw
 
 
