@@ -496,7 +496,12 @@ def test_in_situ_before_the_rows_projects_them_with_its_terms_and_reprojects_bit
     --reproject of the folder uses that profile: the same numbers, bit for bit."""
     from calibrate.measurements.engine_step import STEP_BATCHES
     from calibrate.validation.model_rows import reproject, write_model_validation
-    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    # the head's table at a tenth: on a loaded CPU the in situ step without experts can come
+    # out shorter than the head measured minutes before, and then no factor is taken
+    doc = json.loads(tiny_profile.read_text())
+    doc["engine"]["olmoe-1b-7b-tiny"]["head"] = [[b, ms / 10] for b, ms in doc["engine"]["olmoe-1b-7b-tiny"]["head"]]
+    (tmp_path / "tiny-head.json").write_text(json.dumps(doc))
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tmp_path / "tiny-head.json")))
     sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1]})
     lines: list[str] = []
     rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, in_situ=True,
@@ -513,9 +518,25 @@ def test_in_situ_before_the_rows_projects_them_with_its_terms_and_reprojects_bit
     again = reproject(out)
     assert [r["sim_steps_ms"] for r in again["rows"]] == [r["sim_steps_ms"] for r in rep["rows"]]
     plain = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
-    assert "in_situ_s" not in plain and plain["profile"] == str(tiny_profile)
+    assert "in_situ_s" not in plain and plain["profile"] == str(tmp_path / "tiny-head.json")
 
 
 def test_in_situ_is_refused_for_the_twin(tmp_path):
     r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--in-situ"])
     assert r.exit_code == 2 and "--in-situ: only with --executor model" in r.output
+
+
+def test_cpu_miss_rows_report_the_cpu_experts_time_live_and_projected(tiny_profile, tmp_path):
+    """A CPU-miss row carries the host's time in its CPU experts (and the input's download),
+    live, beside the projection's, and a note sets them side by side; rows without CPU experts
+    carry neither."""
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    cpu = PolicySpec(name="cpu-miss", load="dedup", cache={"kind": "lru", "capacity": 2}, miss="cpu")
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": [cpu]})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True)
+    row = {r["policy"]: r for r in rep["rows"]}
+    assert row["cpu-miss"]["live_cpu_ms"] > 0 and row["cpu-miss"]["live_cpu_down_ms"] >= 0
+    assert row["cpu-miss"]["sim_cpu_ms"] > 0
+    assert row["cpu-miss"]["live_cpu_ms"] < row["cpu-miss"]["live_median_ms"]
+    assert "live_cpu_ms" not in row["resident"] and "sim_cpu_ms" not in row["resident"]
+    assert any(n.startswith("cpu-miss B=2 prompt") and "projected" in n for n in rep["notes"])

@@ -174,7 +174,9 @@ class ModelExecutor:
         out = torch.zeros_like(hidden)
         on_host = None
         if any(op[0] == CPU for op in ops):   # the layer's input and weights come down once, now
+            t_down = time.perf_counter()
             on_host = (hidden.to("cpu"), top_k_weights.reshape(-1).to("cpu"))   # (the GPU is idle: just synced)
+            ex["cpu_down_us"] += (time.perf_counter() - t_down) * 1e6
         for op in ops:
             kind = op[0]
             if kind == GROUP:
@@ -203,7 +205,9 @@ class ModelExecutor:
                 ex["computed_tokens"] += b - a
             elif kind == CPU:
                 a, b = self._take(nxt, end, op[1] % self.E, op[2])
+                t_cpu = time.perf_counter()
                 self._cpu(out, on_host, order[a:b] // k, order[a:b], self.host[l][op[1] % self.E], act_fn)
+                ex["cpu_us"] += (time.perf_counter() - t_cpu) * 1e6     # host time of the CPU expert
                 ex["cpu_computes"] += 1
                 ex["computed_tokens"] += b - a
         left = int((end - nxt).sum())
@@ -372,7 +376,8 @@ class ModelExecutor:
         self._ops, decisions = self.planner.plan_step(s)
         self._step = s
         self._executed = dict.fromkeys(("transfers", "copies", "bytes_h2d", "cpu_computes", "computes",
-                                        "computed_tokens", "prefetch_copies", "denses", "router_agrees"), 0)
+                                        "computed_tokens", "prefetch_copies", "denses", "router_agrees",
+                                        "cpu_us", "cpu_down_us"), 0)
         return decisions
 
     def run_step(self, s: int):

@@ -84,10 +84,14 @@ def row_scenario(sc_name: str, spec: ModelSpec, policy: PolicySpec, trace: Trace
     return sc.model_copy(update={"policies": [policy]})
 
 
+def project_steps(sc: Scenario, trace: Trace, profile: Profile):
+    """The simulated steps of ``trace`` under the one-row scenario ``sc`` (a DataFrame)."""
+    return simulate(sc, sc.policies[0], trace, cost_model(sc, profile, trace.max_step_tokens), seed=sc.seed)
+
+
 def project(sc: Scenario, trace: Trace, profile: Profile) -> list[float]:
     """Simulated latency (ms) of each step of ``trace`` under the one-row scenario ``sc``."""
-    df = simulate(sc, sc.policies[0], trace, cost_model(sc, profile, trace.max_step_tokens), seed=sc.seed)
-    return [float(x) for x in df["latency_ms"]]
+    return [float(x) for x in project_steps(sc, trace, profile)["latency_ms"]]
 
 
 def compare(live: dict, traces: dict[int, np.ndarray], profile: str, style: str = "hf-eager",
@@ -154,11 +158,15 @@ def live_summary(steps, batch: int, warm: int = 1) -> dict:
     timed = steps[warm:] or steps
     lat = statistics.median(st.latency_ms for st in timed)
     moved = sum(st.executed["bytes_h2d"] for st in timed)
-    return {"live_median_ms": lat, "live_tokens_per_s": batch / lat * 1e3,
-            "live_steps_ms": [st.latency_ms for st in steps],
-            "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
-            "GB_per_step": moved / len(timed) / 1e9,
-            "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3)}
+    out = {"live_median_ms": lat, "live_tokens_per_s": batch / lat * 1e3,
+           "live_steps_ms": [st.latency_ms for st in steps],
+           "copies_per_step": statistics.mean(st.executed["copies"] for st in timed),
+           "GB_per_step": moved / len(timed) / 1e9,
+           "copy_GBps": moved / 1e9 / (sum(st.latency_ms for st in timed) / 1e3)}
+    if any(st.executed.get("cpu_computes") for st in timed):   # the host's time in CPU experts
+        out["live_cpu_ms"] = statistics.median(st.executed.get("cpu_us", 0) / 1e3 for st in timed)
+        out["live_cpu_down_ms"] = statistics.median(st.executed.get("cpu_down_us", 0) / 1e3 for st in timed)
+    return out
 
 
 HOST_SCALED = ("launch_us", "sync_us", "pageable_tail_us")
@@ -442,6 +450,21 @@ def thread_notes(prof: Profile, threads: int, cpu_policies: list, model: str | N
             f"calibrate with the same --cpus for these rows to be comparable"]
 
 
+def cpu_notes(rows: list[dict]) -> list[str]:
+    """For each projected row with CPU experts: the host's time in them per step, live (the
+    experts, plus the layer's input coming down) beside the projection's, so that a CPU-miss
+    row's error is seen in the part that made it."""
+    out = []
+    for r in rows:
+        if "sim_cpu_ms" not in r:
+            continue
+        live = r["live_cpu_ms"] + r.get("live_cpu_down_ms", 0.0)
+        out.append(f"{r['policy']} B={r['batch_size']} prompt {r['prompt']}: CPU experts {live:.1f} ms a step live "
+                   f"(of which the input's download {r.get('live_cpu_down_ms', 0.0):.1f}), "
+                   f"{r['sim_cpu_ms']:.1f} ms projected ({(r['sim_cpu_ms'] - live) / live * 100:+.1f}%)")
+    return out
+
+
 class Stopped(BaseException):
     """A SIGTERM during the live rows (a BaseException: no ``except Exception`` swallows it)."""
 
@@ -640,7 +663,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     gate = host_state.gate()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"],
-                         built.spec.name if style != "twin" else None)
+                         built.spec.name if style != "twin" else None) + cpu_notes(rows)
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
@@ -680,13 +703,16 @@ def project_row(row: dict, pol: PolicySpec, prompt: int, tr: Trace, *, spec: Mod
     the host's speed then ("now"). Returns the row's one-row scenario."""
     b = int(tr.max_step_tokens)
     one = row_scenario(sc_name, spec, pol, tr, prompt, prof_name, style, dense_ms, seed)
-    sim = project(one, tr, prof)
+    df = project_steps(one, tr, prof)
+    sim = [float(x) for x in df["latency_ms"]]
     upto = row.get("steps_run")           # the steps the row ran (a --row-budget cuts them)
     med = statistics.median(sim[warm:upto])
     live_ms = row["live_median_ms"]
     row.update(sim_median_ms=med, sim_tokens_per_s=b / med * 1e3, sim_steps_ms=sim,
                error_pct=(med - live_ms) / live_ms * 100,
                tokens_error_pct=(b / med - b / live_ms) / (b / live_ms) * 100)
+    if "live_cpu_ms" in row:   # the CPU experts' part of the step, live and projected
+        row["sim_cpu_ms"] = statistics.median(float(x) for x in df["cpu_ms"].iloc[warm:upto])
     fast = row.get("fast_steps") or []
     if fast:
         fast_live = statistics.median(ms for _, ms in fast)
