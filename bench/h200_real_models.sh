@@ -29,6 +29,10 @@
 # INSITU=1 (with PROFILE) has validate time the in situ terms on the model it builds for the
 # rows (validate --in-situ: whole steps, the executor's pools, the router read, its CPU experts)
 # and project with them: one build, no engine calibration (DeepSeek-V2-Lite's 119 s build once).
+# TABLES=1 (with PROFILE and INSITU=1) first times the styles' engine tables on the first
+# decoder layers (calibrate engine without --in-situ: no whole-model build; TABLES_S seconds,
+# default 90) and merges them into the profile, so that a model with no table for a style
+# (Qwen3-30B-A3B's offload-grouped) is calibrated and validated on one build of the whole model.
 # EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
 # only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
 # Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
@@ -51,6 +55,12 @@ mkdir -p "$out"
 scenario=scenarios/validate_${model%%-*}_model.yaml
 if [ -n "${PROFILE:-}" ]; then
   cp "$PROFILE" "$out/h200.json"
+  if [ "${TABLES:-0}" = 1 ]; then   # the styles' tables on the first layers only, no whole-model build
+    style_flags=$(for s in $styles; do printf -- "--style %s " "$s"; done)
+    timeout "$(left)" python -m simmoe calibrate engine --model "$model" $style_flags --cpus "$cpus" \
+        --max-seconds "${TABLES_S:-90}" -o "$out/engine.json" ${EXTRA:-} \
+      && python -m simmoe calibrate engine-merge "$out/engine.json" -p "$out/h200.json"
+  fi
 else
   if [ "${BASE:-0}" = 1 ] || [ "${BASE:-0}" = quick ]; then
     base_flags=$([ "$BASE" = quick ] && echo "--quick" || echo "-n 30")

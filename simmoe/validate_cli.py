@@ -59,6 +59,11 @@ def register(main: click.Group) -> None:
                    "CPU experts; as `calibrate engine --in-situ` does) and project the rows with them: one build, "
                    "one host state for the terms and the rows; the profile used is written beside the rows "
                    "(profile.json, in_situ.json). On the H200 about 3 min for OLMoE-1B-7B.")
+@click.option("--live-timeline", "live_timeline", is_flag=True,
+              help="--executor model: each row's step after its timed ones runs under torch.profiler (not among "
+                   "the timed steps); its GPU work and the same step projected go to timelines/POLICY-bB-pP.json "
+                   "(open in ui.perfetto.dev), and the copy engine's busy and idle time, live and projected, "
+                   "to the row (live_timeline).")
 @click.option("--rates", help="Serving scenarios (a workload: section): arrival rates (requests/s) to validate at, "
                                "e.g. 0.5,1,2 [default: workload.rates, else the scenario's rate].")
 @click.option("--reproject", is_flag=True,
@@ -70,7 +75,8 @@ def register(main: click.Group) -> None:
 @click.option("--quiet", "-q", is_flag=True)
 def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budget, max_seconds, skip_unfit, host_now,
                  host_window, cpus,
-                 executor, tiny, layers, routing, prompts, resident, in_situ, rates, reproject, host_state, quiet):
+                 executor, tiny, layers, routing, prompts, resident, in_situ, live_timeline, rates, reproject, host_state,
+                 quiet):
     """Run SCENARIO live on a GPU and simulated, and report how far apart they are.
 
     The live executor runs the same planner with the same policy objects as the simulator:
@@ -130,9 +136,10 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         if skip_unfit:
             raise InputError("command line", "--skip-unfit", "not for a serving scenario (its memory is the "
                                                              "scheduler's: workload.scheduler.gpu_memory)")
-        if in_situ:
-            raise InputError("command line", "--in-situ", "not yet for a serving scenario: give the profile "
-                                                          "`calibrate engine --in-situ` wrote")
+        if in_situ or live_timeline:
+            raise InputError("command line", "--in-situ" if in_situ else "--live-timeline",
+                             "not yet for a serving scenario" + (": give the profile `calibrate engine --in-situ` "
+                                                                 "wrote" if in_situ else ""))
         return validate_serving_cmd(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny,
                                     layers=layers, rates=parse_rates(rates), quiet=quiet, max_seconds=max_seconds)
     if rates:
@@ -143,15 +150,15 @@ def validate_cmd(scenario, profile, device, out, batch_sizes, repeats, row_budge
         return _validate_model(sc, scenario, base, profile=profile, device=device, out=out, tiny=tiny, layers=layers,
                                routing=routing, prompts=parse_int_list(prompts, "--prompt"), resident=resident,
                                quiet=quiet, passes=repeats or 1, row_budget=row_budget, max_seconds=max_seconds,
-                               skip_unfit=skip_unfit, in_situ=in_situ)
+                               skip_unfit=skip_unfit, in_situ=in_situ, live_timeline=live_timeline)
     repeats = repeats or 3
     if tiny or layers or prompts or routing != "own" or host_state or max_seconds is not None or skip_unfit \
-            or in_situ:
+            or in_situ or live_timeline:
         from simulator.errors import InputError
         flag = ("--tiny" if tiny else "--layers" if layers else "--prompt" if prompts
                 else "--routing" if routing != "own" else "--host-state" if host_state
                 else "--max-seconds" if max_seconds is not None else "--skip-unfit" if skip_unfit
-                else "--in-situ")
+                else "--in-situ" if in_situ else "--live-timeline")
         raise InputError("command line", flag, "only with --executor model")
     with progress_bar(quiet, "validating") as cb:
         report = validate(sc, profile=profile, device=device, base_dir=base, progress=cb, repeats=repeats,
@@ -329,7 +336,8 @@ def _say_err(text: str) -> None:
 
 
 def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routing, prompts, resident, quiet,
-                    passes=1, row_budget=None, max_seconds=None, skip_unfit=False, in_situ=False):
+                    passes=1, row_budget=None, max_seconds=None, skip_unfit=False, in_situ=False,
+                    live_timeline=False):
     """``--executor model``: the real model per (policy, batch, prompt), live vs projected."""
     from calibrate.validation.model_rows import validate_model, write_model_validation
     from simulator.errors import InputError
@@ -343,7 +351,7 @@ def _validate_model(sc, path, base, *, profile, device, out, tiny, layers, routi
                                 prompts=prompts, resident=resident, base_dir=base, source=str(path),
                                 progress=cb, passes=passes, say=None if quiet else _say_err,
                                 row_budget_s=row_budget, max_seconds=max_seconds, skip_unfit=skip_unfit,
-                                in_situ=in_situ)
+                                in_situ=in_situ, live_timeline=live_timeline)
     written = write_model_validation(report, out or results_dir(sc.name, "-model-validation"))
     if not quiet:
         print_model_validation(sc, report, device, written)

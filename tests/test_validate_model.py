@@ -540,3 +540,37 @@ def test_cpu_miss_rows_report_the_cpu_experts_time_live_and_projected(tiny_profi
     assert row["cpu-miss"]["live_cpu_ms"] < row["cpu-miss"]["live_median_ms"]
     assert "live_cpu_ms" not in row["resident"] and "sim_cpu_ms" not in row["resident"]
     assert any(n.startswith("cpu-miss B=2 prompt") and "projected" in n for n in rep["notes"])
+
+
+def test_live_timeline_profiles_one_step_past_the_timed_ones_and_writes_both_sides(tiny_profile, tmp_path):
+    """--live-timeline: each row's last step runs under the profiler, outside the row's timed
+    steps; the row names its Perfetto file, which has the live process and the projected one
+    (the engine's tracks of that step), written beside validation.json."""
+    from calibrate.validation.model_rows import write_model_validation
+    sc, base = load_scenario(write_scenario(tmp_path, profile=str(tiny_profile)))
+    sc = sc.model_copy(update={"batch_sizes": [2], "policies": sc.policies[:1],
+                               "trace": sc.trace.model_copy(update={"steps": 4})})
+    rep = validate_model(sc, device="cpu", tiny=True, routing="trace", base_dir=base, timing=True, live_timeline=True)
+    for r in rep["rows"]:
+        t = r["live_timeline"]
+        assert t["step"] == sc.trace.steps - 1 and r["steps_run"] == sc.trace.steps - 1
+        assert len(r["live_steps_ms"]) == sc.trace.steps - 1 - rep["warmup_steps"] and r["decisions_identical"]
+        assert t["file"] == f"timelines/{r['policy']}-b2-p{r['prompt']}.json" and t["sim_ms"] > 0
+    dedup = rep["rows"][1]["live_timeline"]["copies"]
+    assert dedup["projected"]["copies"] > 0 and rep["rows"][0]["live_timeline"]["copies"]["projected"]["copies"] == 0
+    out = tmp_path / "run"
+    written = write_model_validation(rep, out)
+    assert out / "timelines" in written
+    doc = json.loads((out / rep["rows"][1]["live_timeline"]["file"]).read_text())
+    pids = {e["pid"] for e in doc["traceEvents"]}
+    assert pids == {1, 2}
+    live = [e for e in doc["traceEvents"] if e["pid"] == 1 and e["ph"] == "X"]
+    sim = [e for e in doc["traceEvents"] if e["pid"] == 2 and e["ph"] == "X"]
+    assert live and min(e["ts"] for e in live) == 0
+    assert any(e.get("cat") == "copy" or e["name"].startswith("copy") for e in sim)
+    assert all(0 <= e["ts"] <= rep["rows"][1]["live_timeline"]["sim_ms"] * 1e3 + 1 for e in sim)
+
+
+def test_live_timeline_is_only_for_the_model_executor(tmp_path):
+    r = CliRunner().invoke(main, ["validate", str(write_scenario(tmp_path)), "--live-timeline"])
+    assert r.exit_code == 2 and "--live-timeline: only with --executor model" in r.output

@@ -22,8 +22,10 @@ speed its steps were measured at:
   slot, a layer's experts back to back, as the layer baseline copies them. On the H200 these
   ran at 6.1-6.5 GB/s for OLMoE's 12.6 MB experts while the profile's pageable fit (slices
   of one buffer) said 7.9 GB/s, so every layer-baseline row was projected 18-22% fast;
-- ``pinned_copy``: the same over a pinned copy of the pool's first ``PINNED_LAYERS`` layers,
-  as every pinned policy's loads meet it: on the H200 (2026-12-04) OLMoE's copy-bound rows
+- ``pinned_copy``: the same over the pinned pool the rows load from (``simmoe validate
+  --in-situ``), else a pinned copy of the pool's first ``PINNED_LAYERS`` layers, as every
+  pinned policy's loads meet it (with the two-layer copy, 53.5 GB/s on the H200 while the
+  rows, loading from all 16 layers' pinned pool, met 48-51): on the H200 (2026-12-04) OLMoE's copy-bound rows
   moved 12.6 MB experts at 50-51 GB/s or less, step gaps included, while ``calibrate``'s one
   timed copy of a 12.6 MB buffer said 54.4 GB/s, and dedup and LRU were projected 4-7% fast;
 - ``route_wait``: how long the router's read waits behind copies queued before it, as a
@@ -202,20 +204,26 @@ class _NullAfterRoute(ModelExecutor):
 def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts=None, steps: int = STEP_STEPS,
                     warmup: int = STEP_WARMUP, tiny: bool = False, layers: int | None = None, seed: int = 0,
                     progress=None, styles: dict[str, str] | None = None, passes: int = STEP_PASSES,
-                    built=None, host: list[list[torch.Tensor]] | None = None) -> dict:
+                    built=None, host: list[list[torch.Tensor]] | None = None,
+                    pinned_host: list[list[torch.Tensor]] | None = None) -> dict:
     """Median decode-step ms of the whole model, ``null`` and ``resident``, per (batch, context),
     over ``passes`` passes of ``steps`` timed steps each, the points in turn in each pass, with
     each point's active experts per MoE layer (mean over the timed steps); ``styles``
     (style -> the executor's dispatch): also the resident step in each (``styles`` of a point).
     ``built``, ``host``: a model already built with its own experts (``simmoe validate
-    --in-situ``: the model its rows run on, before any executor) and its pageable pool."""
+    --in-situ``: the model its rows run on, before any executor) and its pageable pool;
+    ``pinned_host``: its pinned pool, which the pinned copies are then timed over whole (as the
+    rows' loads meet it) and, without ``host``, the steps run from (no second copy of the
+    experts: Qwen3-30B-A3B's two would not fit the H200 host's 128 GiB; no pageable copies
+    are timed then)."""
     from calibrate.validation.model_rows import resident_policy
 
     if built is None:
         built = build_model(preset, tiny=tiny, layers=layers, device=device, seed=seed)
     spec = built.spec
+    pageable = host is not None or pinned_host is None
     if host is None:
-        host = host_experts(built, pinned=False)
+        host = pinned_host if pinned_host is not None else host_experts(built, pinned=False)
     pol = resident_policy(spec.num_experts, spec.num_layers)
     points = [(C, B) for C in contexts or STEP_CONTEXTS for B in batches or STEP_BATCHES]
     traces = {}
@@ -256,10 +264,10 @@ def measure_in_situ(preset: str, *, device: str = "cuda", batches=None, contexts
                     "active": active, **({"styles": {s: out[s] for s in styles}} if styles else {}),
                     # the host-speed probe before each timed step (validate's "now" divides by it)
                     **({"probe_dispatch_us": statistics.median(probes)} if probes else {})})
-    copy = pageable_copy(host, device)
+    copy = pageable_copy(host, device) if pageable else None
     if progress and copy:
         progress(f"in situ pageable copies: {copy['ms']:.3f} ms per expert ({copy['gbps']:.1f} GB/s)")
-    pool = pinned_pool(host, device)
+    pool = pinned_host if pinned_host is not None and str(device).startswith("cuda") else pinned_pool(host, device)
     pinned = None if pool is None else pageable_copy(pool, device, PINNED_PASSES)
     route = route_wait(pool, device, top_k=spec.top_k)
     pool = None

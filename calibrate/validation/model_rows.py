@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -119,25 +120,42 @@ MIN_TIMED_STEPS = 3
 
 
 def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False,
-             dispatch: str = "loop", budget_s: float | None = None, warm: int = 1):
+             dispatch: str = "loop", budget_s: float | None = None, warm: int = 1, timeline: list | None = None):
     """The steps of ``trace`` through :class:`ModelExecutor` (every one, or with ``budget_s``
     those until they took that long, ``warm`` + ``MIN_TIMED_STEPS`` at least); returns the
-    steps and whether every step's decisions and executed work equal the planner's."""
+    steps and whether every step's decisions and executed work equal the planner's.
+    ``timeline`` (a list): one more step, after those, runs under the profiler and is not
+    among the steps returned (the trace's last step is kept for it); ``(step, its ms, its
+    events)`` is appended (:mod:`calibrate.validation.live_timeline`)."""
     from calibrate.executors.model import ModelExecutor
 
     ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe,
                        dispatch=dispatch)
     ref = Planner(built.spec, policy, trace)
     steps, same = [], True
+    last = trace.num_steps - (1 if timeline is not None and trace.num_steps > 1 else 0)
     t0 = time.perf_counter()
+
+    def check(st, dec, s) -> bool:
+        want = ref.plan_step(s)[1].as_dict()
+        return dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
     try:
-        for s in range(trace.num_steps):
+        for s in range(last):
             st, dec = ex.run_step(s)
-            want = ref.plan_step(s)[1].as_dict()
-            same &= dec.as_dict() == want and all(st.executed[c] == want[c] for c in COUNTED)
+            same &= check(st, dec, s)
             steps.append(st)
             if budget_s is not None and s + 1 >= warm + MIN_TIMED_STEPS and time.perf_counter() - t0 > budget_s:
                 break
+        if timeline is not None and len(steps) < trace.num_steps:
+            from calibrate.validation.live_timeline import profile_step
+            s = len(steps)
+            try:
+                st, dec, events = profile_step(ex, s)
+            except RuntimeError as e:   # the profiler unavailable: the row stands without its timeline
+                print(f"--live-timeline: step {s} not profiled ({str(e).splitlines()[0][:100]})", file=sys.stderr)
+            else:
+                same &= check(st, dec, s)
+                timeline.append((s, st.latency_ms, events))
     except torch_oom() as e:
         ex.release()
         raise InputError("command line", "--prompt / --batch-sizes",
@@ -265,6 +283,13 @@ def write_model_validation(report: dict, out_dir: Path) -> list[Path]:
         doc = report.pop(key, None)
         if doc is not None:
             extra[name] = lambda path, doc=doc: path.write_text(json.dumps(doc, indent=1) + "\n")
+    timelines = report.pop(TIMELINES_KEY, None)
+    if timelines:   # --live-timeline: one Perfetto file per row
+        def write_timelines(path: Path, docs=timelines):
+            path.mkdir()
+            for name, doc in docs.items():
+                (path / name).write_text(json.dumps(doc, separators=(",", ":")))
+        extra[TIMELINES_DIR] = write_timelines
     if report["timing"]:
         from calibrate.validation.validate import write_validation
         return write_validation(report, out_dir, extra)
@@ -465,6 +490,24 @@ def cpu_notes(rows: list[dict]) -> list[str]:
     return out
 
 
+def timeline_notes(rows: list[dict]) -> list[str]:
+    """--live-timeline: for each row whose profiled step copied experts, the copies live and
+    projected (count, median time, the copy engine's idle time between the first and last)."""
+    out = []
+    for r in rows:
+        t = r.get("live_timeline")
+        if not t or not t["copies"]["live"].get("copies"):
+            continue
+        lv, pj = t["copies"]["live"], t["copies"]["projected"]
+        rate = f" ({lv['median_GBps']:.0f} GB/s)" if "median_GBps" in lv else ""
+        proj = (f"{pj['copies']} x {pj['median_ms']:.3f} ms, idle {pj['idle_ms']:.1f} ms"
+                if pj.get("copies") else "no copies")
+        out.append(f"{r['policy']} B={r['batch_size']} prompt {r['prompt']} step {t['step']} "
+                   f"({t['live_ms']:.1f} ms live, {t['sim_ms']:.1f} projected): copies live {lv['copies']} x "
+                   f"{lv['median_ms']:.3f} ms{rate}, idle {lv['idle_ms']:.1f} ms; projected {proj}")
+    return out
+
+
 class Stopped(BaseException):
     """A SIGTERM during the live rows (a BaseException: no ``except Exception`` swallows it)."""
 
@@ -496,7 +539,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                    progress: Callable[[int, int, str], None] | None = None, timing: bool | None = None,
                    passes: int = 1, say: Callable[[str], None] | None = None,
                    row_budget_s: float | None = None, max_seconds: float | None = None,
-                   skip_unfit: bool = False, in_situ: bool = False) -> dict:
+                   skip_unfit: bool = False, in_situ: bool = False, live_timeline: bool = False) -> dict:
     """Every (policy, batch, prompt) of ``sc`` on the real model, live and projected.
 
     ``routing``: ``own`` (each batch's routing recorded from the model's own router, every
@@ -519,7 +562,10 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     whole decode steps, the executor's pools, the router read, its CPU experts) and the rows are
     projected with them in place of the profile's (:func:`merge_in_situ`; the report's
     profile is then the one written beside it, ``profile.json``), so the terms and the rows
-    meet one host state, and one build serves both."""
+    meet one host state, and one build serves both. ``live_timeline`` (with timing): each
+    row's step after its timed ones runs under the profiler, and its live and projected
+    timelines are kept (one Perfetto file per row, written beside the report) with the copy
+    engine's figures of both (``row["live_timeline"]``: :mod:`calibrate.validation.live_timeline`)."""
     from calibrate.validation.validate import check_device
 
     style = sc.engine.style
@@ -586,6 +632,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             say(f"timing the in situ terms on the model just built (on the H200 about 3 min for OLMoE-1B-7B)")
         dispatch = EXECUTOR_STYLES.get(style, "loop")
         situ_doc = measure_in_situ(built.spec.name, device=device, built=built, host=hosts.get("pageable"),
+                                   pinned_host=hosts.get("pinned"),
                                    styles={style: dispatch} if dispatch != "loop" else None, progress=say)
         situ_doc["elapsed_s"] = time.perf_counter() - t0 - build_s
         prof_doc = merge_in_situ(prof.to_json(), built.spec.name, situ_doc, source=f"profile {prof_name}")
@@ -616,6 +663,9 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                 f"the model took {fmt_seconds(time.perf_counter() - t0)} to build)")
     live_t0 = time.perf_counter()
     ran: dict[int, list] = {i: [] for i in range(len(cells))}   # each pass's steps, rows interleaved
+    profile_rows = live_timeline and timing
+    profiled: dict[int, list] = {}   # --live-timeline: each row's profiled step (one per pass)
+    timelines: dict[str, dict] = {}
     done = 0
     stopped = None
     with stop_on_sigterm():
@@ -630,7 +680,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                         progress(done, total, label)
                     ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt,
                                            probe=timing, dispatch=EXECUTOR_STYLES.get(style, "loop"),
-                                           budget_s=row_budget_s, warm=warm))
+                                           budget_s=row_budget_s, warm=warm,
+                                           timeline=profiled.setdefault(i, []) if profile_rows else None))
                 except Stopped as why:
                     stopped = str(why)
                     not_run.append(f"{label} ({stopped})")
@@ -654,6 +705,9 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             ones.append(project_row(row, pol, prompt, tr, spec=built.spec, sc_name=sc.name, prof=prof,
                                     prof_name=prof_name, style=style, dense_ms=sc.engine.dense_ms_per_layer,
                                     seed=sc.seed, warm=warm))
+            if profiled.get(i):
+                name, doc = row_live_timeline(row, profiled[i][-1], ones[-1], tr, prof, built.spec.num_experts)
+                timelines[name] = doc
         rows.append(row)
     live_s = time.perf_counter() - live_t0   # the live rows and their projections
     if progress:
@@ -663,7 +717,7 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
     gate = host_state.gate()
     gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "none"
     notes = thread_notes(prof, torch.get_num_threads(), [p for p in policies if p.miss.kind == "cpu"],
-                         built.spec.name if style != "twin" else None) + cpu_notes(rows)
+                         built.spec.name if style != "twin" else None) + cpu_notes(rows) + timeline_notes(rows)
     return {"scenario": sc.name, "executor": "model", "model": built.spec.name, "tiny": tiny,
             "layers": len(built.decoder_layers), "moe_layers": built.spec.num_layers,
             "profile": prof_name, "style": style, "routing": routing, "device": device, "timing": timing,
@@ -679,7 +733,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
             "spec": built.spec.model_dump(mode="json"), "policies": [p.model_dump(mode="json") for p in policies],
             "seed": sc.seed, "dense_ms_per_layer": sc.engine.dense_ms_per_layer,
             **({"in_situ_s": situ_doc["elapsed_s"], IN_SITU_KEY: situ_doc, PROFILE_KEY: prof_doc} if situ_doc else {}),
-            ROUTING_KEY: {f"p{prompt}_b{b}": tr for (prompt, b), tr in traces.items()}}
+            ROUTING_KEY: {f"p{prompt}_b{b}": tr for (prompt, b), tr in traces.items()},
+            **({TIMELINES_KEY: timelines} if timelines else {})}
 
 
 #: the live rows' routing, beside validation.json (``simmoe validate RUN --reproject``)
@@ -688,6 +743,28 @@ ROUTING_KEY = "_routing"   # the report's traces, written to ROUTING_FILE, not t
 #: ``--in-situ``: the profile the rows were projected with, and its in situ steps, beside validation.json
 PROFILE_FILE, PROFILE_KEY = "profile.json", "_profile"
 IN_SITU_FILE, IN_SITU_KEY = "in_situ.json", "_in_situ"
+#: --live-timeline: each row's profiled step and its projection, in TIMELINES_DIR beside validation.json
+TIMELINES_DIR, TIMELINES_KEY = "timelines", "_timelines"
+
+
+def row_live_timeline(row: dict, profiled: tuple, one: Scenario, tr: Trace, prof: Profile,
+                      num_experts: int) -> tuple[str, dict]:
+    """The row's profiled step beside the same step of its projection: the file's name and
+    document; sets ``row["live_timeline"]`` (the file, the step, the copy engine's figures)."""
+    from calibrate.validation.live_timeline import copy_summary, row_timeline
+    step, live_ms, events = profiled
+    records: list = []
+    df = simulate(one, one.policies[0], tr, cost_model(one, prof, tr.max_step_tokens), seed=one.seed,
+                  timeline=records)
+    label = f"{row['policy']} B={row['batch_size']} prompt {row['prompt']}"
+    doc, recs = row_timeline(label, events, df, records, step, num_experts, row["batch_size"])
+    name = f"{row['policy']}-b{row['batch_size']}-p{row['prompt']}.json"
+    row["live_timeline"] = {"file": f"{TIMELINES_DIR}/{name}", "step": step, "live_ms": live_ms,
+                            "sim_ms": float(df["latency_ms"].iloc[step]),
+                            "copies": copy_summary(events, recs, live_ms)}
+    return name, doc
+
+
 #: the fields a projection sets on a row (cleared before a re-projection)
 PROJECTED = ("sim_median_ms", "sim_tokens_per_s", "sim_steps_ms", "error_pct", "tokens_error_pct",
              "live_fast_steps", "live_fast_median_ms", "sim_fast_median_ms", "error_fast_pct", "probe_dispatch_us",

@@ -317,13 +317,26 @@ def write_validation(report: dict, out_dir: Path, extra: dict | None = None) -> 
     rows = report["rows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     pols = sorted({r["policy"] for r in rows}, key=[r["policy"] for r in rows].index)
+    prompts = sorted({r["prompt"] for r in rows if r.get("prompt") is not None})
+    marks = "os^Dv"
     for p in pols:
         rr = [r for r in rows if r["policy"] == p]
-        a.scatter([r["live_median_ms"] for r in rr], [r["sim_median_ms"] for r in rr], label=p, s=22)
-        line, = b.plot([r["batch_size"] for r in rr], [r["error_pct"] for r in rr], marker="o", label=p)
-        if report.get("host_now"):
-            b.plot([r["batch_size"] for r in rr], [r["error_now_pct"] for r in rr], marker="x", ls=":",
-                   color=line.get_color())
+        pts = a.scatter([r["live_median_ms"] for r in rr], [r["sim_median_ms"] for r in rr], label=p, s=22)
+        colour = pts.get_facecolor()[0]
+        # one error line per (policy, context): joining two contexts' rows in one line zigzags
+        for i, prompt in enumerate(prompts or [None]):
+            rp = [r for r in rr if r.get("prompt") == prompt] if prompts else rr
+            if not rp:
+                continue
+            b.plot([r["batch_size"] for r in rp], [r["error_pct"] for r in rp], marker=marks[i % len(marks)],
+                   color=colour, ls=("-", "--", "-.", ":")[i % 4] if len(prompts) > 1 else "-")
+            if report.get("host_now"):
+                b.plot([r["batch_size"] for r in rp], [r["error_now_pct"] for r in rp], marker="x", ls=":",
+                       color=colour, alpha=0.7)
+    if len(prompts) > 1:
+        from matplotlib.lines import Line2D
+        b.legend([Line2D([], [], color="0.3", marker=marks[i % len(marks)], ls=("-", "--", "-.", ":")[i % 4])
+                  for i in range(len(prompts))], [f"context {p}" for p in prompts], fontsize=7)
     lim = [min(min(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 0.8,
            max(max(r["live_median_ms"], r["sim_median_ms"]) for r in rows) * 1.2]
     a.plot(lim, lim, "k--", lw=0.8)
