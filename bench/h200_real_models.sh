@@ -33,6 +33,8 @@
 # decoder layers (calibrate engine without --in-situ: no whole-model build; TABLES_S seconds,
 # default 90) and merges them into the profile, so that a model with no table for a style
 # (Qwen3-30B-A3B's offload-grouped) is calibrated and validated on one build of the whole model.
+# SCENARIO=FILE replaces the model's scenarios/validate_*_model.yaml (a subset of its policies
+# or batch sizes, e.g. the copy-bound rows alone with EXTRA=--live-timeline).
 # EXTRA="--tiny --device cpu" checks the script on a CPU (decisions
 # only; with PROFILE=simulator/profiles/h200.json so that nothing is calibrated).
 # Times measured 2026-12-02 (OLMoE, pinned 2-9): engine calibration of two styles + in situ
@@ -52,7 +54,7 @@ left() { echo $(( deadline - ($(date +%s) - t0) )); }
 root=results/h200
 out=$root/$model
 mkdir -p "$out"
-scenario=scenarios/validate_${model%%-*}_model.yaml
+scenario=${SCENARIO:-scenarios/validate_${model%%-*}_model.yaml}
 if [ -n "${PROFILE:-}" ]; then
   cp "$PROFILE" "$out/h200.json"
   if [ "${TABLES:-0}" = 1 ]; then   # the styles' tables on the first layers only, no whole-model build

@@ -318,6 +318,11 @@ def write_validation(report: dict, out_dir: Path, extra: dict | None = None) -> 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     pols = sorted({r["policy"] for r in rows}, key=[r["policy"] for r in rows].index)
     prompts = sorted({r["prompt"] for r in rows if r.get("prompt") is not None})
+    # the "now" projection: host terms probed beside the rows (--host-now) or in situ per row
+    hn = report.get("host_now") or {}
+    now_med = hn.get("median_abs_error_pct", report.get("median_abs_error_now_pct"))
+    now_worst = hn.get("worst_abs_error_pct", report.get("worst_abs_error_now_pct"))
+    now = now_med is not None and all(r.get("error_now_pct") is not None for r in rows)
     marks = "os^Dv"
     for p in pols:
         rr = [r for r in rows if r["policy"] == p]
@@ -330,8 +335,8 @@ def write_validation(report: dict, out_dir: Path, extra: dict | None = None) -> 
                 continue
             b.plot([r["batch_size"] for r in rp], [r["error_pct"] for r in rp], marker=marks[i % len(marks)],
                    color=colour, ls=("-", "--", "-.", ":")[i % 4] if len(prompts) > 1 else "-")
-            if report.get("host_now"):
-                b.plot([r["batch_size"] for r in rp], [r["error_now_pct"] for r in rp], marker="x", ls=":",
+            if now:
+                b.plot([r["batch_size"] for r in rp], [r.get("error_now_pct") for r in rp], marker="x", ls=":",
                        color=colour, alpha=0.7)
     if len(prompts) > 1:
         from matplotlib.lines import Line2D
@@ -345,9 +350,8 @@ def write_validation(report: dict, out_dir: Path, extra: dict | None = None) -> 
     b.axhspan(-5, 5, color="g", alpha=0.1)
     b.axhline(0, color="k", lw=0.6)
     title = f"profile: median |err| {report['median_abs_error_pct']:.1f}%, worst {report['worst_abs_error_pct']:.1f}%"
-    if report.get("host_now"):
-        hn = report["host_now"]
-        title += f"\nhost terms now (x, dotted): {hn['median_abs_error_pct']:.1f}%, {hn['worst_abs_error_pct']:.1f}%"
+    if now:
+        title += f"\nhost terms now (x, dotted): {now_med:.1f}%, {now_worst:.1f}%"
     b.set(xlabel="batch size", ylabel="error % (sim - live) / live", title=title)
     b.title.set_fontsize(9)
     _readable_log_ticks(a, b, sorted({r["batch_size"] for r in rows}))
