@@ -11,7 +11,10 @@ For each small transfer this probe queues ``--experts`` copies of ``--mb`` MB (p
 stream), then at once the small transfer on the compute stream, and reports the time from its
 issue to its end (CUDA events on the compute stream; the device-to-host one also on the host
 clock), against the same transfer alone, and the time the big copies took. A kernel alone on
-the compute stream is the control (it must not wait).
+the compute stream is the control (it must not wait). Then the executor's own pattern: the
+compute stream waits for a layer's copies A while the next layer's copies B are queued behind
+them, and the index upload is issued after that wait (the executor's old order) or before it
+(its order now); the probe reports when the upload ends, from A's end, against B's time.
 
     python bench/probe_copy_fifo.py [--experts 16] [--mb 12.6] [--rounds 7] [-o probe-copy-fifo.json]
 """
@@ -86,9 +89,41 @@ def main() -> None:
         out["rows"][name] = {"alone_ms": med(alone), "behind_ms": med(behind), "host_alone_ms": med(host_alone),
                              "host_behind_ms": med(host_behind), "queued_copies_ms": med(bigs),
                              "waited": med(behind) > 0.5 * med(bigs)}
+    # the executor's pattern: the compute stream waits for copies A (a layer's experts), the
+    # copy stream has the next layer's copies B queued behind them; the index upload goes
+    # after the wait (the old order) or before it (the executor's order now)
+    half = a.experts // 2
+    for order in ("upload_after_wait", "upload_before_wait"):
+        after_a, after_b = [], []
+        for _ in range(a.rounds):
+            torch.cuda.synchronize()
+            t = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+            with torch.cuda.stream(copy_stream):
+                t[0].record(copy_stream)
+                for i in range(half):
+                    gpu[i].copy_(host[i], non_blocking=True)
+                t[1].record(copy_stream)
+                for i in range(half, a.experts):
+                    gpu[i].copy_(host[i], non_blocking=True)
+                t[2].record(copy_stream)
+            if order == "upload_before_wait":
+                idx.to(dev, non_blocking=True)
+            compute.wait_event(t[1])
+            if order == "upload_after_wait":
+                idx.to(dev, non_blocking=True)
+            t[3].record(compute)
+            torch.cuda.synchronize()
+            after_a.append(t[1].elapsed_time(t[3]))   # from the end of A to the upload's end
+            after_b.append(t[1].elapsed_time(t[2]))   # from the end of A to the end of B
+        med = statistics.median
+        out["rows"][order] = {"after_A_ms": med(after_a), "B_ms": med(after_b),
+                              "waited": med(after_a) > 0.5 * med(after_b)}
     print(f"{out['device']}: {a.experts} queued copies of {a.mb} MB on the copy stream")
     print(f"{'transfer':<20}{'alone':>9}{'behind':>9}{'host':>9}{'queued':>9}  waited")
     for name, r in out["rows"].items():
+        if "after_A_ms" in r:
+            print(f"{name:<20} ends {r['after_A_ms']:.3f} ms after A; B takes {r['B_ms']:.3f} ms  waited {r['waited']}")
+            continue
         print(f"{name:<20}{r['alone_ms']:>9.3f}{r['behind_ms']:>9.3f}{r['host_behind_ms']:>9.3f}"
               f"{r['queued_copies_ms']:>9.3f}  {r['waited']}")
     if a.out:

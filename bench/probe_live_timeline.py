@@ -13,7 +13,7 @@ GPU's own timestamps) and reports per row:
   the copies' median GB/s each, and how many copies ran beside a kernel;
 - the chrome trace of the profiled steps (``--out``/ROW.trace.json.gz, open in Perfetto).
 
-    python bench/probe_live_timeline.py --out DIR [--batch 64] [--layers 6] [--style offload-grouped]
+    python bench/probe_live_timeline.py --out DIR [--batch 64] [--layers 6] [--style offload-grouped] [--upload-order]
 """
 from __future__ import annotations
 
@@ -35,12 +35,19 @@ from simulator.profile import load_profile
 from simulator.scenario import PolicySpec
 
 
-def policies(E: int) -> dict[str, PolicySpec]:
+def policies(E: int, upload_order: bool) -> dict[str, tuple[PolicySpec, bool]]:
+    """name -> (policy, whether the grouped call uploads its indices before its wait). With
+    ``upload_order`` LRU and LRU + prefetch also run with the executor's old order (the
+    upload after the wait: ``-upload-after``)."""
     cap = 4 * E   # 4 layers' experts (the validation's 256 slots of OLMoE's 16 x 64)
-    return {"dedup": PolicySpec.model_validate({"name": "dedup", "load": "dedup"}),
-            "lru-prefetch": PolicySpec.model_validate({"name": "lru-prefetch", "load": "dedup",
-                                                       "cache": {"kind": "lru", "capacity": cap},
-                                                       "prefetch": {"kind": "oracle"}})}
+    lru = {"name": "lru", "load": "dedup", "cache": {"kind": "lru", "capacity": cap}}
+    rows = {"dedup": (PolicySpec.model_validate({"name": "dedup", "load": "dedup"}), True)}
+    if upload_order:
+        rows["lru"] = (PolicySpec.model_validate(lru), True)
+    rows["lru-prefetch"] = (PolicySpec.model_validate({**lru, "name": "lru-prefetch", "prefetch": {"kind": "oracle"}}), True)
+    if upload_order:
+        rows["lru-prefetch-upload-after"] = (rows["lru-prefetch"][0], False)
+    return rows
 
 
 def gpu_events(trace_path: Path) -> list[dict]:
@@ -132,6 +139,8 @@ def main() -> None:
     ap.add_argument("--profile", default="h200")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="small dimensions (a CPU check of the script)")
+    ap.add_argument("--upload-order", action="store_true",
+                    help="also LRU, and LRU + prefetch with the grouped call's indices sent after its wait")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -142,9 +151,10 @@ def main() -> None:
     report = {"batch": a.batch, "layers": a.layers, "style": a.style, "prompt": a.prompt,
               "build_s": time.perf_counter() - t0, "rows": {}}
     warm = 2
-    for name, pol in policies(built.spec.num_experts).items():
+    for name, (pol, upload_first) in policies(built.spec.num_experts, a.upload_order).items():
         ex = ModelExecutor(built, pol, trace, device=a.device, host=host, prompt_tokens=a.prompt,
                            dispatch=EXECUTOR_STYLES[a.style])
+        ex.upload_first = upload_first
         lat = [ex.run_step(s)[0].latency_ms for s in range(a.steps - 2)]
         path = a.out / f"{name}.trace.json"
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]

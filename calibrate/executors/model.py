@@ -116,6 +116,9 @@ class ModelExecutor:
         for l, blk in enumerate(blocks):
             blk.experts = OffloadedExperts(self, l, blk.experts.act_fn)   # frees the resident experts
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        #: a grouped call sends its indices before it waits for its copies (False: after, the
+        #: order before 2026-12-06, kept for bench/probe_live_timeline.py's comparison)
+        self.upload_first = True
         self.last_load: dict[int, object] = {}
         self.last_read: dict[int, object] = {}
         self.prompt = self.next_ids = None
@@ -182,9 +185,14 @@ class ModelExecutor:
             if kind == GROUP:
                 runs = [(c[1], *self._take(nxt, end, c[2] % self.E, c[3])) for c in op[2]]
                 runs = [r for r in runs if r[2] > r[1]]
-                if runs:
-                    self._wait_loads(op[1])
-                    self._grouped_ffn(out, hidden, runs, order, k, top_k_weights, act_fn)
+                if runs:   # the call's indices go up before it waits for its copies (_grouped_indices)
+                    if self.upload_first:
+                        windows = self._grouped_indices(runs, order, k)
+                        self._wait_loads(op[1])
+                    else:
+                        self._wait_loads(op[1])
+                        windows = self._grouped_indices(runs, order, k)
+                    self._grouped_ffn(out, hidden, windows, top_k_weights, act_fn)
                     self._mark_read(*op[1])
                 ex["computes"] += len(runs)
                 ex["computed_tokens"] += sum(b - a for _, a, b in runs)
@@ -290,41 +298,51 @@ class ModelExecutor:
         y = torch.nn.functional.linear(act_fn(gate) * up, down) * w[:, None]
         out.index_add_(0, tok, y.to(out.dtype))
 
-    def _grouped_ffn(self, out, hidden, runs, order: np.ndarray, k: int, weights, act_fn):
-        """One grouped GEMM pair over a window of the slot pool: ``runs`` = (slot, a, b), the
-        pairs ``order[a:b]`` served from ``slot``; rows sorted by slot, ``offs`` the cumulative
-        rows per slot of the window ``[first slot, last slot]`` (slots between: empty groups), as
-        transformers' grouped_mm experts do. torch's kernel takes at most ``GROUPED_MAX``
-        groups, so runs spread wider than that take one pair per window (rare: a layer's
-        experts span the pool only in caches of over a thousand slots)."""
+    def _grouped_indices(self, runs, order: np.ndarray, k: int) -> list[tuple]:
+        """A grouped call's index buffers on the device, one copy per window of the slot pool:
+        ``runs`` = (slot, a, b), the pairs ``order[a:b]`` served from ``slot``; per window
+        [first slot, last slot] (slots between: empty groups) one host buffer [the cumulative
+        rows per slot | the pairs | their tokens], rows sorted by slot, as transformers'
+        grouped_mm experts have them. torch's kernel takes at most ``GROUPED_MAX`` groups, so
+        runs spread wider than that take one window each (rare: a layer's experts span the
+        pool only in caches of over a thousand slots).
+
+        They are sent before the compute stream waits for the call's copies: a copy queued on
+        the compute stream behind that wait becomes ready when the copies it waits for end,
+        the moment the copy stream's next queued copies (the next layer's prefetch) do too,
+        and a copy engine that takes them in queue order holds the small copy, and the layer,
+        behind the whole prefetch (bench/probe_copy_fifo.py)."""
         runs = sorted(runs)
-        start = 0
+        windows, start = [], 0
         for i in range(1, len(runs) + 1):
             if i == len(runs) or runs[i][0] - runs[start][0] >= GROUPED_MAX:
-                self._grouped_window(out, hidden, runs[start:i], order, k, weights, act_fn)
+                part = runs[start:i]
+                lo, hi = part[0][0], part[-1][0] + 1
+                n = hi - lo
+                sel = np.concatenate([order[a:b] for _, a, b in part])
+                m = len(sel)
+                idx = np.zeros(n + 2 * m, np.int32)
+                for slot, a, b in part:
+                    idx[slot - lo] += b - a
+                np.cumsum(idx[:n], out=idx[:n])
+                idx[n:n + m] = sel
+                idx[n + m:] = sel // k
+                windows.append((lo, hi, n, m, self._to_device(idx)))
                 start = i
+        return windows
 
-    def _grouped_window(self, out, hidden, runs, order, k, weights, act_fn):
-        lo, hi = runs[0][0], runs[-1][0] + 1
-        n, F, H = hi - lo, self.F, self.H
-        sel = np.concatenate([order[a:b] for _, a, b in runs])
-        m = len(sel)
-        # one host buffer, one copy: [the window's cumulative rows | the pairs | their tokens]
-        idx = np.zeros(n + 2 * m, np.int32)
-        for slot, a, b in runs:
-            idx[slot - lo] += b - a
-        np.cumsum(idx[:n], out=idx[:n])
-        idx[n:n + m] = sel
-        idx[n + m:] = sel // k
-        idx_dev = self._to_device(idx)
-        offs, sel_dev, tok = idx_dev[:n], idx_dev[n:n + m], idx_dev[n + m:]
-        w = weights.reshape(-1).index_select(0, sel_dev)
-        gate_up = self.pool[lo:hi, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
-        down = self.pool[lo:hi, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
-        x = hidden.index_select(0, tok).to(self.dtype)
-        gate, up = grouped_mm(x, gate_up, offs).chunk(2, dim=-1)
-        y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
-        out.index_add_(0, tok, y.to(out.dtype))
+    def _grouped_ffn(self, out, hidden, windows, weights, act_fn):
+        """One grouped GEMM pair per window (:meth:`_grouped_indices`) over its slots."""
+        F, H = self.F, self.H
+        for lo, hi, n, m, idx_dev in windows:
+            offs, sel_dev, tok = idx_dev[:n], idx_dev[n:n + m], idx_dev[n + m:]
+            w = weights.reshape(-1).index_select(0, sel_dev)
+            gate_up = self.pool[lo:hi, :2 * F * H].view(n, 2 * F, H).transpose(-2, -1)   # (slots, H, 2F)
+            down = self.pool[lo:hi, 2 * F * H:].view(n, H, F).transpose(-2, -1)          # (slots, F, H)
+            x = hidden.index_select(0, tok).to(self.dtype)
+            gate, up = grouped_mm(x, gate_up, offs).chunk(2, dim=-1)
+            y = grouped_mm((act_fn(gate) * up).to(self.dtype), down, offs) * w[:, None]
+            out.index_add_(0, tok, y.to(out.dtype))
 
     def _cpu(self, out, on_host, tok: np.ndarray, pairs: np.ndarray, host_flat, act_fn):
         """The FFN on the host weights for the tokens ``tok`` (their pairs ``pairs``), from the
