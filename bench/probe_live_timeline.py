@@ -29,6 +29,7 @@ import torch
 from calibrate.executors.model import ModelExecutor, host_experts, record_routing
 from calibrate.measurements.engine import EXECUTOR_STYLES
 from calibrate.models.build import build_model
+from calibrate.validation.live_timeline import live_events, overtaken_uploads
 from calibrate.validation.model_rows import project, row_scenario
 from simulator.errors import InputError
 from simulator.profile import load_profile
@@ -165,6 +166,8 @@ def main() -> None:
         ex.release()
         evs = gpu_events(path)
         launched = launches(path)
+        held = overtaken_uploads(live_events(json.loads(path.read_text()).get("traceEvents", []),
+                                             cuda=a.device.startswith("cuda")))
         with open(path, "rb") as f, gzip.open(str(path) + ".gz", "wb") as g:
             g.write(f.read())
         path.unlink()
@@ -176,12 +179,13 @@ def main() -> None:
             sim = [float("nan")] * a.steps
         report["rows"][name] = {"live_median_ms": statistics.median(lat[warm:]), "live_steps_ms": lat,
                                 "profiled_steps_ms": prof_lat, "sim_median_ms": statistics.median(sim[warm:]),
-                                "sim_steps_ms": sim, **summarise(evs, 2)}
+                                "sim_steps_ms": sim, "overtaken_uploads": held, **summarise(evs, 2)}
         r = report["rows"][name]
         r["gaps"] = gap_detail(evs, launched, r.get("copy_stream"))
         print(f"{name}: live {r['live_median_ms']:.2f} ms, sim {r['sim_median_ms']:.2f} ms; "
               f"copy busy {r.get('copy_busy_ms_per_step', 0):.2f} ms/step, gaps {r.get('gap_ms_total_per_step', 0):.2f} "
-              f"ms/step, copies {r.get('copy_GBps_median') or 0:.1f} GB/s median", flush=True)
+              f"ms/step, copies {r.get('copy_GBps_median') or 0:.1f} GB/s median; uploads overtaken "
+              f"{held['overtaken']}/{held['uploads']} ({held['held_ms']:.1f} ms over 2 steps)", flush=True)
     (a.out / "probe-live-timeline.json").write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -7,7 +7,8 @@ CUDA stream; on a CPU, the host's operators) becomes one process of the trace, t
 timeline of the same step of the row's projection (:mod:`simulator.timeline`'s tracks)
 another, both from the step's start. Beside it, :func:`copy_summary` states what a copy-bound
 row's error is made of: the copies' count, their median time and rate, the copy engine's busy
-and idle time within the step, live and projected.
+and idle time within the step, live and projected, and the small uploads of the compute
+stream that expert copies issued after them overtook (:func:`overtaken_uploads`).
 """
 from __future__ import annotations
 
@@ -42,20 +43,53 @@ def profile_step(ex, s: int):
 
 def live_events(events: list[dict], cuda: bool) -> list[dict]:
     """The profiler's complete events of the step's device work (on a CPU: its top operators),
-    from the first one's start."""
+    from the first one's start. A GPU event keeps, as ``args.launch_us``, when the host's
+    runtime call that launched it began (the same clock, from the same start)."""
     keep = GPU_CATEGORIES if cuda else ("cpu_op",)
     out = [e for e in events if e.get("ph") == "X" and e.get("cat") in keep and "ts" in e]
     if not out:
         return []
+    launched = {e["args"]["correlation"]: float(e["ts"]) for e in events
+                if e.get("cat") == "cuda_runtime" and "ts" in e and "correlation" in (e.get("args") or {})}
     t0 = min(float(e["ts"]) for e in out)
-    return [{"name": e.get("name", "?"), "cat": e["cat"], "ph": "X", "ts": float(e["ts"]) - t0,
-             "dur": float(e.get("dur", 0.0)), "tid": e.get("tid", 0), "args": _args(e)} for e in out]
+    res = []
+    for e in out:
+        args = _args(e)
+        corr = (e.get("args") or {}).get("correlation")
+        if corr in launched:
+            args["launch_us"] = launched[corr] - t0
+        res.append({"name": e.get("name", "?"), "cat": e["cat"], "ph": "X", "ts": float(e["ts"]) - t0,
+                    "dur": float(e.get("dur", 0.0)), "tid": e.get("tid", 0), "args": args})
+    return res
 
 
 def _args(e: dict) -> dict:
     a = e.get("args") or {}
     keep = {k: a[k] for k in ("stream", "bytes", "memory bandwidth (GB/s)") if k in a}
     return keep
+
+
+def overtaken_uploads(live: list[dict], min_bytes: int = 1 << 20) -> dict:
+    """The step's small host-to-device copies on streams other than the expert copies' that
+    started only after an expert copy launched later than them had run: a copy engine that
+    took the two streams' copies in the order they became ready, not the order the host
+    issued them (the grouped call's index upload behind its wait, with the next layer's
+    prefetch queued meanwhile). ``{"uploads", "overtaken", "copies_ahead", "held_ms"}``:
+    small uploads, how many were overtaken, by how many expert copies in all, and the sum of
+    the time from the first overtaking copy's start to the upload's start."""
+    big = [e for e in live if is_h2d(e) and e["args"].get("bytes", 0) >= min_bytes]
+    streams = {e["args"].get("stream", e["tid"]) for e in big}
+    small = [e for e in live if is_h2d(e) and e["args"].get("bytes", min_bytes) < min_bytes
+             and e["args"].get("stream", e["tid"]) not in streams and "launch_us" in e["args"]]
+    over, ahead, held = 0, 0, 0.0
+    for u in small:
+        late = [b for b in big if b["args"].get("launch_us", -1.0) > u["args"]["launch_us"]
+                and b["ts"] + b["dur"] <= u["ts"]]
+        if late:
+            over += 1
+            ahead += len(late)
+            held += (u["ts"] - min(b["ts"] for b in late)) / 1e3
+    return {"uploads": len(small), "overtaken": over, "copies_ahead": ahead, "held_ms": held}
 
 
 def is_h2d(e: dict) -> bool:
@@ -84,7 +118,8 @@ def copy_summary(live: list[dict], sim_records: list[tuple], step_ms: float, min
     live_side = side([(e["ts"] / 1e3, (e["ts"] + e["dur"]) / 1e3) for e in big],
                      [int(e["args"].get("bytes", 0)) for e in big])
     sim_side = side([(r[1], r[2]) for r in sim], [0] * len(sim))
-    return {"step_ms": step_ms, "live": live_side, "projected": sim_side}
+    return {"step_ms": step_ms, "live": live_side, "projected": sim_side,
+            "overtaken_uploads": overtaken_uploads(live, min_bytes)}
 
 
 def step_records(records: list[tuple], start_ms: float, end_ms: float) -> list[tuple]:

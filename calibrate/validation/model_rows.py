@@ -502,9 +502,13 @@ def timeline_notes(rows: list[dict]) -> list[str]:
         rate = f" ({lv['median_GBps']:.0f} GB/s)" if "median_GBps" in lv else ""
         proj = (f"{pj['copies']} x {pj['median_ms']:.3f} ms, idle {pj['idle_ms']:.1f} ms"
                 if pj.get("copies") else "no copies")
+        ov = t["copies"].get("overtaken_uploads") or {}
+        held = (f"; {ov['overtaken']} of {ov['uploads']} compute-stream uploads overtaken by "
+                f"{ov['copies_ahead']} expert copies issued after them ({ov['held_ms']:.1f} ms)"
+                if ov.get("overtaken") else "")
         out.append(f"{r['policy']} B={r['batch_size']} prompt {r['prompt']} step {t['step']} "
                    f"({t['live_ms']:.1f} ms live, {t['sim_ms']:.1f} projected): copies live {lv['copies']} x "
-                   f"{lv['median_ms']:.3f} ms{rate}, idle {lv['idle_ms']:.1f} ms; projected {proj}")
+                   f"{lv['median_ms']:.3f} ms{rate}, idle {lv['idle_ms']:.1f} ms; projected {proj}{held}")
     return out
 
 
