@@ -311,14 +311,18 @@ class StyleCost:
     @property
     def route_wait(self) -> float:
         """How much of the copy queue issued before a layer's router read the read waits for
-        (the engine's host clock goes that far towards the copy stream's free time): 0 for the
-        twin (its timing since before the rule), the in situ measurement where there is one
-        (``in_situ.route_wait``), else 1, the whole queue (bench/probe_live_timeline.py found
-        the read behind the prefetches at two layer boundaries in five on the H200)."""
+        (the engine's host clock goes that far towards the copy stream's free time): the in
+        situ measurement where there is one (``in_situ.route_wait``; 0.7% on the H200), else
+        0. The twin is 0 too (its timing since before the rule). Until 2026-12-06 an
+        unmeasured read waited for the whole queue: a live timeline had found it behind the
+        next layer's prefetch at every second layer boundary. That hold was the grouped call's
+        index upload, overtaken by the prefetch copies queued after it (docs/validation.md,
+        ninth session), which the executor no longer issues behind its wait; the read itself
+        does not wait (``calibrate engine --in-situ``'s ``route_wait``)."""
         if self.style == "twin":
             return 0.0
         situ = self.tables.in_situ if self.tables is not None else None
-        return 1.0 if situ is None or situ.route_wait is None else float(situ.route_wait)
+        return 0.0 if situ is None or situ.route_wait is None else float(situ.route_wait)
 
     def cpu_pricer(self, cost):
         """``tokens -> ms`` of one CPU expert for this run: for a real model's style whose in

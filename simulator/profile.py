@@ -218,8 +218,8 @@ class InSitu(_Strict):
     pinned_copy: PoolCopy | None = Field(None, description="an expert's copy from a pinned pool of the "
                                          "executor's, back to back (the pinned curve is scaled to meet it)")
     route_wait: float | None = Field(None, ge=0, le=1, description="how long the router's read waits behind "
-                                     "the copies queued before it, as a fraction of their time (none: 1, "
-                                     "the whole queue)")
+                                     "the copies queued before it, as a fraction of their time (none: 0, "
+                                     "no wait)")
     cpu_path: list[tuple[int, float]] = Field(default_factory=list, description="[tokens, ms] of one CPU expert "
                                               "as the real-model executor runs it (in place of compute.cpu)")
     cpu_threads: int | None = Field(None, gt=0, description="torch threads cpu_path was timed with")

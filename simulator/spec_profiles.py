@@ -17,7 +17,8 @@ the numbers and their sources):
   a point the base measured at its dearest so far stays the dearest so far;
 - **engine tables** (the work around the experts): decode, LM head and per-expert dispatch
   times the memory-bandwidth ratio (decode is bandwidth-bound), prefill times the bf16 FLOPS
-  ratio; the styles' per-layer host time unchanged;
+  ratio; the styles' per-layer host time unchanged; the executor's in situ pool copies as the
+  copy curve of their memory kind moves at their bytes;
 - **host**: the H200 VM's measured host terms and CPU expert timings, unchanged (an assumption:
   the same host; ``--what-if host_scale=...`` or ``cpu_compute_scale`` for another).
 
@@ -34,7 +35,7 @@ from pathlib import Path
 
 from .models import DTYPE_BYTES
 from .profile import Profile, load_profile, parse_profile
-from .what_if import scaled_copy, scaled_engine
+from .what_if import scaled_copy, scaled_engine, scaled_pool_copies
 
 BASE = "h200"
 SOURCE = "from specs"
@@ -118,11 +119,13 @@ def derive(base: Profile, spec: GpuSpec, base_spec: GpuSpec = BASE_SPEC) -> Prof
             "notes": f"Not measured: {base.name} ({base.provenance.get('gpu')}, calibrated) scaled to these public "
                      "numbers (simulator/spec_profiles.py, docs/calibration.md 'Profiles from specs'); host terms "
                      "and CPU expert times are the base host's."}
+    copy_ = scaled_copy(base, 1.0, spec.link_GBps / base_spec.link_GBps)
+    engine = scaled_engine(base.engine, mem_ratio, 1.0, prefill=base_spec.bf16_TFLOPS / spec.bf16_TFLOPS)
     out = base.model_copy(update={
         "name": spec.name, "provenance": prov,
-        "copy_": scaled_copy(base, 1.0, spec.link_GBps / base_spec.link_GBps),
+        "copy_": copy_,
         "compute": base.compute.model_copy(update={"gpu": gpu}),
-        "engine": scaled_engine(base.engine, mem_ratio, 1.0, prefill=base_spec.bf16_TFLOPS / spec.bf16_TFLOPS),
+        "engine": scaled_pool_copies(engine, base.copy_, copy_),
         "fit": {}, "measurements": {}})
     return parse_profile(out.to_json(), f"spec profile {spec.name}")
 

@@ -198,6 +198,29 @@ def scaled_engine(engine: dict, gpu: float, host: float, prefill: float | None =
     return out
 
 
+def scaled_pool_copies(engine: dict, old_copy, new_copy) -> dict:
+    """The engine tables with each model's in situ pool copies (``in_situ.pageable_copy``,
+    ``in_situ.pinned_copy``: an expert's copy from the executor's own pool, in ms) scaled as the
+    profile's host-to-device curve of that memory kind moves at the pool's bytes, from
+    ``old_copy`` to ``new_copy`` (a what-if link, a spec profile's): a measured pool copy is
+    the H200's, and the link it crosses is the one the what-if changes."""
+    from .profile import copy_ms_from_curve
+
+    def curve(sec, memory):
+        return sec.h2d.pageable if memory == "pageable" and sec.h2d.pageable is not None else sec.h2d.pinned
+    out = {}
+    for name, e in engine.items():
+        situ = e.in_situ
+        upd = {}
+        for memory in ("pageable", "pinned"):
+            pc = None if situ is None else getattr(situ, f"{memory}_copy")
+            if pc is not None:
+                f = copy_ms_from_curve(curve(new_copy, memory), pc.bytes) / copy_ms_from_curve(curve(old_copy, memory), pc.bytes)
+                upd[f"{memory}_copy"] = pc.model_copy(update={"ms": pc.ms * f})
+        out[name] = e.model_copy(update={"in_situ": situ.model_copy(update=upd)}) if upd else e
+    return out
+
+
 def apply_what_if(p: Profile, w: WhatIf | dict | None) -> Profile:
     """``p`` with the what-if's terms scaled, renamed ``<name>+what-if`` and its provenance
     saying so (``what_if``: the knobs; ``what_if_of``: the profile it was made from). An empty
@@ -221,9 +244,10 @@ def apply_what_if(p: Profile, w: WhatIf | dict | None) -> Profile:
         "sync_us": h.sync_us * host, "pageable_tail_us": h.pageable_tail_us * host})
     compute = p.compute.model_copy(update={"gpu": _times(p.compute.gpu, gpu), "cpu": _times(p.compute.cpu, cpu)})
     prov = {**p.provenance, "what_if": given, "what_if_of": p.name}
+    copy_ = scaled_copy(p, lat, bw)
     out = p.model_copy(update={
-        "name": f"{p.name}+what-if", "provenance": prov, "copy_": scaled_copy(p, lat, bw), "compute": compute,
-        "host": new_host, "engine": scaled_engine(p.engine, gpu, host),
+        "name": f"{p.name}+what-if", "provenance": prov, "copy_": copy_, "compute": compute,
+        "host": new_host, "engine": scaled_pool_copies(scaled_engine(p.engine, gpu, host), p.copy_, copy_),
         "fit": {}, "measurements": {"what_if_of": p.name}})
     # checked again as a whole: a scaled term past a profile's bounds is one line, not a bad profile
     from .profile import parse_profile

@@ -140,17 +140,17 @@ def copy_batches(tl: list) -> list[list[tuple]]:
     return out + ([cur] if cur else [])
 
 
-def test_the_router_read_waits_behind_the_copies_issued_before_it():
-    """A real model's router read queues behind the host-to-device copies issued before it
-    (bench/probe_live_timeline.py on the H200): with next-layer prefetch, the copies a layer
-    issues after its router read start no sooner than the read itself ends after the copies
-    issued before it (a gap of at least the read; without the wait they would queue back to
-    back behind the prefetched ones)."""
+def test_a_router_read_measured_to_wait_for_the_whole_queue_waits_behind_the_copies_before_it():
+    """``in_situ.route_wait`` 1: a real model's router read queues behind the host-to-device
+    copies issued before it: with next-layer prefetch, the copies a layer issues after its
+    router read start no sooner than the read itself ends after the copies issued before it
+    (a gap of at least the read; without the wait they would queue back to back behind the
+    prefetched ones)."""
     from simulator.engine import ROUTE_ID_BYTES, Engine
     from simulator.engine_costs import DenseCost
     from simulator.planner import Planner
 
-    prof = profile(0.2)
+    prof = route_profile(1.0)
     sc = scenario(LRU_PF, batch=64)
     tr = build_trace(sc, 64, 0, None)
     cost = cost_model(sc, prof, tr.max_step_tokens)
@@ -172,12 +172,12 @@ def route_profile(fraction: float | None):
 
 @pytest.mark.parametrize("batch", [4, 64])
 def test_a_measured_route_wait_scales_the_wait_between_none_and_the_whole_queue(batch):
-    """``in_situ.route_wait``: 1 is the rule without a measurement, bit for bit; 0 lets the
-    router read through (a next-layer prefetch never slower than with the wait); a fraction
-    in between lands in between, step by step; decisions never move."""
+    """``in_situ.route_wait``: 0 is the rule without a measurement, bit for bit (the read
+    goes through: a next-layer prefetch never slower than with the wait); 1 waits for the
+    whole queue; a fraction in between lands in between, step by step; decisions never move."""
     sc = scenario(LRU_PF, batch=batch)
     none, whole, half, zero = (latencies(sc, route_profile(f)) for f in (None, 1.0, 0.5, 0.0))
-    assert (none == whole).all()
+    assert (none == zero).all()
     assert (zero <= half + 1e-9).all() and (half <= whole + 1e-9).all() and zero.sum() < whole.sum()
     for f in (0.0, 0.5, 1.0):
         doc = route_profile(f).to_json()

@@ -26,11 +26,12 @@ MODEL = "olmoe-1b-7b"
 
 
 def profile(factor: float | None):
-    """The shipped h200 profile; with ``factor``, OLMoE's in situ pageable copy at ``factor`` x
-    the profile's pageable curve at an expert's bytes."""
+    """The shipped h200 profile without OLMoE's in situ pool copies; with ``factor``, its in
+    situ pageable copy at ``factor`` x the profile's pageable curve at an expert's bytes."""
     doc = copy.deepcopy(load_profile("h200").to_json())
     situ = doc["engine"][MODEL]["in_situ"]
     situ.pop("pageable_copy", None)
+    situ.pop("pinned_copy", None)
     if factor is not None:
         nbytes = get_preset(MODEL).expert_bytes
         plain = cost_model(scenario(LAYER), parse_profile(doc, "plain"), 1).copy_ms(nbytes, "pageable")

@@ -72,7 +72,9 @@ def test_latency_compute_and_host_scales():
     off, off0 = e.styles["offload"], e0.styles["offload"]        # host terms measured in the executor
     assert (off.host_base_ms, off.host_per_expert_ms, off.host_per_load_ms) == pytest.approx(
         (off0.host_base_ms / 4, off0.host_per_expert_ms / 4, off0.host_per_load_ms / 4))
-    assert e.in_situ == e0.in_situ                                 # ratios: unchanged
+    pools = {"pinned_copy", "pageable_copy"}                     # copies: with their curves (below)
+    assert e.in_situ.model_dump(exclude=pools) == e0.in_situ.model_dump(exclude=pools)   # ratios: unchanged
+    assert e.in_situ.pinned_copy.ms > e0.in_situ.pinned_copy.ms    # twice the copy latency
     # the base profile is untouched (pure function) and an empty what-if is the identity
     assert load_profile("h200").to_json() == H200.to_json()
     assert apply_what_if(H200, {}) is H200
@@ -255,3 +257,21 @@ def test_spec_expert_tables_do_not_drop_where_the_base_does_not():
                 if ms >= base_most:
                     assert v >= most, (name, key)
                 base_most, most = max(base_most, ms), max(most, v)
+
+
+def test_a_link_what_if_moves_the_in_situ_pool_copies_as_it_moves_their_curve():
+    """OLMoE's in situ pool copies (h200: pinned and pageable, measured on the H200's link) are
+    priced under a what-if link as the curve of their memory kind moves at their bytes, so an
+    expert's copy in an executor style follows the what-if; a spec profile's likewise."""
+    from simulator.profile import copy_ms_from_curve
+    base = load_profile("h200")
+    slow = apply_what_if(base, {"pcie_scale": 0.5})
+    for memory in ("pinned", "pageable"):
+        pc, ps = (getattr(p.engine["olmoe-1b-7b"].in_situ, f"{memory}_copy") for p in (base, slow))
+        curve = (lambda p: p.copy_.h2d.pageable if memory == "pageable" else p.copy_.h2d.pinned)
+        ratio = copy_ms_from_curve(curve(slow), pc.bytes) / copy_ms_from_curve(curve(base), pc.bytes)
+        assert ps.bytes == pc.bytes and ps.ms == pytest.approx(pc.ms * ratio, rel=1e-12)
+        assert ps.ms > pc.ms * (1.9 if memory == "pinned" else 1.0)   # half the link: about twice the copy
+    fast = load_profile("gh200-specs").engine["olmoe-1b-7b"].in_situ.pinned_copy
+    assert fast.ms < base.engine["olmoe-1b-7b"].in_situ.pinned_copy.ms / 5     # 450 against 63 GB/s
+    assert apply_what_if(base, {"host_scale": 2.0}).engine["olmoe-1b-7b"].in_situ == base.engine["olmoe-1b-7b"].in_situ
