@@ -67,10 +67,16 @@ def test_grouped_dispatch_decisions_equal_the_simulators():
         check_against_simulator(build_model("qwen3-30b-a3b", tiny=True, dtype="fp32"), policy, trace, "grouped")
 
 
-@pytest.mark.parametrize("dispatch, policy", [("loop", 3), ("grouped", 1), ("grouped", 0), ("grouped", 2)])
-def test_outputs_equal_the_models_own(dispatch, policy):
+@pytest.mark.parametrize("dispatch, policy, upload_first", [("loop", 3, True), ("grouped", 1, True), ("grouped", 0, True),
+                                                         ("grouped", 2, True), ("grouped", 2, False)])
+def test_outputs_equal_the_models_own(dispatch, policy, upload_first):
     """Offloaded experts computed from slots and host weights give the model's own logits,
-    one FFN per expert or one grouped GEMM per call."""
+    one FFN per expert or one grouped GEMM per call (its indices sent before its wait, the
+    executor's order, or after it, the old one)."""
+    check_outputs(dispatch, policy, upload_first)
+
+
+def check_outputs(dispatch: str, policy: int, upload_first: bool = True) -> None:
     name = "deepseek-v2-lite"
     trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
     ref = build_model(name, tiny=True, dtype="fp32")
@@ -80,6 +86,7 @@ def test_outputs_equal_the_models_own(dispatch, policy):
         ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
         want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
     ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), POLICIES[policy], trace, dispatch=dispatch)
+    ex.upload_first = upload_first
     for s in range(STEPS):
         ex.run_step(s)
         torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
@@ -93,7 +100,7 @@ def test_grouped_calls_wider_than_the_kernels_group_limit_split_into_windows(mon
     real = mod.grouped_mm
     monkeypatch.setattr(mod, "GROUPED_MAX", 2)
     monkeypatch.setattr(mod, "grouped_mm", lambda x, w, offs: calls.append(w.shape[0]) or real(x, w, offs))
-    test_outputs_equal_the_models_own("grouped", 0)
+    check_outputs("grouped", 0)
     assert calls and max(calls) <= 2
 
 
@@ -144,15 +151,18 @@ def test_prefill_traces_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("memory", ["pinned", "pageable"])
-def test_gpu_executor_decisions_and_outputs(memory):
+@pytest.mark.parametrize("memory,dispatch,upload_first", [("pinned", "loop", True), ("pageable", "loop", True),
+                                                         ("pinned", "grouped", True), ("pinned", "grouped", False)])
+def test_gpu_executor_decisions_and_outputs(memory, dispatch, upload_first):
     """On CUDA (bf16, copy stream, events): decisions equal the simulator's, the outputs the
-    model's own with every expert resident."""
+    model's own with every expert resident; the grouped dispatch with its index upload before
+    its wait (the executor's order) and after it (the old one) alike."""
     name = "qwen3-30b-a3b"
     trace = record_routing(build_model(name, tiny=True, device="cuda"), batch=B, steps=STEPS, device="cuda")
     policy = PolicySpec(name="g", load="dedup", memory=memory, cache={"kind": "lru", "capacity": 5},
                         prefetch={"kind": "oracle"})
-    ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda")
+    ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda", dispatch=dispatch)
+    ex.upload_first = upload_first
     sim = Planner(ex.spec, policy, trace)
     ref = build_model(name, tiny=True, device="cuda")
     prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cuda")
