@@ -202,3 +202,70 @@ def test_a_finished_row_releases_its_executor_and_an_oom_is_one_line(monkeypatch
     monkeypatch.setattr(ModelExecutor, "run_step", oom)
     with pytest.raises(InputError, match=r"row dedup-lru-prefetch B=2 prompt 4: out of GPU memory \(CUDA out"):
         run_live(b, lru, trace, device="cpu", host=host, prompt=4)
+
+
+QUANT_POLICY = dict(name="q", load="dedup", cache={"kind": "lru", "capacity": 5}, prefetch={"kind": "oracle"})
+
+
+@pytest.mark.parametrize("dtype", ["int8", "fp8", "int4"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+def test_quantised_copies_decisions_equal_the_simulators(dtype, dispatch):
+    """A policy with quantised experts (``expert_dtype``) in the real model: each load copies
+    the stored bytes (fewer than the model's), each dequantise the planner asks for runs, and
+    every count equals the simulator's, dequantises included."""
+    name = "qwen3-30b-a3b"
+    trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
+    policy = PolicySpec(**QUANT_POLICY, expert_dtype=dtype)
+    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), policy, trace, dispatch=dispatch)
+    sim = Planner(ex.spec, policy, trace)
+    full = ex.spec.expert_bytes
+    for s in range(STEPS):
+        st, dec = ex.run_step(s)
+        exp = sim.plan_step(s)[1].as_dict()
+        assert dec.as_dict() == exp
+        assert {c: st.executed[c] for c in COUNTED + ("dequants",)} == {c: exp[c] for c in COUNTED + ("dequants",)}
+        if st.executed["transfers"]:
+            assert st.executed["bytes_h2d"] < st.executed["transfers"] * full * (0.6 if dtype == "int4" else 1.0)
+    assert ex.stage.dtype == torch.uint8 and ex.host_q[0][0].numel() == ex.stage.shape[1]
+
+
+def test_quantised_copies_give_the_logits_of_the_round_tripped_experts():
+    """The decode logits with int4 experts are the model's own with each expert's weights
+    replaced by their quantise -> dequantise round trip (the prompt's prefill reads the
+    full-precision weights in both), and they differ from the full-precision model's."""
+    from calibrate.executors.quant import dequantise, quantise
+    name = "deepseek-v2-lite"
+    trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
+    ref = build_model(name, tiny=True, dtype="fp32")
+    prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cpu")
+    cache = DynamicCache()
+    with torch.no_grad():
+        plain, plain_cache = build_model(name, tiny=True, dtype="fp32"), DynamicCache()
+        plain.model(input_ids=prompt, past_key_values=plain_cache, use_cache=True)
+        full = plain.model(input_ids=next_ids[0], past_key_values=plain_cache, use_cache=True).logits
+        ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        for blk in ref.moe_blocks():
+            ex = blk.experts
+            for w in (ex.gate_up_proj, ex.down_proj):
+                for e in range(w.shape[0]):
+                    flat = w[e].reshape(-1)
+                    w[e].copy_(dequantise(quantise(flat, "int4"), "int4", torch.empty_like(flat)).view_as(w[e]))
+        want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
+    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), PolicySpec(**QUANT_POLICY, expert_dtype="int4"),
+                       trace, dispatch="grouped")
+    for s in range(STEPS):
+        ex.run_step(s)
+        torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
+    assert (want[0] - full).abs().max() > 1e-3     # int4 moves the logits: the test can fail
+
+
+@pytest.mark.parametrize("extra, match", [
+    ({"miss": "direct"}, "direct reads, cost-aware misses and disk tiers"),
+    ({"miss": {"kind": "cheapest"}}, "direct reads, cost-aware misses and disk tiers"),
+    ({"expert_dtype": "int8", "miss": "cpu"}, "CPU misses of quantised experts"),
+])
+def test_tier_policies_the_real_model_does_not_run_are_refused_in_one_line(extra, match):
+    b = build_model("qwen3-30b-a3b", tiny=True, dtype="fp32")
+    trace = record_routing(b, batch=B, steps=2)
+    with pytest.raises(ValueError, match=match):
+        ModelExecutor(b, PolicySpec(**{**QUANT_POLICY, **extra}), trace)

@@ -11,7 +11,12 @@ run on the CPU, and this module executes those operations:
   copy stream, after the last compute that read the slot (CUDA);
 - ``COMPUTE``: the expert FFN, transformers' own math (``act(gate) * up``, down projection,
   routing weight), on the tokens the routing sends to it, reading the slot, after its load;
-- ``CPU``: the same FFN on the host weights, the tokens copied to the host and back.
+- ``CPU``: the same FFN on the host weights, the tokens copied to the host and back;
+- ``DEQUANT`` (a policy with ``expert_dtype``: int8, fp8, int4): the host holds each expert
+  quantised as well (:func:`calibrate.executors.quant.quantise`), a ``LOAD`` copies those
+  bytes into the slot's staging buffer, and the dequantise (:func:`~calibrate.executors.quant.dequantise`)
+  fills the slot on the compute stream after the copy; the computes read the slot as before.
+  The prompt's prefill still reads the full-precision host weights.
 
 Routing: ``forced`` (the trace's experts replace the router's top-k, so a recorded or
 synthetic trace drives the real model; the router still runs and its choice still comes to
@@ -41,7 +46,7 @@ import torch
 from calibrate.measurements import host_state
 from calibrate.models.build import BuiltModel
 from simulator.engine_styles import GROUP, group_layer
-from simulator.planner import COMPUTE, CPU, DENSE, LOAD, Planner
+from simulator.planner import COMPUTE, CPU, DENSE, DEQUANT, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
 
@@ -87,9 +92,12 @@ class ModelExecutor:
         :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``."""
         if planner is None and (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
-        if policy.tiered:
-            raise ValueError(f"policy {policy.name!r}: quantised copies, direct reads, cost-aware misses and disk "
-                             "tiers run live in the twin executor only (simmoe validate), not yet in the real model")
+        if policy.host is not None or policy.miss.kind in ("direct", "cheapest"):
+            raise ValueError(f"policy {policy.name!r}: direct reads, cost-aware misses and disk tiers run live in "
+                             "the twin executor only (simmoe validate), not yet in the real model")
+        if policy.expert_dtype is not None and policy.miss.kind == "cpu":
+            raise ValueError(f"policy {policy.name!r}: CPU misses of quantised experts run in the twin executor "
+                             "only (the real model's CPU experts read full-precision host weights)")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
         if dispatch not in ("loop", "grouped", "graphs"):
@@ -111,8 +119,18 @@ class ModelExecutor:
         self.dtype = self.host[0][0].dtype
         n_slots = self.planner.total_slots
         self.pool = torch.empty((n_slots, 3 * self.H * self.F), dtype=self.dtype, device=self.device)
+        # quantised copies: the experts' stored bytes in host memory, a staging buffer per slot
+        self.quant = policy.expert_dtype
+        self.host_q = self.stage = None
+        if self.quant:
+            self.host_q = quantised_host(self.host, self.quant, policy.memory == "pinned" and self.cuda, self.device)
+            self.stage = torch.empty((n_slots, self.host_q[0][0].numel()), dtype=torch.uint8, device=self.device)
         for key, slot in self.planner.preloaded:
-            self.pool[slot].copy_(self.host[key // self.E][key % self.E])
+            if self.quant:
+                from calibrate.executors.quant import dequantise
+                dequantise(self.host_q[key // self.E][key % self.E].to(self.device), self.quant, self.pool[slot])
+            else:
+                self.pool[slot].copy_(self.host[key // self.E][key % self.E])
         for l, blk in enumerate(blocks):
             blk.experts = OffloadedExperts(self, l, blk.experts.act_fn)   # frees the resident experts
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -137,7 +155,7 @@ class ModelExecutor:
         for blk in self.b.moe_blocks():
             if isinstance(blk.experts, OffloadedExperts) and blk.experts.ex is self:
                 blk.experts = ReleasedExperts(blk.experts.act_fn)
-        self.pool = self.cache = self.graphs = self.last_logits = None
+        self.pool = self.cache = self.graphs = self.last_logits = self.stage = self.host_q = None
         self.last_load.clear()
         self.last_read.clear()
         if self.cuda:
@@ -211,6 +229,9 @@ class ModelExecutor:
                     self._mark_read(op[1])
                 ex["computes"] += int(b > a)
                 ex["computed_tokens"] += b - a
+            elif kind == DEQUANT:
+                self._dequant(op[1])
+                ex["dequants"] += 1
             elif kind == CPU:
                 a, b = self._take(nxt, end, op[1] % self.E, op[2])
                 t_cpu = time.perf_counter()
@@ -268,11 +289,14 @@ class ModelExecutor:
                 self.last_read[sl] = done
 
     def _load(self, slots, keys) -> None:
+        """One copy operation: each key's host bytes into its slot (a quantised expert's into the
+        slot's staging buffer), after the last compute (or dequantise) that read the slot."""
         ex = self._executed
+        src_of, dst = (self.host, self.pool) if not self.quant else (self.host_q, self.stage)
         if not self.cuda:
             for sl, k in zip(slots, keys):
-                src = self.host[k // self.E][k % self.E]
-                self.pool[sl].copy_(src)
+                src = src_of[k // self.E][k % self.E]
+                dst[sl].copy_(src)
                 ex["bytes_h2d"] += src.numel() * src.element_size()
             return
         with torch.cuda.stream(self.copy_stream):
@@ -281,13 +305,21 @@ class ModelExecutor:
                 if ev is not None:
                     self.copy_stream.wait_event(ev)
             for sl, k in zip(slots, keys):
-                src = self.host[k // self.E][k % self.E]
-                self.pool[sl].copy_(src, non_blocking=True)
+                src = src_of[k // self.E][k % self.E]
+                dst[sl].copy_(src, non_blocking=True)
                 ex["bytes_h2d"] += src.numel() * src.element_size()
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         for sl in slots:
             self.last_load[sl] = done
+
+    def _dequant(self, slot: int) -> None:
+        """The slot's staged quantised bytes dequantised into the slot, on the compute stream
+        after their copy; the next copy into the staging buffer waits for it (CUDA)."""
+        from calibrate.executors.quant import dequantise
+        self._wait_load(slot)
+        dequantise(self.stage[slot], self.quant, self.pool[slot])
+        self._mark_read(slot)
 
     @staticmethod
     def _ffn(out, hidden, tok, w, views, act_fn):
@@ -395,7 +427,7 @@ class ModelExecutor:
         self._step = s
         self._executed = dict.fromkeys(("transfers", "copies", "bytes_h2d", "cpu_computes", "computes",
                                         "computed_tokens", "prefetch_copies", "denses", "router_agrees",
-                                        "cpu_us", "cpu_down_us"), 0)
+                                        "cpu_us", "cpu_down_us", "dequants"), 0)
         return decisions
 
     def run_step(self, s: int):
@@ -459,6 +491,23 @@ def host_experts(built: BuiltModel, pinned: bool) -> list[list[torch.Tensor]]:
             t.copy_(flat)  # straight from the device into pinned memory: no pageable bounce
             layer.append(t)
         out.append(layer)
+    return out
+
+
+def quantised_host(host: list[list[torch.Tensor]], dtype: str, pinned: bool, device) -> list[list[torch.Tensor]]:
+    """Every expert of ``host`` (flat weights, ``[layer][expert]``) quantised to ``dtype`` as
+    simmoe stores it below the GPU (:func:`calibrate.executors.quant.quantise`; on ``device``,
+    then back to host memory, pinned or pageable): ``[layer][expert]`` of uint8."""
+    from calibrate.executors.quant import quantise
+    out = []
+    for layer in host:
+        row = []
+        for flat in layer:
+            q = quantise(flat.to(device), dtype)
+            t = torch.empty(q.numel(), dtype=torch.uint8, pin_memory=pinned)
+            t.copy_(q)
+            row.append(t)
+        out.append(row)
     return out
 
 
