@@ -76,15 +76,25 @@ def test_outputs_equal_the_models_own(dispatch, policy, upload_first):
     check_outputs(dispatch, policy, upload_first)
 
 
-def check_outputs(dispatch: str, policy: int, upload_first: bool = True) -> None:
-    name = "deepseek-v2-lite"
+def reference_logits(name: str, after_prefill=None):
+    """(the model's own routing trace, its decode logits with every expert resident); with
+    ``after_prefill``, a function applied to the reference model between the prompt's prefill
+    and the decode steps."""
     trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
     ref = build_model(name, tiny=True, dtype="fp32")
     prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cpu")
     cache = DynamicCache()
     with torch.no_grad():
         ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+        if after_prefill is not None:
+            after_prefill(ref)
         want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
+    return trace, want
+
+
+def check_outputs(dispatch: str, policy: int, upload_first: bool = True) -> None:
+    name = "deepseek-v2-lite"
+    trace, want = reference_logits(name)
     ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), POLICIES[policy], trace, dispatch=dispatch)
     ex.upload_first = upload_first
     for s in range(STEPS):
@@ -234,23 +244,17 @@ def test_quantised_copies_give_the_logits_of_the_round_tripped_experts():
     replaced by their quantise -> dequantise round trip (the prompt's prefill reads the
     full-precision weights in both), and they differ from the full-precision model's."""
     from calibrate.executors.quant import dequantise, quantise
-    name = "deepseek-v2-lite"
-    trace = record_routing(build_model(name, tiny=True, dtype="fp32"), batch=B, steps=STEPS)
-    ref = build_model(name, tiny=True, dtype="fp32")
-    prompt, next_ids = decode_inputs(ref.arch.vocab, B, STEPS, 4, 0, "cpu")
-    cache = DynamicCache()
-    with torch.no_grad():
-        plain, plain_cache = build_model(name, tiny=True, dtype="fp32"), DynamicCache()
-        plain.model(input_ids=prompt, past_key_values=plain_cache, use_cache=True)
-        full = plain.model(input_ids=next_ids[0], past_key_values=plain_cache, use_cache=True).logits
-        ref.model(input_ids=prompt, past_key_values=cache, use_cache=True)
+
+    def round_trip(ref):
         for blk in ref.moe_blocks():
-            ex = blk.experts
-            for w in (ex.gate_up_proj, ex.down_proj):
+            for w in (blk.experts.gate_up_proj, blk.experts.down_proj):
                 for e in range(w.shape[0]):
                     flat = w[e].reshape(-1)
                     w[e].copy_(dequantise(quantise(flat, "int4"), "int4", torch.empty_like(flat)).view_as(w[e]))
-        want = [ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits for s in range(STEPS)]
+    name = "deepseek-v2-lite"
+    _, plain = reference_logits(name)
+    trace, want = reference_logits(name, round_trip)
+    full = plain[0]
     ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), PolicySpec(**QUANT_POLICY, expert_dtype="int4"),
                        trace, dispatch="grouped")
     for s in range(STEPS):
@@ -269,3 +273,23 @@ def test_tier_policies_the_real_model_does_not_run_are_refused_in_one_line(extra
     trace = record_routing(b, batch=B, steps=2)
     with pytest.raises(ValueError, match=match):
         ModelExecutor(b, PolicySpec(**{**QUANT_POLICY, **extra}), trace)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_gpu_quantised_copies_decisions_and_counts(dtype):
+    """On CUDA (pinned stored bytes, the copy stream into staging buffers, dequantises on the
+    compute stream): decisions and counts equal the simulator's, and the logits stay finite."""
+    name = "qwen3-30b-a3b"
+    trace = record_routing(build_model(name, tiny=True, device="cuda"), batch=B, steps=STEPS, device="cuda")
+    policy = PolicySpec(**QUANT_POLICY, expert_dtype=dtype)
+    ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda", dispatch="grouped")
+    sim = Planner(ex.spec, policy, trace)
+    for s in range(STEPS):
+        st, dec = ex.run_step(s)
+        exp = sim.plan_step(s)[1].as_dict()
+        assert dec.as_dict() == exp
+        assert {c: st.executed[c] for c in COUNTED + ("dequants",)} == {c: exp[c] for c in COUNTED + ("dequants",)}
+        assert torch.isfinite(ex.last_logits).all()
+    assert ex.host_q[0][0].is_pinned()

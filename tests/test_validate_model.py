@@ -223,6 +223,10 @@ def test_host_copies_that_would_not_fit_are_refused_before_building():
     with pytest.raises(InputError, match=r"s.yaml: policies: .*pageable and pinned.*GiB available"):
         check_host_memory(spec, both, "cuda", "s.yaml", available=120 * 2**30)
     check_host_memory(spec, both, "cpu", "s.yaml", available=120 * 2**30)            # CPU: one pageable copy
+    int8 = PolicySpec(name="q", memory="pinned", expert_dtype="int8")                 # + a 27 GiB stored copy
+    check_host_memory(spec, [both[0], int8], "cuda", "s.yaml", available=120 * 2**30)
+    with pytest.raises(InputError, match=r"pinned and a quantised copy\) take 8[0-9]\.[0-9] GiB"):
+        check_host_memory(spec, [both[0], int8], "cuda", "s.yaml", available=90 * 2**30)
 
 
 def test_fast_state_rows_use_only_the_steps_that_ended_fast(tiny_profile, tmp_path, monkeypatch):

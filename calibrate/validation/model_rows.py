@@ -251,10 +251,17 @@ def host_memory_available() -> int | None:
 
 def check_host_memory(spec: ModelSpec, policies, device: str, source: str, available: int | None = None) -> None:
     """Refuse, before anything is built, a run whose host copies of the routed experts (one
-    per memory kind the policies use) would not fit the host's available memory."""
+    per memory kind the policies use, and the largest quantised copy one row's executor
+    makes) would not fit the host's available memory."""
+    from simulator.tiers import stored_bytes
     cuda = device.startswith("cuda")
     kinds = sorted({"pinned" if p.memory == "pinned" and cuda else "pageable" for p in policies})
-    need = spec.expert_bytes * spec.num_experts * spec.num_layers * len(kinds)
+    experts = spec.num_experts * spec.num_layers
+    need = spec.expert_bytes * experts * len(kinds)
+    quant = [stored_bytes(spec, p.expert_dtype) * experts for p in policies if p.expert_dtype]
+    if quant:
+        need += max(quant)
+        kinds.append("a quantised copy")
     avail = host_memory_available() if available is None else available
     if avail is not None and need > HOST_MEMORY_SHARE * avail:
         raise InputError(source, "policies", f"the routed experts in host memory ({' and '.join(kinds)}) take "
