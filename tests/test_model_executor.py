@@ -161,16 +161,18 @@ def test_prefill_traces_are_refused():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("memory,dispatch,upload_first", [("pinned", "loop", True), ("pageable", "loop", True),
-                                                         ("pinned", "grouped", True), ("pinned", "grouped", False)])
-def test_gpu_executor_decisions_and_outputs(memory, dispatch, upload_first):
+@pytest.mark.parametrize("memory,dispatch,upload_first,miss", [
+    ("pinned", "loop", True, "copy"), ("pageable", "loop", True, "copy"), ("pinned", "grouped", True, "copy"),
+    ("pinned", "grouped", False, "copy"), ("pinned", "grouped", True, "direct")])
+def test_gpu_executor_decisions_and_outputs(memory, dispatch, upload_first, miss):
     """On CUDA (bf16, copy stream, events): decisions equal the simulator's, the outputs the
     model's own with every expert resident; the grouped dispatch with its index upload before
-    its wait (the executor's order) and after it (the old one) alike."""
+    its wait (the executor's order) and after it (the old one) alike, and direct reads (the
+    kernels read pinned host weights mapped into the GPU's address space)."""
     name = "qwen3-30b-a3b"
     trace = record_routing(build_model(name, tiny=True, device="cuda"), batch=B, steps=STEPS, device="cuda")
     policy = PolicySpec(name="g", load="dedup", memory=memory, cache={"kind": "lru", "capacity": 5},
-                        prefetch={"kind": "oracle"})
+                        prefetch={"kind": "oracle"}, miss=miss)
     ex = ModelExecutor(build_model(name, tiny=True, device="cuda"), policy, trace, device="cuda", dispatch=dispatch)
     ex.upload_first = upload_first
     sim = Planner(ex.spec, policy, trace)
@@ -183,7 +185,8 @@ def test_gpu_executor_decisions_and_outputs(memory, dispatch, upload_first):
             want = ref.model(input_ids=next_ids[s], past_key_values=cache, use_cache=True).logits
             step, _ = ex.run_step(s)
             exp = sim.plan_step(s)[1].as_dict()
-            assert {c: step.executed[c] for c in COUNTED} == {c: exp[c] for c in COUNTED}
+            assert {c: step.executed[c] for c in COUNTED + ("direct_computes",)} == \
+                {c: exp[c] for c in COUNTED + ("direct_computes",)}
             torch.testing.assert_close(ex.last_logits, want, rtol=2e-2, atol=2e-2)
 
 
@@ -264,9 +267,9 @@ def test_quantised_copies_give_the_logits_of_the_round_tripped_experts():
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"miss": "direct"}, "direct reads, cost-aware misses and disk tiers"),
-    ({"miss": {"kind": "cheapest"}}, "direct reads, cost-aware misses and disk tiers"),
-    ({"expert_dtype": "int8", "miss": "cpu"}, "CPU misses of quantised experts"),
+    ({"miss": {"kind": "cheapest"}}, "cost-aware misses and disk tiers"),
+    ({"expert_dtype": "int8", "miss": "cpu"}, "cpu misses of quantised experts"),
+    ({"expert_dtype": "int4", "miss": "direct"}, "direct misses of quantised experts"),
 ])
 def test_tier_policies_the_real_model_does_not_run_are_refused_in_one_line(extra, match):
     b = build_model("qwen3-30b-a3b", tiny=True, dtype="fp32")
@@ -293,3 +296,29 @@ def test_gpu_quantised_copies_decisions_and_counts(dtype):
         assert {c: st.executed[c] for c in COUNTED + ("dequants",)} == {c: exp[c] for c in COUNTED + ("dequants",)}
         assert torch.isfinite(ex.last_logits).all()
     assert ex.host_q[0][0].is_pinned()
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "grouped"])
+@pytest.mark.parametrize("max_tokens", [None, 1])
+def test_direct_reads_decisions_and_logits_equal_the_simulators_and_the_models(dispatch, max_tokens):
+    """``miss: direct`` in the real model: each miss the planner sends to a direct read is
+    computed from the expert's host weights in its place among the layer's operations (no
+    slot, no copy); decisions and counts are the simulator's, and the logits the model's own
+    with every expert resident (the same weights, read from elsewhere)."""
+    name = "deepseek-v2-lite"
+    trace, want = reference_logits(name)
+    miss = {"kind": "direct", **({"max_tokens": max_tokens} if max_tokens else {})}
+    policy = PolicySpec(name="d", load="dedup", cache={"kind": "lru", "capacity": 4}, miss=miss)
+    ex = ModelExecutor(build_model(name, tiny=True, dtype="fp32"), policy, trace, dispatch=dispatch)
+    sim = Planner(ex.spec, policy, trace)
+    direct = 0
+    for s in range(STEPS):
+        st, dec = ex.run_step(s)
+        exp = sim.plan_step(s)[1].as_dict()
+        assert dec.as_dict() == exp
+        assert {c: st.executed[c] for c in COUNTED + ("direct_computes",)} == \
+            {c: exp[c] for c in COUNTED + ("direct_computes",)}
+        direct += st.executed["direct_computes"]
+        torch.testing.assert_close(ex.last_logits, want[s], rtol=1e-4, atol=1e-4)
+    assert direct > 0
+

@@ -16,7 +16,10 @@ run on the CPU, and this module executes those operations:
   quantised as well (:func:`calibrate.executors.quant.quantise`), a ``LOAD`` copies those
   bytes into the slot's staging buffer, and the dequantise (:func:`~calibrate.executors.quant.dequantise`)
   fills the slot on the compute stream after the copy; the computes read the slot as before.
-  The prompt's prefill still reads the full-precision host weights.
+  The prompt's prefill still reads the full-precision host weights;
+- ``DIRECT`` (``miss: direct``, pinned memory): the expert FFN on the GPU over its weights in
+  mapped pinned host memory (no slot, no copy: the kernels read host memory over PCIe), on
+  the tokens the routing sends to it, in the op's place among the layer's operations.
 
 Routing: ``forced`` (the trace's experts replace the router's top-k, so a recorded or
 synthetic trace drives the real model; the router still runs and its choice still comes to
@@ -46,7 +49,7 @@ import torch
 from calibrate.measurements import host_state
 from calibrate.models.build import BuiltModel
 from simulator.engine_styles import GROUP, group_layer
-from simulator.planner import COMPUTE, CPU, DENSE, DEQUANT, LOAD, Planner
+from simulator.planner import COMPUTE, CPU, DENSE, DEQUANT, DIRECT, LOAD, Planner
 from simulator.scenario import PolicySpec
 from simulator.traces import Trace
 
@@ -92,12 +95,12 @@ class ModelExecutor:
         :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``."""
         if planner is None and (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
-        if policy.host is not None or policy.miss.kind in ("direct", "cheapest"):
-            raise ValueError(f"policy {policy.name!r}: direct reads, cost-aware misses and disk tiers run live in "
-                             "the twin executor only (simmoe validate), not yet in the real model")
-        if policy.expert_dtype is not None and policy.miss.kind == "cpu":
-            raise ValueError(f"policy {policy.name!r}: CPU misses of quantised experts run in the twin executor "
-                             "only (the real model's CPU experts read full-precision host weights)")
+        if policy.host is not None or policy.miss.kind == "cheapest":
+            raise ValueError(f"policy {policy.name!r}: cost-aware misses and disk tiers run live in the twin "
+                             "executor only (simmoe validate), not yet in the real model")
+        if policy.expert_dtype is not None and policy.miss.kind in ("cpu", "direct"):
+            raise ValueError(f"policy {policy.name!r}: {policy.miss.kind} misses of quantised experts run in the "
+                             "twin executor only (the real model's read full-precision host weights)")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
         if dispatch not in ("loop", "grouped", "graphs"):
@@ -139,6 +142,7 @@ class ModelExecutor:
         self.upload_first = True
         self.last_load: dict[int, object] = {}
         self.last_read: dict[int, object] = {}
+        self._mapped: dict[int, torch.Tensor] = {}   # host pointer -> its mapped view (direct reads)
         self.prompt = self.next_ids = None
         if planner is None:
             self.prompt, self.next_ids = decode_inputs(built.arch.vocab, int(trace.max_step_tokens), trace.num_steps,
@@ -156,6 +160,7 @@ class ModelExecutor:
             if isinstance(blk.experts, OffloadedExperts) and blk.experts.ex is self:
                 blk.experts = ReleasedExperts(blk.experts.act_fn)
         self.pool = self.cache = self.graphs = self.last_logits = self.stage = self.host_q = None
+        self._mapped.clear()
         self.last_load.clear()
         self.last_read.clear()
         if self.cuda:
@@ -232,6 +237,12 @@ class ModelExecutor:
             elif kind == DEQUANT:
                 self._dequant(op[1])
                 ex["dequants"] += 1
+            elif kind == DIRECT:
+                a, b = self._take(nxt, end, op[1] % self.E, op[2])
+                self._direct(out, hidden, order[a:b], k, top_k_weights, self.host[op[1] // self.E][op[1] % self.E],
+                             act_fn)
+                ex["direct_computes"] += 1
+                ex["computed_tokens"] += b - a
             elif kind == CPU:
                 a, b = self._take(nxt, end, op[1] % self.E, op[2])
                 t_cpu = time.perf_counter()
@@ -312,6 +323,19 @@ class ModelExecutor:
             done.record(self.copy_stream)
         for sl in slots:
             self.last_load[sl] = done
+
+    def _direct(self, out, hidden, pairs: np.ndarray, k: int, weights, host_flat, act_fn) -> None:
+        """The FFN of one expert on the GPU over its host weights (``host_flat``, pinned: mapped
+        into the GPU's address space, read over PCIe by the kernels) for the (token, choice)
+        pairs ``pairs``; on a CPU device the host weights as they are."""
+        if self.cuda:
+            from calibrate.executors.quant import mapped_view
+            view = self._mapped.get(host_flat.data_ptr())
+            if view is None:
+                view = self._mapped[host_flat.data_ptr()] = mapped_view(host_flat, self.device)
+            host_flat = view
+        sel = self._to_device(pairs)
+        self._ffn(out, hidden, sel // k, weights.reshape(-1)[sel], self._views(host_flat), act_fn)
 
     def _dequant(self, slot: int) -> None:
         """The slot's staged quantised bytes dequantised into the slot, on the compute stream
@@ -427,7 +451,7 @@ class ModelExecutor:
         self._step = s
         self._executed = dict.fromkeys(("transfers", "copies", "bytes_h2d", "cpu_computes", "computes",
                                         "computed_tokens", "prefetch_copies", "denses", "router_agrees",
-                                        "cpu_us", "cpu_down_us", "dequants"), 0)
+                                        "cpu_us", "cpu_down_us", "dequants", "direct_computes"), 0)
         return decisions
 
     def run_step(self, s: int):
