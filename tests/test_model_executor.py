@@ -267,7 +267,8 @@ def test_quantised_copies_give_the_logits_of_the_round_tripped_experts():
 
 
 @pytest.mark.parametrize("extra, match", [
-    ({"miss": {"kind": "cheapest"}}, "cost-aware misses and disk tiers"),
+    ({"miss": {"kind": "cheapest"}}, "needs the projection's cost model"),
+    ({"host": {"capacity": 8}}, "disk tiers run live in the twin executor only"),
     ({"expert_dtype": "int8", "miss": "cpu"}, "cpu misses of quantised experts"),
     ({"expert_dtype": "int4", "miss": "direct"}, "direct misses of quantised experts"),
 ])

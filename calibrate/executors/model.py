@@ -90,17 +90,27 @@ class ModelExecutor:
 
     def __init__(self, built: BuiltModel, policy: PolicySpec, trace: Trace, *, device: str = "cpu",
                  seed: int = 0, prompt_tokens: int = 4, host: list[list[torch.Tensor]] | None = None,
-                 probe: bool = False, dispatch: str = "loop", planner: Planner | None = None):
+                 probe: bool = False, dispatch: str = "loop", planner: Planner | None = None,
+                 cost=None, dense_ms: float = 0.0):
         """``planner``: a planner of the caller's (a serving run's, over steps it builds; see
-        :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``."""
+        :mod:`calibrate.executors.serving`) in place of a plain one over ``trace``. ``cost`` and
+        ``dense_ms``: what the planner's queue model is priced with for a cost-aware miss policy
+        (``miss: cheapest``): the projection's own (:func:`simulator.runner.cost_model` of the
+        row's scenario, and its ``dense_ms``), so that both take the same decisions."""
         if planner is None and (trace.phase != 0).any():
             raise ValueError("the model executor runs decode steps only (the trace has a prefill step)")
-        if policy.host is not None or policy.miss.kind == "cheapest":
-            raise ValueError(f"policy {policy.name!r}: cost-aware misses and disk tiers run live in the twin "
-                             "executor only (simmoe validate), not yet in the real model")
-        if policy.expert_dtype is not None and policy.miss.kind in ("cpu", "direct"):
-            raise ValueError(f"policy {policy.name!r}: {policy.miss.kind} misses of quantised experts run in the "
-                             "twin executor only (the real model's read full-precision host weights)")
+        if policy.host is not None:
+            raise ValueError(f"policy {policy.name!r}: disk tiers run live in the twin executor only "
+                             "(simmoe validate), not yet in the real model")
+        m = policy.miss
+        served = set(m.choices or ("copy", "direct", "cpu")) if m.kind == "cheapest" else {m.kind}
+        if policy.expert_dtype is not None and served & {"cpu", "direct"}:
+            how = " and ".join(sorted(served & {"cpu", "direct"}))
+            raise ValueError(f"policy {policy.name!r}: {how} misses of quantised experts run in the twin executor "
+                             "only (the real model's read full-precision host weights)")
+        if m.kind == "cheapest" and cost is None and planner is None:
+            raise ValueError(f"policy {policy.name!r}: a cost-aware miss policy decides on predicted stream "
+                             "times: the executor needs the projection's cost model (cost=)")
         self.b, self.policy, self.trace = built, policy, trace
         self.probe = probe  # time calibrate.measurements.host_speed's probe before each step
         if dispatch not in ("loop", "grouped", "graphs"):
@@ -115,7 +125,8 @@ class ModelExecutor:
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
         self.E, self.H, self.F = self.spec.num_experts, self.spec.hidden, self.spec.ffn
-        self.planner = planner if planner is not None else Planner(self.spec, policy, trace, seed=seed)
+        self.planner = planner if planner is not None else Planner(self.spec, policy, trace, seed=seed, cost=cost,
+                                                                   dense_ms=dense_ms)
         blocks = built.moe_blocks()
         # host[layer][expert]: flat weights; shared between runs with ``host`` (host_experts)
         self.host = host if host is not None else host_experts(built, policy.memory == "pinned" and self.cuda)

@@ -41,7 +41,7 @@ from simulator.scenario import MAX_CONTEXT, PolicySpec, Scenario, parse_scenario
 from simulator.traces import Trace
 
 #: what the executor counts of its own work, checked against the planner's decisions
-COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes")
+COUNTED = ("transfers", "copies", "bytes_h2d", "cpu_computes", "dequants", "direct_computes")
 DEFAULT_PROMPT = 4
 
 
@@ -120,18 +120,20 @@ MIN_TIMED_STEPS = 3
 
 
 def run_live(built, policy: PolicySpec, trace: Trace, *, device: str, host, prompt: int, probe: bool = False,
-             dispatch: str = "loop", budget_s: float | None = None, warm: int = 1, timeline: list | None = None):
+             dispatch: str = "loop", budget_s: float | None = None, warm: int = 1, timeline: list | None = None,
+             cost=None, dense_ms: float = 0.0):
     """The steps of ``trace`` through :class:`ModelExecutor` (every one, or with ``budget_s``
     those until they took that long, ``warm`` + ``MIN_TIMED_STEPS`` at least); returns the
     steps and whether every step's decisions and executed work equal the planner's.
     ``timeline`` (a list): one more step, after those, runs under the profiler and is not
     among the steps returned (the trace's last step is kept for it); ``(step, its ms, its
-    events)`` is appended (:mod:`calibrate.validation.live_timeline`)."""
+    events)`` is appended (:mod:`calibrate.validation.live_timeline`). ``cost``, ``dense_ms``:
+    what a cost-aware miss policy's planners (the executor's and the reference) are priced with."""
     from calibrate.executors.model import ModelExecutor
 
     ex = ModelExecutor(built, policy, trace, device=device, host=host, prompt_tokens=prompt, probe=probe,
-                       dispatch=dispatch)
-    ref = Planner(built.spec, policy, trace)
+                       dispatch=dispatch, cost=cost, dense_ms=dense_ms)
+    ref = Planner(built.spec, policy, trace, cost=cost, dense_ms=dense_ms)
     steps, same = [], True
     last = trace.num_steps - (1 if timeline is not None and trace.num_steps > 1 else 0)
     t0 = time.perf_counter()
@@ -662,6 +664,15 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                     if i in unfit]
         cells = [c for i, c in enumerate(cells) if i not in unfit]
         total = len(cells) * passes
+    # a cost-aware miss policy plans on predicted stream times: its planners get the projection's
+    planner_costs = []
+    for pol, prompt, b, tr in cells:
+        if pol.miss.kind != "cheapest":
+            planner_costs.append({})
+            continue
+        one = row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style, sc.engine.dense_ms_per_layer,
+                           sc.seed)
+        planner_costs.append({"cost": cost_model(one, prof, tr.max_step_tokens), "dense_ms": one.dense_ms})
     estimate = None
     if timing:
         estimate = passes * sum(live_estimate_s(row_scenario(sc.name, built.spec, pol, tr, prompt, prof_name, style,
@@ -692,7 +703,8 @@ def validate_model(sc: Scenario, *, profile: str | Profile | None = None, device
                     ran[i].append(run_live(built, pol, tr, device=device, host=hosts[pol.memory], prompt=prompt,
                                            probe=timing, dispatch=EXECUTOR_STYLES.get(style, "loop"),
                                            budget_s=row_budget_s, warm=warm,
-                                           timeline=profiled.setdefault(i, []) if profile_rows else None))
+                                           timeline=profiled.setdefault(i, []) if profile_rows else None,
+                                           **planner_costs[i]))
                 except Stopped as why:
                     stopped = str(why)
                     not_run.append(f"{label} ({stopped})")
