@@ -34,7 +34,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from .errors import InputError
-from .profile import MAX_GBPS, CopyCurve, Profile, _Strict
+from .profile import MAX_GBPS, CopyCurve, Profile, _Strict, copy_ms_from_curve
 
 #: the largest factor a what-if may apply to a term (beyond it, the profile is a different machine)
 MAX_SCALE = 1000.0
@@ -204,8 +204,6 @@ def scaled_pool_copies(engine: dict, old_copy, new_copy) -> dict:
     profile's host-to-device curve of that memory kind moves at the pool's bytes, from
     ``old_copy`` to ``new_copy`` (a what-if link, a spec profile's): a measured pool copy is
     the H200's, and the link it crosses is the one the what-if changes."""
-    from .profile import copy_ms_from_curve
-
     def curve(sec, memory):
         return sec.h2d.pageable if memory == "pageable" and sec.h2d.pageable is not None else sec.h2d.pinned
     out = {}

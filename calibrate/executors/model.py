@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from calibrate.executors.quant import dequantise, mapped_view, quantise
 from calibrate.measurements import host_state
 from calibrate.models.build import BuiltModel
 from simulator.engine_styles import GROUP, group_layer
@@ -141,7 +142,6 @@ class ModelExecutor:
             self.stage = torch.empty((n_slots, self.host_q[0][0].numel()), dtype=torch.uint8, device=self.device)
         for key, slot in self.planner.preloaded:
             if self.quant:
-                from calibrate.executors.quant import dequantise
                 dequantise(self.host_q[key // self.E][key % self.E].to(self.device), self.quant, self.pool[slot])
             else:
                 self.pool[slot].copy_(self.host[key // self.E][key % self.E])
@@ -340,7 +340,6 @@ class ModelExecutor:
         into the GPU's address space, read over PCIe by the kernels) for the (token, choice)
         pairs ``pairs``; on a CPU device the host weights as they are."""
         if self.cuda:
-            from calibrate.executors.quant import mapped_view
             view = self._mapped.get(host_flat.data_ptr())
             if view is None:
                 view = self._mapped[host_flat.data_ptr()] = mapped_view(host_flat, self.device)
@@ -351,7 +350,6 @@ class ModelExecutor:
     def _dequant(self, slot: int) -> None:
         """The slot's staged quantised bytes dequantised into the slot, on the compute stream
         after their copy; the next copy into the staging buffer waits for it (CUDA)."""
-        from calibrate.executors.quant import dequantise
         self._wait_load(slot)
         dequantise(self.stage[slot], self.quant, self.pool[slot])
         self._mark_read(slot)
@@ -533,7 +531,6 @@ def quantised_host(host: list[list[torch.Tensor]], dtype: str, pinned: bool, dev
     """Every expert of ``host`` (flat weights, ``[layer][expert]``) quantised to ``dtype`` as
     simmoe stores it below the GPU (:func:`calibrate.executors.quant.quantise`; on ``device``,
     then back to host memory, pinned or pageable): ``[layer][expert]`` of uint8."""
-    from calibrate.executors.quant import quantise
     out = []
     for layer in host:
         row = []
